@@ -1,0 +1,1 @@
+//! flywheel-coordinator (see DESIGN.md §3).

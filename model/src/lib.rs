@@ -1,0 +1,1 @@
+//! flywheel-model (see DESIGN.md §3).

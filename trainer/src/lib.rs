@@ -1,0 +1,1 @@
+//! flywheel-trainer (see DESIGN.md §3).

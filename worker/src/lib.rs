@@ -1,0 +1,1 @@
+//! flywheel-worker (see DESIGN.md §3).
