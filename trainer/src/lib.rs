@@ -1,1 +1,28 @@
-//! flywheel-trainer (see DESIGN.md §3).
+//! flywheel-trainer: the learning side of Flywheel (DESIGN.md §3, §6.4, §6.5).
+//!
+//! A trainer rank takes its part of a step batch, recomputes log-probs under θ_old, and turns
+//! them into a weight update. This crate holds the pieces of that update that do not depend
+//! on any particular model:
+//!
+//! - [`loss`]: the training objectives over token-level inputs. [`loss::PolicyLoss`] is the
+//!   IcePop-masked PPO-clip loss with C3PO's constant normalizer 1/Φ (and an optional k3 KL
+//!   penalty toward θ_old); [`loss::supervised_loss`] is the cross-entropy loss used to
+//!   warm-start a policy from reference solutions. Each returns the loss, its gradient with
+//!   respect to every token's new log-prob (what the model's backward pass consumes), and
+//!   additive per-step statistics (masked-token fraction, mean |log k|, clip fraction,
+//!   tokens trained).
+//! - [`optim`]: [`optim::AdamW`] with bias correction, decoupled weight decay and global
+//!   gradient-norm clipping over named f32 tensors; its state serialises to checksummed bytes
+//!   and restores bit-identically, for checkpoints.
+//!
+//! Because the loss is divided by the constant Φ rather than the batch's token count, the
+//! gradients of micro-batches and ranks are summed (not averaged) before [`optim::AdamW::step`].
+
+pub mod loss;
+pub mod optim;
+
+pub use loss::{
+    LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
+    SupervisedTokens, supervised_loss,
+};
+pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};

@@ -1,0 +1,855 @@
+//! AdamW with decoupled weight decay and global gradient-norm clipping, over named f32
+//! tensors, with a state that serialises to bytes and restores bit-identically (checkpoints,
+//! DESIGN.md §6.5).
+//!
+//! The optimizer knows nothing about the model: each step it is handed a list of
+//! [`Param`]s (name, values, gradient). The first step fixes the list; every later step, and
+//! every restored state, must present the same names and sizes in the same order, so a
+//! checkpoint can never silently be applied to the wrong tensors.
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of AdamW (a table of the trainer's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay rate of the first-moment (mean) estimate.
+    pub beta1: f64,
+    /// Decay rate of the second-moment (uncentred variance) estimate.
+    pub beta2: f64,
+    /// Added to the denominator for numerical stability.
+    pub eps: f64,
+    /// Decoupled weight decay: each step multiplies the weights by `1 − lr·weight_decay`.
+    pub weight_decay: f64,
+    /// Gradients whose global L2 norm exceeds this are scaled down to it; 0 turns clipping off.
+    pub max_grad_norm: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        // The usual values for RL post-training of language models (as in verl / OpenRLHF).
+        Self {
+            lr: 1e-6,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks that the values make sense; the error names the field and the valid range.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        let invalid = |msg: String| Err(OptimError::InvalidConfig(msg));
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return invalid(format!("lr = {} must be a finite number ≥ 0", self.lr));
+        }
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return invalid(format!("{name} = {beta} must lie in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return invalid(format!("eps = {} must be a finite number > 0", self.eps));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return invalid(format!(
+                "weight_decay = {} must be a finite number ≥ 0",
+                self.weight_decay
+            ));
+        }
+        if !self.max_grad_norm.is_finite() || self.max_grad_norm < 0.0 {
+            return invalid(format!(
+                "max_grad_norm = {} must be a finite number ≥ 0 (0 turns clipping off)",
+                self.max_grad_norm
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What can go wrong stepping, saving or restoring the optimizer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OptimError {
+    /// The configuration is unusable; the message names the field and the fix.
+    #[error("invalid optimizer config: {0}")]
+    InvalidConfig(String),
+    /// A step presented a different number of tensors than the optimizer state holds.
+    #[error(
+        "optimizer holds state for {expected} tensors but the step passed {actual}: pass the \
+         model's full parameter list, in the same order, every step"
+    )]
+    ParamCount {
+        /// Tensors in the optimizer state.
+        expected: usize,
+        /// Tensors passed.
+        actual: usize,
+    },
+    /// A tensor's name or size differs from the one in the optimizer state at that position.
+    #[error(
+        "tensor #{index} is `{actual_name}` with {actual_len} values but the optimizer state \
+         has `{expected_name}` with {expected_len}: the model and the optimizer state (or \
+         checkpoint) do not belong together"
+    )]
+    ParamMismatch {
+        /// Position in the list.
+        index: usize,
+        /// Name in the optimizer state.
+        expected_name: String,
+        /// Number of values in the optimizer state.
+        expected_len: usize,
+        /// Name passed.
+        actual_name: String,
+        /// Number of values passed.
+        actual_len: usize,
+    },
+    /// Two tensors share a name.
+    #[error("tensor name `{0}` appears twice: parameter names must be unique")]
+    DuplicateName(String),
+    /// A gradient does not have as many values as its tensor.
+    #[error("gradient of `{name}` has {grad_len} values but the tensor has {param_len}")]
+    GradLength {
+        /// The tensor.
+        name: String,
+        /// Values in the tensor.
+        param_len: usize,
+        /// Values in the gradient.
+        grad_len: usize,
+    },
+    /// A gradient holds NaN or an infinity; nothing was updated.
+    #[error(
+        "gradient of `{name}` is not finite at index {index}: the step was skipped and no \
+         weight or optimizer state changed (lower the learning rate or check the loss inputs)"
+    )]
+    NonFiniteGradient {
+        /// The tensor.
+        name: String,
+        /// The first bad index.
+        index: usize,
+    },
+    /// Serialised optimizer state could not be decoded.
+    #[error("optimizer state is corrupt or truncated: {0}; restore from another checkpoint")]
+    CorruptState(&'static str),
+    /// Serialised optimizer state was written by an unknown format version.
+    #[error("optimizer state has format version {0}, this build reads version {FORMAT_VERSION}")]
+    UnsupportedVersion(u32),
+}
+
+/// One tensor handed to [`AdamW::step`]: its name, its values (updated in place) and its
+/// gradient.
+#[derive(Debug)]
+pub struct Param<'a> {
+    /// A name unique within the model, stable across runs (it keys the optimizer state).
+    pub name: &'a str,
+    /// The tensor's values, updated in place.
+    pub value: &'a mut [f32],
+    /// dL/d value, same length as `value`.
+    pub grad: &'a [f32],
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    /// The factor the gradients were multiplied by (1 when not clipped).
+    pub clip_scale: f64,
+    /// The optimizer's step count after this step (1 after the first).
+    pub step: u64,
+}
+
+/// Per-tensor AdamW moments.
+#[derive(Debug, Clone, PartialEq)]
+struct Moments {
+    name: String,
+    /// First-moment (mean) estimate.
+    m: Vec<f32>,
+    /// Second-moment (uncentred variance) estimate.
+    v: Vec<f32>,
+}
+
+/// AdamW (Loshchilov & Hutter) with bias correction, decoupled weight decay and global
+/// gradient-norm clipping.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    /// Steps taken so far (the t of the bias correction).
+    step: u64,
+    /// One entry per tensor, in the order the steps pass them; empty before the first step.
+    moments: Vec<Moments>,
+}
+
+/// Magic bytes opening serialised optimizer state.
+const MAGIC: &[u8; 8] = b"FWADAMW\0";
+/// The format version [`AdamW::state_bytes`] writes.
+const FORMAT_VERSION: u32 = 1;
+
+impl AdamW {
+    /// A fresh optimizer; its state is created by the first step.
+    pub fn new(config: AdamWConfig) -> Result<Self, OptimError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            step: 0,
+            moments: Vec::new(),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Changes the learning rate (for schedules); the rest of the state is untouched.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), OptimError> {
+        let config = AdamWConfig {
+            lr,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The number of steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The first and second moments of the named tensor, if the optimizer has state for it.
+    pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
+        self.moments
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| (s.m.as_slice(), s.v.as_slice()))
+    }
+
+    /// Applies one AdamW step to `params` and returns the pre-clip gradient norm.
+    ///
+    /// Everything is checked before anything changes: on error no weight and no state moved.
+    pub fn step(&mut self, params: &mut [Param<'_>]) -> Result<StepReport, OptimError> {
+        self.check_params(params)?;
+        let grad_norm = global_norm(params)?;
+        let max = self.config.max_grad_norm;
+        let clip_scale = if max > 0.0 && grad_norm > max {
+            max / grad_norm
+        } else {
+            1.0
+        };
+
+        if self.moments.is_empty() {
+            self.moments = params
+                .iter()
+                .map(|p| Moments {
+                    name: p.name.to_string(),
+                    m: vec![0.0; p.value.len()],
+                    v: vec![0.0; p.value.len()],
+                })
+                .collect();
+        }
+        self.step += 1;
+
+        let AdamWConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            ..
+        } = self.config;
+        // powf on the exact step count: deterministic, and no i32 overflow for long runs.
+        let t = self.step as f64;
+        let bias1 = 1.0 - beta1.powf(t);
+        let bias2 = 1.0 - beta2.powf(t);
+        let decay = 1.0 - lr * weight_decay;
+        for (param, state) in params.iter_mut().zip(&mut self.moments) {
+            let values = param.value.iter_mut().zip(param.grad);
+            for ((p, &g), (m, v)) in values.zip(state.m.iter_mut().zip(state.v.iter_mut())) {
+                let g = f64::from(g) * clip_scale;
+                let m_new = beta1 * f64::from(*m) + (1.0 - beta1) * g;
+                let v_new = beta2 * f64::from(*v) + (1.0 - beta2) * g * g;
+                *m = m_new as f32;
+                *v = v_new as f32;
+                let update = (m_new / bias1) / ((v_new / bias2).sqrt() + eps);
+                *p = (f64::from(*p) * decay - lr * update) as f32;
+            }
+        }
+        Ok(StepReport {
+            grad_norm,
+            clip_scale,
+            step: self.step,
+        })
+    }
+
+    /// Checks names, sizes and gradient lengths against the state (or, before the first step,
+    /// for uniqueness).
+    fn check_params(&self, params: &[Param<'_>]) -> Result<(), OptimError> {
+        for p in params {
+            if p.grad.len() != p.value.len() {
+                return Err(OptimError::GradLength {
+                    name: p.name.to_string(),
+                    param_len: p.value.len(),
+                    grad_len: p.grad.len(),
+                });
+            }
+        }
+        if self.moments.is_empty() {
+            let mut names: Vec<&str> = params.iter().map(|p| p.name).collect();
+            names.sort_unstable();
+            if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(OptimError::DuplicateName(pair[0].to_string()));
+            }
+            return Ok(());
+        }
+        if params.len() != self.moments.len() {
+            return Err(OptimError::ParamCount {
+                expected: self.moments.len(),
+                actual: params.len(),
+            });
+        }
+        for (index, (p, s)) in params.iter().zip(&self.moments).enumerate() {
+            if p.name != s.name || p.value.len() != s.m.len() {
+                return Err(OptimError::ParamMismatch {
+                    index,
+                    expected_name: s.name.clone(),
+                    expected_len: s.m.len(),
+                    actual_name: p.name.to_string(),
+                    actual_len: p.value.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises the state (step count, and each tensor's name and moments) to bytes:
+    /// magic, format version, little-endian fields, and a trailing crc32c of everything
+    /// before it. The configuration is not included: it comes from the config file.
+    pub fn state_bytes(&self) -> Vec<u8> {
+        let floats: usize = self.moments.iter().map(|s| s.m.len() * 2).sum();
+        let mut out = Vec::with_capacity(32 + floats * 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.step.to_le_bytes());
+        out.extend_from_slice(&(self.moments.len() as u64).to_le_bytes());
+        for s in &self.moments {
+            out.extend_from_slice(&(s.name.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.name.as_bytes());
+            out.extend_from_slice(&(s.m.len() as u64).to_le_bytes());
+            for x in s.m.iter().chain(&s.v) {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Rebuilds an optimizer from [`state_bytes`](AdamW::state_bytes) output; stepping it
+    /// continues exactly (bit for bit) where the saved one stood. Truncated, corrupt or
+    /// foreign bytes are rejected with an error, never a panic.
+    pub fn from_state_bytes(config: AdamWConfig, bytes: &[u8]) -> Result<Self, OptimError> {
+        config.validate()?;
+        let body_len = bytes
+            .len()
+            .checked_sub(4)
+            .ok_or(OptimError::CorruptState("shorter than its checksum"))?;
+        let (body, crc) = bytes.split_at(body_len);
+        let mut r = Reader { bytes: body };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(OptimError::CorruptState(
+                "not AdamW optimizer state (bad magic)",
+            ));
+        }
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(OptimError::UnsupportedVersion(version));
+        }
+        let stored_crc = u32::from_le_bytes(crc.try_into().expect("split_at left 4 bytes"));
+        if crc32c::crc32c(body) != stored_crc {
+            return Err(OptimError::CorruptState("checksum mismatch"));
+        }
+        let step = r.u64()?;
+        let count = r.u64()?;
+        let mut moments: Vec<Moments> = Vec::new();
+        for _ in 0..count {
+            let name_len = r.len()?;
+            let name = std::str::from_utf8(r.take(name_len)?)
+                .map_err(|_| OptimError::CorruptState("tensor name is not UTF-8"))?
+                .to_string();
+            if moments.iter().any(|s| s.name == name) {
+                return Err(OptimError::DuplicateName(name));
+            }
+            let n = r.len()?;
+            // Check the size against what is left before allocating anything.
+            let floats = r.take(
+                n.checked_mul(8)
+                    .ok_or(OptimError::CorruptState("tensor size overflows"))?,
+            )?;
+            let mut values = floats
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4")));
+            let m: Vec<f32> = values.by_ref().take(n).collect();
+            let v: Vec<f32> = values.collect();
+            moments.push(Moments { name, m, v });
+        }
+        if !r.bytes.is_empty() {
+            return Err(OptimError::CorruptState(
+                "trailing bytes after the last tensor",
+            ));
+        }
+        if step == 0 && !moments.is_empty() {
+            return Err(OptimError::CorruptState("moments present at step 0"));
+        }
+        Ok(Self {
+            config,
+            step,
+            moments,
+        })
+    }
+}
+
+/// The global L2 norm of all gradients (accumulated in f64, in order: deterministic).
+fn global_norm(params: &[Param<'_>]) -> Result<f64, OptimError> {
+    let mut sum = 0.0f64;
+    for p in params {
+        for (index, &g) in p.grad.iter().enumerate() {
+            if !g.is_finite() {
+                return Err(OptimError::NonFiniteGradient {
+                    name: p.name.to_string(),
+                    index,
+                });
+            }
+            sum += f64::from(g) * f64::from(g);
+        }
+    }
+    Ok(sum.sqrt())
+}
+
+/// A bounds-checked little-endian reader over serialised state.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], OptimError> {
+        if n > self.bytes.len() {
+            return Err(OptimError::CorruptState("truncated"));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, OptimError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, OptimError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    /// A u64 length that must fit in memory.
+    fn len(&mut self) -> Result<usize, OptimError> {
+        usize::try_from(self.u64()?).map_err(|_| OptimError::CorruptState("length overflows"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A model stand-in: named tensors as a trainer would hold them.
+    type Tensors = Vec<(String, Vec<f32>)>;
+
+    fn step(opt: &mut AdamW, tensors: &mut Tensors, grads: &[Vec<f32>]) -> StepReport {
+        try_step(opt, tensors, grads).unwrap()
+    }
+
+    fn try_step(
+        opt: &mut AdamW,
+        tensors: &mut Tensors,
+        grads: &[Vec<f32>],
+    ) -> Result<StepReport, OptimError> {
+        let mut params: Vec<Param<'_>> = tensors
+            .iter_mut()
+            .zip(grads)
+            .map(|((name, value), grad)| Param { name, value, grad })
+            .collect();
+        opt.step(&mut params)
+    }
+
+    fn assert_close(actual: f64, expected: f64) {
+        assert!(
+            (actual - expected).abs() <= 1e-6 * (1.0 + expected.abs()),
+            "{actual} != {expected}"
+        );
+    }
+
+    fn config(lr: f64, weight_decay: f64, max_grad_norm: f64) -> AdamWConfig {
+        AdamWConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            max_grad_norm,
+        }
+    }
+
+    #[test]
+    fn first_and_second_steps_match_hand_computation() {
+        let mut opt = AdamW::new(config(0.1, 0.1, 0.0)).unwrap();
+        let mut w: Tensors = vec![("w".into(), vec![1.0, -2.0])];
+
+        // Step 1, g = (0.5, −0.1): m = 0.1·g, v = 0.001·g², bias corrections 0.1 and 0.001
+        // give m̂ = g, v̂ = g², so the update is g/(|g| + 1e-8) ≈ ±1. Decay: ×(1 − 0.1·0.1).
+        //   w0 = 1·0.99 − 0.1·0.5/0.50000001      = 0.890000002
+        //   w1 = −2·0.99 − 0.1·(−0.1)/0.10000001  = −1.88000001
+        let r = step(&mut opt, &mut w, &[vec![0.5, -0.1]]);
+        assert_eq!(r.step, 1);
+        assert_close(r.grad_norm, (0.25f64 + 0.01).sqrt());
+        assert_close(f64::from(w[0].1[0]), 0.890000002);
+        assert_close(f64::from(w[0].1[1]), -1.88000001);
+        let (m, v) = opt.moments("w").unwrap();
+        assert_close(f64::from(m[0]), 0.05);
+        assert_close(f64::from(v[1]), 1e-5);
+
+        // Step 2, g = (0.2, 0.3):
+        //   m = 0.9·(0.05, −0.01) + 0.1·(0.2, 0.3)           = (0.065, 0.021)
+        //   v = 0.999·(2.5e-4, 1e-5) + 0.001·(0.04, 0.09)    = (2.8975e-4, 9.999e-5)
+        //   bias corrections 1 − 0.9² = 0.19, 1 − 0.999² = 0.001999
+        //   m̂ = (0.342105263, 0.110526316), v̂ = (0.144947474, 0.050020010)
+        //   w0 = 0.890000002·0.99 − 0.1·0.342105263/(0.380719... + 1e-8) = 0.791242484
+        //   w1 = −1.88000001·0.99 − 0.1·0.110526316/(0.223651... + 1e-8) = −1.910618991
+        step(&mut opt, &mut w, &[vec![0.2, 0.3]]);
+        assert_close(f64::from(w[0].1[0]), 0.791242484);
+        assert_close(f64::from(w[0].1[1]), -1.910618991);
+        let (m, v) = opt.moments("w").unwrap();
+        assert_close(f64::from(m[1]), 0.021);
+        assert_close(f64::from(v[0]), 2.8975e-4);
+    }
+
+    #[test]
+    fn clipping_scales_gradients_to_the_max_norm() {
+        // Two tensors whose gradients have global norm 5 (3-4-5), clipped to 1: the moments
+        // see g/5, so m = 0.1·(0.6, 0.8) and v = 0.001·(0.36, 0.64).
+        let mut opt = AdamW::new(config(0.01, 0.0, 1.0)).unwrap();
+        let mut w: Tensors = vec![("a".into(), vec![0.0]), ("b".into(), vec![0.0])];
+        let r = step(&mut opt, &mut w, &[vec![3.0], vec![-4.0]]);
+        assert_close(r.grad_norm, 5.0);
+        assert_close(r.clip_scale, 0.2);
+        assert_close(f64::from(opt.moments("a").unwrap().0[0]), 0.06);
+        assert_close(f64::from(opt.moments("b").unwrap().0[0]), -0.08);
+        assert_close(f64::from(opt.moments("b").unwrap().1[0]), 0.00064);
+
+        // Below the threshold nothing is scaled.
+        let r = step(&mut opt, &mut w, &[vec![0.3], vec![0.4]]);
+        assert_close(r.grad_norm, 0.5);
+        assert_eq!(r.clip_scale, 1.0);
+        assert_close(
+            f64::from(opt.moments("a").unwrap().0[0]),
+            0.9 * 0.06 + 0.1 * 0.3,
+        );
+    }
+
+    #[test]
+    fn clipping_equals_stepping_on_prescaled_gradients() {
+        let mut clipped = AdamW::new(config(0.05, 0.01, 2.0)).unwrap();
+        let mut plain = AdamW::new(config(0.05, 0.01, 0.0)).unwrap();
+        let mut a: Tensors = vec![("x".into(), vec![0.5, -0.25, 2.0])];
+        let mut b = a.clone();
+        for g in [[6.0f32, -8.0, 0.0], [0.1, 0.2, -0.3], [30.0, 0.0, 40.0]] {
+            let norm = g.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            let scale = if norm > 2.0 { 2.0 / norm } else { 1.0 };
+            let r = step(&mut clipped, &mut a, &[g.to_vec()]);
+            assert_close(r.grad_norm, norm);
+            let pre: Vec<f32> = g.iter().map(|x| (f64::from(*x) * scale) as f32).collect();
+            step(&mut plain, &mut b, &[pre]);
+        }
+        for (x, y) in a[0].1.iter().zip(&b[0].1) {
+            assert_close(f64::from(*x), f64::from(*y));
+        }
+    }
+
+    /// Deterministic pseudo-random gradients for the resume test.
+    fn grads_at(step: u64, sizes: &[usize]) -> Vec<Vec<f32>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                (0..n)
+                    .map(|i| {
+                        let x = (step * 131 + t as u64 * 17 + i as u64 * 7) % 97;
+                        (x as f32 - 48.0) / 10.0
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn save_restore_step_equals_uninterrupted_stepping_bit_for_bit() {
+        let cfg = config(1e-2, 0.05, 3.0);
+        let sizes = [5, 3, 8];
+        let mut w: Tensors = sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                let values = (0..n).map(|i| (i as f32 - 2.0) * 0.3 + t as f32).collect();
+                (format!("layer{t}.weight"), values)
+            })
+            .collect();
+        let mut opt = AdamW::new(cfg.clone()).unwrap();
+        for s in 0..4 {
+            step(&mut opt, &mut w, &grads_at(s, &sizes));
+        }
+        // Checkpoint: weights and optimizer state.
+        let saved_state = opt.state_bytes();
+        let mut w_restored = w.clone();
+        // Uninterrupted.
+        for s in 4..9 {
+            step(&mut opt, &mut w, &grads_at(s, &sizes));
+        }
+        // Restored.
+        let mut restored = AdamW::from_state_bytes(cfg, &saved_state).unwrap();
+        assert_eq!(restored.step_count(), 4);
+        for s in 4..9 {
+            step(&mut restored, &mut w_restored, &grads_at(s, &sizes));
+        }
+        for ((_, a), (_, b)) in w.iter().zip(&w_restored) {
+            let a: Vec<u32> = a.iter().map(|x| x.to_bits()).collect();
+            let b: Vec<u32> = b.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(a, b);
+        }
+        assert_eq!(opt.state_bytes(), restored.state_bytes());
+    }
+
+    #[test]
+    fn minimises_a_quadratic() {
+        // f(x) = ½ Σ c_i (x_i − t_i)², minimum at t.
+        let c = [1.0f32, 10.0, 0.1, 3.0];
+        let target = [2.0f32, -1.0, 0.5, 4.0];
+        let mut opt = AdamW::new(config(0.05, 0.0, 0.0)).unwrap();
+        let mut x: Tensors = vec![("x".into(), vec![0.0; 4])];
+        let f = |x: &[f32]| -> f64 {
+            (0..4)
+                .map(|i| 0.5 * f64::from(c[i]) * f64::from(x[i] - target[i]).powi(2))
+                .sum()
+        };
+        let start = f(&x[0].1);
+        for _ in 0..2000 {
+            let g: Vec<f32> = (0..4).map(|i| c[i] * (x[0].1[i] - target[i])).collect();
+            step(&mut opt, &mut x, &[g]);
+        }
+        let end = f(&x[0].1);
+        assert!(end < 1e-6 * start, "f went from {start} to {end}");
+        for (xi, ti) in x[0].1.iter().zip(target) {
+            assert!((xi - ti).abs() < 1e-2, "{xi} vs {ti}");
+        }
+    }
+
+    #[test]
+    fn weight_decay_is_decoupled_from_the_gradient() {
+        // A zero gradient leaves the moments at zero: only the decay moves the weight.
+        let mut opt = AdamW::new(config(0.1, 0.5, 1.0)).unwrap();
+        let mut w: Tensors = vec![("w".into(), vec![2.0])];
+        step(&mut opt, &mut w, &[vec![0.0]]);
+        assert_close(f64::from(w[0].1[0]), 2.0 * (1.0 - 0.1 * 0.5));
+    }
+
+    #[test]
+    fn mismatched_params_are_rejected_without_changing_anything() {
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        let mut w: Tensors = vec![("a".into(), vec![1.0, 2.0]), ("b".into(), vec![3.0])];
+        step(&mut opt, &mut w, &[vec![0.1, 0.1], vec![0.1]]);
+        let before = (w.clone(), opt.state_bytes());
+
+        let err = try_step(&mut opt, &mut w, &[vec![0.1], vec![0.1]]).unwrap_err();
+        assert!(matches!(err, OptimError::GradLength { .. }), "{err}");
+
+        let err = try_step(&mut opt, &mut w, &[vec![0.1, f32::NAN], vec![0.1]]).unwrap_err();
+        assert_eq!(
+            err,
+            OptimError::NonFiniteGradient {
+                name: "a".into(),
+                index: 1
+            }
+        );
+
+        let mut renamed: Tensors = vec![("a".into(), vec![1.0, 2.0]), ("c".into(), vec![3.0])];
+        let err = try_step(&mut opt, &mut renamed, &[vec![0.1, 0.1], vec![0.1]]).unwrap_err();
+        assert!(
+            matches!(err, OptimError::ParamMismatch { index: 1, .. }),
+            "{err}"
+        );
+
+        let mut fewer: Tensors = vec![("a".into(), vec![1.0, 2.0])];
+        let err = try_step(&mut opt, &mut fewer, &[vec![0.1, 0.1]]).unwrap_err();
+        assert_eq!(
+            err,
+            OptimError::ParamCount {
+                expected: 2,
+                actual: 1
+            }
+        );
+        assert_eq!((w, opt.state_bytes()), before);
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        let mut w: Tensors = vec![("a".into(), vec![1.0]), ("a".into(), vec![2.0])];
+        let err = try_step(&mut opt, &mut w, &[vec![0.1], vec![0.1]]).unwrap_err();
+        assert_eq!(err, OptimError::DuplicateName("a".into()));
+        assert_eq!(opt.step_count(), 0);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let bad = [
+            (
+                AdamWConfig {
+                    lr: -1.0,
+                    ..Default::default()
+                },
+                "lr",
+            ),
+            (
+                AdamWConfig {
+                    beta1: 1.0,
+                    ..Default::default()
+                },
+                "beta1",
+            ),
+            (
+                AdamWConfig {
+                    beta2: f64::NAN,
+                    ..Default::default()
+                },
+                "beta2",
+            ),
+            (
+                AdamWConfig {
+                    eps: 0.0,
+                    ..Default::default()
+                },
+                "eps",
+            ),
+            (
+                AdamWConfig {
+                    weight_decay: -0.1,
+                    ..Default::default()
+                },
+                "weight_decay",
+            ),
+            (
+                AdamWConfig {
+                    max_grad_norm: f64::INFINITY,
+                    ..Default::default()
+                },
+                "max_grad_norm",
+            ),
+        ];
+        for (cfg, field) in bad {
+            let err = AdamW::new(cfg).unwrap_err();
+            assert!(
+                err.to_string().contains(field),
+                "`{err}` should name {field}"
+            );
+        }
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        assert!(opt.set_lr(f64::NAN).is_err());
+        opt.set_lr(3e-4).unwrap();
+        assert_eq!(opt.config().lr, 3e-4);
+    }
+
+    #[test]
+    fn config_parses_from_toml_with_defaults() {
+        let c: AdamWConfig = toml::from_str("lr = 1e-3\nmax_grad_norm = 0.0").unwrap();
+        assert_eq!(c.lr, 1e-3);
+        assert_eq!(c.max_grad_norm, 0.0);
+        assert_eq!(c.beta2, 0.999);
+        assert!(toml::from_str::<AdamWConfig>("momentum = 0.9").is_err());
+    }
+
+    fn trained_state() -> Vec<u8> {
+        let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        let mut w: Tensors = vec![("emb".into(), vec![1.0; 4]), ("head".into(), vec![0.5; 2])];
+        step(&mut opt, &mut w, &grads_at(0, &[4, 2]));
+        opt.state_bytes()
+    }
+
+    #[test]
+    fn corrupt_state_is_rejected() {
+        let good = trained_state();
+        let restore = |b: &[u8]| AdamW::from_state_bytes(AdamWConfig::default(), b);
+        restore(&good).unwrap();
+        // Every truncation fails.
+        for n in 0..good.len() {
+            assert!(restore(&good[..n]).is_err(), "truncated to {n} bytes");
+        }
+        // Every single bit flip fails.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert!(restore(&bad).is_err(), "flip in byte {i}");
+        }
+        // A future format version is named as such.
+        let mut future = good.clone();
+        future[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(
+            restore(&future).unwrap_err(),
+            OptimError::UnsupportedVersion(2)
+        );
+    }
+
+    #[test]
+    fn oversized_lengths_with_a_valid_checksum_are_rejected_without_allocating() {
+        // Forge a state claiming one tensor of 2^60 values, with a correct checksum.
+        let mut body = Vec::new();
+        body.extend_from_slice(MAGIC);
+        body.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.push(b'x');
+        body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let crc = crc32c::crc32c(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        let err = AdamW::from_state_bytes(AdamWConfig::default(), &body).unwrap_err();
+        assert!(matches!(err, OptimError::CorruptState(_)), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = AdamW::from_state_bytes(AdamWConfig::default(), &bytes);
+        }
+
+        #[test]
+        fn state_round_trips(steps in 0u64..4, sizes in proptest::collection::vec(0usize..6, 0..4)) {
+            let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+            let mut w: Tensors = sizes
+                .iter()
+                .enumerate()
+                .map(|(t, &n)| (format!("t{t}"), vec![0.25; n]))
+                .collect();
+            for s in 0..steps {
+                step(&mut opt, &mut w, &grads_at(s, &sizes));
+            }
+            let bytes = opt.state_bytes();
+            let back = AdamW::from_state_bytes(AdamWConfig::default(), &bytes).unwrap();
+            prop_assert_eq!(back.step_count(), opt.step_count());
+            prop_assert_eq!(back.state_bytes(), bytes);
+        }
+    }
+}
