@@ -828,6 +828,32 @@ mod tests {
         assert_eq!(out.stats.tokens_trained, 9);
     }
 
+    /// A random trained token whose ratio and k stay away from the clip kinks (0.8, 1.2)
+    /// and the mask bounds (0.5, 5), where the loss is not differentiable.
+    fn smooth_token() -> impl proptest::strategy::Strategy<Value = Tok> {
+        use proptest::prelude::*;
+        let log_r = prop_oneof![-1.0f64..-0.25, -0.2..0.16, 0.21..1.0];
+        let log_k = prop_oneof![-2.0f64..-0.72, -0.67..1.58, 1.64..3.0];
+        (-6.0f64..-0.1, log_r, log_k, -3.0f32..3.0).prop_map(|(old, log_r, log_k, adv)| Tok {
+            new: (old + log_r) as f32,
+            old: old as f32,
+            infer: (old - log_k) as f32,
+            adv,
+            trained: true,
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn gradient_matches_finite_differences_at_random_points(
+            toks in proptest::collection::vec(smooth_token(), 1..12),
+            kl in proptest::prop_oneof![proptest::strategy::Just(0.0f64), 0.01f64..1.0],
+            phi in 1u64..1000,
+        ) {
+            gradient_check(&loss_with(phi, kl), &toks);
+        }
+    }
+
     // ---- the KL penalty -----------------------------------------------------------------
 
     #[test]
