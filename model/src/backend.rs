@@ -1,0 +1,249 @@
+//! The compute backend: the one trait through which all of the model's math runs.
+//!
+//! The model code (forward, backward, sampling) is written once against [`Backend`]; a device
+//! (the CPU now, CUDA through cudarc later) is one implementation of it. Buffers are the
+//! backend's own type ([`Backend::Buf`]), so an accelerator keeps weights and activations in
+//! device memory; only small per-row vectors (token ids, log-probs, their gradients) cross as
+//! host slices.
+//!
+//! Matrices are described by [`MatLayout`] (offset and strides into a buffer), so transposes,
+//! head slices of a fused QKV matrix and per-head batches are views, not copies.
+
+use crate::config::NormKind;
+use crate::error::Result;
+
+/// Token target meaning "no log-prob wanted for this row" in [`Backend::token_logprobs`].
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
+/// A strided view of a (batch of) matrices inside a buffer: element (b, i, j) lives at
+/// `offset + b·batch_stride + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatLayout {
+    /// Index of element (0, 0, 0).
+    pub offset: usize,
+    /// Distance between consecutive rows.
+    pub row_stride: usize,
+    /// Distance between consecutive columns.
+    pub col_stride: usize,
+    /// Distance between consecutive matrices of a batch.
+    pub batch_stride: usize,
+}
+
+impl MatLayout {
+    /// A dense row-major matrix with `cols` columns at the start of its buffer.
+    pub fn row_major(cols: usize) -> Self {
+        MatLayout {
+            offset: 0,
+            row_stride: cols,
+            col_stride: 1,
+            batch_stride: 0,
+        }
+    }
+
+    /// A row-major matrix starting at `offset` whose rows are `row_stride` apart.
+    pub fn at(offset: usize, row_stride: usize) -> Self {
+        MatLayout {
+            offset,
+            row_stride,
+            col_stride: 1,
+            batch_stride: 0,
+        }
+    }
+
+    /// The transposed view of the same memory.
+    pub fn t(self) -> Self {
+        MatLayout {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// The same view with consecutive batch entries `stride` apart.
+    pub fn batched(self, stride: usize) -> Self {
+        MatLayout {
+            batch_stride: stride,
+            ..self
+        }
+    }
+
+    /// One past the largest index touched by a `batch × rows × cols` view (0 if empty).
+    pub fn end(&self, batch: usize, rows: usize, cols: usize) -> usize {
+        if batch == 0 || rows == 0 || cols == 0 {
+            return 0;
+        }
+        self.offset
+            + (batch - 1) * self.batch_stride
+            + (rows - 1) * self.row_stride
+            + (cols - 1) * self.col_stride
+            + 1
+    }
+}
+
+/// A (batched) matrix product `C[b] ← alpha · A[b] · B[b] + beta · C[b]` with A `m × k`,
+/// B `k × n`, C `m × n`. With `beta == 0`, C is not read (it may hold garbage).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    /// Rows of A and C.
+    pub m: usize,
+    /// Columns of A, rows of B.
+    pub k: usize,
+    /// Columns of B and C.
+    pub n: usize,
+    /// Number of independent products.
+    pub batch: usize,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of C's previous contents (1 accumulates, 0 overwrites).
+    pub beta: f32,
+    /// View of A.
+    pub a: MatLayout,
+    /// View of B.
+    pub b: MatLayout,
+    /// View of C.
+    pub c: MatLayout,
+}
+
+/// The operations the model is made of. All buffers hold `f32`; every row-wise op works on a
+/// dense row-major `[rows, cols]` block at the start of its buffers unless an offset is given.
+///
+/// Implementations check every view against their buffers' lengths and return
+/// [`crate::ModelError::Backend`] rather than touching memory out of bounds.
+pub trait Backend: Send + Sync {
+    /// A buffer of `f32` in the backend's memory.
+    type Buf: Send + Sync;
+
+    /// A short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+    /// A zero-filled buffer of `len` values.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// Number of values in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Copies host values into the start of `buf`.
+    fn upload(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()>;
+    /// Copies `out.len()` values starting at `offset` of `buf` to the host.
+    fn download(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
+    /// Sets every value of `buf` to zero.
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// Copies a `rows × cols` block between views (layouts' column strides are honoured).
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        src_at: MatLayout,
+        dst: &mut Self::Buf,
+        dst_at: MatLayout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// `dst[0..len] += src[0..len]`.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<()>;
+    /// The matrix product described by `g`. `c` must be a buffer distinct from `a` and `b`.
+    fn gemm(&self, g: &Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
+
+    /// `out[r] = tok_emb[tokens[r]] + pos_emb[positions[r]]`, rows of width `d`.
+    fn embed(
+        &self,
+        tok_emb: &Self::Buf,
+        pos_emb: &Self::Buf,
+        tokens: &[u32],
+        positions: &[u32],
+        out: &mut Self::Buf,
+        d: usize,
+    ) -> Result<()>;
+    /// Accumulates the embedding gradients: `d_tok[tokens[r]] += d_out[r]`,
+    /// `d_pos[positions[r]] += d_out[r]`.
+    fn embed_backward(
+        &self,
+        d_out: &Self::Buf,
+        tokens: &[u32],
+        positions: &[u32],
+        d_tok: &mut Self::Buf,
+        d_pos: &mut Self::Buf,
+        d: usize,
+    ) -> Result<()>;
+
+    /// Normalises each row of `x` into `out` (scale `gamma`, bias `beta` for LayerNorm) and
+    /// saves per-row statistics in `stats` (`2 × rows`: mean, reciprocal std) for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        kind: NormKind,
+        eps: f32,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: Option<&Self::Buf>,
+        out: &mut Self::Buf,
+        stats: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::norm`]: *adds* the input gradient to `dx` and accumulates
+    /// `d_gamma` (and `d_beta` for LayerNorm).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        &self,
+        kind: NormKind,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        stats: &Self::Buf,
+        d_out: &Self::Buf,
+        dx: &mut Self::Buf,
+        d_gamma: &mut Self::Buf,
+        d_beta: Option<&mut Self::Buf>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// `out[i] = gelu(x[i])` for `i < len` (tanh approximation).
+    fn gelu(&self, x: &Self::Buf, out: &mut Self::Buf, len: usize) -> Result<()>;
+    /// `d[i] = d[i] · gelu'(x[i])`: turns the gradient w.r.t. the GELU output into the gradient
+    /// w.r.t. its input, in place.
+    fn gelu_backward(&self, x: &Self::Buf, d: &mut Self::Buf, len: usize) -> Result<()>;
+
+    /// In place on the `batch × rows × cols` block at `offset`: row `i` becomes the softmax of
+    /// its first `past + i + 1` entries (a causal mask for queries at positions `past + i`
+    /// over keys `0..cols`); the masked entries become 0.
+    fn causal_softmax(
+        &self,
+        scores: &mut Self::Buf,
+        offset: usize,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        past: usize,
+    ) -> Result<()>;
+    /// Softmax backward, row-wise over `rows × cols` blocks: `dp ← p ⊙ (dp − Σ_j p·dp)`.
+    /// `p` starts at `p_offset`, `dp` at `dp_offset`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_backward(
+        &self,
+        p: &Self::Buf,
+        p_offset: usize,
+        dp: &mut Self::Buf,
+        dp_offset: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// For each row of `logits` (`rows × vocab`): `logprob[r] = log softmax(row)[targets[r]]` and
+    /// `entropy[r] = −Σ p log p`. Rows whose target is [`IGNORE_TARGET`] get 0 for both.
+    fn token_logprobs(
+        &self,
+        logits: &Self::Buf,
+        targets: &[u32],
+        vocab: usize,
+        logprob: &mut [f32],
+        entropy: &mut [f32],
+    ) -> Result<()>;
+    /// Backward of [`Backend::token_logprobs`]: writes (overwrites) `d_logits` from the
+    /// gradients w.r.t. each row's log-prob and entropy.
+    fn token_logprobs_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &[u32],
+        vocab: usize,
+        d_logprob: &[f32],
+        d_entropy: &[f32],
+        d_logits: &mut Self::Buf,
+    ) -> Result<()>;
+}

@@ -1,0 +1,487 @@
+//! The CPU implementation of [`Backend`]: `matrixmultiply` (threaded) for products, plain
+//! loops for the row-wise ops.
+
+use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
+use crate::config::NormKind;
+use crate::error::{ModelError, Result};
+
+/// Runs the model on the CPU. Matrix products use `matrixmultiply` with its `threading`
+/// feature, which uses up to 4 threads (the physical cores by default; `MATMUL_NUM_THREADS`
+/// overrides).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// Fails unless `end` values fit in a buffer of `len`.
+fn check(what: &str, end: usize, len: usize) -> Result<()> {
+    if end > len {
+        return Err(ModelError::Backend(format!(
+            "{what}: view needs {end} values but the buffer holds {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// √(2/π), the constant of the tanh approximation of GELU.
+const GELU_C: f32 = 0.797_884_6;
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn upload(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        check("upload", src.len(), buf.len())?;
+        buf[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
+        check("download", offset + out.len(), buf.len())?;
+        out.copy_from_slice(&buf[offset..offset + out.len()]);
+        Ok(())
+    }
+
+    fn fill_zero(&self, buf: &mut Vec<f32>) -> Result<()> {
+        buf.fill(0.0);
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        src_at: MatLayout,
+        dst: &mut Vec<f32>,
+        dst_at: MatLayout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("copy src", src_at.end(1, rows, cols), src.len())?;
+        check("copy dst", dst_at.end(1, rows, cols), dst.len())?;
+        for i in 0..rows {
+            let s = src_at.offset + i * src_at.row_stride;
+            let d = dst_at.offset + i * dst_at.row_stride;
+            if src_at.col_stride == 1 && dst_at.col_stride == 1 {
+                dst[d..d + cols].copy_from_slice(&src[s..s + cols]);
+            } else {
+                for j in 0..cols {
+                    dst[d + j * dst_at.col_stride] = src[s + j * src_at.col_stride];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
+        check("add_assign dst", len, dst.len())?;
+        check("add_assign src", len, src.len())?;
+        for (d, s) in dst[..len].iter_mut().zip(&src[..len]) {
+            *d += s;
+        }
+        Ok(())
+    }
+
+    fn gemm(&self, g: &Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        check("gemm A", g.a.end(g.batch, g.m, g.k), a.len())?;
+        check("gemm B", g.b.end(g.batch, g.k, g.n), b.len())?;
+        check("gemm C", g.c.end(g.batch, g.m, g.n), c.len())?;
+        if (g.m > 1 && g.c.row_stride == 0) || (g.n > 1 && g.c.col_stride == 0) {
+            return Err(ModelError::Backend(
+                "gemm C: zero stride aliases outputs".into(),
+            ));
+        }
+        if g.m <= SMALL_M {
+            gemm_small(g, a, b, c);
+            return Ok(());
+        }
+        for bi in 0..g.batch {
+            // SAFETY: every element touched is within the buffers (checked above), `c` is a
+            // distinct, exclusively borrowed buffer, and its strides do not alias.
+            unsafe {
+                matrixmultiply::sgemm(
+                    g.m,
+                    g.k,
+                    g.n,
+                    g.alpha,
+                    a.as_ptr().add(g.a.offset + bi * g.a.batch_stride),
+                    g.a.row_stride as isize,
+                    g.a.col_stride as isize,
+                    b.as_ptr().add(g.b.offset + bi * g.b.batch_stride),
+                    g.b.row_stride as isize,
+                    g.b.col_stride as isize,
+                    g.beta,
+                    c.as_mut_ptr().add(g.c.offset + bi * g.c.batch_stride),
+                    g.c.row_stride as isize,
+                    g.c.col_stride as isize,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        tok_emb: &Vec<f32>,
+        pos_emb: &Vec<f32>,
+        tokens: &[u32],
+        positions: &[u32],
+        out: &mut Vec<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check("embed out", tokens.len() * d, out.len())?;
+        for (r, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
+            let (t, p) = (t as usize * d, p as usize * d);
+            check("embed token", t + d, tok_emb.len())?;
+            check("embed position", p + d, pos_emb.len())?;
+            let row = &mut out[r * d..(r + 1) * d];
+            for ((o, a), b) in row
+                .iter_mut()
+                .zip(&tok_emb[t..t + d])
+                .zip(&pos_emb[p..p + d])
+            {
+                *o = a + b;
+            }
+        }
+        Ok(())
+    }
+
+    fn embed_backward(
+        &self,
+        d_out: &Vec<f32>,
+        tokens: &[u32],
+        positions: &[u32],
+        d_tok: &mut Vec<f32>,
+        d_pos: &mut Vec<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check("embed_backward d_out", tokens.len() * d, d_out.len())?;
+        for (r, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
+            let (t, p) = (t as usize * d, p as usize * d);
+            check("embed_backward token", t + d, d_tok.len())?;
+            check("embed_backward position", p + d, d_pos.len())?;
+            let g = &d_out[r * d..(r + 1) * d];
+            for (o, v) in d_tok[t..t + d].iter_mut().zip(g) {
+                *o += v;
+            }
+            for (o, v) in d_pos[p..p + d].iter_mut().zip(g) {
+                *o += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn norm(
+        &self,
+        kind: NormKind,
+        eps: f32,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+        stats: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("norm x", rows * cols, x.len())?;
+        check("norm out", rows * cols, out.len())?;
+        check("norm stats", 2 * rows, stats.len())?;
+        check("norm gamma", cols, gamma.len())?;
+        if let Some(b) = beta {
+            check("norm beta", cols, b.len())?;
+        }
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let mean = match kind {
+                NormKind::LayerNorm => xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64,
+                NormKind::RmsNorm => 0.0,
+            };
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            let (mean, rstd) = (mean as f32, rstd as f32);
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = rstd;
+            let or = &mut out[r * cols..(r + 1) * cols];
+            for j in 0..cols {
+                let bias = beta.map_or(0.0, |b| b[j]);
+                or[j] = (xr[j] - mean) * rstd * gamma[j] + bias;
+            }
+        }
+        Ok(())
+    }
+
+    fn norm_backward(
+        &self,
+        kind: NormKind,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        stats: &Vec<f32>,
+        d_out: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        d_gamma: &mut Vec<f32>,
+        mut d_beta: Option<&mut Vec<f32>>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("norm_backward x", rows * cols, x.len())?;
+        check("norm_backward d_out", rows * cols, d_out.len())?;
+        check("norm_backward dx", rows * cols, dx.len())?;
+        check("norm_backward stats", 2 * rows, stats.len())?;
+        check("norm_backward gamma", cols, gamma.len())?;
+        check("norm_backward d_gamma", cols, d_gamma.len())?;
+        if let Some(b) = d_beta.as_deref() {
+            check("norm_backward d_beta", cols, b.len())?;
+        }
+        for r in 0..rows {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let xr = &x[r * cols..(r + 1) * cols];
+            let gr = &d_out[r * cols..(r + 1) * cols];
+            // Means of dxhat and dxhat·xhat over the row, where dxhat = d_out · gamma.
+            let (mut m1, mut m2) = (0.0f64, 0.0f64);
+            for j in 0..cols {
+                let xhat = (xr[j] - mean) * rstd;
+                let dxhat = gr[j] * gamma[j];
+                m1 += dxhat as f64;
+                m2 += (dxhat * xhat) as f64;
+                d_gamma[j] += gr[j] * xhat;
+                if let Some(b) = d_beta.as_deref_mut() {
+                    b[j] += gr[j];
+                }
+            }
+            let m1 = match kind {
+                NormKind::LayerNorm => (m1 / cols as f64) as f32,
+                // RMSNorm does not subtract the mean, so the mean term is absent.
+                NormKind::RmsNorm => 0.0,
+            };
+            let m2 = (m2 / cols as f64) as f32;
+            let dr = &mut dx[r * cols..(r + 1) * cols];
+            for j in 0..cols {
+                let xhat = (xr[j] - mean) * rstd;
+                dr[j] += rstd * (gr[j] * gamma[j] - m1 - xhat * m2);
+            }
+        }
+        Ok(())
+    }
+
+    fn gelu(&self, x: &Vec<f32>, out: &mut Vec<f32>, len: usize) -> Result<()> {
+        check("gelu x", len, x.len())?;
+        check("gelu out", len, out.len())?;
+        for (o, &v) in out[..len].iter_mut().zip(&x[..len]) {
+            *o = 0.5 * v * (1.0 + (GELU_C * (v + 0.044715 * v * v * v)).tanh());
+        }
+        Ok(())
+    }
+
+    fn gelu_backward(&self, x: &Vec<f32>, d: &mut Vec<f32>, len: usize) -> Result<()> {
+        check("gelu_backward x", len, x.len())?;
+        check("gelu_backward d", len, d.len())?;
+        for (g, &v) in d[..len].iter_mut().zip(&x[..len]) {
+            let t = (GELU_C * (v + 0.044715 * v * v * v)).tanh();
+            let dt = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
+            *g *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dt;
+        }
+        Ok(())
+    }
+
+    fn causal_softmax(
+        &self,
+        scores: &mut Vec<f32>,
+        offset: usize,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        past: usize,
+    ) -> Result<()> {
+        check("causal_softmax", offset + batch * rows * cols, scores.len())?;
+        for b in 0..batch {
+            for i in 0..rows {
+                let start = offset + (b * rows + i) * cols;
+                let row = &mut scores[start..start + cols];
+                let valid = (past + i + 1).min(cols);
+                let max = row[..valid]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0f32;
+                for v in &mut row[..valid] {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                for v in &mut row[..valid] {
+                    *v *= inv;
+                }
+                row[valid..].fill(0.0);
+            }
+        }
+        Ok(())
+    }
+
+    fn softmax_backward(
+        &self,
+        p: &Vec<f32>,
+        p_offset: usize,
+        dp: &mut Vec<f32>,
+        dp_offset: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("softmax_backward p", p_offset + rows * cols, p.len())?;
+        check("softmax_backward dp", dp_offset + rows * cols, dp.len())?;
+        for r in 0..rows {
+            let pr = &p[p_offset + r * cols..p_offset + (r + 1) * cols];
+            let dr = &mut dp[dp_offset + r * cols..dp_offset + (r + 1) * cols];
+            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            for (d, &pv) in dr.iter_mut().zip(pr) {
+                *d = pv * (*d - dot);
+            }
+        }
+        Ok(())
+    }
+
+    fn token_logprobs(
+        &self,
+        logits: &Vec<f32>,
+        targets: &[u32],
+        vocab: usize,
+        logprob: &mut [f32],
+        entropy: &mut [f32],
+    ) -> Result<()> {
+        let rows = targets.len();
+        check("token_logprobs logits", rows * vocab, logits.len())?;
+        check("token_logprobs logprob", rows, logprob.len())?;
+        check("token_logprobs entropy", rows, entropy.len())?;
+        for (r, &t) in targets.iter().enumerate() {
+            if t == IGNORE_TARGET {
+                logprob[r] = 0.0;
+                entropy[r] = 0.0;
+                continue;
+            }
+            if t as usize >= vocab {
+                return Err(ModelError::InvalidInput(format!(
+                    "target token {t} is outside the vocabulary of {vocab}"
+                )));
+            }
+            let z = &logits[r * vocab..(r + 1) * vocab];
+            let (lse, ent) = lse_entropy(z);
+            logprob[r] = (z[t as usize] as f64 - lse) as f32;
+            entropy[r] = ent as f32;
+        }
+        Ok(())
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        logits: &Vec<f32>,
+        targets: &[u32],
+        vocab: usize,
+        d_logprob: &[f32],
+        d_entropy: &[f32],
+        d_logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let rows = targets.len();
+        check("token_logprobs_backward logits", rows * vocab, logits.len())?;
+        check(
+            "token_logprobs_backward d_logits",
+            rows * vocab,
+            d_logits.len(),
+        )?;
+        check("token_logprobs_backward d_logprob", rows, d_logprob.len())?;
+        check("token_logprobs_backward d_entropy", rows, d_entropy.len())?;
+        for (r, &t) in targets.iter().enumerate() {
+            let dz = &mut d_logits[r * vocab..(r + 1) * vocab];
+            if t == IGNORE_TARGET || (d_logprob[r] == 0.0 && d_entropy[r] == 0.0) {
+                dz.fill(0.0);
+                continue;
+            }
+            let z = &logits[r * vocab..(r + 1) * vocab];
+            let (lse, ent) = lse_entropy(z);
+            let (glp, gent) = (d_logprob[r] as f64, d_entropy[r] as f64);
+            for (j, (d, &zj)) in dz.iter_mut().zip(z).enumerate() {
+                let logp = zj as f64 - lse;
+                let p = logp.exp();
+                let onehot = if j == t as usize { 1.0 } else { 0.0 };
+                // d logp_t / dz_j = 1[j=t] − p_j;  dH/dz_j = −p_j (log p_j + H).
+                *d = (glp * (onehot - p) - gent * p * (logp + ent)) as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Products with at most this many rows of A (single-token decoding) use [`gemm_small`]:
+/// `matrixmultiply` packs its operands into a freshly allocated buffer on every call, which
+/// costs more than the product itself for one row and would allocate per sampled token.
+const SMALL_M: usize = 4;
+
+/// A loop implementation of [`Gemm`] for few rows; allocates nothing. Bounds were checked by
+/// the caller.
+fn gemm_small(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    for bi in 0..g.batch {
+        let (a0, b0, c0) = (
+            g.a.offset + bi * g.a.batch_stride,
+            g.b.offset + bi * g.b.batch_stride,
+            g.c.offset + bi * g.c.batch_stride,
+        );
+        for i in 0..g.m {
+            let ci = c0 + i * g.c.row_stride;
+            let ai = a0 + i * g.a.row_stride;
+            if g.b.col_stride == 1 && g.c.col_stride == 1 {
+                // Rows of B are contiguous: accumulate alpha·a_ik·B[k, :] into the row of C.
+                let crow = &mut c[ci..ci + g.n];
+                if g.beta == 0.0 {
+                    crow.fill(0.0);
+                } else if g.beta != 1.0 {
+                    crow.iter_mut().for_each(|v| *v *= g.beta);
+                }
+                for kk in 0..g.k {
+                    let s = g.alpha * a[ai + kk * g.a.col_stride];
+                    let bk = b0 + kk * g.b.row_stride;
+                    for (cv, bv) in crow.iter_mut().zip(&b[bk..bk + g.n]) {
+                        *cv += s * bv;
+                    }
+                }
+            } else {
+                // Columns of B are (typically) contiguous, as in q·kᵀ: one dot product each.
+                for j in 0..g.n {
+                    let bj = b0 + j * g.b.col_stride;
+                    let mut acc = 0.0f32;
+                    for kk in 0..g.k {
+                        acc += a[ai + kk * g.a.col_stride] * b[bj + kk * g.b.row_stride];
+                    }
+                    let cv = &mut c[ci + j * g.c.col_stride];
+                    *cv = if g.beta == 0.0 {
+                        g.alpha * acc
+                    } else {
+                        g.alpha * acc + g.beta * *cv
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Log-sum-exp and entropy of the softmax of `z`, in f64.
+fn lse_entropy(z: &[f32]) -> (f64, f64) {
+    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = z.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    let ent = -z
+        .iter()
+        .map(|&v| {
+            let logp = v as f64 - lse;
+            logp.exp() * logp
+        })
+        .sum::<f64>();
+    (lse, ent)
+}

@@ -1,0 +1,312 @@
+//! Parameters as named tensors in one stable order: the unit of initialisation, optimisation,
+//! publication and loading.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::{ModelConfig, NormKind};
+use crate::error::{ModelError, Result};
+
+/// One named parameter tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Stable name, e.g. `layers.0.attn.wqkv`; the key under which it is published.
+    pub name: String,
+    /// Dimensions, outermost first. Matrices of linear layers are `[in, out]` (y = x · W).
+    pub shape: Vec<usize>,
+    /// The values, `shape.iter().product()` of them.
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// Number of elements the shape describes.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values as little-endian `f32` bytes (the published wire format).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.data.len() * 4);
+        for v in &self.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// Replaces the values with the little-endian `f32` bytes `bytes`, which must hold exactly
+    /// `numel()` values.
+    pub fn load_le_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.numel() * 4 {
+            return Err(ModelError::BadParameter {
+                name: self.name.clone(),
+                reason: format!(
+                    "expected {} bytes ({} f32 values of shape {:?}), got {}",
+                    self.numel() * 4,
+                    self.numel(),
+                    self.shape,
+                    bytes.len()
+                ),
+            });
+        }
+        self.data.clear();
+        self.data.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        Ok(())
+    }
+}
+
+/// Where each parameter of one transformer block sits in the ordered list.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerIndex {
+    pub norm1_w: usize,
+    pub norm1_b: Option<usize>,
+    pub wqkv: usize,
+    pub wo: usize,
+    pub norm2_w: usize,
+    pub norm2_b: Option<usize>,
+    pub w1: usize,
+    pub w2: usize,
+}
+
+/// Where each parameter sits in the ordered list; built together with the list itself so the
+/// order is defined in exactly one place ([`param_specs`]).
+#[derive(Clone, Debug)]
+pub(crate) struct ParamIndex {
+    pub tok_emb: usize,
+    pub pos_emb: usize,
+    pub layers: Vec<LayerIndex>,
+    pub final_w: usize,
+    pub final_b: Option<usize>,
+    pub lm_head: usize,
+}
+
+/// How a tensor is initialised.
+#[derive(Clone, Copy, Debug)]
+enum Init {
+    /// Normal with this standard deviation.
+    Normal(f32),
+    Ones,
+    Zeros,
+}
+
+/// The ordered list of (name, shape, init) and the index into it.
+fn param_specs(c: &ModelConfig) -> (Vec<(String, Vec<usize>, Init)>, ParamIndex) {
+    let (d, v, ff) = (c.d_model, c.vocab_size, c.d_ff);
+    let std = 0.02;
+    // GPT-2: residual projections scaled down so the residual stream's variance does not grow
+    // with depth.
+    let resid_std = std / (2.0 * c.n_layers as f32).sqrt();
+    let mut specs = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init: Init| {
+        specs.push((name, shape, init));
+        specs.len() - 1
+    };
+    let tok_emb = push("tok_emb".into(), vec![v, d], Init::Normal(std));
+    let pos_emb = push("pos_emb".into(), vec![c.max_seq_len, d], Init::Normal(std));
+    let has_bias = c.norm == NormKind::LayerNorm;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let p = format!("layers.{l}");
+        let norm1_w = push(format!("{p}.norm1.weight"), vec![d], Init::Ones);
+        let norm1_b = has_bias.then(|| push(format!("{p}.norm1.bias"), vec![d], Init::Zeros));
+        let wqkv = push(format!("{p}.attn.wqkv"), vec![d, 3 * d], Init::Normal(std));
+        let wo = push(format!("{p}.attn.wo"), vec![d, d], Init::Normal(resid_std));
+        let norm2_w = push(format!("{p}.norm2.weight"), vec![d], Init::Ones);
+        let norm2_b = has_bias.then(|| push(format!("{p}.norm2.bias"), vec![d], Init::Zeros));
+        let w1 = push(format!("{p}.mlp.w1"), vec![d, ff], Init::Normal(std));
+        let w2 = push(format!("{p}.mlp.w2"), vec![ff, d], Init::Normal(resid_std));
+        layers.push(LayerIndex {
+            norm1_w,
+            norm1_b,
+            wqkv,
+            wo,
+            norm2_w,
+            norm2_b,
+            w1,
+            w2,
+        });
+    }
+    let final_w = push("final_norm.weight".into(), vec![d], Init::Ones);
+    let final_b = has_bias.then(|| push("final_norm.bias".into(), vec![d], Init::Zeros));
+    let lm_head = push("lm_head".into(), vec![d, v], Init::Normal(std));
+    let index = ParamIndex {
+        tok_emb,
+        pos_emb,
+        layers,
+        final_w,
+        final_b,
+        lm_head,
+    };
+    (specs, index)
+}
+
+/// The index of a (validated) config.
+pub(crate) fn param_index(config: &ModelConfig) -> ParamIndex {
+    param_specs(config).1
+}
+
+/// All parameters of a model, as named tensors in a stable order.
+///
+/// The same type holds gradients and optimizer moments (same names and shapes), so an optimizer
+/// can zip `params.tensors_mut()` with `grads.tensors()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// The configuration the tensors were shaped by.
+    config: ModelConfig,
+    /// The tensors, in the order defined by the config.
+    tensors: Vec<Tensor>,
+}
+
+impl Params {
+    /// Deterministic initialisation from `seed`: normal(0, 0.02) for embeddings and matrices,
+    /// residual projections (`attn.wo`, `mlp.w2`) scaled by 1/√(2·n_layers), norm scales 1 and
+    /// biases 0. The same seed and config give bit-identical tensors on every platform
+    /// (ChaCha8 stream).
+    pub fn init(config: &ModelConfig, seed: u64) -> Result<Self> {
+        Self::init_scaled(config, seed, 1.0)
+    }
+
+    /// Like [`Params::init`], with every random tensor's standard deviation multiplied by
+    /// `scale` (tests use larger weights so that gradients are far from zero).
+    pub fn init_scaled(config: &ModelConfig, seed: u64, scale: f32) -> Result<Self> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (specs, _) = param_specs(config);
+        let tensors = specs
+            .into_iter()
+            .map(|(name, shape, init)| {
+                let n: usize = shape.iter().product();
+                let data = match init {
+                    Init::Ones => vec![1.0; n],
+                    Init::Zeros => vec![0.0; n],
+                    Init::Normal(std) => {
+                        let dist = Normal::new(0.0f32, std * scale).map_err(|e| {
+                            ModelError::InvalidConfig(format!("init scale {scale}: {e}"))
+                        })?;
+                        (0..n).map(|_| dist.sample(&mut rng)).collect()
+                    }
+                };
+                Ok(Tensor { name, shape, data })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Params {
+            config: config.clone(),
+            tensors,
+        })
+    }
+
+    /// All-zero tensors of the model's names and shapes (gradient accumulators, AdamW moments).
+    pub fn zeros(config: &ModelConfig) -> Result<Self> {
+        config.validate()?;
+        let (specs, _) = param_specs(config);
+        let tensors = specs
+            .into_iter()
+            .map(|(name, shape, _)| Tensor {
+                data: vec![0.0; shape.iter().product()],
+                name,
+                shape,
+            })
+            .collect();
+        Ok(Params {
+            config: config.clone(),
+            tensors,
+        })
+    }
+
+    /// The configuration these tensors belong to.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tensors in their stable order.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    /// The tensors in their stable order, mutably (for an optimizer). Changing a tensor's name
+    /// or shape breaks the model that loads it; only change `data` values.
+    pub fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
+    }
+
+    /// The tensor called `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// Sets every value to zero (reuse a gradient accumulator).
+    pub fn fill_zero(&mut self) {
+        for t in &mut self.tensors {
+            t.data.fill(0.0);
+        }
+    }
+
+    /// Each tensor's values as little-endian `f32` bytes, keyed by name.
+    pub fn to_bytes_map(&self) -> BTreeMap<String, Vec<u8>> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.to_le_bytes()))
+            .collect()
+    }
+
+    /// Builds parameters for `config` from a map name → little-endian `f32` bytes. Every tensor
+    /// the config defines must be present with the exact byte length, and no other key may be.
+    pub fn from_bytes_map(config: &ModelConfig, map: &BTreeMap<String, Vec<u8>>) -> Result<Self> {
+        let mut params = Params::zeros(config)?;
+        for t in &mut params.tensors {
+            let bytes = map.get(&t.name).ok_or_else(|| ModelError::BadParameter {
+                name: t.name.clone(),
+                reason: "missing from the weights; were they published for another model \
+                         config?"
+                    .into(),
+            })?;
+            t.load_le_bytes(bytes)?;
+        }
+        if let Some(extra) = map.keys().find(|k| params.get(k).is_none()) {
+            return Err(ModelError::BadParameter {
+                name: extra.clone(),
+                reason: "not a parameter of this model config".into(),
+            });
+        }
+        Ok(params)
+    }
+
+    /// Checks that `other` has the same names and shapes (e.g. gradients for these parameters).
+    pub fn check_same_layout(&self, other: &Params) -> Result<()> {
+        if self.tensors.len() != other.tensors.len() {
+            return Err(ModelError::BadParameter {
+                name: "*".into(),
+                reason: format!(
+                    "{} tensors against {}: different model configs",
+                    self.tensors.len(),
+                    other.tensors.len()
+                ),
+            });
+        }
+        for (a, b) in self.tensors.iter().zip(&other.tensors) {
+            if a.name != b.name || a.shape != b.shape || a.data.len() != b.data.len() {
+                return Err(ModelError::BadParameter {
+                    name: a.name.clone(),
+                    reason: format!(
+                        "layout mismatch against `{}` {:?} ({} values)",
+                        b.name,
+                        b.shape,
+                        b.data.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! The backward pass against central finite differences, for every parameter tensor.
+
+use flywheel_model::{Model, ModelConfig, NormKind, Params, Sequence};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn config(norm: NormKind) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 7,
+        d_model: 8,
+        n_layers: 2,
+        n_heads: 2,
+        d_ff: 12,
+        max_seq_len: 8,
+        norm,
+        norm_eps: 1e-5,
+    }
+}
+
+/// Parameters with large random weights and randomised norm scales/biases, so every
+/// gradient is generic (the default init would make some of them vanish or coincide).
+fn params(cfg: &ModelConfig, seed: u64) -> Params {
+    let mut p = Params::init_scaled(cfg, seed, 15.0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    for t in p.tensors_mut() {
+        if t.name.contains("norm") {
+            for v in &mut t.data {
+                *v += rng.random_range(-0.5..0.5);
+            }
+        }
+    }
+    p
+}
+
+/// L = Σ a_k·logprob_k + Σ b_k·entropy_k, accumulated in f64.
+fn loss(model: &Model, seqs: &[Sequence<'_>], a: &[f32], b: &[f32]) -> f64 {
+    let cache = model.forward(seqs).unwrap();
+    let lp = cache.logprobs();
+    let ent = cache.entropies();
+    lp.iter()
+        .zip(a)
+        .map(|(&x, &w)| x as f64 * w as f64)
+        .sum::<f64>()
+        + ent
+            .iter()
+            .zip(b)
+            .map(|(&x, &w)| x as f64 * w as f64)
+            .sum::<f64>()
+}
+
+fn check_gradients(norm: NormKind, with_entropy: bool) {
+    let cfg = config(norm);
+    let base = params(&cfg, 7);
+    let mut model = Model::cpu(&base).unwrap();
+    let s1 = [1u32, 3, 4, 5, 6, 2, 3];
+    let s2 = [1u32, 4, 4, 6];
+    let seqs = [
+        Sequence {
+            tokens: &s1,
+            response_start: 3,
+        },
+        Sequence {
+            tokens: &s2,
+            response_start: 1,
+        },
+    ];
+    let cache = model.forward(&seqs).unwrap();
+    let n = cache.logprobs().len();
+    assert_eq!(n, 4 + 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let b: Vec<f32> = if with_entropy {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    } else {
+        vec![0.0; n]
+    };
+    let mut grads = model.new_gradients().unwrap();
+    model
+        .backward(&cache, &a, with_entropy.then_some(&b[..]), &mut grads)
+        .unwrap();
+    let analytic = model.gradients_to_params(&grads).unwrap();
+
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for (ti, g) in analytic.tensors().iter().enumerate() {
+        let g_norm: f64 = g
+            .data
+            .iter()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            g_norm > 1e-3,
+            "gradient of `{}` is (almost) zero: {g_norm}",
+            g.name
+        );
+        // The largest entry plus a few random ones.
+        let largest = (0..g.data.len())
+            .max_by(|&i, &j| g.data[i].abs().total_cmp(&g.data[j].abs()))
+            .unwrap();
+        let mut picks = vec![largest];
+        picks.extend((0..5).map(|_| rng.random_range(0..g.data.len())));
+        for &i in &picks {
+            let mut p = base.clone();
+            let orig = p.tensors()[ti].data[i];
+            p.tensors_mut()[ti].data[i] = orig + eps;
+            model.load_params(&p).unwrap();
+            let up = loss(&model, &seqs, &a, &b);
+            p.tensors_mut()[ti].data[i] = orig - eps;
+            model.load_params(&p).unwrap();
+            let down = loss(&model, &seqs, &a, &b);
+            let fd = (up - down) / (2.0 * eps as f64);
+            let an = g.data[i] as f64;
+            let tol = 2e-3 + 3e-2 * fd.abs().max(an.abs());
+            assert!(
+                (fd - an).abs() <= tol,
+                "{norm:?} entropy={with_entropy}: d/d {}[{i}]: finite difference {fd:.6}, \
+                 backward {an:.6}",
+                g.name
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, analytic.tensors().len() * 6);
+}
+
+#[test]
+fn layernorm_gradients_match_finite_differences() {
+    check_gradients(NormKind::LayerNorm, false);
+}
+
+#[test]
+fn rmsnorm_gradients_match_finite_differences() {
+    check_gradients(NormKind::RmsNorm, false);
+}
+
+#[test]
+fn entropy_gradients_match_finite_differences() {
+    check_gradients(NormKind::LayerNorm, true);
+}
+
+#[test]
+fn backward_accumulates_across_calls() {
+    let cfg = config(NormKind::LayerNorm);
+    let model = Model::cpu(&params(&cfg, 3)).unwrap();
+    let toks = [1u32, 3, 4, 5];
+    let seqs = [Sequence {
+        tokens: &toks,
+        response_start: 2,
+    }];
+    let cache = model.forward(&seqs).unwrap();
+    let d = vec![1.0; cache.logprobs().len()];
+    let mut once = model.new_gradients().unwrap();
+    model.backward(&cache, &d, None, &mut once).unwrap();
+    let mut twice = model.new_gradients().unwrap();
+    model.backward(&cache, &d, None, &mut twice).unwrap();
+    model.backward(&cache, &d, None, &mut twice).unwrap();
+    let (once, twice) = (
+        model.gradients_to_params(&once).unwrap(),
+        model.gradients_to_params(&twice).unwrap(),
+    );
+    for (a, b) in once.tensors().iter().zip(twice.tensors()) {
+        for (x, y) in a.data.iter().zip(&b.data) {
+            assert!((2.0 * x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{}", a.name);
+        }
+    }
+    // A batch of the same sequence twice gives twice the gradient of one.
+    let cache2 = model.forward(&[seqs[0], seqs[0]]).unwrap();
+    let mut batch = model.new_gradients().unwrap();
+    model
+        .backward(
+            &cache2,
+            &vec![1.0; cache2.logprobs().len()],
+            None,
+            &mut batch,
+        )
+        .unwrap();
+    let batch = model.gradients_to_params(&batch).unwrap();
+    for (a, b) in twice.tensors().iter().zip(batch.tensors()) {
+        for (x, y) in a.data.iter().zip(&b.data) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{}", a.name);
+        }
+    }
+}
