@@ -1,7 +1,9 @@
 //! Flywheel's data model and storage backends (DESIGN.md §4–§5).
 //!
 //! - [`types`]: prompts, trajectories, segments, groups, step batches.
+//! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
 
+pub mod codec;
 pub mod types;
 
 pub use types::*;
