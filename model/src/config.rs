@@ -84,7 +84,7 @@ impl ModelConfig {
                 )));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "d_model = {} is not divisible by n_heads = {}; choose n_heads dividing d_model",
                 self.d_model, self.n_heads

@@ -485,3 +485,114 @@ fn lse_entropy(z: &[f32]) -> (f64, f64) {
         .sum::<f64>();
     (lse, ent)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The reference: a triple loop in f64.
+    fn naive(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        for bi in 0..g.batch {
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let mut acc = 0.0f64;
+                    for kk in 0..g.k {
+                        let ai = g.a.offset + bi * g.a.batch_stride;
+                        let bj = g.b.offset + bi * g.b.batch_stride;
+                        acc += a[ai + i * g.a.row_stride + kk * g.a.col_stride] as f64
+                            * b[bj + kk * g.b.row_stride + j * g.b.col_stride] as f64;
+                    }
+                    let ci = g.c.offset
+                        + bi * g.c.batch_stride
+                        + i * g.c.row_stride
+                        + j * g.c.col_stride;
+                    let old = if g.beta == 0.0 {
+                        0.0
+                    } else {
+                        c[ci] as f64 * g.beta as f64
+                    };
+                    c[ci] = (g.alpha as f64 * acc + old) as f32;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_naive_for_strided_transposed_batched_views() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let be = CpuBackend;
+        for case in 0..200 {
+            let (m, k, n, batch) = (
+                rng.random_range(1..10),
+                rng.random_range(1..9),
+                rng.random_range(1..9),
+                rng.random_range(1..4),
+            );
+            let mut layout = |rows: usize, cols: usize| {
+                let pad = rng.random_range(0..3);
+                let off = rng.random_range(0..5);
+                let base = if rng.random_bool(0.5) {
+                    MatLayout::at(off, cols + pad)
+                } else {
+                    MatLayout::at(off, rows + pad).t()
+                };
+                base.batched(base.end(1, rows, cols) + rng.random_range(0..3))
+            };
+            let g = Gemm {
+                m,
+                k,
+                n,
+                batch,
+                alpha: [1.0, 0.5][case % 2],
+                beta: [0.0, 1.0, 0.3][case % 3],
+                a: layout(m, k),
+                b: layout(k, n),
+                c: layout(m, n),
+            };
+            let fill = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+            };
+            let a = fill(g.a.end(batch, m, k), &mut rng);
+            let b = fill(g.b.end(batch, k, n), &mut rng);
+            let c0 = fill(g.c.end(batch, m, n), &mut rng);
+            let mut want = c0.clone();
+            naive(&g, &a, &b, &mut want);
+            let mut got = c0.clone();
+            be.gemm(&g, &a, &b, &mut got).unwrap();
+            let mut small = c0.clone();
+            gemm_small(&g, &a, &b, &mut small);
+            for i in 0..want.len() {
+                assert!((want[i] - got[i]).abs() < 1e-5, "case {case}: {g:?}");
+                assert!(
+                    (want[i] - small[i]).abs() < 1e-5,
+                    "case {case} small: {g:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_views_are_errors() {
+        let be = CpuBackend;
+        let g = Gemm {
+            m: 2,
+            k: 2,
+            n: 2,
+            batch: 1,
+            alpha: 1.0,
+            beta: 0.0,
+            a: MatLayout::row_major(2),
+            b: MatLayout::row_major(2),
+            c: MatLayout::row_major(2),
+        };
+        let mut c = vec![0.0; 3];
+        assert!(be.gemm(&g, &vec![0.0; 4], &vec![0.0; 4], &mut c).is_err());
+        assert!(be.add_assign(&mut vec![0.0; 2], &vec![0.0; 3], 3).is_err());
+        assert!(
+            be.token_logprobs(&vec![0.0; 4], &[5], 4, &mut [0.0], &mut [0.0])
+                .is_err()
+        );
+    }
+}
