@@ -278,7 +278,7 @@ impl Backend for CpuBackend {
         check("gelu x", len, x.len())?;
         check("gelu out", len, out.len())?;
         for (o, &v) in out[..len].iter_mut().zip(&x[..len]) {
-            *o = 0.5 * v * (1.0 + (GELU_C * (v + 0.044715 * v * v * v)).tanh());
+            *o = 0.5 * v * (1.0 + tanh(GELU_C * (v + 0.044715 * v * v * v)));
         }
         Ok(())
     }
@@ -287,7 +287,7 @@ impl Backend for CpuBackend {
         check("gelu_backward x", len, x.len())?;
         check("gelu_backward d", len, d.len())?;
         for (g, &v) in d[..len].iter_mut().zip(&x[..len]) {
-            let t = (GELU_C * (v + 0.044715 * v * v * v)).tanh();
+            let t = tanh(GELU_C * (v + 0.044715 * v * v * v));
             let dt = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
             *g *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dt;
         }
@@ -419,6 +419,13 @@ impl Backend for CpuBackend {
     }
 }
 
+/// tanh through one `exp` (about twice as fast as `f32::tanh`, which dominated the GELU);
+/// saturates cleanly to ±1 for large |y| (exp overflowing to ∞ gives 1, underflowing gives −1).
+#[inline]
+fn tanh(y: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * y).exp() + 1.0)
+}
+
 /// Products with at most this many rows of A (single-token decoding) use [`gemm_small`]:
 /// `matrixmultiply` packs its operands into a freshly allocated buffer on every call, which
 /// costs more than the product itself for one row and would allocate per sampled token.
@@ -455,10 +462,15 @@ fn gemm_small(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
                 // Columns of B are (typically) contiguous, as in q·kᵀ: one dot product each.
                 for j in 0..g.n {
                     let bj = b0 + j * g.b.col_stride;
-                    let mut acc = 0.0f32;
-                    for kk in 0..g.k {
-                        acc += a[ai + kk * g.a.col_stride] * b[bj + kk * g.b.row_stride];
-                    }
+                    let acc = if g.a.col_stride == 1 && g.b.row_stride == 1 {
+                        dot(&a[ai..ai + g.k], &b[bj..bj + g.k])
+                    } else {
+                        let mut acc = 0.0f32;
+                        for kk in 0..g.k {
+                            acc += a[ai + kk * g.a.col_stride] * b[bj + kk * g.b.row_stride];
+                        }
+                        acc
+                    };
                     let cv = &mut c[ci + j * g.c.col_stride];
                     *cv = if g.beta == 0.0 {
                         g.alpha * acc
@@ -469,6 +481,22 @@ fn gemm_small(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
             }
         }
     }
+}
+
+/// Dot product with 8 independent accumulators, so that the compiler vectorises it (a single
+/// running sum is a serial dependency chain in strict IEEE arithmetic).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Log-sum-exp and entropy of the softmax of `z`, in f64.
