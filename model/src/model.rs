@@ -297,6 +297,38 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Replaces one tensor's values (e.g. the only tensors that changed in a new policy
+    /// version), leaving the others as they are.
+    pub fn load_tensor(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let (i, t) = self
+            .layout
+            .tensors()
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.name == name)
+            .ok_or_else(|| ModelError::BadParameter {
+                name: name.to_owned(),
+                reason: "not a parameter of this model config".into(),
+            })?;
+        if data.len() != t.data.len() {
+            return Err(ModelError::BadParameter {
+                name: name.to_owned(),
+                reason: format!(
+                    "expected {} values (shape {:?}), got {}",
+                    t.data.len(),
+                    t.shape,
+                    data.len()
+                ),
+            });
+        }
+        self.backend.upload(data, &mut self.weights[i])
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.layout.num_elements()
+    }
+
     /// Downloads the weights as named tensors.
     pub fn to_params(&self) -> Result<Params> {
         self.download_all(&self.weights)

@@ -240,6 +240,11 @@ impl Params {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// The tensor called `name`, mutably (only change its `data` values).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.tensors.iter_mut().find(|t| t.name == name)
+    }
+
     /// Total number of scalar parameters.
     pub fn num_elements(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()

@@ -286,15 +286,22 @@ impl<B: Backend> Sampler<B> {
         };
         let target = u * mass;
         let mut acc = 0.0;
-        let mut chosen = candidates[candidates.len() - 1];
+        // If rounding leaves `target` just past the last cumulative sum, take the last
+        // candidate with non-zero weight (never one of probability 0, whose log-prob is −∞).
+        let mut chosen = None;
+        let mut last_positive = candidates[0];
         for &t in candidates {
             let w = self.weights[t as usize];
+            if w > 0.0 {
+                last_positive = t;
+            }
             acc += w;
             if target < acc && w > 0.0 {
-                chosen = t;
+                chosen = Some(t);
                 break;
             }
         }
+        let chosen = chosen.unwrap_or(last_positive);
         let logprob = (self.weights[chosen as usize] / mass).ln();
         (chosen, logprob as f32)
     }

@@ -93,8 +93,25 @@ fn bytes_map_round_trips_and_rejects_mismatches() {
 #[test]
 fn model_round_trips_parameters() {
     let p = Params::init(&config(), 3).unwrap();
-    let model = Model::cpu(&p).unwrap();
+    let mut model = Model::cpu(&p).unwrap();
     assert_eq!(model.to_params().unwrap(), p);
+    assert_eq!(model.num_params(), p.num_elements());
+
+    // Updating one tensor changes exactly that tensor.
+    let mut q = p.clone();
+    let t = q.get_mut("layers.1.attn.wo").unwrap();
+    t.data.iter_mut().for_each(|x| *x += 1.0);
+    let new = t.data.clone();
+    model.load_tensor("layers.1.attn.wo", &new).unwrap();
+    assert_eq!(model.to_params().unwrap(), q);
+    assert!(matches!(
+        model.load_tensor("layers.1.attn.wo", &new[1..]),
+        Err(ModelError::BadParameter { .. })
+    ));
+    assert!(matches!(
+        model.load_tensor("nope", &new),
+        Err(ModelError::BadParameter { .. })
+    ));
 }
 
 #[test]
