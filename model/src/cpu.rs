@@ -1,13 +1,17 @@
 //! The CPU implementation of [`Backend`]: `matrixmultiply` (threaded) for products, plain
 //! loops for the row-wise ops.
 
+use rayon::prelude::*;
+
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 use crate::config::NormKind;
 use crate::error::{ModelError, Result};
 
-/// Runs the model on the CPU. Matrix products use `matrixmultiply` with its `threading`
-/// feature, which uses up to 4 threads (the physical cores by default; `MATMUL_NUM_THREADS`
-/// overrides).
+/// Runs the model on the CPU, on all cores: large matrix products use `matrixmultiply` with
+/// its `threading` feature (up to 4 threads, the physical cores by default;
+/// `MATMUL_NUM_THREADS` overrides), batches of small products (attention heads) and large
+/// row-wise ops run on rayon's pool (`RAYON_NUM_THREADS` overrides). Small work (one-token
+/// decoding) stays on the calling thread.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
@@ -21,8 +25,55 @@ fn check(what: &str, end: usize, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Row-wise work on fewer values than this runs on the calling thread: handing it to rayon
+/// costs more than it saves, and single-token decoding never crosses it.
+const PAR_MIN: usize = 1 << 14;
+
+/// Batched products smaller than this (m·k·n) run their batch entries in parallel; larger
+/// ones run one after the other, each threaded by `matrixmultiply`.
+const PAR_GEMM_MAX: usize = 1 << 18;
+
+/// Runs `f(row index, row)` over the `cols`-wide rows of `out`, in parallel when large.
+fn for_rows<F>(out: &mut [f32], cols: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Whether the `batch` output matrices of a view are pairwise disjoint, so that they may be
+/// written from different threads: either each matrix lies within its own batch stride, or the
+/// matrices sit side by side within each row (attention heads of a `rows × d` matrix).
+fn batches_disjoint(c: &MatLayout, batch: usize, m: usize, n: usize) -> bool {
+    if batch <= 1 {
+        return true;
+    }
+    let span = c.end(1, m, n) - c.offset;
+    c.batch_stride >= span
+        || (c.col_stride == 1
+            && c.batch_stride >= n
+            && c.row_stride >= (batch - 1) * c.batch_stride + n)
+}
+
+/// Raw pointers that may cross threads; only used for batch entries proven disjoint.
+#[derive(Clone, Copy)]
+struct SendPtrs(*const f32, *const f32, *mut f32);
+// SAFETY: the pointers are only dereferenced by `matrixmultiply::sgemm` on in-bounds,
+// pairwise-disjoint output matrices (checked by `batches_disjoint`) and read-only inputs.
+unsafe impl Send for SendPtrs {}
+unsafe impl Sync for SendPtrs {}
+
 /// √(2/π), the constant of the tanh approximation of GELU.
 const GELU_C: f32 = 0.797_884_6;
+
+/// Elementwise ops split their input into chunks of this many values for the thread pool.
+const GELU_CHUNK: usize = 4096;
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
@@ -106,27 +157,38 @@ impl Backend for CpuBackend {
             gemm_small(g, a, b, c);
             return Ok(());
         }
-        for bi in 0..g.batch {
+        let ptrs = SendPtrs(a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let one = |bi: usize| {
+            let p = ptrs;
             // SAFETY: every element touched is within the buffers (checked above), `c` is a
-            // distinct, exclusively borrowed buffer, and its strides do not alias.
+            // distinct, exclusively borrowed buffer, its strides do not alias, and batch
+            // entries run concurrently only when their outputs are disjoint.
             unsafe {
                 matrixmultiply::sgemm(
                     g.m,
                     g.k,
                     g.n,
                     g.alpha,
-                    a.as_ptr().add(g.a.offset + bi * g.a.batch_stride),
+                    p.0.add(g.a.offset + bi * g.a.batch_stride),
                     g.a.row_stride as isize,
                     g.a.col_stride as isize,
-                    b.as_ptr().add(g.b.offset + bi * g.b.batch_stride),
+                    p.1.add(g.b.offset + bi * g.b.batch_stride),
                     g.b.row_stride as isize,
                     g.b.col_stride as isize,
                     g.beta,
-                    c.as_mut_ptr().add(g.c.offset + bi * g.c.batch_stride),
+                    p.2.add(g.c.offset + bi * g.c.batch_stride),
                     g.c.row_stride as isize,
                     g.c.col_stride as isize,
                 );
             }
+        };
+        if g.batch > 1
+            && g.m * g.k * g.n <= PAR_GEMM_MAX
+            && batches_disjoint(&g.c, g.batch, g.m, g.n)
+        {
+            (0..g.batch).into_par_iter().for_each(one);
+        } else {
+            (0..g.batch).for_each(one);
         }
         Ok(())
     }
@@ -201,23 +263,29 @@ impl Backend for CpuBackend {
         if let Some(b) = beta {
             check("norm beta", cols, b.len())?;
         }
-        for r in 0..rows {
-            let xr = &x[r * cols..(r + 1) * cols];
+        let row_stats = |xr: &[f32]| {
             let mean = match kind {
                 NormKind::LayerNorm => xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64,
                 NormKind::RmsNorm => 0.0,
             };
             let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-            let rstd = 1.0 / (var + eps as f64).sqrt();
-            let (mean, rstd) = (mean as f32, rstd as f32);
+            (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+        };
+        // Statistics first (cheap, serial), then the normalised rows (in parallel).
+        for r in 0..rows {
+            let (mean, rstd) = row_stats(&x[r * cols..(r + 1) * cols]);
             stats[2 * r] = mean;
             stats[2 * r + 1] = rstd;
-            let or = &mut out[r * cols..(r + 1) * cols];
+        }
+        let stats = &stats[..];
+        for_rows(&mut out[..rows * cols], cols, |r, or| {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
             for j in 0..cols {
                 let bias = beta.map_or(0.0, |b| b[j]);
                 or[j] = (xr[j] - mean) * rstd * gamma[j] + bias;
             }
-        }
+        });
         Ok(())
     }
 
@@ -243,7 +311,22 @@ impl Backend for CpuBackend {
         if let Some(b) = d_beta.as_deref() {
             check("norm_backward d_beta", cols, b.len())?;
         }
+        // Parameter gradients: a reduction over rows (serial).
         for r in 0..rows {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let xr = &x[r * cols..(r + 1) * cols];
+            let gr = &d_out[r * cols..(r + 1) * cols];
+            for j in 0..cols {
+                d_gamma[j] += gr[j] * (xr[j] - mean) * rstd;
+            }
+            if let Some(b) = d_beta.as_deref_mut() {
+                for j in 0..cols {
+                    b[j] += gr[j];
+                }
+            }
+        }
+        // Input gradients: independent per row (in parallel).
+        for_rows(&mut dx[..rows * cols], cols, |r, dr| {
             let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
             let xr = &x[r * cols..(r + 1) * cols];
             let gr = &d_out[r * cols..(r + 1) * cols];
@@ -254,10 +337,6 @@ impl Backend for CpuBackend {
                 let dxhat = gr[j] * gamma[j];
                 m1 += dxhat as f64;
                 m2 += (dxhat * xhat) as f64;
-                d_gamma[j] += gr[j] * xhat;
-                if let Some(b) = d_beta.as_deref_mut() {
-                    b[j] += gr[j];
-                }
             }
             let m1 = match kind {
                 NormKind::LayerNorm => (m1 / cols as f64) as f32,
@@ -265,32 +344,37 @@ impl Backend for CpuBackend {
                 NormKind::RmsNorm => 0.0,
             };
             let m2 = (m2 / cols as f64) as f32;
-            let dr = &mut dx[r * cols..(r + 1) * cols];
             for j in 0..cols {
                 let xhat = (xr[j] - mean) * rstd;
                 dr[j] += rstd * (gr[j] * gamma[j] - m1 - xhat * m2);
             }
-        }
+        });
         Ok(())
     }
 
     fn gelu(&self, x: &Vec<f32>, out: &mut Vec<f32>, len: usize) -> Result<()> {
         check("gelu x", len, x.len())?;
         check("gelu out", len, out.len())?;
-        for (o, &v) in out[..len].iter_mut().zip(&x[..len]) {
-            *o = 0.5 * v * (1.0 + tanh(GELU_C * (v + 0.044715 * v * v * v)));
-        }
+        for_rows(&mut out[..len], GELU_CHUNK, |i, o| {
+            let x = &x[i * GELU_CHUNK..];
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = 0.5 * v * (1.0 + tanh(GELU_C * (v + 0.044715 * v * v * v)));
+            }
+        });
         Ok(())
     }
 
     fn gelu_backward(&self, x: &Vec<f32>, d: &mut Vec<f32>, len: usize) -> Result<()> {
         check("gelu_backward x", len, x.len())?;
         check("gelu_backward d", len, d.len())?;
-        for (g, &v) in d[..len].iter_mut().zip(&x[..len]) {
-            let t = tanh(GELU_C * (v + 0.044715 * v * v * v));
-            let dt = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
-            *g *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dt;
-        }
+        for_rows(&mut d[..len], GELU_CHUNK, |i, d| {
+            let x = &x[i * GELU_CHUNK..];
+            for (g, &v) in d.iter_mut().zip(x) {
+                let t = tanh(GELU_C * (v + 0.044715 * v * v * v));
+                let dt = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
+                *g *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dt;
+            }
+        });
         Ok(())
     }
 
@@ -304,10 +388,11 @@ impl Backend for CpuBackend {
         past: usize,
     ) -> Result<()> {
         check("causal_softmax", offset + batch * rows * cols, scores.len())?;
-        for b in 0..batch {
-            for i in 0..rows {
-                let start = offset + (b * rows + i) * cols;
-                let row = &mut scores[start..start + cols];
+        let block = &mut scores[offset..offset + batch * rows * cols];
+        for_rows(block, cols, |r, row| {
+            {
+                // Row r is query r % rows of batch entry r / rows.
+                let i = r % rows;
                 let valid = (past + i + 1).min(cols);
                 let max = row[..valid]
                     .iter()
@@ -323,7 +408,7 @@ impl Backend for CpuBackend {
                 }
                 row[valid..].fill(0.0);
             }
-        }
+        });
         Ok(())
     }
 
@@ -338,14 +423,14 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check("softmax_backward p", p_offset + rows * cols, p.len())?;
         check("softmax_backward dp", dp_offset + rows * cols, dp.len())?;
-        for r in 0..rows {
+        let block = &mut dp[dp_offset..dp_offset + rows * cols];
+        for_rows(block, cols, |r, dr| {
             let pr = &p[p_offset + r * cols..p_offset + (r + 1) * cols];
-            let dr = &mut dp[dp_offset + r * cols..dp_offset + (r + 1) * cols];
             let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
             for (d, &pv) in dr.iter_mut().zip(pr) {
                 *d = pv * (*d - dot);
             }
-        }
+        });
         Ok(())
     }
 
@@ -361,21 +446,31 @@ impl Backend for CpuBackend {
         check("token_logprobs logits", rows * vocab, logits.len())?;
         check("token_logprobs logprob", rows, logprob.len())?;
         check("token_logprobs entropy", rows, entropy.len())?;
-        for (r, &t) in targets.iter().enumerate() {
+        check_targets(targets, vocab)?;
+        let one = |(r, (lp, ent)): (usize, (&mut f32, &mut f32))| {
+            let t = targets[r];
             if t == IGNORE_TARGET {
-                logprob[r] = 0.0;
-                entropy[r] = 0.0;
-                continue;
-            }
-            if t as usize >= vocab {
-                return Err(ModelError::InvalidInput(format!(
-                    "target token {t} is outside the vocabulary of {vocab}"
-                )));
+                (*lp, *ent) = (0.0, 0.0);
+                return;
             }
             let z = &logits[r * vocab..(r + 1) * vocab];
-            let (lse, ent) = lse_entropy(z);
-            logprob[r] = (z[t as usize] as f64 - lse) as f32;
-            entropy[r] = ent as f32;
+            let (lse, h) = lse_entropy(z);
+            *lp = (z[t as usize] as f64 - lse) as f32;
+            *ent = h as f32;
+        };
+        let (logprob, entropy) = (&mut logprob[..rows], &mut entropy[..rows]);
+        if rows * vocab >= PAR_MIN {
+            logprob
+                .par_iter_mut()
+                .zip(entropy.par_iter_mut())
+                .enumerate()
+                .for_each(one);
+        } else {
+            logprob
+                .iter_mut()
+                .zip(entropy.iter_mut())
+                .enumerate()
+                .for_each(one);
         }
         Ok(())
     }
@@ -398,11 +493,12 @@ impl Backend for CpuBackend {
         )?;
         check("token_logprobs_backward d_logprob", rows, d_logprob.len())?;
         check("token_logprobs_backward d_entropy", rows, d_entropy.len())?;
-        for (r, &t) in targets.iter().enumerate() {
-            let dz = &mut d_logits[r * vocab..(r + 1) * vocab];
+        check_targets(targets, vocab)?;
+        for_rows(&mut d_logits[..rows * vocab], vocab, |r, dz| {
+            let t = targets[r];
             if t == IGNORE_TARGET || (d_logprob[r] == 0.0 && d_entropy[r] == 0.0) {
                 dz.fill(0.0);
-                continue;
+                return;
             }
             let z = &logits[r * vocab..(r + 1) * vocab];
             let (lse, ent) = lse_entropy(z);
@@ -414,7 +510,7 @@ impl Backend for CpuBackend {
                 // d logp_t / dz_j = 1[j=t] − p_j;  dH/dz_j = −p_j (log p_j + H).
                 *d = (glp * (onehot - p) - gent * p * (logp + ent)) as f32;
             }
-        }
+        });
         Ok(())
     }
 }
@@ -499,6 +595,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Fails if a target is neither a token of the vocabulary nor [`IGNORE_TARGET`].
+fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
+    match targets
+        .iter()
+        .find(|&&t| t != IGNORE_TARGET && t as usize >= vocab)
+    {
+        Some(t) => Err(ModelError::InvalidInput(format!(
+            "target token {t} is outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Log-sum-exp and entropy of the softmax of `z`, in f64.
 fn lse_entropy(z: &[f32]) -> (f64, f64) {
     let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -516,6 +625,8 @@ fn lse_entropy(z: &[f32]) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -599,6 +710,224 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Large inputs take the parallel paths; running the same op on small row blocks (the
+    /// serial paths) must give bit-identical results.
+    #[test]
+    fn parallel_row_ops_equal_serial_ones() {
+        let be = CpuBackend;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (rows, cols) = (2 * PAR_MIN / 64 + 3, 64);
+        let n = rows * cols;
+        assert!(n >= PAR_MIN);
+        let rand_vec = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..len).map(|_| rng.random_range(-3.0..3.0)).collect()
+        };
+        let x = rand_vec(n, &mut rng);
+        let dy = rand_vec(n, &mut rng);
+        let gamma = rand_vec(cols, &mut rng);
+        let beta = rand_vec(cols, &mut rng);
+        let block = 5; // rows per serial call
+        let serial = |f: &mut dyn FnMut(Range<usize>)| {
+            let mut r = 0;
+            while r < rows {
+                let e = (r + block).min(rows);
+                f(r..e);
+                r = e;
+            }
+        };
+
+        // GELU and its backward.
+        let mut par = vec![0.0; n];
+        be.gelu(&x, &mut par, n).unwrap();
+        let mut par_d = dy.clone();
+        be.gelu_backward(&x, &mut par_d, n).unwrap();
+        let (mut ser, mut ser_d) = (vec![0.0; n], dy.clone());
+        serial(&mut |r: Range<usize>| {
+            let (a, b) = (r.start * cols, r.end * cols);
+            let mut o = vec![0.0; b - a];
+            be.gelu(&x[a..b].to_vec(), &mut o, b - a).unwrap();
+            ser[a..b].copy_from_slice(&o);
+            let mut d = dy[a..b].to_vec();
+            be.gelu_backward(&x[a..b].to_vec(), &mut d, b - a).unwrap();
+            ser_d[a..b].copy_from_slice(&d);
+        });
+        assert_eq!(par, ser);
+        assert_eq!(par_d, ser_d);
+
+        for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
+            let (mut out, mut stats) = (vec![0.0; n], vec![0.0; 2 * rows]);
+            be.norm(
+                kind,
+                1e-5,
+                &x,
+                &gamma,
+                Some(&beta),
+                &mut out,
+                &mut stats,
+                rows,
+                cols,
+            )
+            .unwrap();
+            let (mut dx, mut dg, mut db) = (dy.clone(), vec![0.0; cols], vec![0.0; cols]);
+            be.norm_backward(
+                kind,
+                &x,
+                &gamma,
+                &stats,
+                &dy,
+                &mut dx,
+                &mut dg,
+                Some(&mut db),
+                rows,
+                cols,
+            )
+            .unwrap();
+            let (mut s_out, mut s_dx) = (vec![0.0; n], dy.clone());
+            let (mut s_dg, mut s_db) = (vec![0.0; cols], vec![0.0; cols]);
+            serial(&mut |r: Range<usize>| {
+                let (a, b, k) = (r.start * cols, r.end * cols, r.len());
+                let (mut o, mut st) = (vec![0.0; b - a], vec![0.0; 2 * k]);
+                let xs = x[a..b].to_vec();
+                be.norm(
+                    kind,
+                    1e-5,
+                    &xs,
+                    &gamma,
+                    Some(&beta),
+                    &mut o,
+                    &mut st,
+                    k,
+                    cols,
+                )
+                .unwrap();
+                s_out[a..b].copy_from_slice(&o);
+                let mut d = dy[a..b].to_vec();
+                be.norm_backward(
+                    kind,
+                    &xs,
+                    &gamma,
+                    &st,
+                    &dy[a..b].to_vec(),
+                    &mut d,
+                    &mut s_dg,
+                    Some(&mut s_db),
+                    k,
+                    cols,
+                )
+                .unwrap();
+                s_dx[a..b].copy_from_slice(&d);
+            });
+            assert_eq!(out, s_out, "{kind:?}");
+            assert_eq!(dx, s_dx, "{kind:?}");
+            assert_eq!(dg, s_dg, "{kind:?}");
+            assert_eq!(db, s_db, "{kind:?}");
+        }
+
+        // Causal softmax (as one batch of `rows` queries) and its backward.
+        let mut p = x.clone();
+        be.causal_softmax(&mut p, 0, 1, rows, cols, 3).unwrap();
+        let mut dp = dy.clone();
+        be.softmax_backward(&p, 0, &mut dp, 0, rows, cols).unwrap();
+        let (mut s_p, mut s_dp) = (x.clone(), dy.clone());
+        serial(&mut |r: Range<usize>| {
+            // Queries r.start.. see 3 + r.start + i + 1 keys: a block at past = 3 + r.start.
+            let (a, b) = (r.start * cols, r.end * cols);
+            let mut blk = x[a..b].to_vec();
+            be.causal_softmax(&mut blk, 0, 1, r.len(), cols, 3 + r.start)
+                .unwrap();
+            s_p[a..b].copy_from_slice(&blk);
+            let mut d = dy[a..b].to_vec();
+            be.softmax_backward(&blk, 0, &mut d, 0, r.len(), cols)
+                .unwrap();
+            s_dp[a..b].copy_from_slice(&d);
+        });
+        assert_eq!(p, s_p);
+        assert_eq!(dp, s_dp);
+
+        // Token log-probs and their backward (every fourth row ignored).
+        let targets: Vec<u32> = (0..rows)
+            .map(|r| {
+                if r % 4 == 0 {
+                    IGNORE_TARGET
+                } else {
+                    (r % cols) as u32
+                }
+            })
+            .collect();
+        let (mut lp, mut ent) = (vec![0.0; rows], vec![0.0; rows]);
+        be.token_logprobs(&x, &targets, cols, &mut lp, &mut ent)
+            .unwrap();
+        let dlp = rand_vec(rows, &mut rng);
+        let dent = rand_vec(rows, &mut rng);
+        let mut dz = vec![0.0; n];
+        be.token_logprobs_backward(&x, &targets, cols, &dlp, &dent, &mut dz)
+            .unwrap();
+        let (mut s_lp, mut s_ent, mut s_dz) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; n]);
+        serial(&mut |r: Range<usize>| {
+            let (a, b) = (r.start * cols, r.end * cols);
+            let xs = x[a..b].to_vec();
+            be.token_logprobs(
+                &xs,
+                &targets[r.clone()],
+                cols,
+                &mut s_lp[r.clone()],
+                &mut s_ent[r.clone()],
+            )
+            .unwrap();
+            let mut d = vec![0.0; b - a];
+            be.token_logprobs_backward(
+                &xs,
+                &targets[r.clone()],
+                cols,
+                &dlp[r.clone()],
+                &dent[r.clone()],
+                &mut d,
+            )
+            .unwrap();
+            s_dz[a..b].copy_from_slice(&d);
+        });
+        assert_eq!(lp, s_lp);
+        assert_eq!(ent, s_ent);
+        assert_eq!(dz, s_dz);
+    }
+
+    /// Attention heads: side-by-side column blocks of one matrix, written in parallel.
+    #[test]
+    fn parallel_head_gemm_matches_naive() {
+        let be = CpuBackend;
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let (n_rows, heads, hd) = (12, 4, 8);
+        let d = heads * hd;
+        let q: Vec<f32> = (0..n_rows * d)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let p: Vec<f32> = (0..heads * n_rows * n_rows)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        let g = Gemm {
+            m: n_rows,
+            k: n_rows,
+            n: hd,
+            batch: heads,
+            alpha: 1.0,
+            beta: 0.0,
+            a: MatLayout::row_major(n_rows).batched(n_rows * n_rows),
+            b: MatLayout::at(0, d).batched(hd),
+            c: MatLayout::at(0, d).batched(hd),
+        };
+        assert!(batches_disjoint(&g.c, g.batch, g.m, g.n));
+        let mut want = vec![0.0; n_rows * d];
+        naive(&g, &p, &q, &mut want);
+        let mut got = vec![0.0; n_rows * d];
+        be.gemm(&g, &p, &q, &mut got).unwrap();
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        // Overlapping outputs are never written concurrently.
+        let overlapping = MatLayout::at(0, d).batched(1);
+        assert!(!batches_disjoint(&overlapping, heads, n_rows, hd));
     }
 
     #[test]

@@ -9,6 +9,47 @@
 //! - [`Sampler`] generates with a KV cache (temperature, top-p), reporting each sampled
 //!   token's log-prob, and can continue a partial response after a prefill.
 //! - [`Tokenizer`] is the character-level tokenizer of the built-in arithmetic task.
+//!
+//! ```
+//! use flywheel_model::{Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, Tokenizer};
+//! use rand::SeedableRng;
+//!
+//! let tok = Tokenizer::arithmetic();
+//! let params = Params::init(&ModelConfig::tiny(tok.vocab_size()), 0)?;
+//! let mut model = Model::cpu(&params)?;
+//!
+//! // A worker: sample a response, with the log-prob of each sampled token.
+//! let prompt = tok.encode_prompt("3+14+7=").unwrap();
+//! let mut sampler = Sampler::new(&model)?;
+//! sampler.prefill(&model, &prompt)?;
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+//! let (mut response, mut infer_logprobs) = (Vec::new(), Vec::new());
+//! sampler.generate(&model, &SampleConfig::default(), 16, Some(Tokenizer::EOS), &mut rng,
+//!                  &mut response, &mut infer_logprobs)?;
+//!
+//! // A trainer: recompute the log-probs and push them up by gradient ascent.
+//! let tokens = [prompt.clone(), response].concat();
+//! let seqs = [Sequence { tokens: &tokens, response_start: prompt.len() }];
+//! let cache = model.forward(&seqs)?;
+//! for (a, b) in cache.logprobs().iter().zip(&infer_logprobs) {
+//!     assert!((a - b).abs() < 1e-4); // π_train = π_infer at temperature 1
+//! }
+//! let mut grads = model.new_gradients()?;
+//! let d_logprob = vec![-1.0; cache.logprobs().len()]; // dL/dlogπ for L = −Σ logπ
+//! model.backward(&cache, &d_logprob, None, &mut grads)?;
+//! let grads = model.gradients_to_params(&grads)?;
+//! let mut params = params;
+//! for (p, g) in params.tensors_mut().iter_mut().zip(grads.tensors()) {
+//!     p.data.iter_mut().zip(&g.data).for_each(|(x, dx)| *x -= 0.01 * dx);
+//! }
+//! model.load_params(&params)?;
+//!
+//! // Publishing and loading: name → little-endian f32 bytes.
+//! let published = params.to_bytes_map();
+//! let loaded = Params::from_bytes_map(params.config(), &published)?;
+//! assert_eq!(loaded, params);
+//! # Ok::<(), flywheel_model::ModelError>(())
+//! ```
 
 mod backend;
 mod config;

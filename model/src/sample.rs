@@ -226,6 +226,13 @@ impl<B: Backend> Sampler<B> {
             // The previously sampled token enters the KV cache only now, so that stopping
             // never pays for a forward pass whose logits nobody reads.
             self.feed(model)?;
+            if let Some(bad) = self.host_logits.iter().find(|z| !z.is_finite()) {
+                return Err(ModelError::InvalidInput(format!(
+                    "the model produced a non-finite logit ({bad}) at position {}: its weights \
+                     have diverged; load a healthy checkpoint",
+                    self.tokens.len()
+                )));
+            }
             let (token, logprob) = self.pick(sample, rng.random::<f64>());
             self.tokens.push(token);
             out_tokens.push(token);
