@@ -63,7 +63,14 @@ fn batches_disjoint(c: &MatLayout, batch: usize, m: usize, n: usize) -> bool {
 
 /// Raw pointers that may cross threads; only used for batch entries proven disjoint.
 #[derive(Clone, Copy)]
-struct SendPtrs(*const f32, *const f32, *mut f32);
+struct SendPtrs(
+    /// Start of A's buffer.
+    *const f32,
+    /// Start of B's buffer.
+    *const f32,
+    /// Start of C's buffer.
+    *mut f32,
+);
 // SAFETY: the pointers are only dereferenced by `matrixmultiply::sgemm` on in-bounds,
 // pairwise-disjoint output matrices (checked by `batches_disjoint`) and read-only inputs.
 unsafe impl Send for SendPtrs {}

@@ -51,6 +51,8 @@
 //! # Ok::<(), flywheel_model::ModelError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod backend;
 mod config;
 mod cpu;

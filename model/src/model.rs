@@ -132,19 +132,19 @@ impl<B: Backend> ForwardCache<B> {
     }
 
     /// The range of sequence `i`'s response tokens in [`Self::logprobs`] (and in the gradient
-    /// slices given to [`Model::backward`]). Panics if `i` is out of range.
-    pub fn sequence_range(&self, i: usize) -> Range<usize> {
-        self.seqs[i].out.clone()
+    /// slices given to [`Model::backward`]); `None` if the batch has no sequence `i`.
+    pub fn sequence_range(&self, i: usize) -> Option<Range<usize>> {
+        self.seqs.get(i).map(|m| m.out.clone())
     }
 
     /// Log-probabilities of sequence `i`'s response tokens.
-    pub fn sequence_logprobs(&self, i: usize) -> &[f32] {
-        &self.logprobs[self.sequence_range(i)]
+    pub fn sequence_logprobs(&self, i: usize) -> Option<&[f32]> {
+        Some(&self.logprobs[self.sequence_range(i)?])
     }
 
     /// Entropies at sequence `i`'s response tokens.
-    pub fn sequence_entropies(&self, i: usize) -> &[f32] {
-        &self.entropies[self.sequence_range(i)]
+    pub fn sequence_entropies(&self, i: usize) -> Option<&[f32]> {
+        Some(&self.entropies[self.sequence_range(i)?])
     }
 }
 

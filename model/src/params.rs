@@ -64,13 +64,21 @@ impl Tensor {
 /// Where each parameter of one transformer block sits in the ordered list.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerIndex {
+    /// Scale of the attention pre-norm.
     pub norm1_w: usize,
+    /// Bias of the attention pre-norm (LayerNorm only).
     pub norm1_b: Option<usize>,
+    /// Fused query/key/value projection, `d × 3d`.
     pub wqkv: usize,
+    /// Attention output projection, `d × d`.
     pub wo: usize,
+    /// Scale of the MLP pre-norm.
     pub norm2_w: usize,
+    /// Bias of the MLP pre-norm (LayerNorm only).
     pub norm2_b: Option<usize>,
+    /// MLP up projection, `d × d_ff`.
     pub w1: usize,
+    /// MLP down projection, `d_ff × d`.
     pub w2: usize,
 }
 
@@ -78,11 +86,17 @@ pub(crate) struct LayerIndex {
 /// order is defined in exactly one place ([`param_specs`]).
 #[derive(Clone, Debug)]
 pub(crate) struct ParamIndex {
+    /// Token embeddings, `vocab × d`.
     pub tok_emb: usize,
+    /// Learned position embeddings, `max_seq_len × d`.
     pub pos_emb: usize,
+    /// The blocks, first to last.
     pub layers: Vec<LayerIndex>,
+    /// Scale of the final norm.
     pub final_w: usize,
+    /// Bias of the final norm (LayerNorm only).
     pub final_b: Option<usize>,
+    /// LM head (untied), `d × vocab`.
     pub lm_head: usize,
 }
 
@@ -91,7 +105,9 @@ pub(crate) struct ParamIndex {
 enum Init {
     /// Normal with this standard deviation.
     Normal(f32),
+    /// All ones (norm scales).
     Ones,
+    /// All zeros (norm biases).
     Zeros,
 }
 

@@ -67,6 +67,14 @@ fn check_gradients(norm: NormKind, with_entropy: bool) {
     let cache = model.forward(&seqs).unwrap();
     let n = cache.logprobs().len();
     assert_eq!(n, 4 + 3);
+    assert_eq!(cache.sequence_range(0), Some(0..4));
+    assert_eq!(cache.sequence_range(1), Some(4..7));
+    assert_eq!(cache.sequence_range(2), None);
+    assert_eq!(cache.sequence_logprobs(1).unwrap(), &cache.logprobs()[4..]);
+    assert_eq!(
+        cache.sequence_entropies(0).unwrap(),
+        &cache.entropies()[..4]
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     let b: Vec<f32> = if with_entropy {
