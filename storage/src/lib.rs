@@ -2,8 +2,11 @@
 //!
 //! - [`types`]: prompts, trajectories, segments, groups, step batches.
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
+//! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
+//!   SQLite).
 
 pub mod codec;
+pub mod ledger;
 pub mod types;
 
 pub use types::*;
