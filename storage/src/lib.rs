@@ -3,9 +3,12 @@
 //! - [`types`]: prompts, trajectories, segments, groups, step batches.
 //! - [`queue`]: the Kafka prompt queue (consumer group, ack-gated offsets, dead letters).
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
+//! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
+//!   SQLite).
 
 pub mod codec;
 pub mod queue;
+pub mod ledger;
 pub mod types;
 
 pub use types::*;
