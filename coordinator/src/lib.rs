@@ -1,1 +1,4 @@
 //! flywheel-coordinator (see DESIGN.md §3).
+
+pub mod batch;
+pub mod partition;
