@@ -2,6 +2,8 @@
 //!
 //! - [`types`]: prompts, trajectories, segments, groups, step batches.
 //! - [`queue`]: the Kafka prompt queue (consumer group, ack-gated offsets, dead letters).
+//! - [`state`]: run state (trajectory index, leases, budgets, finished stream, membership,
+//!   leader lock) in Redis or memory.
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
 //! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
 //!   SQLite).
@@ -9,6 +11,7 @@
 pub mod codec;
 pub mod queue;
 pub mod ledger;
+pub mod state;
 pub mod types;
 
 pub use types::*;

@@ -1,0 +1,1024 @@
+//! The one conformance suite every [`StateStore`] must pass (DESIGN.md §9).
+//!
+//! Each `pub async fn` is one test; [`crate::state_store_conformance!`] turns all of them into
+//! `#[tokio::test]`s for a [`StoreFactory`]. Expiry is tested with short leases and sleeps past
+//! them; nothing asserts how long anything took. Assertions that something is still *live*
+//! only use long leases, so a slow machine cannot make them flaky.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Barrier;
+
+use super::{
+    ClaimSource, FenceReason, MAX_TOKENS, MemberRole, NotClaimable, Registration, StateError,
+    StateStore, StreamCursor,
+};
+use crate::types::{
+    Prompt, PromptId, PromptInput, SegmentRef, TrajectoryId, TrajectoryStatus, VerifierSpec,
+};
+
+/// Makes stores for the suite.
+#[async_trait]
+pub trait StoreFactory: Send + Sync {
+    /// A store over a new, empty run that no other test uses. Panics with a message naming
+    /// the backend (and how to start it) when it is unreachable: the test must fail, not skip.
+    async fn fresh(&self) -> Arc<dyn StateStore>;
+
+    /// Another handle on `store`'s run, with its own connection where the backend has one:
+    /// what a second process joining the run would open.
+    async fn attach(&self, store: &Arc<dyn StateStore>) -> Arc<dyn StateStore>;
+}
+
+/// A lease that outlives any test.
+const LONG: Duration = Duration::from_secs(60);
+/// A lease meant to expire: tests sleep [`PAST_SHORT`] before relying on its expiry.
+const SHORT: Duration = Duration::from_millis(300);
+/// Comfortably longer than [`SHORT`].
+const PAST_SHORT: Duration = Duration::from_millis(700);
+
+/// Racers in the concurrency tests.
+const RACERS: usize = 16;
+
+fn prompt(id: &str, k: u32) -> Prompt {
+    Prompt {
+        id: PromptId(id.to_owned()),
+        input: PromptInput::Text(format!("What is {id}?")),
+        verifier: VerifierSpec::ExactMatch {
+            answer: "42".into(),
+        },
+        group_size: k,
+        metadata: [("source".to_owned(), "conformance".to_owned())].into(),
+    }
+}
+
+fn tid(prompt: &str, sample: u32) -> TrajectoryId {
+    TrajectoryId {
+        prompt: PromptId(prompt.to_owned()),
+        sample,
+    }
+}
+
+fn seg(id: &TrajectoryId, seq: u32, tokens: u32, version: u64) -> SegmentRef {
+    SegmentRef {
+        seq,
+        key: format!("segments/{id}/{seq}"),
+        tokens,
+        version,
+    }
+}
+
+/// Registration stores the prompt and K pending trajectories, once, even when raced.
+pub async fn registration_is_idempotent(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let p = prompt("p/1 with spaces:and:colons", 3);
+    assert_eq!(
+        store.register_prompt(&p).await.unwrap(),
+        Registration::Registered
+    );
+    assert_eq!(store.prompt(&p.id).await.unwrap(), Some(p.clone()));
+    for id in p.trajectory_ids() {
+        let s = store.trajectory(&id).await.unwrap().expect("registered");
+        assert_eq!(s.id, id);
+        assert_eq!(s.status, TrajectoryStatus::Pending);
+        assert_eq!((s.tokens, s.retention, s.segments.len()), (0, 0, 0));
+        assert_eq!(
+            (s.first_version, s.last_version, s.lease, s.reward),
+            (None, None, None, None)
+        );
+    }
+    let mut again = p.clone();
+    again.group_size = 5;
+    assert_eq!(
+        store.register_prompt(&again).await.unwrap(),
+        Registration::AlreadyRegistered
+    );
+    assert_eq!(
+        store.prompt(&p.id).await.unwrap(),
+        Some(p.clone()),
+        "nothing overwritten"
+    );
+    assert!(store.trajectory(&tid(&p.id.0, 3)).await.unwrap().is_none());
+    assert!(
+        store
+            .prompt(&PromptId("nope".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A redelivered prompt raced by many workers registers exactly once.
+    let q = prompt("raced", 4);
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let (s, q, b) = (f.attach(&store).await, q.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.register_prompt(&q).await.unwrap()
+        }));
+    }
+    let mut registered = 0;
+    for t in tasks {
+        registered += usize::from(t.await.unwrap() == Registration::Registered);
+    }
+    assert_eq!(registered, 1);
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.prompts, c.pending, c.generating), (2, 7, 0));
+}
+
+/// Claims take parked trajectories first (oldest first version first), then pending ones in
+/// registration order; a trajectory released before any segment keeps its place.
+pub async fn claim_order_parked_first_then_pending(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    for p in ["a", "b", "c", "d"] {
+        store.register_prompt(&prompt(p, 1)).await.unwrap();
+    }
+    // Park a (first version 5) and b (first version 3).
+    for (p, version) in [("a", 5), ("b", 3)] {
+        let id = tid(p, 0);
+        let claim = store.claim(&id, "setup", LONG).await.unwrap();
+        assert_eq!(claim.source, ClaimSource::Pending);
+        let epoch = claim.lease().epoch;
+        store
+            .commit_segment(&id, "setup", epoch, &seg(&id, 0, 10, version), LONG)
+            .await
+            .unwrap();
+        let status = store.release(&id, "setup", epoch).await.unwrap();
+        assert_eq!(status, TrajectoryStatus::Parked);
+    }
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.parked, c.pending, c.generating), (2, 2, 0));
+
+    let next = |owner: &'static str| {
+        let store = store.clone();
+        async move { store.claim_next(owner, LONG).await.unwrap() }
+    };
+    let first = next("w").await.expect("b is parked");
+    assert_eq!(
+        (first.state.id.clone(), first.source),
+        (tid("b", 0), ClaimSource::Parked)
+    );
+    assert_eq!(
+        first.state.segments,
+        vec![seg(&tid("b", 0), 0, 10, 3)],
+        "resume from committed"
+    );
+    assert_eq!(first.lease().epoch, 2, "second claim of b");
+    let second = next("w").await.expect("a is parked");
+    assert_eq!(
+        (second.state.id.clone(), second.source),
+        (tid("a", 0), ClaimSource::Parked)
+    );
+    let third = next("w").await.expect("c is pending");
+    assert_eq!(
+        (third.state.id.clone(), third.source),
+        (tid("c", 0), ClaimSource::Pending)
+    );
+    assert_eq!(third.state.status, TrajectoryStatus::Generating);
+    assert_eq!(third.lease().owner, "w");
+    assert_eq!(third.lease().epoch, 1);
+
+    // Released before any segment: back to pending, ahead of d.
+    let status = store.release(&tid("c", 0), "w", 1).await.unwrap();
+    assert_eq!(status, TrajectoryStatus::Pending);
+    let again = next("v").await.expect("c is pending again");
+    assert_eq!(
+        (again.state.id.clone(), again.lease().epoch),
+        (tid("c", 0), 2)
+    );
+    let last = next("v").await.expect("d is pending");
+    assert_eq!(last.state.id, tid("d", 0));
+    assert!(
+        next("v").await.is_none(),
+        "everything is under a live lease"
+    );
+    let c = store.counts().await.unwrap();
+    assert_eq!(
+        (c.parked, c.pending, c.generating, c.lease_expired),
+        (0, 0, 4, 0)
+    );
+}
+
+/// Segments are contiguous, update tokens and versions, and a retried commit is idempotent.
+pub async fn segment_commit_updates_state(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.register_prompt(&prompt("p", 2)).await.unwrap();
+    let id = tid("p", 1);
+    let epoch = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+
+    let s0 = seg(&id, 0, 100, 7);
+    let s1 = seg(&id, 1, 50, 8);
+    store
+        .commit_segment(&id, "w", epoch, &s0, LONG)
+        .await
+        .unwrap();
+    let state = store
+        .commit_segment(&id, "w", epoch, &s1, LONG)
+        .await
+        .unwrap();
+    assert_eq!(state.segments, vec![s0.clone(), s1.clone()]);
+    assert_eq!(
+        (state.tokens, state.first_version, state.last_version),
+        (150, Some(7), Some(8))
+    );
+
+    // A retried commit of the same segment changes nothing.
+    let retried = store
+        .commit_segment(&id, "w", epoch, &s1, LONG)
+        .await
+        .unwrap();
+    assert_eq!(retried.tokens, 150);
+    assert_eq!(retried.segments.len(), 2);
+    // The same seq with other content is a conflict; a gap is out of order.
+    let other = SegmentRef {
+        tokens: 51,
+        ..s1.clone()
+    };
+    let err = store
+        .commit_segment(&id, "w", epoch, &other, LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StateError::SegmentConflict { seq: 1, .. }),
+        "{err}"
+    );
+    let gap = seg(&id, 3, 10, 8);
+    let err = store
+        .commit_segment(&id, "w", epoch, &gap, LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::SegmentOutOfOrder {
+                given: 3,
+                expected: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let entry = store.finish(&id, "w", epoch, 0.75).await.unwrap();
+    assert_eq!(
+        (entry.trajectory.clone(), entry.reward, entry.tokens),
+        (id.clone(), 0.75, 150)
+    );
+    assert_eq!(
+        (entry.first_version, entry.last_version),
+        (Some(7), Some(8))
+    );
+    let state = store.trajectory(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (state.status, state.reward, state.tokens),
+        (TrajectoryStatus::Finished, Some(0.75), 150)
+    );
+    assert_eq!(
+        state.lease.as_ref().map(|l| l.epoch),
+        Some(epoch),
+        "the lease record stays"
+    );
+
+    // Finished is final: no more writes, no claims.
+    let s2 = seg(&id, 2, 10, 9);
+    let err = store
+        .commit_segment(&id, "w", epoch, &s2, LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Fenced {
+                reason: FenceReason::NotGenerating(TrajectoryStatus::Finished),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = store.claim(&id, "x", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::NotClaimable {
+                reason: NotClaimable::Done(TrajectoryStatus::Finished),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.finished, c.pending, c.generating), (1, 1, 0));
+}
+
+/// A writer whose lease expired, or whose trajectory was claimed again, is fenced out; the new
+/// holder resumes from the last committed segment.
+pub async fn stale_epoch_writer_is_fenced(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.register_prompt(&prompt("p", 1)).await.unwrap();
+    let id = tid("p", 0);
+    let a = store.claim_next("a", LONG).await.unwrap().expect("pending");
+    let ea = a.lease().epoch;
+    store
+        .commit_segment(&id, "a", ea, &seg(&id, 0, 10, 1), LONG)
+        .await
+        .unwrap();
+    // Shorten the lease, and sleep past it.
+    store.renew(&id, "a", ea, SHORT).await.unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+
+    let err = store
+        .commit_segment(&id, "a", ea, &seg(&id, 1, 10, 1), LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Fenced {
+                reason: FenceReason::Expired { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = store.renew(&id, "a", ea, LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Fenced {
+                reason: FenceReason::Expired { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(store.counts().await.unwrap().lease_expired, 1);
+
+    let b = store
+        .claim_next("b", LONG)
+        .await
+        .unwrap()
+        .expect("expired lease");
+    let eb = b.lease().epoch;
+    assert_eq!(b.source, ClaimSource::Expired);
+    assert!(eb > ea, "a steal gets a higher epoch ({eb} > {ea})");
+    assert_eq!(b.state.segments, vec![seg(&id, 0, 10, 1)]);
+
+    // Every write of the old holder is rejected as stale.
+    let stale = |err: StateError| {
+        assert!(
+            matches!(err, StateError::Fenced { reason: FenceReason::StaleEpoch { given, current }, .. } if given == ea && current == eb),
+            "{err}"
+        )
+    };
+    stale(
+        store
+            .commit_segment(&id, "a", ea, &seg(&id, 1, 99, 1), LONG)
+            .await
+            .unwrap_err(),
+    );
+    stale(store.renew(&id, "a", ea, LONG).await.unwrap_err());
+    stale(store.finish(&id, "a", ea, 1.0).await.unwrap_err());
+    stale(store.release(&id, "a", ea).await.unwrap_err());
+    // The right epoch with the wrong owner is refused too.
+    let err = store.renew(&id, "c", eb, LONG).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::Fenced { reason: FenceReason::ForeignOwner { holder }, .. } if holder == "b"),
+        "{err}"
+    );
+
+    let state = store
+        .commit_segment(&id, "b", eb, &seg(&id, 1, 20, 2), LONG)
+        .await
+        .unwrap();
+    assert_eq!(state.tokens, 30, "nothing of the stale writer counted");
+    assert_eq!(state.segments.len(), 2);
+    store.finish(&id, "b", eb, 1.0).await.unwrap();
+    let err = store.release(&id, "b", eb).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Fenced {
+                reason: FenceReason::NotGenerating(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Only expired leases are stolen, after pending work, and each steal raises the epoch.
+pub async fn expired_lease_is_stolen_with_higher_epoch(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.register_prompt(&prompt("live", 1)).await.unwrap();
+    store.register_prompt(&prompt("dies", 1)).await.unwrap();
+    let live = store.claim(&tid("live", 0), "a", LONG).await.unwrap();
+    let dies = store.claim(&tid("dies", 0), "a", SHORT).await.unwrap();
+    assert_eq!((live.lease().epoch, dies.lease().epoch), (1, 1));
+
+    let err = store.claim(&tid("live", 0), "b", LONG).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::NotClaimable { reason: NotClaimable::Held(l), .. } if l.owner == "a" && l.epoch == 1),
+        "{err}"
+    );
+    store.renew(&tid("live", 0), "a", 1, LONG).await.unwrap();
+
+    tokio::time::sleep(PAST_SHORT).await;
+    // Pending work comes before expired leases.
+    store.register_prompt(&prompt("fresh", 1)).await.unwrap();
+    let c = store.claim_next("b", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.id, c.source),
+        (tid("fresh", 0), ClaimSource::Pending)
+    );
+    let c = store.claim_next("b", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.id.clone(), c.source),
+        (tid("dies", 0), ClaimSource::Expired)
+    );
+    assert_eq!(c.lease().epoch, 2);
+    assert!(
+        store.claim_next("b", LONG).await.unwrap().is_none(),
+        "'live' is still held"
+    );
+
+    // A specific claim of an expired lease is a steal as well.
+    store.renew(&tid("dies", 0), "b", 2, SHORT).await.unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    let c = store.claim(&tid("dies", 0), "c", LONG).await.unwrap();
+    assert_eq!(
+        (c.source, c.lease().epoch, c.lease().owner.as_str()),
+        (ClaimSource::Expired, 3, "c")
+    );
+    let counts = store.counts().await.unwrap();
+    assert_eq!((counts.generating, counts.lease_expired), (3, 0));
+}
+
+/// Many claimers race for one trajectory (specific claim, next claim, and a steal): exactly
+/// one wins each time; racing over many trajectories, each is claimed exactly once.
+pub async fn concurrent_claimers_exactly_one_wins(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let mut handles = Vec::new();
+    for _ in 0..RACERS {
+        handles.push(f.attach(&store).await);
+    }
+
+    // Racing for one specific trajectory.
+    store.register_prompt(&prompt("one", 1)).await.unwrap();
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut tasks = Vec::new();
+    for (i, s) in handles.iter().enumerate() {
+        let (s, b) = (s.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.claim(&tid("one", 0), &format!("w{i}"), LONG).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(c) => winners.push(c.lease().clone()),
+            Err(StateError::NotClaimable {
+                reason: NotClaimable::Held(_),
+                ..
+            }) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one claimer wins: {winners:?}");
+    assert_eq!(winners[0].epoch, 1);
+    let held = store
+        .trajectory(&tid("one", 0))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .unwrap();
+    assert_eq!(held, winners[0]);
+
+    // Racing claim_next for one pending trajectory.
+    store.register_prompt(&prompt("two", 1)).await.unwrap();
+    let mut tasks = Vec::new();
+    for (i, s) in handles.iter().enumerate() {
+        let (s, b) = (s.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.claim_next(&format!("w{i}"), LONG).await.unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.extend(t.await.unwrap());
+    }
+    assert_eq!(got.len(), 1, "exactly one claim_next gets it");
+    assert_eq!(got[0].state.id, tid("two", 0));
+
+    // Racing to steal one expired lease.
+    store.register_prompt(&prompt("three", 1)).await.unwrap();
+    store.claim(&tid("three", 0), "dead", SHORT).await.unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    let mut tasks = Vec::new();
+    for (i, s) in handles.iter().enumerate() {
+        let (s, b) = (s.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.claim_next(&format!("w{i}"), LONG).await.unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.extend(t.await.unwrap());
+    }
+    assert_eq!(got.len(), 1, "exactly one steals it");
+    assert_eq!(
+        (got[0].source, got[0].lease().epoch),
+        (ClaimSource::Expired, 2)
+    );
+
+    // Draining many trajectories: each is claimed exactly once.
+    for p in 0..8 {
+        store
+            .register_prompt(&prompt(&format!("many{p}"), 4))
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for (i, s) in handles.iter().enumerate() {
+        let (s, b) = (s.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            let mut mine = Vec::new();
+            while let Some(c) = s.claim_next(&format!("w{i}"), LONG).await.unwrap() {
+                mine.push(c.state.id);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().cloned().collect();
+    assert_eq!(
+        (all.len(), unique.len()),
+        (32, 32),
+        "each of 32 claimed exactly once"
+    );
+}
+
+/// Reservations never overdraw the budget, even raced; refunds never exceed what was opened;
+/// old versions get nothing.
+pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert_eq!(store.current_version().await.unwrap(), None);
+    assert_eq!(store.budget().await.unwrap(), None);
+    assert_eq!(
+        store.reserve(0, 10).await.unwrap(),
+        0,
+        "no version open yet"
+    );
+
+    store.open_version(1, 1000, 2).await.unwrap();
+    assert_eq!(store.current_version().await.unwrap(), Some(1));
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut tasks = Vec::new();
+    for _ in 0..RACERS {
+        let (s, b) = (f.attach(&store).await, barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            let (mut granted, mut refunded) = (0u64, 0u64);
+            loop {
+                let g = s.reserve(1, 7).await.unwrap();
+                assert!(g <= 7);
+                if g == 0 {
+                    break;
+                }
+                granted += g;
+                // Use some, refund the rest now and then.
+                if g == 7 && granted % 3 == 0 {
+                    refunded += s.refund(1, 2).await.unwrap();
+                }
+            }
+            (granted, refunded)
+        }));
+    }
+    let (mut granted, mut refunded) = (0, 0);
+    for t in tasks {
+        let (g, r) = t.await.unwrap();
+        granted += g;
+        refunded += r;
+    }
+    assert_eq!(granted - refunded, 1000, "the whole budget, never more");
+    let b = store.budget().await.unwrap().unwrap();
+    assert_eq!((b.version, b.total, b.remaining), (1, 1000, 0));
+    assert_eq!(store.reserve(1, 5).await.unwrap(), 0, "spent");
+
+    assert_eq!(store.refund(1, 50).await.unwrap(), 50);
+    assert_eq!(
+        store.reserve(1, 80).await.unwrap(),
+        50,
+        "min(want, remaining)"
+    );
+    assert_eq!(
+        store.refund(1, 5000).await.unwrap(),
+        1000,
+        "capped at the total"
+    );
+    assert_eq!(store.budget().await.unwrap().unwrap().remaining, 1000);
+
+    store.open_version(2, 300, 2).await.unwrap();
+    assert_eq!(
+        store.reserve(1, 10).await.unwrap(),
+        0,
+        "version 1 is closed"
+    );
+    assert_eq!(
+        store.refund(1, 10).await.unwrap(),
+        0,
+        "refund to a closed version is dropped"
+    );
+    assert_eq!(store.reserve(2, 1000).await.unwrap(), 300);
+    let err = store.open_version(2, 300, 2).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::VersionNotNewer {
+                requested: 2,
+                current: 2
+            }
+        ),
+        "{err}"
+    );
+    let err = store.open_version(1, 300, 2).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::VersionNotNewer {
+                requested: 1,
+                current: 2
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(store.current_version().await.unwrap(), Some(2));
+}
+
+/// Opening a version bumps the retention of parked trajectories only, and purges those past σ.
+pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.open_version(0, 1000, 1).await.unwrap();
+    for p in ["a", "b", "c"] {
+        store.register_prompt(&prompt(p, 1)).await.unwrap();
+    }
+    let park = |p: &'static str, version: u64| {
+        let store = store.clone();
+        async move {
+            let id = tid(p, 0);
+            let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+            store
+                .commit_segment(&id, "w", e, &seg(&id, 0, 5, version), LONG)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.release(&id, "w", e).await.unwrap(),
+                TrajectoryStatus::Parked
+            );
+        }
+    };
+    park("a", 0).await;
+    park("b", 0).await;
+
+    let opened = store.open_version(1, 1000, 1).await.unwrap();
+    assert_eq!((opened.retained, opened.purged.len()), (2, 0));
+    for p in ["a", "b"] {
+        assert_eq!(
+            store
+                .trajectory(&tid(p, 0))
+                .await
+                .unwrap()
+                .unwrap()
+                .retention,
+            1
+        );
+    }
+    // a resumes (generating: not bumped), b stays parked, c is pending (not bumped).
+    let a = store.claim(&tid("a", 0), "w", LONG).await.unwrap();
+    assert_eq!(a.source, ClaimSource::Parked);
+    let opened = store.open_version(2, 1000, 1).await.unwrap();
+    assert_eq!(
+        (opened.retained, opened.purged.clone()),
+        (0, vec![tid("b", 0)])
+    );
+    let b = store.trajectory(&tid("b", 0)).await.unwrap().unwrap();
+    assert_eq!((b.status, b.retention), (TrajectoryStatus::Purged, 2));
+    let a_state = store.trajectory(&tid("a", 0)).await.unwrap().unwrap();
+    assert_eq!(
+        (a_state.status, a_state.retention),
+        (TrajectoryStatus::Generating, 1)
+    );
+    assert_eq!(
+        store
+            .trajectory(&tid("c", 0))
+            .await
+            .unwrap()
+            .unwrap()
+            .retention,
+        0
+    );
+    let err = store.claim(&tid("b", 0), "w", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::NotClaimable {
+                reason: NotClaimable::Done(TrajectoryStatus::Purged),
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // a parks again and outlives σ at the next version.
+    assert_eq!(
+        store
+            .release(&tid("a", 0), "w", a.lease().epoch)
+            .await
+            .unwrap(),
+        TrajectoryStatus::Parked
+    );
+    let opened = store.open_version(3, 1000, 1).await.unwrap();
+    assert_eq!(opened.purged, vec![tid("a", 0)]);
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.purged, c.parked, c.pending), (2, 0, 1));
+    // Purged trajectories are never handed out again.
+    let next = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(next.state.id, tid("c", 0));
+    assert!(store.claim_next("w", LONG).await.unwrap().is_none());
+}
+
+/// The finished stream is read after a cursor, so a consumer resumes where it left off, even
+/// from a new connection.
+pub async fn finished_stream_resumes_from_cursor(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert!(
+        store
+            .read_finished(StreamCursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut written = Vec::new();
+    for i in 0..5u32 {
+        let p = format!("p{i}");
+        store.register_prompt(&prompt(&p, 1)).await.unwrap();
+        let id = tid(&p, 0);
+        let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+        store
+            .commit_segment(&id, "w", e, &seg(&id, 0, 10 + i, 4), LONG)
+            .await
+            .unwrap();
+        written.push(store.finish(&id, "w", e, i as f32 / 4.0).await.unwrap());
+    }
+    for pair in written.windows(2) {
+        assert!(pair[0].cursor < pair[1].cursor, "cursors increase");
+    }
+
+    let head = store.read_finished(StreamCursor::START, 2).await.unwrap();
+    assert_eq!(head, written[..2].to_vec());
+    assert_eq!(
+        (head[1].trajectory.clone(), head[1].reward, head[1].tokens),
+        (tid("p1", 0), 0.25, 11)
+    );
+    assert_eq!(
+        (head[1].first_version, head[1].last_version),
+        (Some(4), Some(4))
+    );
+
+    // The consumer stores the cursor as text (e.g. in the ledger) and resumes after a restart.
+    let saved = head[1].cursor.to_string();
+    let resumed = f.attach(&store).await;
+    let cursor: StreamCursor = saved.parse().unwrap();
+    assert_eq!(cursor, head[1].cursor);
+    let rest = resumed.read_finished(cursor, 100).await.unwrap();
+    assert_eq!(rest, written[2..].to_vec());
+    assert!(
+        resumed
+            .read_finished(rest[2].cursor, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        resumed
+            .read_finished(StreamCursor::START, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!("12".parse::<StreamCursor>().is_err());
+    assert_eq!(resumed.counts().await.unwrap().finished, 5);
+}
+
+/// Heartbeats make members live until their TTL runs out; leaving removes them at once.
+pub async fn heartbeats_expire(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert!(
+        store
+            .live_members(MemberRole::Worker)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .heartbeat(MemberRole::Worker, "w-live", LONG)
+        .await
+        .unwrap();
+    store
+        .heartbeat(MemberRole::Worker, "w-dies", SHORT)
+        .await
+        .unwrap();
+    store
+        .heartbeat(MemberRole::Trainer, "t-0", LONG)
+        .await
+        .unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+
+    let ids = |m: Vec<super::Member>| m.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.live_members(MemberRole::Worker).await.unwrap()),
+        ["w-live"]
+    );
+    assert_eq!(
+        ids(store.live_members(MemberRole::Trainer).await.unwrap()),
+        ["t-0"]
+    );
+
+    // A lapsed member comes back with its next heartbeat.
+    store
+        .heartbeat(MemberRole::Worker, "w-dies", LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.live_members(MemberRole::Worker).await.unwrap()),
+        ["w-dies", "w-live"]
+    );
+    store.leave(MemberRole::Worker, "w-live").await.unwrap();
+    assert_eq!(
+        ids(store.live_members(MemberRole::Worker).await.unwrap()),
+        ["w-dies"]
+    );
+    assert_eq!(
+        ids(store.live_members(MemberRole::Trainer).await.unwrap()),
+        ["t-0"]
+    );
+}
+
+/// The leader lock: one holder at a time, tokens strictly increase per acquisition, and a
+/// holder that lapsed or was taken over cannot renew or release.
+pub async fn leader_lock_fencing(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert_eq!(store.leader().await.unwrap(), None);
+    let a = store
+        .acquire_leader("a", LONG)
+        .await
+        .unwrap()
+        .expect("free");
+    assert_eq!(a.holder, "a");
+    assert!(
+        store.acquire_leader("b", LONG).await.unwrap().is_none(),
+        "a holds it"
+    );
+    assert!(
+        store.acquire_leader("a", LONG).await.unwrap().is_none(),
+        "no re-entry"
+    );
+    assert_eq!(
+        store.leader().await.unwrap().map(|l| l.token),
+        Some(a.token)
+    );
+    let renewed = store.renew_leader("a", a.token, LONG).await.unwrap();
+    assert_eq!(renewed.token, a.token);
+    let err = store.renew_leader("b", a.token, LONG).await.unwrap_err();
+    assert!(matches!(err, StateError::NotLeader { .. }), "{err}");
+    store.release_leader("a", a.token).await.unwrap();
+    assert_eq!(store.leader().await.unwrap(), None);
+
+    // b takes over with a short lock and lapses.
+    let b = store
+        .acquire_leader("b", SHORT)
+        .await
+        .unwrap()
+        .expect("released");
+    assert!(b.token > a.token);
+    tokio::time::sleep(PAST_SHORT).await;
+    assert_eq!(store.leader().await.unwrap(), None);
+    let err = store.renew_leader("b", b.token, LONG).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::NotLeader { current: None, .. }),
+        "{err}"
+    );
+
+    // Raced acquisition: exactly one candidate wins.
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let (s, b) = (f.attach(&store).await, barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            s.acquire_leader(&format!("c{i}"), LONG).await.unwrap()
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        won.extend(t.await.unwrap());
+    }
+    assert_eq!(won.len(), 1, "exactly one leader: {won:?}");
+    let c = won.pop().unwrap();
+    assert!(c.token > b.token, "tokens strictly increase");
+
+    // The fenced-out old holders can neither renew nor release.
+    for (who, token) in [("b", b.token), ("a", a.token)] {
+        let err = store.renew_leader(who, token, LONG).await.unwrap_err();
+        assert!(
+            matches!(&err, StateError::NotLeader { current: Some(l), .. } if l.holder == c.holder),
+            "{err}"
+        );
+        assert!(store.release_leader(who, token).await.is_err());
+    }
+    assert_eq!(
+        store.leader().await.unwrap().map(|l| l.token),
+        Some(c.token)
+    );
+    store.renew_leader(&c.holder, c.token, LONG).await.unwrap();
+}
+
+/// Bad arguments get typed errors, never a panic or a silent write.
+pub async fn invalid_input_is_rejected(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let invalid = |r: Result<(), StateError>| {
+        let err = r.unwrap_err();
+        assert!(matches!(err, StateError::Invalid(_)), "{err}");
+    };
+    invalid(store.register_prompt(&prompt("zero", 0)).await.map(drop));
+    invalid(store.register_prompt(&prompt("", 1)).await.map(drop));
+    assert_eq!(store.counts().await.unwrap().prompts, 0);
+
+    store.register_prompt(&prompt("p", 1)).await.unwrap();
+    let id = tid("p", 0);
+    invalid(store.claim_next("", LONG).await.map(drop));
+    invalid(store.claim_next("w", Duration::ZERO).await.map(drop));
+    invalid(store.open_version(1, MAX_TOKENS + 1, 1).await.map(drop));
+    invalid(store.heartbeat(MemberRole::Worker, "", LONG).await);
+    invalid(store.acquire_leader("", LONG).await.map(drop));
+    let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+    invalid(store.finish(&id, "w", e, f32::NAN).await.map(drop));
+    invalid(store.reserve(1, u64::MAX).await.map(drop));
+    assert_eq!(
+        store.trajectory(&id).await.unwrap().unwrap().status,
+        TrajectoryStatus::Generating
+    );
+
+    let unknown = tid("ghost", 0);
+    let err = store.claim(&unknown, "w", LONG).await.unwrap_err();
+    assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
+    let err = store
+        .commit_segment(&unknown, "w", 1, &seg(&unknown, 0, 1, 0), LONG)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
+}
+
+/// Generates one `#[tokio::test]` per conformance function for a [`StoreFactory`] expression.
+///
+/// ```ignore
+/// flywheel_storage::state_store_conformance!(MyFactory::new());
+/// ```
+#[macro_export]
+macro_rules! state_store_conformance {
+    ($factory:expr) => {
+        $crate::state_store_conformance!(@tests $factory;
+            registration_is_idempotent,
+            claim_order_parked_first_then_pending,
+            segment_commit_updates_state,
+            stale_epoch_writer_is_fenced,
+            expired_lease_is_stolen_with_higher_epoch,
+            concurrent_claimers_exactly_one_wins,
+            budget_reserve_refund_never_overdraws,
+            open_version_bumps_retention_and_purges,
+            finished_stream_resumes_from_cursor,
+            heartbeats_expire,
+            leader_lock_fencing,
+            invalid_input_is_rejected,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let factory = $factory;
+                $crate::state::conformance::$name(&factory).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,628 @@
+//! [`StateStore`] in process memory, for the embedded mode: one mutex over plain maps, so
+//! every method is atomic exactly like a Redis script. Nothing survives the process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{
+    Budget, Claim, ClaimSource, FenceReason, FinishedEntry, LeaderLease, Member, MemberRole,
+    NotClaimable, Registration, StateCounts, StateError, StateStore, StreamCursor, VersionOpened,
+    check,
+};
+use crate::types::{
+    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, TrajectoryId, TrajectoryState,
+    TrajectoryStatus,
+};
+
+/// The memory state store. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct MemoryStateStore {
+    /// The run id, reported by [`StateStore::run_id`]; a store holds one run.
+    run_id: String,
+    /// Everything, behind one lock (operations are short and never await while holding it).
+    inner: Mutex<Inner>,
+}
+
+/// A trajectory and its place in the registration order.
+#[derive(Debug)]
+struct Entry {
+    /// The state as reported.
+    state: TrajectoryState,
+    /// Registration sequence number: the pending order.
+    seq: u64,
+}
+
+/// The run's state; each index mirrors a Redis key of the Redis implementation.
+#[derive(Debug, Default)]
+struct Inner {
+    /// Registered prompts.
+    prompts: HashMap<PromptId, Prompt>,
+    /// All trajectories.
+    trajectories: HashMap<TrajectoryId, Entry>,
+    /// Next registration sequence number.
+    next_seq: u64,
+    /// Pending trajectories by registration seq.
+    pending: BTreeMap<u64, TrajectoryId>,
+    /// Parked trajectories by (first version, member key); the member key breaks ties the way
+    /// the Redis sorted set does.
+    parked: BTreeSet<(PolicyVersion, String)>,
+    /// Generating trajectories by (lease expiry, member key).
+    leases: BTreeSet<(u64, String)>,
+    /// Member key → id, for the two sets above.
+    members: HashMap<String, TrajectoryId>,
+    /// The finished stream.
+    finished: Vec<FinishedEntry>,
+    /// The current version's budget.
+    budget: Option<Budget>,
+    /// Heartbeats: role → id → expiry.
+    heartbeats: HashMap<MemberRole, HashMap<String, u64>>,
+    /// The leader lock's holder, if any (possibly expired).
+    leader: Option<LeaderLease>,
+    /// Last fencing token handed out.
+    leader_token: u64,
+    /// Finished and purged totals.
+    finished_count: u64,
+    purged_count: u64,
+}
+
+/// The member key of a trajectory: `<sample>:<prompt>` as in Redis.
+pub(super) fn member_key(id: &TrajectoryId) -> String {
+    format!("{}:{}", id.sample, id.prompt)
+}
+
+/// Milliseconds since the Unix epoch on the process clock.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl MemoryStateStore {
+    /// An empty store for run `run_id`.
+    pub fn new(run_id: impl Into<String>) -> Self {
+        MemoryStateStore {
+            run_id: run_id.into(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied transition (every method
+        // validates before it mutates), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn entry(&mut self, id: &TrajectoryId) -> Result<&mut Entry, StateError> {
+        self.trajectories
+            .get_mut(id)
+            .ok_or_else(|| StateError::UnknownTrajectory(id.clone()))
+    }
+
+    /// Checks that `(owner, epoch)` is the live, current lease of `id`.
+    fn fence(
+        &mut self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        now: u64,
+    ) -> Result<(), StateError> {
+        let e = self.entry(id)?;
+        let fenced = |reason| StateError::Fenced {
+            id: id.clone(),
+            reason,
+        };
+        let lease = e.state.lease.as_ref();
+        let current = lease.map_or(0, |l| l.epoch);
+        if current != epoch {
+            return Err(fenced(FenceReason::StaleEpoch {
+                given: epoch,
+                current,
+            }));
+        }
+        if e.state.status != TrajectoryStatus::Generating {
+            return Err(fenced(FenceReason::NotGenerating(e.state.status)));
+        }
+        let lease = lease.expect("a generating trajectory has a lease");
+        if lease.owner != owner {
+            return Err(fenced(FenceReason::ForeignOwner {
+                holder: lease.owner.clone(),
+            }));
+        }
+        if lease.expires_at_ms <= now {
+            return Err(fenced(FenceReason::Expired {
+                expired_at_ms: lease.expires_at_ms,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Removes `id` from whichever queue holds it.
+    fn unqueue(&mut self, id: &TrajectoryId) {
+        let key = member_key(id);
+        let e = &self.trajectories[id];
+        match e.state.status {
+            TrajectoryStatus::Pending => {
+                self.pending.remove(&e.seq);
+            }
+            TrajectoryStatus::Parked => {
+                self.parked
+                    .remove(&(e.state.first_version.unwrap_or(0), key));
+            }
+            TrajectoryStatus::Generating => {
+                if let Some(l) = &e.state.lease {
+                    self.leases.remove(&(l.expires_at_ms, key));
+                }
+            }
+            TrajectoryStatus::Finished | TrajectoryStatus::Purged => {}
+        }
+    }
+
+    /// Gives `id` a new lease with the next epoch.
+    fn take(
+        &mut self,
+        id: &TrajectoryId,
+        owner: &str,
+        ttl_ms: u64,
+        now: u64,
+        source: ClaimSource,
+    ) -> Claim {
+        self.unqueue(id);
+        let expires_at_ms = now + ttl_ms;
+        let e = self.trajectories.get_mut(id).expect("caller checked");
+        let epoch = e.state.lease.as_ref().map_or(0, |l| l.epoch) + 1;
+        e.state.status = TrajectoryStatus::Generating;
+        e.state.lease = Some(Lease {
+            owner: owner.to_owned(),
+            epoch,
+            expires_at_ms,
+        });
+        let state = e.state.clone();
+        let key = member_key(id);
+        self.leases.insert((expires_at_ms, key.clone()));
+        self.members.insert(key, id.clone());
+        Claim { state, source }
+    }
+
+    /// Sets the live lease of a fenced trajectory to expire at `expires_at_ms`.
+    fn extend(&mut self, id: &TrajectoryId, expires_at_ms: u64) -> Lease {
+        let key = member_key(id);
+        let e = self.trajectories.get_mut(id).expect("caller fenced");
+        let lease = e.state.lease.as_mut().expect("fenced lease");
+        self.leases.remove(&(lease.expires_at_ms, key.clone()));
+        lease.expires_at_ms = expires_at_ms;
+        self.leases.insert((expires_at_ms, key));
+        lease.clone()
+    }
+
+    fn live_leader(&self, now: u64) -> Option<&LeaderLease> {
+        self.leader.as_ref().filter(|l| l.expires_at_ms > now)
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    async fn register_prompt(&self, prompt: &Prompt) -> Result<Registration, StateError> {
+        check::prompt(prompt)?;
+        let mut g = self.lock();
+        if g.prompts.contains_key(&prompt.id) {
+            return Ok(Registration::AlreadyRegistered);
+        }
+        g.prompts.insert(prompt.id.clone(), prompt.clone());
+        for id in prompt.trajectory_ids() {
+            let seq = g.next_seq;
+            g.next_seq += 1;
+            g.pending.insert(seq, id.clone());
+            let state = TrajectoryState {
+                id: id.clone(),
+                status: TrajectoryStatus::Pending,
+                segments: Vec::new(),
+                tokens: 0,
+                first_version: None,
+                last_version: None,
+                retention: 0,
+                lease: None,
+                reward: None,
+            };
+            g.members.insert(member_key(&id), id.clone());
+            g.trajectories.insert(id, Entry { state, seq });
+        }
+        Ok(Registration::Registered)
+    }
+
+    async fn prompt(&self, id: &PromptId) -> Result<Option<Prompt>, StateError> {
+        Ok(self.lock().prompts.get(id).cloned())
+    }
+
+    async fn trajectory(&self, id: &TrajectoryId) -> Result<Option<TrajectoryState>, StateError> {
+        Ok(self.lock().trajectories.get(id).map(|e| e.state.clone()))
+    }
+
+    async fn claim_next(&self, owner: &str, ttl: Duration) -> Result<Option<Claim>, StateError> {
+        check::name("owner", owner)?;
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        let next = if let Some((_, key)) = g.parked.first() {
+            Some((g.members[key].clone(), ClaimSource::Parked))
+        } else if let Some((_, id)) = g.pending.first_key_value() {
+            Some((id.clone(), ClaimSource::Pending))
+        } else {
+            g.leases
+                .first()
+                .filter(|(exp, _)| *exp <= now)
+                .map(|(_, key)| (g.members[key].clone(), ClaimSource::Expired))
+        };
+        Ok(next.map(|(id, source)| g.take(&id, owner, ttl_ms, now, source)))
+    }
+
+    async fn claim(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StateError> {
+        check::name("owner", owner)?;
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        let state = &g.entry(id)?.state;
+        let source = match state.status {
+            TrajectoryStatus::Pending => ClaimSource::Pending,
+            TrajectoryStatus::Parked => ClaimSource::Parked,
+            TrajectoryStatus::Generating => {
+                let lease = state
+                    .lease
+                    .clone()
+                    .expect("a generating trajectory has a lease");
+                if lease.expires_at_ms > now {
+                    return Err(StateError::NotClaimable {
+                        id: id.clone(),
+                        reason: NotClaimable::Held(lease),
+                    });
+                }
+                ClaimSource::Expired
+            }
+            s @ (TrajectoryStatus::Finished | TrajectoryStatus::Purged) => {
+                return Err(StateError::NotClaimable {
+                    id: id.clone(),
+                    reason: NotClaimable::Done(s),
+                });
+            }
+        };
+        Ok(g.take(id, owner, ttl_ms, now, source))
+    }
+
+    async fn renew(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Lease, StateError> {
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        Ok(g.extend(id, now + ttl_ms))
+    }
+
+    async fn release(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<TrajectoryStatus, StateError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        g.unqueue(id);
+        let key = member_key(id);
+        let e = g.trajectories.get_mut(id).expect("fenced");
+        // The lease record stays (its epoch is the fencing history) but ends now.
+        if let Some(l) = e.state.lease.as_mut() {
+            l.expires_at_ms = now;
+        }
+        let status = match e.state.first_version {
+            None => TrajectoryStatus::Pending,
+            Some(_) => TrajectoryStatus::Parked,
+        };
+        e.state.status = status;
+        let (seq, first) = (e.seq, e.state.first_version);
+        match first {
+            None => {
+                g.pending.insert(seq, id.clone());
+            }
+            Some(v) => {
+                g.parked.insert((v, key));
+            }
+        }
+        Ok(status)
+    }
+
+    async fn commit_segment(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        segment: &SegmentRef,
+        ttl: Duration,
+    ) -> Result<TrajectoryState, StateError> {
+        let ttl_ms = check::ttl(ttl)?;
+        check::segment(segment)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        let e = g.entry(id)?;
+        let expected = e.state.segments.len() as u32;
+        if segment.seq < expected {
+            if e.state.segments[segment.seq as usize] != *segment {
+                return Err(StateError::SegmentConflict {
+                    id: id.clone(),
+                    seq: segment.seq,
+                });
+            }
+        } else if segment.seq > expected {
+            return Err(StateError::SegmentOutOfOrder {
+                id: id.clone(),
+                given: segment.seq,
+                expected,
+            });
+        } else {
+            let s = &mut e.state;
+            s.segments.push(segment.clone());
+            s.tokens += u64::from(segment.tokens);
+            s.first_version.get_or_insert(segment.version);
+            s.last_version = Some(segment.version);
+        }
+        g.extend(id, now + ttl_ms);
+        Ok(g.trajectories[id].state.clone())
+    }
+
+    async fn finish(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        reward: f32,
+    ) -> Result<FinishedEntry, StateError> {
+        check::reward(reward)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        g.unqueue(id);
+        let s = &mut g.entry(id)?.state;
+        s.status = TrajectoryStatus::Finished;
+        s.reward = Some(reward);
+        if let Some(l) = s.lease.as_mut() {
+            l.expires_at_ms = now;
+        }
+        let (tokens, first_version, last_version) = (s.tokens, s.first_version, s.last_version);
+        // Cursors follow Redis stream ids: (ms, seq), strictly increasing.
+        let cursor = match g.finished.last() {
+            Some(last) if last.cursor.ms >= now => StreamCursor {
+                ms: last.cursor.ms,
+                seq: last.cursor.seq + 1,
+            },
+            _ => StreamCursor { ms: now, seq: 0 },
+        };
+        let entry = FinishedEntry {
+            cursor,
+            trajectory: id.clone(),
+            reward,
+            tokens,
+            first_version,
+            last_version,
+        };
+        g.finished.push(entry.clone());
+        g.finished_count += 1;
+        Ok(entry)
+    }
+
+    async fn open_version(
+        &self,
+        version: PolicyVersion,
+        budget: u64,
+        retention_limit: u32,
+    ) -> Result<VersionOpened, StateError> {
+        check::tokens("version", version)?;
+        check::tokens("budget", budget)?;
+        let mut g = self.lock();
+        if let Some(b) = g.budget
+            && version <= b.version
+        {
+            return Err(StateError::VersionNotNewer {
+                requested: version,
+                current: b.version,
+            });
+        }
+        g.budget = Some(Budget {
+            version,
+            total: budget,
+            remaining: budget,
+        });
+        let mut out = VersionOpened::default();
+        for (first, key) in std::mem::take(&mut g.parked) {
+            let id = g.members[&key].clone();
+            let s = &mut g.trajectories.get_mut(&id).expect("indexed").state;
+            s.retention += 1;
+            if s.retention > retention_limit {
+                s.status = TrajectoryStatus::Purged;
+                g.purged_count += 1;
+                out.purged.push(id);
+            } else {
+                out.retained += 1;
+                g.parked.insert((first, key));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError> {
+        Ok(self.lock().budget.map(|b| b.version))
+    }
+
+    async fn budget(&self) -> Result<Option<Budget>, StateError> {
+        Ok(self.lock().budget)
+    }
+
+    async fn reserve(&self, version: PolicyVersion, want: u64) -> Result<u64, StateError> {
+        check::tokens("reservation", want)?;
+        let mut g = self.lock();
+        Ok(match g.budget.as_mut() {
+            Some(b) if b.version == version => {
+                let granted = want.min(b.remaining);
+                b.remaining -= granted;
+                granted
+            }
+            _ => 0,
+        })
+    }
+
+    async fn refund(&self, version: PolicyVersion, tokens: u64) -> Result<u64, StateError> {
+        check::tokens("refund", tokens)?;
+        let mut g = self.lock();
+        Ok(match g.budget.as_mut() {
+            Some(b) if b.version == version => {
+                let credited = tokens.min(b.total - b.remaining);
+                b.remaining += credited;
+                credited
+            }
+            _ => 0,
+        })
+    }
+
+    async fn read_finished(
+        &self,
+        after: StreamCursor,
+        limit: usize,
+    ) -> Result<Vec<FinishedEntry>, StateError> {
+        let g = self.lock();
+        let start = g.finished.partition_point(|e| e.cursor <= after);
+        Ok(g.finished[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn heartbeat(&self, role: MemberRole, id: &str, ttl: Duration) -> Result<(), StateError> {
+        check::name("member id", id)?;
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        let members = g.heartbeats.entry(role).or_default();
+        members.retain(|_, exp| *exp > now);
+        members.insert(id.to_owned(), now + ttl_ms);
+        Ok(())
+    }
+
+    async fn leave(&self, role: MemberRole, id: &str) -> Result<(), StateError> {
+        if let Some(m) = self.lock().heartbeats.get_mut(&role) {
+            m.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn live_members(&self, role: MemberRole) -> Result<Vec<Member>, StateError> {
+        let g = self.lock();
+        let now = now_ms();
+        let mut live: Vec<Member> = g
+            .heartbeats
+            .get(&role)
+            .into_iter()
+            .flatten()
+            .filter(|(_, exp)| **exp > now)
+            .map(|(id, exp)| Member {
+                id: id.clone(),
+                expires_at_ms: *exp,
+            })
+            .collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
+    }
+
+    async fn acquire_leader(
+        &self,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Option<LeaderLease>, StateError> {
+        check::name("candidate", candidate)?;
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        if g.live_leader(now).is_some() {
+            return Ok(None);
+        }
+        g.leader_token += 1;
+        let lease = LeaderLease {
+            holder: candidate.to_owned(),
+            token: g.leader_token,
+            expires_at_ms: now + ttl_ms,
+        };
+        g.leader = Some(lease.clone());
+        Ok(Some(lease))
+    }
+
+    async fn renew_leader(
+        &self,
+        candidate: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<LeaderLease, StateError> {
+        let ttl_ms = check::ttl(ttl)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        let live = g.live_leader(now).cloned();
+        match g.leader.as_mut() {
+            Some(l) if live.is_some() && l.holder == candidate && l.token == token => {
+                l.expires_at_ms = now + ttl_ms;
+                Ok(l.clone())
+            }
+            _ => Err(StateError::NotLeader {
+                candidate: candidate.to_owned(),
+                token,
+                current: live,
+            }),
+        }
+    }
+
+    async fn release_leader(&self, candidate: &str, token: u64) -> Result<(), StateError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        match &g.leader {
+            Some(l) if l.holder == candidate && l.token == token => {
+                g.leader = None;
+                Ok(())
+            }
+            _ => Err(StateError::NotLeader {
+                candidate: candidate.to_owned(),
+                token,
+                current: g.live_leader(now).cloned(),
+            }),
+        }
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderLease>, StateError> {
+        Ok(self.lock().live_leader(now_ms()).cloned())
+    }
+
+    async fn counts(&self) -> Result<StateCounts, StateError> {
+        let g = self.lock();
+        let now = now_ms();
+        Ok(StateCounts {
+            prompts: g.prompts.len() as u64,
+            pending: g.pending.len() as u64,
+            generating: g.leases.len() as u64,
+            lease_expired: g.leases.iter().take_while(|(exp, _)| *exp <= now).count() as u64,
+            parked: g.parked.len() as u64,
+            finished: g.finished_count,
+            purged: g.purged_count,
+        })
+    }
+}

@@ -1,0 +1,580 @@
+//! Run state: trajectory index, leases, budgets, versions, the finished stream, membership and
+//! the leader lock (DESIGN.md §5, §6.1, §6.2).
+//!
+//! [`StateStore`] is the one interface; [`MemoryStateStore`] (embedded mode) and
+//! [`RedisStateStore`] (distributed mode) implement it with the same semantics, checked by the
+//! one suite in [`conformance`].
+//!
+//! # Semantics in brief
+//!
+//! - A prompt is registered once; its K trajectories start `pending`, in registration order.
+//! - A worker *claims* a trajectory and gets a [`Lease`] (owner, epoch, expiry). Each claim of a
+//!   trajectory gets a strictly higher epoch. Claim order: parked trajectories first (oldest
+//!   first version first), then pending ones (registration order), then those whose lease
+//!   expired (earliest expiry first).
+//! - Every write for a trajectory (segment commit, renew, finish, release) carries the
+//!   writer's `(owner, epoch)` and is rejected with [`StateError::Fenced`] unless that lease is
+//!   the current one and has not expired. An expired lease cannot be renewed: its owner must
+//!   claim again (and gets a new epoch), so a lease is never silently resurrected.
+//! - Releasing a trajectory returns it to `pending` when it has no committed segment and
+//!   *parks* it otherwise (that is how the worker parks when a version's budget is spent).
+//! - Opening version v sets the current version and budget, and bumps the retention of every
+//!   parked trajectory; those past σ are purged.
+//!
+//! # Clock
+//!
+//! Every expiry (leases, heartbeats, the leader lock) is decided by the store's own clock, never
+//! by the caller's: the Redis implementation reads the server's `TIME` inside each script, the
+//! memory implementation reads the process clock. Callers pass durations (`ttl`), never
+//! instants, so skew between worker machines cannot extend or cut a lease. The `*_ms` instants
+//! handed back are on that clock (milliseconds since the Unix epoch).
+
+pub mod conformance;
+mod memory;
+mod redis;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, TrajectoryId, TrajectoryState,
+    TrajectoryStatus,
+};
+
+pub use self::memory::MemoryStateStore;
+pub use self::redis::RedisStateStore;
+
+/// The largest token budget or amount the store accepts: 2^53 − 1, the largest integer that
+/// Redis' Lua (IEEE doubles) represents exactly.
+pub const MAX_TOKENS: u64 = (1 << 53) - 1;
+
+/// What [`StateStore::register_prompt`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// The prompt was new: it and its K trajectories (all `pending`) are now stored.
+    Registered,
+    /// A prompt with this id was already registered; nothing was written.
+    AlreadyRegistered,
+}
+
+/// Where a claimed trajectory came from; workers count steals and resumes from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimSource {
+    /// It was parked: a partial rollout resumed under a newer version.
+    Parked,
+    /// It was pending: never generated, or released before its first segment.
+    Pending,
+    /// Its previous lease had expired: the holder died or stalled; this is a steal.
+    Expired,
+}
+
+/// A successful claim: the trajectory's state (with its new lease) and where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim {
+    /// The trajectory as it is now, `generating`, with `lease` set to the caller's new lease.
+    pub state: TrajectoryState,
+    /// Which queue the trajectory was taken from.
+    pub source: ClaimSource,
+}
+
+impl Claim {
+    /// The caller's new lease (always present on a claim).
+    pub fn lease(&self) -> &Lease {
+        self.state
+            .lease
+            .as_ref()
+            .expect("a claimed trajectory always carries its new lease")
+    }
+}
+
+/// Why a claim of a specific trajectory was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotClaimable {
+    /// Another (or the same) worker holds a lease that has not expired.
+    Held(Lease),
+    /// The trajectory is finished or purged: there is nothing left to generate.
+    Done(TrajectoryStatus),
+}
+
+impl fmt::Display for NotClaimable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotClaimable::Held(l) => write!(
+                f,
+                "held by {} (epoch {}) until {} ms",
+                l.owner, l.epoch, l.expires_at_ms
+            ),
+            NotClaimable::Done(s) => write!(f, "it is already {s:?}"),
+        }
+    }
+}
+
+/// Why a fenced write was rejected: the writer's lease is not the live, current one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceReason {
+    /// The trajectory was claimed again since: the writer's epoch is stale.
+    StaleEpoch {
+        /// The writer's epoch.
+        given: u64,
+        /// The trajectory's current epoch.
+        current: u64,
+    },
+    /// The epoch matches but the owner does not.
+    ForeignOwner {
+        /// The owner recorded for that epoch.
+        holder: String,
+    },
+    /// The lease expired (even if nobody has claimed it yet); claim again.
+    Expired {
+        /// When it expired, on the store's clock.
+        expired_at_ms: u64,
+    },
+    /// Nobody is generating it (it was released, parked, finished or purged).
+    NotGenerating(TrajectoryStatus),
+}
+
+impl fmt::Display for FenceReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FenceReason::StaleEpoch { given, current } => {
+                write!(
+                    f,
+                    "stale lease epoch {given}, the current epoch is {current}"
+                )
+            }
+            FenceReason::ForeignOwner { holder } => write!(f, "the lease belongs to {holder}"),
+            FenceReason::Expired { expired_at_ms } => {
+                write!(f, "the lease expired at {expired_at_ms} ms; claim it again")
+            }
+            FenceReason::NotGenerating(s) => write!(f, "it is {s:?}, not generating"),
+        }
+    }
+}
+
+/// A position in the finished-trajectory stream (a Redis stream id `ms-seq`). Entries are read
+/// strictly after a cursor; [`StreamCursor::START`] reads from the beginning. A consumer stores
+/// the cursor of the last entry it has durably handled and resumes from it after a restart.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct StreamCursor {
+    /// Milliseconds part of the id.
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl StreamCursor {
+    /// Before the first entry.
+    pub const START: StreamCursor = StreamCursor { ms: 0, seq: 0 };
+}
+
+impl fmt::Display for StreamCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for StreamCursor {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || StateError::Invalid(format!("stream cursor {s:?} is not of the form MS-SEQ"));
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(StreamCursor {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// One entry of the finished-trajectory stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinishedEntry {
+    /// Its position; pass it to [`StateStore::read_finished`] to read what follows.
+    pub cursor: StreamCursor,
+    /// The finished trajectory.
+    pub trajectory: TrajectoryId,
+    /// Its reward.
+    pub reward: f32,
+    /// Its committed tokens.
+    pub tokens: u64,
+    /// Version of its first segment (None when it finished without any).
+    pub first_version: Option<PolicyVersion>,
+    /// Version of its last segment.
+    pub last_version: Option<PolicyVersion>,
+}
+
+/// The current version's rollout budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The current policy version.
+    pub version: PolicyVersion,
+    /// Φ_r: tokens the version was opened with.
+    pub total: u64,
+    /// Tokens not yet reserved.
+    pub remaining: u64,
+}
+
+/// What [`StateStore::open_version`] did to the parked trajectories.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionOpened {
+    /// Parked trajectories kept (their retention grew by one, still ≤ σ).
+    pub retained: u64,
+    /// Parked trajectories purged because their retention went past σ.
+    pub purged: Vec<TrajectoryId>,
+}
+
+/// The kinds of members that heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    /// A rollout worker.
+    Worker,
+    /// A trainer rank.
+    Trainer,
+}
+
+impl MemberRole {
+    /// Name used in keys and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Worker => "worker",
+            MemberRole::Trainer => "trainer",
+        }
+    }
+}
+
+/// A live member and when its heartbeat runs out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member's id (unique per process).
+    pub id: String,
+    /// When it is considered gone unless it heartbeats again (store clock, ms).
+    pub expires_at_ms: u64,
+}
+
+/// The leader lock as held by one candidate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderLease {
+    /// The holder's candidate id.
+    pub holder: String,
+    /// Fencing token: strictly increases with each acquisition; the leader stamps its writes
+    /// (e.g. ledger commits) with it so a deposed leader's late writes can be refused.
+    pub token: u64,
+    /// When the lock lapses unless renewed (store clock, ms).
+    pub expires_at_ms: u64,
+}
+
+/// Trajectory counts for status reports and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCounts {
+    /// Registered prompts.
+    pub prompts: u64,
+    /// Trajectories waiting for a first claim (or released before any segment).
+    pub pending: u64,
+    /// Trajectories under a lease, live or expired.
+    pub generating: u64,
+    /// Of `generating`, those whose lease has expired and that await a steal.
+    pub lease_expired: u64,
+    /// Unfinished trajectories waiting for the next version.
+    pub parked: u64,
+    /// Finished trajectories.
+    pub finished: u64,
+    /// Trajectories purged past the retention limit.
+    pub purged: u64,
+}
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Redis failed or could not be reached.
+    #[error(
+        "redis state store: {0} (is Redis up and the URL right? scripts/services.sh starts one)"
+    )]
+    Redis(#[from] ::redis::RedisError),
+    /// The trajectory (or its prompt) was never registered in this run.
+    #[error("trajectory {0} is not registered in this run")]
+    UnknownTrajectory(TrajectoryId),
+    /// A claim of a specific trajectory was refused.
+    #[error("trajectory {id} cannot be claimed: {reason}")]
+    NotClaimable {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// Why.
+        reason: NotClaimable,
+    },
+    /// A write under a lease that is not the live, current one (DESIGN.md §6.2 fencing).
+    #[error("write to trajectory {id} rejected: {reason}")]
+    Fenced {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// Why.
+        reason: FenceReason,
+    },
+    /// A segment's `seq` skips ahead: segments are contiguous from 0.
+    #[error("segment {given} of trajectory {id} is out of order: the next one is {expected}")]
+    SegmentOutOfOrder {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// The seq the caller sent.
+        given: u32,
+        /// The seq the store expects next.
+        expected: u32,
+    },
+    /// A segment with this seq is already committed with different content.
+    #[error("segment {seq} of trajectory {id} is already committed with different content")]
+    SegmentConflict {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// The seq.
+        seq: u32,
+    },
+    /// Versions only move forward; opening one twice would bump retention twice.
+    #[error("cannot open version {requested}: the current version is already {current}")]
+    VersionNotNewer {
+        /// The version asked for.
+        requested: PolicyVersion,
+        /// The current version.
+        current: PolicyVersion,
+    },
+    /// A leader renew/release by a candidate that does not hold the lock (any more).
+    #[error("{candidate} does not hold the leader lock with token {token}; current: {current:?}")]
+    NotLeader {
+        /// The caller.
+        candidate: String,
+        /// The token the caller believed it held.
+        token: u64,
+        /// The live holder, if any.
+        current: Option<LeaderLease>,
+    },
+    /// An argument the store cannot accept (empty id, K = 0, NaN reward, …).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The backend holds data this code cannot read (another version wrote it, or it was
+    /// edited by hand); rebuild the run's Redis state from the object store and ledger.
+    #[error("corrupt run state: {0}")]
+    Corrupt(String),
+}
+
+/// The run's coordination state. Every method is atomic with respect to every other.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// The run this store's keys belong to.
+    fn run_id(&self) -> &str;
+
+    // --- prompts and trajectories ---
+
+    /// Stores `prompt` and its K trajectories as `pending`, in sample order, after every
+    /// trajectory registered before. Idempotent per prompt id: a second call writes nothing and
+    /// returns [`Registration::AlreadyRegistered`].
+    async fn register_prompt(&self, prompt: &Prompt) -> Result<Registration, StateError>;
+
+    /// The prompt as registered (workers re-prefill from it after a steal).
+    async fn prompt(&self, id: &PromptId) -> Result<Option<Prompt>, StateError>;
+
+    /// A trajectory's state.
+    async fn trajectory(&self, id: &TrajectoryId) -> Result<Option<TrajectoryState>, StateError>;
+
+    // --- leases ---
+
+    /// Claims the next claimable trajectory for `owner` with a lease of `ttl`: parked first
+    /// (oldest first version first), then pending (registration order), then expired leases
+    /// (earliest expiry first). `None` when there is nothing to claim.
+    async fn claim_next(&self, owner: &str, ttl: Duration) -> Result<Option<Claim>, StateError>;
+
+    /// Claims one specific trajectory (pending, parked, or with an expired lease).
+    async fn claim(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StateError>;
+
+    /// Extends the caller's live lease to now + `ttl`.
+    async fn renew(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Lease, StateError>;
+
+    /// Gives the lease up: the trajectory goes back to `pending` if it has no committed
+    /// segment, else it is `parked` (resumed first, oldest first version first). Returns the
+    /// status it went to.
+    async fn release(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<TrajectoryStatus, StateError>;
+
+    // --- segments ---
+
+    /// Appends a committed segment under the caller's lease and extends the lease to
+    /// now + `ttl`. `segment.seq` must be the next one; re-sending the last committed segment
+    /// unchanged is accepted (a retried commit), anything else is rejected.
+    async fn commit_segment(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        segment: &SegmentRef,
+        ttl: Duration,
+    ) -> Result<TrajectoryState, StateError>;
+
+    /// Marks the trajectory finished with `reward`, drops the lease and appends it to the
+    /// finished stream. Returns the stream entry.
+    async fn finish(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        reward: f32,
+    ) -> Result<FinishedEntry, StateError>;
+
+    // --- versions and budgets ---
+
+    /// Opens `version` with a rollout budget of `budget` tokens: atomically sets it current,
+    /// replaces the previous version's budget, and bumps the retention of every parked
+    /// trajectory, purging those whose retention exceeds `retention_limit` (σ).
+    async fn open_version(
+        &self,
+        version: PolicyVersion,
+        budget: u64,
+        retention_limit: u32,
+    ) -> Result<VersionOpened, StateError>;
+
+    /// The current version, `None` before the first `open_version`.
+    async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError>;
+
+    /// The current version's budget, `None` before the first `open_version`.
+    async fn budget(&self) -> Result<Option<Budget>, StateError>;
+
+    /// Reserves min(`want`, remaining) tokens of `version`'s budget and returns that amount:
+    /// 0 when it is spent or `version` is no longer current.
+    async fn reserve(&self, version: PolicyVersion, want: u64) -> Result<u64, StateError>;
+
+    /// Returns unused reserved tokens to `version`'s budget (never above what it was opened
+    /// with). A refund to a version that is no longer current is dropped. Returns the tokens
+    /// credited.
+    async fn refund(&self, version: PolicyVersion, tokens: u64) -> Result<u64, StateError>;
+
+    // --- finished stream ---
+
+    /// Up to `limit` finished entries strictly after `after`, oldest first.
+    async fn read_finished(
+        &self,
+        after: StreamCursor,
+        limit: usize,
+    ) -> Result<Vec<FinishedEntry>, StateError>;
+
+    // --- membership ---
+
+    /// Records that `id` is alive for another `ttl`.
+    async fn heartbeat(&self, role: MemberRole, id: &str, ttl: Duration) -> Result<(), StateError>;
+
+    /// Removes `id` at once (a clean shutdown) instead of waiting for its heartbeat to lapse.
+    async fn leave(&self, role: MemberRole, id: &str) -> Result<(), StateError>;
+
+    /// Members whose heartbeat has not lapsed, by id.
+    async fn live_members(&self, role: MemberRole) -> Result<Vec<Member>, StateError>;
+
+    // --- leader lock ---
+
+    /// Takes the leader lock for `ttl` if nobody holds it live; each success carries a fencing
+    /// token higher than any before. `None` when someone (the caller included) holds it.
+    async fn acquire_leader(
+        &self,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Option<LeaderLease>, StateError>;
+
+    /// Extends the caller's live lock; fails with [`StateError::NotLeader`] once it lapsed or
+    /// was taken over, even if the caller still thinks it leads.
+    async fn renew_leader(
+        &self,
+        candidate: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<LeaderLease, StateError>;
+
+    /// Gives the lock up so a standby takes over without waiting for the expiry.
+    async fn release_leader(&self, candidate: &str, token: u64) -> Result<(), StateError>;
+
+    /// The live leader, if any.
+    async fn leader(&self) -> Result<Option<LeaderLease>, StateError>;
+
+    // --- status ---
+
+    /// Counts by trajectory status.
+    async fn counts(&self) -> Result<StateCounts, StateError>;
+}
+
+/// Checks arguments both implementations reject the same way.
+pub(crate) mod check {
+    use super::*;
+
+    /// A lease/heartbeat duration in ms: at least 1 ms, at most a day (a longer one is a bug).
+    pub fn ttl(ttl: Duration) -> Result<u64, StateError> {
+        let ms = ttl.as_millis();
+        if ms == 0 || ms > 86_400_000 {
+            return Err(StateError::Invalid(format!(
+                "ttl {ttl:?} must be between 1 ms and 24 h"
+            )));
+        }
+        Ok(ms as u64)
+    }
+
+    /// A non-empty identifier (owner, candidate, member).
+    pub fn name(what: &str, s: &str) -> Result<(), StateError> {
+        if s.is_empty() || s.len() > 256 {
+            return Err(StateError::Invalid(format!(
+                "{what} must be 1..=256 bytes, got {} bytes",
+                s.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A token amount Lua can hold exactly.
+    pub fn tokens(what: &str, n: u64) -> Result<(), StateError> {
+        if n > MAX_TOKENS {
+            return Err(StateError::Invalid(format!(
+                "{what} {n} exceeds the maximum {MAX_TOKENS}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A prompt that can be registered.
+    pub fn prompt(p: &Prompt) -> Result<(), StateError> {
+        name("prompt id", &p.id.0)?;
+        if p.group_size == 0 || p.group_size > 4096 {
+            return Err(StateError::Invalid(format!(
+                "prompt {}: group size must be 1..=4096, got {}",
+                p.id, p.group_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// A finite reward.
+    pub fn reward(r: f32) -> Result<(), StateError> {
+        if !r.is_finite() {
+            return Err(StateError::Invalid(format!("reward {r} is not finite")));
+        }
+        Ok(())
+    }
+
+    /// A segment's numbers fit the store.
+    pub fn segment(s: &SegmentRef) -> Result<(), StateError> {
+        tokens("segment version", s.version)
+    }
+}
