@@ -12,7 +12,7 @@
 //!
 //! [`plan_step`] runs 2 and 3 together.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use flywheel_storage::{
@@ -564,23 +564,30 @@ pub fn cut_step(groups: Vec<Group>, token_budget: u64) -> Result<StepCut, PlanEr
     Ok(cut)
 }
 
-/// The oldest and newest policy version among the segments an entry trains (those
-/// overlapping `[train_start, train_end)`), or None when it trains nothing.
-fn trained_versions(entry: &BatchEntry) -> Option<(PolicyVersion, PolicyVersion)> {
+/// The trained tokens of each segment of an entry, with the segment's version: the overlap
+/// of the segment with `[train_start, train_end)`, segments outside it left out.
+fn trained_segment_tokens(entry: &BatchEntry) -> impl Iterator<Item = (PolicyVersion, u64)> + '_ {
     let (start, end) = (u64::from(entry.train_start), u64::from(entry.train_end));
-    let mut offset = 0u64;
-    let mut span: Option<(PolicyVersion, PolicyVersion)> = None;
-    for segment in &entry.segments {
-        let next = offset + u64::from(segment.tokens);
-        if offset < end && next > start {
-            span = Some(match span {
-                None => (segment.version, segment.version),
-                Some((lo, hi)) => (lo.min(segment.version), hi.max(segment.version)),
-            });
-        }
-        offset = next;
-    }
-    span
+    entry
+        .segments
+        .iter()
+        .scan(0u64, move |offset, segment| {
+            let (lo, hi) = (*offset, *offset + u64::from(segment.tokens));
+            *offset = hi;
+            Some((segment.version, hi.min(end).saturating_sub(lo.max(start))))
+        })
+        .filter(|&(_, tokens)| tokens > 0)
+}
+
+/// The oldest and newest policy version among the segments an entry trains, or None when it
+/// trains nothing.
+fn trained_versions(entry: &BatchEntry) -> Option<(PolicyVersion, PolicyVersion)> {
+    trained_segment_tokens(entry).fold(None, |span, (version, _)| {
+        Some(match span {
+            None => (version, version),
+            Some((lo, hi)) => (lo.min(version), hi.max(version)),
+        })
+    })
 }
 
 /// Lays a cut out as the manifest of `step` over `world_size` ranks.
@@ -688,6 +695,19 @@ pub fn plan_step(
         masked_tokens: cut.masked_tokens,
         cut_prompt: cut.cut_prompt,
     })
+}
+
+/// Trained tokens of a manifest by the policy version that generated them, for the staleness
+/// histogram: a token generated under version v and trained in step s (which publishes s + 1)
+/// is s − v versions stale.
+pub fn trained_tokens_by_version(manifest: &BatchManifest) -> BTreeMap<PolicyVersion, u64> {
+    let mut by_version = BTreeMap::new();
+    for entry in manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries) {
+        for (version, tokens) in trained_segment_tokens(entry) {
+            *by_version.entry(version).or_insert(0) += tokens;
+        }
+    }
+    by_version
 }
 
 /// Tokens per rank of a manifest, for the partition-imbalance metric
@@ -1213,10 +1233,28 @@ mod tests {
             (plan.manifest.min_version, plan.manifest.max_version),
             (2, 3)
         );
+        assert_eq!(
+            trained_tokens_by_version(&plan.manifest),
+            BTreeMap::from([(2, 10), (3, 5)])
+        );
+        // Φ = 24 of 30: shares 16 and 8, so 6 of the v5 segment's 10 tokens are trained.
+        let plan = plan_step(0, 1, vec![g.clone()], &config(24, 100)).unwrap();
+        assert_eq!(
+            (plan.manifest.min_version, plan.manifest.max_version),
+            (2, 5)
+        );
+        assert_eq!(
+            trained_tokens_by_version(&plan.manifest),
+            BTreeMap::from([(2, 10), (3, 8), (5, 6)])
+        );
         let plan = plan_step(0, 1, vec![g], &config(30, 100)).unwrap();
         assert_eq!(
             (plan.manifest.min_version, plan.manifest.max_version),
             (2, 5)
+        );
+        assert_eq!(
+            trained_tokens_by_version(&plan.manifest),
+            BTreeMap::from([(2, 10), (3, 10), (5, 10)])
         );
     }
 
@@ -1403,6 +1441,10 @@ mod tests {
                 prop_assert_eq!(entries.iter().filter(|x| ***x == *e).count(), 1);
             }
             prop_assert!(m.min_version <= m.max_version);
+            let by_version = trained_tokens_by_version(&m);
+            prop_assert_eq!(by_version.values().sum::<u64>(), m.total_tokens);
+            prop_assert_eq!(by_version.keys().next(), Some(&m.min_version));
+            prop_assert_eq!(by_version.keys().next_back(), Some(&m.max_version));
             // Deterministic whatever the arrival order.
             let mut shuffled = groups;
             shuffled.reverse();
