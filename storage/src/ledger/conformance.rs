@@ -12,9 +12,11 @@
 //! even when they share a database.
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
 use tempfile::TempDir;
 
 use super::{
@@ -52,8 +54,8 @@ enum Cleanup {
     Directory(TempDir),
     /// A PostgreSQL schema made for the test, and a connection to drop it with.
     Schema {
-        /// A pool on the server's default schema.
-        admin: PgPool,
+        /// A connection to the server's default schema.
+        admin: PgConnection,
         /// The schema's name.
         schema: String,
     },
@@ -97,15 +99,18 @@ impl TestLedger {
     /// PostgreSQL fails rather than skips.
     pub async fn postgres() -> Self {
         let url = postgres_url();
-        let admin = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap_or_else(|e| {
+        // One plain connection, not a pool: a pool retries a refused connection until its
+        // timeout and then reports only the timeout.
+        let mut admin = PgConnection::connect(&url).await.unwrap_or_else(|e| {
             panic!(
-                "PostgreSQL is unreachable at {url} ({e}): start it with scripts/services.sh or \
-                 point {POSTGRES_URL_ENV} at a running server"
+                "PostgreSQL is unreachable at {} ({e}): start it with scripts/services.sh or \
+                 point {POSTGRES_URL_ENV} at a running server",
+                super::sql::redact(&url)
             )
         });
         let schema = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&admin)
+            .execute(&mut admin)
             .await
             .unwrap_or_else(|e| panic!("cannot create schema {schema} at {url}: {e}"));
         let separator = if url.contains('?') { '&' } else { '?' };
@@ -144,12 +149,13 @@ impl TestLedger {
                 dir.close()
                     .unwrap_or_else(|e| panic!("cannot remove {path}: {e}"));
             }
-            Cleanup::Schema { admin, schema } => {
+            Cleanup::Schema { mut admin, schema } => {
                 sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&admin)
+                    .execute(&mut admin)
                     .await
                     .unwrap_or_else(|e| panic!("cannot drop schema {schema}: {e}"));
-                admin.close().await;
+                // Closing politely is best effort: the schema is already gone.
+                let _ = admin.close().await;
             }
         }
     }
@@ -804,60 +810,91 @@ pub async fn runs_are_isolated(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.steps(&second).await.unwrap(), vec![]);
 }
 
-/// Two step commits racing to claim the same prompt: exactly one wins, the loser changes
-/// nothing.
+/// How many calls race in the concurrency cases.
+const RACERS: usize = 4;
+/// How many races each concurrency case runs.
+const ROUNDS: u64 = 16;
+
+/// A boxed ledger call, for [`race`].
+type Call<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs `calls` at once, each in its own task, released together by a barrier so that they
+/// overlap at the database; returns their results in order.
+async fn race<T: Send + 'static>(calls: Vec<Call<T>>) -> Vec<T> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(calls.len()));
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|call| {
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call.await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.expect("a racing ledger call panicked"));
+    }
+    results
+}
+
+/// Step commits racing to claim the same prompt: exactly one wins, the losers change nothing.
 pub async fn concurrent_step_commits_claim_a_prompt_once(ledger: Arc<dyn Ledger>) {
     let run = new_run(&*ledger).await;
-    for round in 0..16u64 {
-        let (shared, left, right) = (
-            format!("s{round}"),
-            format!("l{round}"),
-            format!("r{round}"),
-        );
-        accept(&*ledger, &run, &[&shared, &left, &right]).await;
-        let claims = [
-            step(round, &[&shared, &left]),
-            step(round, &[&right, &shared]),
-        ];
-        let tasks: Vec<_> = claims
+    for round in 0..ROUNDS {
+        let shared = format!("shared{round}");
+        let own: Vec<String> = (0..RACERS).map(|i| format!("own{round}-{i}")).collect();
+        accept(&*ledger, &run, &[&shared]).await;
+        for id in &own {
+            accept(&*ledger, &run, &[id]).await;
+        }
+        let claims: Vec<StepRecord> = own
             .iter()
-            .cloned()
-            .map(|claim| {
-                let (ledger, run) = (Arc::clone(&ledger), run.clone());
-                tokio::spawn(async move { ledger.record_step(&run, &claim).await })
+            .map(|id| StepRecord {
+                manifest_key: format!("manifests/{round}-{id}.json"),
+                ..step(round, &[id, &shared])
             })
             .collect();
-        let mut results = Vec::new();
-        for task in tasks {
-            results.push(task.await.expect("record_step task panicked"));
-        }
-        let winners: Vec<usize> = (0..2).filter(|&i| results[i].is_ok()).collect();
+        let results = race(
+            claims
+                .iter()
+                .cloned()
+                .map(|claim| {
+                    let (ledger, run) = (Arc::clone(&ledger), run.clone());
+                    Box::pin(async move { ledger.record_step(&run, &claim).await })
+                        as Call<super::Result<Recorded>>
+                })
+                .collect(),
+        )
+        .await;
+        let winners: Vec<usize> = (0..RACERS).filter(|&i| results[i].is_ok()).collect();
         assert_eq!(
             winners.len(),
             1,
             "round {round}: exactly one commit wins, got {results:?}"
         );
-        let (winner, loser) = (winners[0], 1 - winners[0]);
+        let winner = winners[0];
         assert_eq!(results[winner].as_ref().unwrap(), &Recorded::New);
-        match &results[loser] {
-            Err(LedgerError::StepConflict { .. })
-            | Err(LedgerError::PromptAlreadyTrained { .. }) => {}
-            other => {
-                panic!("round {round}: the loser must be refused for its claim, got {other:?}")
-            }
-        }
         let trained = Some(PromptStatus::Trained { step: round });
-        let (winner_own, loser_own) = if winner == 0 {
-            (&left, &right)
-        } else {
-            (&right, &left)
-        };
         assert_eq!(status(&*ledger, &run, &shared).await, trained);
-        assert_eq!(status(&*ledger, &run, winner_own).await, trained);
-        assert_eq!(
-            status(&*ledger, &run, loser_own).await,
-            Some(PromptStatus::Pending)
-        );
+        for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != winner) {
+            match result {
+                Err(LedgerError::StepConflict { .. }) => {}
+                other => panic!("round {round}: a loser must be refused, got {other:?}"),
+            }
+            assert_eq!(
+                status(&*ledger, &run, &own[i]).await,
+                Some(PromptStatus::Pending)
+            );
+            // The losers' own prompts leave the game, to keep the next rounds simple.
+            let id = PromptId(own[i].clone());
+            ledger
+                .drop_prompt(&run, &id, DropReason::LagExceeded, "")
+                .await
+                .unwrap();
+        }
+        assert_eq!(status(&*ledger, &run, &own[winner]).await, trained);
         let stored = ledger
             .step(&run, round)
             .await
@@ -865,46 +902,39 @@ pub async fn concurrent_step_commits_claim_a_prompt_once(ledger: Arc<dyn Ledger>
             .expect("the winner's step");
         let expected: BTreeSet<&PromptId> = claims[winner].prompts.iter().collect();
         assert_eq!(stored.prompts.iter().collect::<BTreeSet<_>>(), expected);
-        // The loser's own prompt goes to the next step instead.
-        ledger
-            .drop_prompt(
-                &run,
-                &PromptId(loser_own.clone()),
-                DropReason::LagExceeded,
-                "",
-            )
-            .await
-            .unwrap();
+        assert_eq!(stored.manifest_key, claims[winner].manifest_key);
     }
-    assert_eq!(counts(&*ledger, &run).await, (0, 32, 16));
+    let losers = ROUNDS * (RACERS as u64 - 1);
+    assert_eq!(counts(&*ledger, &run).await, (0, 2 * ROUNDS, losers));
 }
 
-/// The same step committed twice at once (a coordinator and its replacement): one commit,
-/// one "already recorded".
+/// The same step committed several times at once (a coordinator and its replacements): one
+/// commit, the others "already recorded".
 pub async fn concurrent_replays_commit_once(ledger: Arc<dyn Ledger>) {
     let run = new_run(&*ledger).await;
-    for round in 0..16u64 {
+    for round in 0..ROUNDS {
         let id = format!("p{round}");
         accept(&*ledger, &run, &[&id]).await;
         let record = step(round, &[&id]);
-        let tasks: Vec<_> = (0..2)
+        let calls = (0..RACERS)
             .map(|_| {
                 let (ledger, run, record) = (Arc::clone(&ledger), run.clone(), record.clone());
-                tokio::spawn(async move { ledger.record_step(&run, &record).await })
+                Box::pin(async move { ledger.record_step(&run, &record).await })
+                    as Call<super::Result<Recorded>>
             })
             .collect();
-        let mut outcomes = Vec::new();
-        for task in tasks {
-            outcomes.push(task.await.expect("record_step task panicked").unwrap());
-        }
-        outcomes.sort_by_key(|o| *o == Recorded::Existing);
+        let outcomes: Vec<Recorded> = race(calls)
+            .await
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|e| panic!("round {round}: a replay failed: {e}")))
+            .collect();
+        let new = outcomes.iter().filter(|o| **o == Recorded::New).count();
         assert_eq!(
-            outcomes,
-            vec![Recorded::New, Recorded::Existing],
-            "round {round}"
+            new, 1,
+            "round {round}: exactly one commit, got {outcomes:?}"
         );
     }
-    assert_eq!(ledger.steps(&run).await.unwrap().len(), 16);
+    assert_eq!(ledger.steps(&run).await.unwrap().len(), ROUNDS as usize);
 }
 
 /// A drop racing a step commit for the same prompt: the prompt ends up either trained or
@@ -912,25 +942,26 @@ pub async fn concurrent_replays_commit_once(ledger: Arc<dyn Ledger>) {
 pub async fn concurrent_drop_and_train_agree(ledger: Arc<dyn Ledger>) {
     let run = new_run(&*ledger).await;
     let mut next_step = 0;
-    for round in 0..16u64 {
+    for round in 0..ROUNDS {
         let (contested, companion) = (format!("c{round}"), format!("k{round}"));
         accept(&*ledger, &run, &[&contested, &companion]).await;
         let record = step(next_step, &[&contested, &companion]);
         let contested_id = PromptId(contested.clone());
-        let train = {
+        let train: Call<_> = {
             let (ledger, run) = (Arc::clone(&ledger), run.clone());
-            tokio::spawn(async move { ledger.record_step(&run, &record).await })
+            Box::pin(async move { ledger.record_step(&run, &record).await })
         };
-        let drop = {
-            let (ledger, run, id) = (Arc::clone(&ledger), run.clone(), contested_id.clone());
-            tokio::spawn(async move {
+        let drop: Call<_> = {
+            let (ledger, run) = (Arc::clone(&ledger), run.clone());
+            let reason = DropReason::PurgedRetention;
+            Box::pin(async move {
                 ledger
-                    .drop_prompt(&run, &id, DropReason::PurgedRetention, "raced")
+                    .drop_prompt(&run, &contested_id, reason, "raced")
                     .await
             })
         };
-        let trained = train.await.expect("record_step task panicked");
-        let dropped = drop.await.expect("drop_prompt task panicked");
+        let mut results = race(vec![train, drop]).await.into_iter();
+        let (trained, dropped) = (results.next().unwrap(), results.next().unwrap());
         match (&trained, &dropped) {
             (Ok(Recorded::New), Err(LedgerError::PromptAlreadyTrained { .. })) => {
                 let expected = Some(PromptStatus::Trained { step: next_step });
@@ -958,5 +989,5 @@ pub async fn concurrent_drop_and_train_agree(ledger: Arc<dyn Ledger>) {
         }
     }
     let (pending, trained, dropped) = counts(&*ledger, &run).await;
-    assert_eq!((pending, trained + dropped), (0, 32));
+    assert_eq!((pending, trained + dropped), (0, 2 * ROUNDS));
 }

@@ -919,7 +919,7 @@ fn now_ms() -> i64 {
 }
 
 /// `url` with any password replaced by `***`, for messages and logs.
-fn redact(url: &str) -> String {
+pub(super) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
