@@ -41,7 +41,8 @@ impl Default for HttpConfig {
 }
 
 impl HttpConfig {
-    /// Checks the values and builds a client with these timeouts (rustls, no proxy magic).
+    /// Checks the values and builds a client with these timeouts (rustls; the usual
+    /// `HTTPS_PROXY`/`NO_PROXY` environment variables apply).
     pub fn client(&self) -> Result<reqwest::Client, String> {
         if self.max_attempts == 0 {
             return Err("http max_attempts must be at least 1".to_owned());
@@ -132,7 +133,9 @@ pub(crate) async fn post_json(
 
 /// The outcome of one failed attempt.
 enum Attempt {
+    /// Worth another try; the message says what went wrong.
     Transient(String),
+    /// Final: hand this failure to the caller.
     Fatal(HttpFailure),
 }
 

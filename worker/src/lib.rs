@@ -5,6 +5,8 @@
 //! - [`verify`]: rewards for finished trajectories ([`verify::Verifier`]);
 //! - [`http`]: JSON over HTTP with bounded timeouts and retries, shared by both.
 
+#![warn(missing_docs)]
+
 pub mod engine;
 pub mod http;
 pub mod verify;

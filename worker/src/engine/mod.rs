@@ -141,8 +141,9 @@ pub struct SegmentOutput {
 }
 
 impl SegmentOutput {
-    /// Checks the invariants every engine must hold against the request that produced it.
-    pub(crate) fn check(&self, engine: &str, req: &SegmentRequest) -> Result<(), EngineError> {
+    /// Checks the invariants every engine must hold against the request that produced it;
+    /// every engine calls this on its output before returning it.
+    pub fn check(&self, engine: &str, req: &SegmentRequest) -> Result<(), EngineError> {
         let protocol = |message: String| EngineError::Protocol {
             engine: engine.to_owned(),
             message,
@@ -258,6 +259,33 @@ pub trait Engine: Send + Sync + 'static {
     async fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;
 }
 
+/// Which engine a worker runs, and its settings: the `[engine]` table of the config,
+/// selected by `kind = "sim" | "openai"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EngineConfig {
+    /// The simulated load generator.
+    Sim(sim::SimConfig),
+    /// An OpenAI-compatible completions server.
+    Openai(openai::OpenAiConfig),
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig::Sim(sim::SimConfig::default())
+    }
+}
+
+impl EngineConfig {
+    /// Validates the settings and builds the engine.
+    pub fn build(&self) -> Result<Arc<dyn Engine>, EngineError> {
+        Ok(match self {
+            EngineConfig::Sim(config) => Arc::new(sim::SimEngine::new(config.clone())?),
+            EngineConfig::Openai(config) => Arc::new(openai::OpenAiEngine::new(config.clone())?),
+        })
+    }
+}
+
 /// The prompt's token ids: given ones as they are, text through the engine's tokenizer.
 pub async fn prompt_tokens(
     engine: &dyn Engine,
@@ -369,6 +397,32 @@ mod tests {
             ..empty
         };
         assert!(empty_eos.check("t", &req).is_ok());
+    }
+
+    #[test]
+    fn engine_config_selects_by_kind() {
+        let sim: EngineConfig = serde_json::from_str(
+            r#"{"kind":"sim","seed":3,"slots":4,"lengths":{"kind":"fixed","tokens":9}}"#,
+        )
+        .unwrap();
+        let engine = sim.build().unwrap();
+        assert_eq!((engine.name(), engine.slots()), ("sim", 4));
+        let openai: EngineConfig = serde_json::from_str(
+            r#"{"kind":"openai","base_url":"http://127.0.0.1:9","model":"m","slots":2}"#,
+        )
+        .unwrap();
+        let engine = openai.build().unwrap();
+        assert_eq!((engine.name(), engine.slots()), ("openai", 2));
+        // A misspelt field is an error, not a silent default.
+        let typo = serde_json::from_str::<EngineConfig>(r#"{"kind":"sim","slot":4}"#);
+        assert!(typo.is_err());
+        let unknown = serde_json::from_str::<EngineConfig>(r#"{"kind":"tgi"}"#);
+        assert!(unknown.is_err());
+        let bad = EngineConfig::Sim(sim::SimConfig {
+            slots: 0,
+            ..sim::SimConfig::default()
+        });
+        assert!(matches!(bad.build(), Err(EngineError::Config(_))));
     }
 
     #[test]

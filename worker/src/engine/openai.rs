@@ -77,9 +77,13 @@ impl Default for OpenAiConfig {
 /// An engine backed by an OpenAI-compatible completions server.
 #[derive(Debug)]
 pub struct OpenAiEngine {
+    /// The validated configuration.
     config: OpenAiConfig,
+    /// One client (one connection pool) for every request.
     client: reqwest::Client,
+    /// `base_url` without a trailing slash.
     base: String,
+    /// Bounds the requests in flight to `config.slots`.
     slots: Arc<Semaphore>,
 }
 
@@ -187,23 +191,29 @@ impl OpenAiEngine {
 /// The parts of a completions response that are read (see the module docs).
 #[derive(Debug, Deserialize)]
 struct CompletionResponse {
+    /// One choice per sample; `n` is 1, so only the first is read.
     choices: Vec<Choice>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Choice {
+    /// Sampled token ids (vLLM >= 0.10.2 with `return_token_ids`).
     #[serde(default)]
     token_ids: Option<Vec<u32>>,
+    /// The legacy completions log-probs object.
     #[serde(default)]
     logprobs: Option<ChoiceLogprobs>,
+    /// `stop`, `length`, `abort`, …
     #[serde(default)]
     finish_reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct ChoiceLogprobs {
+    /// Sampled tokens; `"token_id:N"` with `return_tokens_as_token_ids`.
     #[serde(default)]
     tokens: Option<Vec<String>>,
+    /// The log-prob of each sampled token.
     #[serde(default)]
     token_logprobs: Option<Vec<Option<f32>>>,
 }

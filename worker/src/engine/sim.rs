@@ -66,8 +66,11 @@ impl Default for LengthDistribution {
 /// The sampler a validated [`LengthDistribution`] becomes.
 #[derive(Clone, Debug)]
 enum LengthSampler {
+    /// Always this length.
     Fixed(u32),
+    /// Uniform over `lo..=hi`.
     Uniform(u32, u32),
+    /// The distribution and the cap.
     LogNormal(LogNormal<f64>, u32),
 }
 
@@ -161,12 +164,19 @@ pub struct SimStats {
 /// The simulated engine. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct SimEngine {
+    /// The validated configuration.
     config: SimConfig,
+    /// `config.lengths`, ready to sample.
     lengths: LengthSampler,
+    /// One permit per decoding slot.
     slots: Arc<Semaphore>,
+    /// Segments decoding now.
     in_flight: AtomicUsize,
+    /// The most segments ever decoding at once.
     peak_in_flight: AtomicUsize,
+    /// Segments generated so far.
     segments: AtomicU64,
+    /// Tokens generated so far.
     tokens: AtomicU64,
 }
 
