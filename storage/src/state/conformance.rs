@@ -755,6 +755,39 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
     let next = store.claim_next("w", LONG).await.unwrap().unwrap();
     assert_eq!(next.state.id, tid("c", 0));
     assert!(store.claim_next("w", LONG).await.unwrap().is_none());
+
+    // Unless regenerated from scratch: pending again, nothing committed, a fresh epoch.
+    let err = store.regenerate(&tid("c", 0)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::NotPurged {
+                status: TrajectoryStatus::Generating,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    store.regenerate(&tid("b", 0)).await.unwrap();
+    let b = store.trajectory(&tid("b", 0)).await.unwrap().unwrap();
+    assert_eq!(
+        (b.status, b.tokens, b.retention),
+        (TrajectoryStatus::Pending, 0, 0)
+    );
+    assert_eq!(
+        (b.segments.len(), b.first_version, b.last_version),
+        (0, None, None)
+    );
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.purged, c.pending), (1, 1));
+    let again = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (again.state.id.clone(), again.source),
+        (tid("b", 0), ClaimSource::Pending)
+    );
+    assert_eq!(again.lease().epoch, 2, "the epoch history is kept");
+    let err = store.regenerate(&tid("ghost", 0)).await.unwrap_err();
+    assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
 }
 
 /// The finished stream is read after a cursor, so a consumer resumes where it left off, even

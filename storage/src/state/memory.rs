@@ -467,6 +467,27 @@ impl StateStore for MemoryStateStore {
         Ok(out)
     }
 
+    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError> {
+        let mut g = self.lock();
+        let e = g.entry(id)?;
+        if e.state.status != TrajectoryStatus::Purged {
+            return Err(StateError::NotPurged {
+                id: id.clone(),
+                status: e.state.status,
+            });
+        }
+        let s = &mut e.state;
+        s.status = TrajectoryStatus::Pending;
+        s.segments.clear();
+        s.tokens = 0;
+        (s.first_version, s.last_version, s.reward) = (None, None, None);
+        s.retention = 0;
+        let seq = e.seq;
+        g.pending.insert(seq, id.clone());
+        g.purged_count -= 1;
+        Ok(())
+    }
+
     async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError> {
         Ok(self.lock().budget.map(|b| b.version))
     }

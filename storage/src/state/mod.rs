@@ -286,7 +286,7 @@ pub struct StateCounts {
     pub parked: u64,
     /// Finished trajectories.
     pub finished: u64,
-    /// Trajectories purged past the retention limit.
+    /// Trajectories purged past the retention limit (and not regenerated since).
     pub purged: u64,
 }
 
@@ -334,6 +334,14 @@ pub enum StateError {
         id: TrajectoryId,
         /// The seq.
         seq: u32,
+    },
+    /// Only a purged trajectory can be regenerated.
+    #[error("trajectory {id} is {status:?}, not purged; only purged trajectories are regenerated")]
+    NotPurged {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// Its status.
+        status: TrajectoryStatus,
     },
     /// Versions only move forward; opening one twice would bump retention twice.
     #[error("cannot open version {requested}: the current version is already {current}")]
@@ -450,6 +458,11 @@ pub trait StateStore: Send + Sync + 'static {
         budget: u64,
         retention_limit: u32,
     ) -> Result<VersionOpened, StateError>;
+
+    /// Puts a purged trajectory back to `pending` with nothing committed (the "regenerate from
+    /// scratch" policy for purged groups), at its original place in the registration order.
+    /// Its epoch history is kept, so writers of the purged generation stay fenced out.
+    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError>;
 
     /// The current version, `None` before the first `open_version`.
     async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError>;

@@ -50,6 +50,7 @@ struct Scripts {
     commit: Script,
     finish: Script,
     open_version: Script,
+    regenerate: Script,
     reserve: Script,
     refund: Script,
     heartbeat: Script,
@@ -71,6 +72,7 @@ impl Scripts {
             commit: s(include_str!("lua/commit.lua")),
             finish: s(include_str!("lua/finish.lua")),
             open_version: s(include_str!("lua/open_version.lua")),
+            regenerate: s(include_str!("lua/regenerate.lua")),
             reserve: s(include_str!("lua/reserve.lua")),
             refund: s(include_str!("lua/refund.lua")),
             heartbeat: s(include_str!("lua/heartbeat.lua")),
@@ -622,6 +624,21 @@ impl StateStore for RedisStateStore {
                 .map(|m| parse_member(&text(m)?))
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError> {
+        let v = self
+            .run(&self.scripts.regenerate, &[&member_key(id)])
+            .await?;
+        let a = arr(&v)?;
+        if text(at(a, 0)?)? == "err" && text(at(a, 1)?)? == "not_purged" {
+            let status = parse_status(&text(at(a, 2)?)?)?;
+            return Err(StateError::NotPurged {
+                id: id.clone(),
+                status,
+            });
+        }
+        ok_or_err(id, 0, &v).map(drop)
     }
 
     async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError> {
