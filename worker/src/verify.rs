@@ -617,6 +617,43 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// No input makes the answer parsers panic (they slice strings by byte offsets).
+        #[test]
+        fn parsers_never_panic(text in "\\PC{0,80}", tail in "[0-9,./\\\\{}a-z$%=-]{0,30}") {
+            let joined = format!("{text}{tail}");
+            for s in [&text, &tail, &joined] {
+                let _ = extract_answer(s);
+                let _ = parse_number(s);
+                let _ = answers_equal(s, &tail);
+            }
+        }
+
+        /// Every integer written with or without thousands commas, or as a decimal with a
+        /// trailing zero, reads back as itself.
+        #[test]
+        fn integers_round_trip(n in -10_000_000i64..10_000_000) {
+            let plain = n.to_string();
+            let digits = n.unsigned_abs().to_string();
+            let mut grouped = String::new();
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 && (digits.len() - i) % 3 == 0 {
+                    grouped.push(',');
+                }
+                grouped.push(c);
+            }
+            let grouped = if n < 0 { format!("-{grouped}") } else { grouped };
+            let want = n as f64;
+            proptest::prop_assert_eq!(parse_number(&plain), Some(want));
+            proptest::prop_assert_eq!(parse_number(&grouped), Some(want));
+            proptest::prop_assert_eq!(parse_number(&format!("{plain}.0")), Some(want));
+            let boxed = format!("so the answer is \\boxed{{{grouped}}}.");
+            proptest::prop_assert!(answers_equal(&extract_answer(&boxed).unwrap(), &plain));
+            let sentence = format!("the total is {grouped}.");
+            proptest::prop_assert!(answers_equal(&extract_answer(&sentence).unwrap(), &plain));
+        }
+    }
+
     #[tokio::test]
     async fn math_and_exact_match_scores() {
         let math = MathVerifier::new("1,000");
