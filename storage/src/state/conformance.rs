@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio::sync::Barrier;
 
 use super::{
-    ClaimSource, FenceReason, MAX_TOKENS, MemberRole, NotClaimable, Registration, StateError,
-    StateStore, StreamCursor,
+    ClaimSource, FenceReason, MAX_TOKENS, MemberRole, NotClaimable, RankFenceReason, Registration,
+    StateError, StateStore, StepAnnouncement, StreamCursor,
 };
 use crate::types::{
     Prompt, PromptId, PromptInput, SegmentRef, TrajectoryId, TrajectoryStatus, VerifierSpec,
@@ -1022,6 +1022,250 @@ pub async fn invalid_input_is_rejected(f: &dyn StoreFactory) {
     assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
 }
 
+/// The step board: announcements are fenced by the leader token and idempotent; a newer step
+/// waits for the newest to finish; ranks are claimed lowest first, held claims are not handed
+/// out, and `finish_step` needs every rank done.
+pub async fn step_board_announce_claim_finish(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert_eq!(store.announced_step().await.unwrap(), None);
+    assert_eq!(store.finished_step().await.unwrap(), None);
+    let a = StepAnnouncement {
+        step: 0,
+        manifest_key: "run/steps/0000000000/manifest.json".into(),
+        world_size: 2,
+    };
+    // No leader: fenced.
+    let err = store.announce_step(&a, 1).await.unwrap_err();
+    assert!(
+        matches!(err, StateError::LeaderFenced { current: None, .. }),
+        "{err}"
+    );
+    let lead = store.acquire_leader("c", LONG).await.unwrap().unwrap();
+    let err = store.announce_step(&a, lead.token + 1).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::LeaderFenced { current: Some(l), .. } if l.token == lead.token),
+        "{err}"
+    );
+    assert_eq!(
+        store.announced_step().await.unwrap(),
+        None,
+        "nothing written"
+    );
+    store.announce_step(&a, lead.token).await.unwrap();
+    store.announce_step(&a, lead.token).await.unwrap(); // idempotent
+    assert_eq!(store.announced_step().await.unwrap(), Some(a.clone()));
+    let mut other = a.clone();
+    other.world_size = 3;
+    let err = store.announce_step(&other, lead.token).await.unwrap_err();
+    assert!(matches!(err, StateError::StepConflict { .. }), "{err}");
+    let next = StepAnnouncement {
+        step: 1,
+        manifest_key: "run/steps/0000000001/manifest.json".into(),
+        world_size: 1,
+    };
+    let err = store.announce_step(&next, lead.token).await.unwrap_err();
+    assert!(
+        matches!(err, StateError::StepConflict { step: 1, .. }),
+        "step 0 still trains: {err}"
+    );
+    let mut bad = a.clone();
+    bad.world_size = 0;
+    let err = store.announce_step(&bad, lead.token).await.unwrap_err();
+    assert!(matches!(err, StateError::Invalid(_)), "{err}");
+
+    // Ranks: lowest first; a third claimant gets nothing while both are held.
+    assert_eq!(
+        store.claim_rank(7, "t0", LONG).await.unwrap(),
+        None,
+        "not announced"
+    );
+    let r0 = store.claim_rank(0, "t0", LONG).await.unwrap().unwrap();
+    let r1 = store.claim_rank(0, "t1", LONG).await.unwrap().unwrap();
+    assert_eq!((r0.rank, r0.epoch, r1.rank, r1.epoch), (0, 1, 1, 1));
+    assert_eq!(store.claim_rank(0, "t2", LONG).await.unwrap(), None);
+    store.renew_rank(&r0, "t0", LONG).await.unwrap();
+    let err = store.renew_rank(&r0, "t1", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::RankFenced {
+                reason: RankFenceReason::ForeignOwner { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = store.finish_step(0, 1).await.unwrap_err();
+    assert!(matches!(err, StateError::StepConflict { .. }), "{err}");
+    assert!(!store.complete_rank(&r0, "t0").await.unwrap().all_done);
+    let err = store.renew_rank(&r0, "t0", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::RankFenced {
+                reason: RankFenceReason::AlreadyDone,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(store.complete_rank(&r1, "t1").await.unwrap().all_done);
+    assert!(
+        store.complete_rank(&r1, "t1").await.unwrap().all_done,
+        "a retried completion gets the same answer"
+    );
+    assert!(!store.complete_rank(&r0, "t0").await.unwrap().all_done);
+    assert_eq!(
+        store.claim_rank(0, "t2", LONG).await.unwrap(),
+        None,
+        "all done"
+    );
+    let err = store.finish_step(0, 5).await.unwrap_err();
+    assert!(matches!(err, StateError::Invalid(_)), "{err}");
+    store.finish_step(0, 1).await.unwrap();
+    store.finish_step(0, 1).await.unwrap(); // idempotent
+    assert_eq!(store.finished_step().await.unwrap(), Some(0));
+    assert_eq!(store.claim_rank(0, "t2", LONG).await.unwrap(), None);
+
+    // Now the next step can be announced; an older one cannot.
+    store.announce_step(&next, lead.token).await.unwrap();
+    let err = store.announce_step(&a, lead.token).await.unwrap_err();
+    assert!(
+        matches!(err, StateError::StepConflict { step: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(store.announced_step().await.unwrap(), Some(next.clone()));
+    assert_eq!(store.finished_step().await.unwrap(), Some(0));
+    let c = store.claim_rank(1, "t0", LONG).await.unwrap().unwrap();
+    assert_eq!((c.step, c.rank, c.epoch), (1, 0, 1), "fresh ranks per step");
+    let err = store.complete_rank(&r0, "t0").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::RankFenced {
+                reason: RankFenceReason::NotLive { announced: Some(1) },
+                ..
+            }
+        ),
+        "an old step's claim is dead: {err}"
+    );
+
+    // A deposed leader cannot announce.
+    store.release_leader("c", lead.token).await.unwrap();
+    let new = store.acquire_leader("d", LONG).await.unwrap().unwrap();
+    assert!(store.complete_rank(&c, "t0").await.unwrap().all_done);
+    store.finish_step(1, 2).await.unwrap();
+    let third = StepAnnouncement {
+        step: 2,
+        manifest_key: "k2".into(),
+        world_size: 1,
+    };
+    let err = store.announce_step(&third, lead.token).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::LeaderFenced { current: Some(l), .. } if l.token == new.token),
+        "{err}"
+    );
+    store.announce_step(&third, new.token).await.unwrap();
+}
+
+/// An expired rank claim is re-claimed with a higher epoch; the old holder is fenced out of
+/// renew and complete.
+pub async fn step_board_expired_rank_is_reclaimed(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let lead = store.acquire_leader("c", LONG).await.unwrap().unwrap();
+    let a = StepAnnouncement {
+        step: 3,
+        manifest_key: "k".into(),
+        world_size: 2,
+    };
+    store.announce_step(&a, lead.token).await.unwrap();
+    let dies = store.claim_rank(3, "dies", SHORT).await.unwrap().unwrap();
+    let lives = store.claim_rank(3, "lives", LONG).await.unwrap().unwrap();
+    assert_eq!((dies.rank, lives.rank), (0, 1));
+    tokio::time::sleep(PAST_SHORT).await;
+    let err = store.renew_rank(&dies, "dies", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::RankFenced {
+                reason: RankFenceReason::Expired { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let again = store
+        .claim_rank(3, "replacement", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.rank, again.epoch), (0, dies.epoch + 1));
+    let err = store.complete_rank(&dies, "dies").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StateError::RankFenced {
+                reason: RankFenceReason::StaleEpoch {
+                    given: 1,
+                    current: 2
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!store.complete_rank(&lives, "lives").await.unwrap().all_done);
+    assert!(
+        store
+            .complete_rank(&again, "replacement")
+            .await
+            .unwrap()
+            .all_done
+    );
+    store.finish_step(3, 4).await.unwrap();
+    assert_eq!(store.finished_step().await.unwrap(), Some(3));
+}
+
+/// Many trainers race to claim and complete the ranks: each rank goes to one claimant, and
+/// exactly one `complete_rank` caller gets `all_done`.
+pub async fn step_board_exactly_one_finisher(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let lead = store.acquire_leader("c", LONG).await.unwrap().unwrap();
+    let world = 5u32;
+    let a = StepAnnouncement {
+        step: 0,
+        manifest_key: "k".into(),
+        world_size: world,
+    };
+    store.announce_step(&a, lead.token).await.unwrap();
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut tasks = Vec::new();
+    for i in 0..RACERS {
+        let (s, b) = (f.attach(&store).await, barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let me = format!("t{i}");
+            b.wait().await;
+            let Some(c) = s.claim_rank(0, &me, LONG).await.unwrap() else {
+                return (None, false);
+            };
+            let done = s.complete_rank(&c, &me).await.unwrap();
+            (Some(c.rank), done.all_done)
+        }));
+    }
+    let mut ranks = HashSet::new();
+    let mut finishers = 0;
+    for t in tasks {
+        let (rank, all_done) = t.await.unwrap();
+        if let Some(r) = rank {
+            assert!(ranks.insert(r), "rank {r} handed out twice");
+        }
+        finishers += usize::from(all_done);
+    }
+    assert_eq!(ranks.len(), world as usize);
+    assert_eq!(finishers, 1, "exactly one finisher");
+    store.finish_step(0, 1).await.unwrap();
+}
+
 /// Generates one `#[tokio::test]` per conformance function for a [`StoreFactory`] expression.
 ///
 /// ```ignore
@@ -1043,6 +1287,9 @@ macro_rules! state_store_conformance {
             heartbeats_expire,
             leader_lock_fencing,
             invalid_input_is_rejected,
+            step_board_announce_claim_finish,
+            step_board_expired_rank_is_reclaimed,
+            step_board_exactly_one_finisher,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {

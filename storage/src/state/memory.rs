@@ -7,13 +7,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
+use super::board::Board;
 use super::{
     Budget, Claim, ClaimSource, FenceReason, FinishedEntry, LeaderLease, Member, MemberRole,
-    NotClaimable, Registration, StateCounts, StateError, StateStore, StreamCursor, VersionOpened,
-    check,
+    NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError, StateStore,
+    StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
-    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, TrajectoryId, TrajectoryState,
+    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
     TrajectoryStatus,
 };
 
@@ -66,6 +67,8 @@ struct Inner {
     /// Finished and purged totals.
     finished_count: u64,
     purged_count: u64,
+    /// The step board.
+    board: Board,
 }
 
 /// The member key of a trajectory: `<sample>:<prompt>` as in Redis.
@@ -645,5 +648,61 @@ impl StateStore for MemoryStateStore {
             finished: g.finished_count,
             purged: g.purged_count,
         })
+    }
+
+    async fn announce_step(
+        &self,
+        announcement: &StepAnnouncement,
+        leader_token: u64,
+    ) -> Result<(), StateError> {
+        let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        g.board.announce(announcement)
+    }
+
+    async fn announced_step(&self) -> Result<Option<StepAnnouncement>, StateError> {
+        Ok(self.lock().board.announced.clone())
+    }
+
+    async fn claim_rank(
+        &self,
+        step: StepId,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<Option<RankClaim>, StateError> {
+        check::name("trainer", trainer)?;
+        let ttl_ms = check::ttl(ttl)?;
+        Ok(self.lock().board.claim(step, trainer, ttl_ms, now_ms()))
+    }
+
+    async fn renew_rank(
+        &self,
+        claim: &RankClaim,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let ttl_ms = check::ttl(ttl)?;
+        self.lock().board.renew(claim, trainer, ttl_ms, now_ms())
+    }
+
+    async fn complete_rank(
+        &self,
+        claim: &RankClaim,
+        trainer: &str,
+    ) -> Result<RankDone, StateError> {
+        self.lock().board.complete(claim, trainer, now_ms())
+    }
+
+    async fn finish_step(
+        &self,
+        step: StepId,
+        version_published: PolicyVersion,
+    ) -> Result<(), StateError> {
+        self.lock().board.finish(step, version_published)
+    }
+
+    async fn finished_step(&self) -> Result<Option<StepId>, StateError> {
+        Ok(self.lock().board.finished)
     }
 }

@@ -29,6 +29,7 @@
 //! instants, so skew between worker machines cannot extend or cut a lease. The `*_ms` instants
 //! handed back are on that clock (milliseconds since the Unix epoch).
 
+mod board;
 pub mod conformance;
 mod memory;
 mod redis;
@@ -41,10 +42,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, TrajectoryId, TrajectoryState,
+    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
     TrajectoryStatus,
 };
 
+pub use self::board::{MAX_WORLD_SIZE, RankClaim, RankDone, RankFenceReason, StepAnnouncement};
 pub use self::memory::MemoryStateStore;
 pub use self::redis::RedisStateStore;
 
@@ -361,6 +363,34 @@ pub enum StateError {
         /// The live holder, if any.
         current: Option<LeaderLease>,
     },
+    /// A leader write (a step announcement) with a token that is not the live leader's: the
+    /// writer was deposed (or its lock lapsed) and must stop writing.
+    #[error("leader write with token {token} fenced out; the live leader is {current:?}")]
+    LeaderFenced {
+        /// The token the writer presented.
+        token: u64,
+        /// The live leader, if any.
+        current: Option<LeaderLease>,
+    },
+    /// A step-board transition that contradicts the board (an older or different
+    /// announcement, a newer step while one is training, finishing an unfinished step).
+    #[error("step {step}: {reason}")]
+    StepConflict {
+        /// The step.
+        step: StepId,
+        /// What contradicts it.
+        reason: String,
+    },
+    /// A trainer's rank write (renew, complete) under a claim that is not the live one.
+    #[error("rank {rank} of step {step}: write rejected: {reason}")]
+    RankFenced {
+        /// The step.
+        step: StepId,
+        /// The rank.
+        rank: u32,
+        /// Why.
+        reason: RankFenceReason,
+    },
     /// An argument the store cannot accept (empty id, K = 0, NaN reward, …).
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -528,6 +558,71 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Counts by trajectory status.
     async fn counts(&self) -> Result<StateCounts, StateError>;
+
+    // --- the step board (module `board` documents the rules) ---
+
+    /// Announces a step to the trainers. Fenced by the leader lock: `leader_token` must be the
+    /// live leader's ([`StateError::LeaderFenced`] otherwise). Idempotent for the same
+    /// announcement; a newer step needs the newest one finished.
+    async fn announce_step(
+        &self,
+        announcement: &StepAnnouncement,
+        leader_token: u64,
+    ) -> Result<(), StateError>;
+
+    /// The newest announcement.
+    async fn announced_step(&self) -> Result<Option<StepAnnouncement>, StateError>;
+
+    /// Claims a rank of `step` for `trainer` for `ttl`: the lowest never-claimed rank, else the
+    /// one whose claim expired first (with a higher epoch). `None` when every rank is held or
+    /// done, or `step` is not the announced, unfinished step.
+    async fn claim_rank(
+        &self,
+        step: StepId,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<Option<RankClaim>, StateError>;
+
+    /// Extends the caller's live rank claim to now + `ttl` (fenced like a lease renew).
+    async fn renew_rank(
+        &self,
+        claim: &RankClaim,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<(), StateError>;
+
+    /// Marks the claimed rank done (fenced). `all_done` is true for exactly one claim holder,
+    /// the one completing the last rank (a retry of that completion gets it again).
+    async fn complete_rank(&self, claim: &RankClaim, trainer: &str)
+    -> Result<RankDone, StateError>;
+
+    /// The finisher: every rank of `step` is done and weights `version_published` (= step + 1)
+    /// are published. Idempotent.
+    async fn finish_step(
+        &self,
+        step: StepId,
+        version_published: PolicyVersion,
+    ) -> Result<(), StateError>;
+
+    /// The newest finished step.
+    async fn finished_step(&self) -> Result<Option<StepId>, StateError>;
+}
+
+/// Opens the run's state store by URL: `memory://` (a fresh in-process store, the embedded
+/// mode) or `redis://…` / `rediss://…`.
+pub async fn open(url: &str, run_id: &str) -> Result<std::sync::Arc<dyn StateStore>, StateError> {
+    check::name("run id", run_id)?;
+    if url.starts_with("memory:") {
+        Ok(std::sync::Arc::new(MemoryStateStore::new(run_id)))
+    } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        Ok(std::sync::Arc::new(
+            RedisStateStore::connect(url, run_id).await?,
+        ))
+    } else {
+        Err(StateError::Invalid(format!(
+            "state URL {url:?}: use memory:// or redis://HOST:PORT"
+        )))
+    }
 }
 
 /// Checks arguments both implementations reject the same way.

@@ -17,6 +17,8 @@
 //! | `leader` | hash | holder, token, exp |
 //! | `counts` | hash | prompts, finished, purged |
 //! | `regseq` | string | the registration sequence |
+//! | `board` | hash | the step board: announced step, manifest key, world size, finisher rank, finished step |
+//! | `board:ranks` | hash | per rank of the announced step: owner, epoch, expiry, done |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,11 +31,11 @@ use redis::{AsyncCommands, Script, Value};
 use super::memory::member_key;
 use super::{
     Budget, Claim, ClaimSource, FenceReason, FinishedEntry, LeaderLease, Member, MemberRole,
-    NotClaimable, Registration, StateCounts, StateError, StateStore, StreamCursor, VersionOpened,
-    check,
+    NotClaimable, RankClaim, RankDone, RankFenceReason, Registration, StateCounts, StateError,
+    StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
-    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, TrajectoryId, TrajectoryState,
+    Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
     TrajectoryStatus,
 };
 
@@ -57,6 +59,7 @@ struct Scripts {
     live_members: Script,
     leader: Script,
     counts: Script,
+    board: Script,
 }
 
 impl Scripts {
@@ -79,6 +82,7 @@ impl Scripts {
             live_members: s(include_str!("lua/live_members.lua")),
             leader: s(include_str!("lua/leader.lua")),
             counts: s(include_str!("lua/counts.lua")),
+            board: s(include_str!("lua/board.lua")),
         }
     }
 }
@@ -401,6 +405,35 @@ fn parse_leader(v: &Value) -> Result<Option<LeaderLease>, StateError> {
         token: num(at(a, 1)?)?,
         expires_at_ms: num(at(a, 2)?)?,
     }))
+}
+
+/// Splits a rank write's reply: `{'ok', ...}` or a fencing refusal.
+fn rank_reply<'a>(c: &RankClaim, v: &'a Value) -> Result<&'a [Value], StateError> {
+    let a = arr(v)?;
+    let fenced = |reason| StateError::RankFenced {
+        step: c.step,
+        rank: c.rank,
+        reason,
+    };
+    let detail = |i| a.get(i).map(text).transpose();
+    Err(match text(at(a, 0)?)?.as_str() {
+        "ok" => return Ok(a),
+        "notlive" => fenced(RankFenceReason::NotLive {
+            announced: detail(1)?.and_then(|s| s.parse().ok()),
+        }),
+        "stale" => fenced(RankFenceReason::StaleEpoch {
+            given: c.epoch,
+            current: num(at(a, 1)?)?,
+        }),
+        "foreign" => fenced(RankFenceReason::ForeignOwner {
+            holder: detail(1)?.unwrap_or_default(),
+        }),
+        "expired" => fenced(RankFenceReason::Expired {
+            expired_at_ms: num(at(a, 1)?)?,
+        }),
+        "done" => fenced(RankFenceReason::AlreadyDone),
+        other => corrupt(format!("unexpected board reply {other:?}")),
+    })
 }
 
 fn ms(ttl: Duration) -> Result<u64, StateError> {
@@ -837,5 +870,144 @@ impl StateStore for RedisStateStore {
             finished: n(5)?,
             purged: n(6)?,
         })
+    }
+
+    async fn announce_step(
+        &self,
+        announcement: &StepAnnouncement,
+        leader_token: u64,
+    ) -> Result<(), StateError> {
+        super::board::check_announcement(announcement)?;
+        let a = announcement;
+        let v = self
+            .run(
+                &self.scripts.board,
+                &[
+                    &"announce",
+                    &a.step,
+                    &a.manifest_key.as_str(),
+                    &a.world_size,
+                    &leader_token,
+                ],
+            )
+            .await?;
+        let r = arr(&v)?;
+        match text(at(r, 0)?)?.as_str() {
+            "ok" => Ok(()),
+            "leader" => Err(StateError::LeaderFenced {
+                token: leader_token,
+                current: if r.len() >= 4 {
+                    Some(LeaderLease {
+                        holder: text(at(r, 1)?)?,
+                        token: num(at(r, 2)?)?,
+                        expires_at_ms: num(at(r, 3)?)?,
+                    })
+                } else {
+                    None
+                },
+            }),
+            "conflict" => Err(StateError::StepConflict {
+                step: a.step,
+                reason: text(at(r, 1)?)?,
+            }),
+            other => Err(corrupt(format!("unexpected board reply {other:?}"))),
+        }
+    }
+
+    async fn announced_step(&self) -> Result<Option<StepAnnouncement>, StateError> {
+        let v = self.run(&self.scripts.board, &[&"get"]).await?;
+        let a = arr(&v)?;
+        if a.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(StepAnnouncement {
+            step: num(at(a, 0)?)?,
+            manifest_key: text(at(a, 1)?)?,
+            world_size: u32::try_from(num(at(a, 2)?)?)
+                .map_err(|_| corrupt("board: bad world size"))?,
+        }))
+    }
+
+    async fn claim_rank(
+        &self,
+        step: StepId,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<Option<RankClaim>, StateError> {
+        check::name("trainer", trainer)?;
+        let ttl = ms(ttl)?;
+        let v = self
+            .run(&self.scripts.board, &[&"claim", &step, &trainer, &ttl])
+            .await?;
+        if matches!(&v, Value::Array(_)) {
+            let a = arr(&v)?;
+            return Ok(Some(RankClaim {
+                step,
+                rank: u32::try_from(num(at(a, 0)?)?).map_err(|_| corrupt("board: bad rank"))?,
+                epoch: num(at(a, 1)?)?,
+            }));
+        }
+        Ok(None)
+    }
+
+    async fn renew_rank(
+        &self,
+        claim: &RankClaim,
+        trainer: &str,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        let ttl = ms(ttl)?;
+        let c = claim;
+        let v = self
+            .run(
+                &self.scripts.board,
+                &[&"renew", &c.step, &c.rank, &c.epoch, &trainer, &ttl],
+            )
+            .await?;
+        rank_reply(c, &v).map(drop)
+    }
+
+    async fn complete_rank(
+        &self,
+        claim: &RankClaim,
+        trainer: &str,
+    ) -> Result<RankDone, StateError> {
+        let c = claim;
+        let v = self
+            .run(
+                &self.scripts.board,
+                &[&"complete", &c.step, &c.rank, &c.epoch, &trainer],
+            )
+            .await?;
+        let a = rank_reply(c, &v)?;
+        Ok(RankDone {
+            all_done: num(at(a, 1)?)? == 1,
+        })
+    }
+
+    async fn finish_step(
+        &self,
+        step: StepId,
+        version_published: PolicyVersion,
+    ) -> Result<(), StateError> {
+        super::board::check_finish(step, version_published)?;
+        let v = self.run(&self.scripts.board, &[&"finish", &step]).await?;
+        let a = arr(&v)?;
+        match text(at(a, 0)?)?.as_str() {
+            "ok" => Ok(()),
+            _ => Err(StateError::StepConflict {
+                step,
+                reason: text(at(a, 1)?)?,
+            }),
+        }
+    }
+
+    async fn finished_step(&self) -> Result<Option<StepId>, StateError> {
+        let v = self.run(&self.scripts.board, &[&"finished"]).await?;
+        let s = text(&v)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        num(&v).map(Some)
     }
 }
