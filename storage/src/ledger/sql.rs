@@ -2,7 +2,7 @@
 //!
 //! Both backends run the same SQL (the schema in `migrations/` and the statements here are
 //! portable; `$N` placeholders work on both). Each operation is written once, inside
-//! [`with_pool!`], which expands it for the concrete pool of each engine so that sqlx's types
+//! `with_pool!`, which expands it for the concrete pool of each engine so that sqlx's types
 //! stay concrete.
 //!
 //! Concurrency: [`Ledger::record_step`] first touches its run's row, which serialises the step
@@ -534,12 +534,12 @@ impl Ledger for SqlLedger {
             return Ok(None);
         };
         let found: Option<(StepRow, Vec<String>)> = with_pool!(self, |pool: Db| {
-            // One snapshot for the step row and its prompts.
-            let mut tx = pool.begin().await?;
+            // No transaction needed: a step and its prompts are committed together and never
+            // change afterwards, so seeing the step row means seeing all of its prompts.
             let row: Option<StepRow> = sqlx::query_as(SELECT_STEP)
                 .bind(run)
                 .bind(step_db)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(pool)
                 .await?;
             match row {
                 None => None,
@@ -547,7 +547,7 @@ impl Ledger for SqlLedger {
                     let prompts = sqlx::query_scalar(SELECT_STEP_PROMPTS)
                         .bind(run)
                         .bind(step_db)
-                        .fetch_all(&mut *tx)
+                        .fetch_all(pool)
                         .await?;
                     Some((row, prompts))
                 }
