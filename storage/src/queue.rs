@@ -13,7 +13,7 @@
 //! - [`ensure_topics`] creates the topic and its DLQ (admin client) for ingest and tests.
 //!
 //! The same code runs against a real broker and against librdkafka's mock cluster
-//! ([`rdkafka::mocking::MockCluster`]): pass the mock cluster's bootstrap servers as
+//! ([`EmbeddedKafka`], over [`rdkafka::mocking::MockCluster`]): pass its bootstrap servers as
 //! [`KafkaConfig::brokers`]. That is the embedded mode of `flywheel demo`.
 //!
 //! # Callbacks and async threads
@@ -38,7 +38,8 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -832,7 +833,8 @@ impl PromptConsumer {
 }
 
 /// Creates the prompt topic with `partitions` partitions and its dead-letter topic (one
-/// partition), both with `replication` replicas. Topics that already exist are left alone.
+/// partition), both with `replication` replicas, through the admin API. Topics that already
+/// exist are left alone. (For the embedded mock cluster use [`EmbeddedKafka::create_topics`].)
 pub async fn ensure_topics(
     config: &KafkaConfig,
     partitions: i32,
@@ -885,6 +887,49 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// An embedded Kafka-protocol cluster: librdkafka's mock cluster, listening on loopback. The
+/// embedded mode (`flywheel demo`) points [`KafkaConfig::brokers`] at
+/// [`EmbeddedKafka::bootstrap_servers`] and runs the same producer and consumer code.
+///
+/// It lives in memory and disappears when dropped. It is neither `Send` nor `Sync` (it wraps a
+/// raw librdkafka handle): keep it on the task or thread that created it, e.g. in `main`.
+/// The mock broker does not implement the CreateTopics admin API, so create topics with
+/// [`EmbeddedKafka::create_topics`] instead of [`ensure_topics`].
+pub struct EmbeddedKafka {
+    /// The mock cluster; destroyed on drop.
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl EmbeddedKafka {
+    /// Starts a mock cluster of `brokers` brokers.
+    pub fn start(brokers: i32) -> Result<Self, QueueError> {
+        let cluster = MockCluster::new(brokers).map_err(|source| QueueError::Client {
+            role: "embedded mock cluster",
+            brokers: format!("{brokers} mock brokers"),
+            source,
+        })?;
+        Ok(EmbeddedKafka { cluster })
+    }
+
+    /// The `bootstrap.servers` of the cluster (loopback addresses).
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    /// Creates the prompt topic with `partitions` partitions and its one-partition DLQ.
+    pub fn create_topics(&self, config: &KafkaConfig, partitions: i32) -> Result<(), QueueError> {
+        for (topic, partitions) in [(config.topic.clone(), partitions), (config.dlq_topic(), 1)] {
+            self.cluster
+                .create_topic(&topic, partitions, 1)
+                .map_err(|e| QueueError::CreateTopic {
+                    topic: topic.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads a header of a message as UTF-8 text (for DLQ readers and tests).
