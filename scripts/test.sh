@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# THE test command (README, CI): brings up the real services on loopback
+# (scripts/services.sh; the first run on a new machine builds tansu and s3s-fs, ~15 minutes on
+# 2 cores), points the tests at them, then runs every test of the workspace.
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p flywheel-storage`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+scripts/services.sh
+
+# Where the tests find the services (the same defaults the tests use; override to point
+# them elsewhere).
+export FLYWHEEL_TEST_REDIS_URL="${FLYWHEEL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+export FLYWHEEL_TEST_POSTGRES_URL="${FLYWHEEL_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export FLYWHEEL_TEST_KAFKA_BROKERS="${FLYWHEEL_TEST_KAFKA_BROKERS:-127.0.0.1:9092}"
+export FLYWHEEL_TEST_S3_ENDPOINT="${FLYWHEEL_TEST_S3_ENDPOINT:-http://127.0.0.1:8014}"
+export FLYWHEEL_TEST_S3_BUCKET="${FLYWHEEL_TEST_S3_BUCKET:-flywheel-test}"
+export FLYWHEEL_TEST_S3_ACCESS_KEY="${FLYWHEEL_TEST_S3_ACCESS_KEY:-flywheel}"
+export FLYWHEEL_TEST_S3_SECRET_KEY="${FLYWHEEL_TEST_S3_SECRET_KEY:-flywheel-secret}"
+
+echo "test: cargo test --workspace $*" >&2
+cargo test --workspace "$@"
