@@ -20,6 +20,7 @@
 
 pub mod loss;
 pub mod optim;
+pub mod step;
 
 pub use loss::{
     LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
