@@ -6,10 +6,13 @@
 //!   leader lock) in Redis or memory.
 //! - [`keys`]: every object-store key of a run, built in one place.
 //! - [`weights`]: versioned, content-addressed policy weights (incremental publish and fetch).
+//! - [`blob`]: object storage by URL (`s3://`, `file://`, `memory://`) with retries and
+//!   create-if-absent.
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
 //! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
 //!   SQLite).
 
+pub mod blob;
 pub mod codec;
 pub mod keys;
 pub mod queue;
