@@ -1,19 +1,98 @@
-//! The `flywheel` binary: one CLI for every component.
+//! The `flywheel` binary: one CLI for every component (DESIGN.md §8).
+//!
+//! Each service subcommand reads one TOML config (`--config`) with `FLYWHEEL_*` environment
+//! overrides (see `flywheel::config`).
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Elastic, crash-safe RL post-training.
+mod ingest;
+
+/// Elastic, crash-safe RL post-training: durable partial rollouts, token-budgeted batches,
+/// IcePop.
 #[derive(Parser)]
 #[command(name = "flywheel", version, about)]
 struct Cli {
+    /// Log as JSON lines (for services) instead of human-readable text.
+    #[arg(long, global = true, env = "FLYWHEEL_LOG_JSON")]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Send prompts from a JSON-lines file (one `Prompt` per line) to the run's prompt topic.
+    Ingest {
+        /// The run's config file (its `[kafka]` section names brokers and topic).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// JSON-lines file of prompts; `-` reads standard input.
+        file: PathBuf,
+        /// Send lines that fail validation anyway (they will be dead-lettered by workers).
+        #[arg(long)]
+        raw: bool,
+        /// Partitions of the prompt topic when it has to be created.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Apply the ledger's migrations to the configured database and exit.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
 
-fn main() -> anyhow::Result<()> {
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLYWHEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Ingest {
+            config,
+            file,
+            raw,
+            partitions,
+        } => {
+            let config = flywheel::config::load(config.as_deref())?;
+            ingest::run(&config.kafka, &file, raw, partitions).await
+        }
+        Command::Migrate { config } => {
+            let config = flywheel::config::load(config.as_deref())?;
+            let ledger = flywheel_storage::ledger::open(&config.storage.ledger_url).await?;
+            ledger
+                .create_run(&config.storage.run_id, &serde_json::to_value(&config)?)
+                .await?;
+            eprintln!(
+                "ledger at {} is migrated",
+                redact(&config.storage.ledger_url)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }

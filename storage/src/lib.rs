@@ -4,19 +4,21 @@
 //! - [`queue`]: the Kafka prompt queue (consumer group, ack-gated offsets, dead letters).
 //! - [`state`]: run state (trajectory index, leases, budgets, finished stream, membership,
 //!   leader lock) in Redis or memory.
-//! - [`keys`]: every object-store key of a run, built in one place.
-//! - [`weights`]: versioned, content-addressed policy weights (incremental publish and fetch).
 //! - [`blob`]: object storage by URL (`s3://`, `file://`, `memory://`) with retries and
 //!   create-if-absent.
+//! - [`config`]: storage locations and the rollout/batch protocol parameters.
+//! - [`keys`]: every object-store key of a run, built in one place.
+//! - [`weights`]: versioned, content-addressed policy weights (incremental publish and fetch).
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
 //! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
 //!   SQLite).
 
 pub mod blob;
 pub mod codec;
+pub mod config;
 pub mod keys;
-pub mod queue;
 pub mod ledger;
+pub mod queue;
 pub mod state;
 pub mod types;
 pub mod weights;

@@ -1,0 +1,145 @@
+//! One TOML file for every service, with `FLYWHEEL_*` environment overrides (DESIGN.md §8).
+//!
+//! An override names a field by its path, sections joined by a double underscore:
+//! `FLYWHEEL_STORAGE__STATE_URL=redis://10.0.0.5:6379` sets `[storage] state_url`, and
+//! `FLYWHEEL_ROLLOUT__SEGMENT_TOKENS=128` sets `[rollout] segment_tokens`. Values are parsed
+//! as TOML scalars when they can be (numbers, booleans), else taken as strings.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use flywheel_storage::config::RunConfig;
+use serde::de::DeserializeOwned;
+use toml::{Table, Value};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "FLYWHEEL_";
+
+/// Load the run configuration: the file (if any), then the environment, then validation.
+pub fn load(path: Option<&Path>) -> anyhow::Result<RunConfig> {
+    let config: RunConfig = load_with_env(path, std::env::vars())?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Parse `path` (or an empty document), apply the `FLYWHEEL_*` pairs of `env`, deserialise.
+pub fn load_with_env<T: DeserializeOwned>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<T> {
+    let mut table = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            text.parse::<Table>()
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?
+        }
+        None => Table::new(),
+    };
+    for (key, value) in env {
+        let Some(field) = key.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // Single-underscore names (FLYWHEEL_LOG, …) are not config fields.
+        if !field.contains("__") {
+            continue;
+        }
+        let path: Vec<String> = field.split("__").map(str::to_ascii_lowercase).collect();
+        set_path(&mut table, &path, parse_scalar(&value))
+            .with_context(|| format!("environment override {key}"))?;
+    }
+    let origin = path.map_or("defaults".to_owned(), |p| p.display().to_string());
+    Value::Table(table).try_into().with_context(|| {
+        format!("invalid configuration ({origin} plus {ENV_PREFIX}* overrides): fix the field named above")
+    })
+}
+
+fn parse_scalar(raw: &str) -> Value {
+    // `x = <raw>` parses only when raw is a TOML value (number, boolean, quoted string…).
+    match format!("x = {raw}").parse::<Table>() {
+        Ok(mut t) => t
+            .remove("x")
+            .unwrap_or_else(|| Value::String(raw.to_owned())),
+        Err(_) => Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut Table, path: &[String], value: Value) -> anyhow::Result<()> {
+    let (last, sections) = path.split_last().expect("split of a non-empty string");
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section.clone())
+            .or_insert_with(|| Value::Table(Table::new()));
+        current = match entry {
+            Value::Table(t) => t,
+            _ => bail!("`{section}` is a value, not a section"),
+        };
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_storage::config::RolloutMode;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flywheel.toml");
+        std::fs::write(
+            &path,
+            "[storage]\nrun_id = \"r1\"\n[rollout]\nmode = \"sync\"\n",
+        )
+        .unwrap();
+        let config: RunConfig = load_with_env(
+            Some(&path),
+            env(&[
+                ("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "128"),
+                ("FLYWHEEL_STORAGE__STATE_URL", "memory://"),
+                ("FLYWHEEL_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.storage.run_id, "r1");
+        assert_eq!(config.storage.state_url, "memory://");
+        assert_eq!(config.rollout.mode, RolloutMode::Sync);
+        assert_eq!(config.rollout.segment_tokens, 128);
+        // Untouched fields keep their defaults.
+        assert_eq!(
+            config.batch,
+            flywheel_storage::config::BatchConfig::default()
+        );
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        let err =
+            load_with_env::<RunConfig>(None, env(&[("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "many")]))
+                .unwrap_err();
+        assert!(format!("{err:#}").contains("segment_tokens"), "{err:#}");
+
+        let err =
+            load_with_env::<RunConfig>(None, env(&[("FLYWHEEL_ROLLOUT__NO_SUCH_FIELD", "1")]))
+                .unwrap_err();
+        assert!(format!("{err:#}").contains("no_such_field"), "{err:#}");
+
+        let err =
+            load_with_env::<RunConfig>(Some(Path::new("/nonexistent/flywheel.toml")), env(&[]))
+                .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot read config file"),
+            "{err:#}"
+        );
+    }
+}
