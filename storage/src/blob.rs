@@ -342,6 +342,18 @@ fn prefix_path(prefix: &str) -> Result<Option<Path>, BlobError> {
     }
 }
 
+/// Whether an HTTP store's error is a transport failure (no usable response at all).
+fn is_transport_error(e: &object_store::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<object_store::client::HttpError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// Errors that say "try again later" rather than "no".
 fn is_transient(e: &object_store::Error) -> bool {
     matches!(
@@ -461,13 +473,17 @@ impl BlobStore {
                 key,
                 source: Box::new(e),
             },
-            e if is_transient(&e) => BlobError::Unavailable {
-                store,
-                op,
-                key,
-                attempts,
-                source: Box::new(e),
-            },
+            // On S3 only transport failures (connect, timeout, reset) mean "unreachable"; an
+            // HTTP error status there was already retried or is definite, and says so itself.
+            e if is_transient(&e) && (self.backend != Backend::S3 || is_transport_error(&e)) => {
+                BlobError::Unavailable {
+                    store,
+                    op,
+                    key,
+                    attempts,
+                    source: Box::new(e),
+                }
+            }
             e => BlobError::Backend {
                 store,
                 op,

@@ -262,3 +262,11 @@ async fn put_if_absent_on_memory_reports_both_outcomes() {
         PutOutcome::AlreadyExists
     );
 }
+
+#[tokio::test]
+async fn s3_wrong_credentials_say_to_check_them() {
+    let store = BlobStore::open(&s3_url(&[("secret_access_key", "not-the-secret")])).unwrap();
+    let err = store.put("k", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(err, BlobError::AccessDenied { .. }), "{err:?}");
+    assert!(err.to_string().contains("check the credentials"), "{err}");
+}
