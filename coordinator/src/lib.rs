@@ -1,4 +1,18 @@
-//! flywheel-coordinator (see DESIGN.md §3).
+//! flywheel-coordinator (see DESIGN.md §3, §6.1, §6.3, §7).
+//!
+//! - [`batch`], [`partition`]: GRPO groups, the C3PO cut, rank partition and micro-batches
+//!   (pure functions).
+//! - [`service`]: the coordinator loop: leader election, versions and budgets, the finished
+//!   stream, step cuts and the crash-safe commit protocol.
+//! - [`http`]: the HTTP API (health, metrics, status, admin).
+//! - [`status`]: the run's status report, for `/v1/status` and `flywheel status`.
+//! - [`config`]: the `[coordinator]` configuration section.
 
 pub mod batch;
+pub mod config;
+pub mod metrics;
 pub mod partition;
+pub mod service;
+
+pub use config::{CoordinatorConfig, CoordinatorFile};
+pub use service::{Coordinator, CoordinatorError, CrashPoint, TickOutcome};

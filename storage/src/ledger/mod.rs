@@ -113,16 +113,19 @@ pub enum DropReason {
     Oversized,
     /// In `async` mode, the group fell further behind the current version than the lag bound η.
     LagExceeded,
+    /// Every response of its group was empty: there are no tokens to train.
+    EmptyResponses,
 }
 
 impl DropReason {
     /// Every reason, for parsing and for metrics labels.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::PurgedRetention,
         DropReason::ZeroVariance,
         DropReason::Malformed,
         DropReason::Oversized,
         DropReason::LagExceeded,
+        DropReason::EmptyResponses,
     ];
 
     /// The stable name stored in the ledger and used as a metrics label.
@@ -133,6 +136,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::Oversized => "oversized",
             DropReason::LagExceeded => "lag_exceeded",
+            DropReason::EmptyResponses => "empty_responses",
         }
     }
 }

@@ -1,0 +1,817 @@
+//! The coordinator loop (DESIGN.md §6.1, §6.3, §7): leader election, versions and budgets,
+//! groups from the finished stream, C3PO step cuts and the step commit protocol.
+//!
+//! # Leadership
+//! Every coordinator process is a candidate for the leader lock of the state store. Each
+//! [`Coordinator::tick`] renews the lock (or tries to take it); a candidate that cannot renew
+//! it has been deposed and stops writing at once, dropping everything it held in memory. A
+//! standby takes over once the lock lapses (`leader_ttl_ms`). Writes carry the fencing token
+//! where the store can check it (the step announcement); the ledger commit and manifest write
+//! are safe against a deposed leader because they are deterministic and create-if-absent:
+//! whoever writes step s's manifest first fixes step s, and every later commit of step s
+//! (by any leader) adopts that manifest, so two leaders can never commit different step s.
+//! The lock is renewed right before the ledger commit so a deposed leader notices first.
+//!
+//! # Versions and budgets
+//! One step trains at a time: step s needs the weights of version s (published by step
+//! s − 1), so the leader cuts step s only after the board reports step s − 1 finished, and
+//! opens version s + 1 when step s is finished. Per mode:
+//! - `partial` (C3PO++): version v opens with Φ_r tokens; parked trajectories past σ are
+//!   purged (dropped or regenerated per `purge_action`, recorded in the ledger / metrics).
+//! - `sync`: the same budget and retention; the difference is in the workers, which run every
+//!   trajectory to its end (they never park).
+//! - `async`: the budget is unbounded (workers never wait); a complete group whose oldest
+//!   token is more than η versions behind the current version is dropped (`lag_exceeded`).
+//!
+//! # Cut rule
+//! Step s is cut when the waiting complete groups hold ≥ Φ tokens; or, in `sync`/`partial`,
+//! when the version's budget is spent and nothing is generating; or when the input is drained
+//! (nothing pending, generating or parked). The world size is the number of live trainers
+//! (at least 1) at the cut.
+//!
+//! # Commit protocol (crash-safe)
+//! manifest `put_if_absent` → `Ledger::record_step` (the commit point) → `announce_step`.
+//! A new leader (or a restarted one) first finishes what a crash left: it announces the last
+//! recorded step if the board lacks it, and commits a manifest written for the next step but
+//! not recorded. A crash at any point thus yields the same step, never a second step with the
+//! same groups ([`CrashPoint`] injects the crashes in tests).
+//!
+//! # Resuming the finished stream
+//! The stream cursor is not stored: a new leader reads the stream from the start and skips
+//! every prompt the ledger says is trained or dropped (one ledger query per prompt, cached),
+//! so groups are rebuilt exactly from the ledger and the state store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use flywheel_storage::blob::{BlobError, BlobStore, PutOutcome};
+use flywheel_storage::config::{PurgeAction, RolloutMode, RunConfig};
+use flywheel_storage::keys;
+use flywheel_storage::ledger::{DropReason, Ledger, LedgerError, PromptStatus, StepRecord};
+use flywheel_storage::state::{
+    LeaderLease, MAX_TOKENS, MemberRole, StateError, StateStore, StepAnnouncement, StreamCursor,
+};
+use flywheel_storage::types::{
+    BatchManifest, Group, PolicyVersion, PromptId, StepId, TrajectoryId, TrajectoryStatus,
+};
+use tracing::{info, warn};
+
+use crate::batch::{self, GroupConfig, GroupOutcome, PlanConfig};
+use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
+use crate::partition;
+
+/// Where a test makes the coordinator "crash" (return [`CoordinatorError::InjectedCrash`]
+/// without doing the rest) during the commit of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After planning, before the manifest is written.
+    BeforeManifest,
+    /// After the manifest is written, before the ledger commit.
+    AfterManifest,
+    /// After the ledger commit, before the announcement.
+    AfterLedger,
+    /// After the announcement.
+    AfterAnnounce,
+}
+
+/// Errors of the coordinator loop.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The state store failed.
+    #[error("state store: {0}")]
+    State(#[from] StateError),
+    /// The ledger failed.
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    Blob(#[from] BlobError),
+    /// A stored manifest cannot be read: the object store holds something this code did not
+    /// write; inspect the key.
+    #[error("manifest {key} is not a valid batch manifest: {reason}")]
+    BadManifest {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Planning failed (an inconsistent index or configuration).
+    #[error("planning step {step}: {source}")]
+    Plan {
+        /// The step.
+        step: StepId,
+        /// Why.
+        #[source]
+        source: batch::PlanError,
+    },
+    /// A test-injected crash.
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(CrashPoint),
+}
+
+/// What a tick did, for tests and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TickOutcome {
+    /// Another candidate leads; nothing was written.
+    Standby,
+    /// Leading, paused by an operator: nothing was written.
+    Paused,
+    /// Leading; nothing to commit.
+    Idle,
+    /// Leading; committed this step.
+    Committed(StepId),
+}
+
+/// Knobs the HTTP admin API changes at run time, shared with the loop.
+#[derive(Debug)]
+pub struct Controls {
+    /// While set, the leader keeps its lock but opens no version and cuts no step.
+    pub paused: AtomicBool,
+    /// Φ_r for the versions opened from now on.
+    pub version_budget: AtomicU64,
+}
+
+/// A point-in-time summary the loop publishes for `/v1/status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoopSnapshot {
+    /// Whether this process leads.
+    pub leader: bool,
+    /// Complete groups waiting for a step.
+    pub groups_waiting: u64,
+    /// Their trained-token total.
+    pub waiting_tokens: u64,
+    /// Trained tokens of the steps this process committed, by staleness in versions.
+    pub staleness_tokens: BTreeMap<u64, u64>,
+    /// The last step this process committed.
+    pub last_committed: Option<StepId>,
+}
+
+/// The leader's in-memory view, rebuilt from the ledger and the state store on takeover.
+#[derive(Default)]
+struct Book {
+    /// Next finished-stream position to read after.
+    cursor: StreamCursor,
+    /// Prompts that are trained or dropped: their stream entries are ignored.
+    closed: HashSet<PromptId>,
+    /// Prompts the ledger was asked about this term (not closed).
+    checked: HashSet<PromptId>,
+    /// Finished samples of open prompts.
+    finished: HashMap<PromptId, BTreeSet<u32>>,
+    /// Group sizes, by prompt.
+    group_size: HashMap<PromptId, u32>,
+    /// Complete groups waiting for a step, by prompt.
+    waiting: BTreeMap<PromptId, Group>,
+    /// The next step to cut (the ledger's last + 1).
+    next_step: StepId,
+}
+
+/// One coordinator process: a candidate for leadership and, while leading, the loop.
+pub struct Coordinator {
+    run: RunConfig,
+    config: CoordinatorConfig,
+    id: String,
+    state: Arc<dyn StateStore>,
+    ledger: Arc<dyn Ledger>,
+    blobs: BlobStore,
+    metrics: Metrics,
+    controls: Arc<Controls>,
+    snapshot: Arc<std::sync::RwLock<LoopSnapshot>>,
+    lease: Option<LeaderLease>,
+    book: Book,
+    crash_at: Option<CrashPoint>,
+}
+
+impl Coordinator {
+    /// A coordinator over the given stores. It writes nothing until it wins the leader lock.
+    pub fn new(
+        run: RunConfig,
+        config: CoordinatorConfig,
+        state: Arc<dyn StateStore>,
+        ledger: Arc<dyn Ledger>,
+        blobs: BlobStore,
+    ) -> Self {
+        let id = if config.candidate_id.is_empty() {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+            format!("coordinator-{host}-{:08x}", rand::random::<u32>())
+        } else {
+            config.candidate_id.clone()
+        };
+        let controls = Arc::new(Controls {
+            paused: AtomicBool::new(false),
+            version_budget: AtomicU64::new(run.rollout.version_budget_tokens),
+        });
+        Coordinator {
+            run,
+            config,
+            id,
+            state,
+            ledger,
+            blobs,
+            metrics: Metrics::new(),
+            controls,
+            snapshot: Default::default(),
+            lease: None,
+            book: Book::default(),
+            crash_at: None,
+        }
+    }
+
+    /// Injects a crash at `point` of the next commit (tests).
+    pub fn crash_at(&mut self, point: Option<CrashPoint>) {
+        self.crash_at = point;
+    }
+
+    /// This candidate's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The metrics (shared with the HTTP server).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The run-time controls (shared with the HTTP server).
+    pub fn controls(&self) -> Arc<Controls> {
+        self.controls.clone()
+    }
+
+    /// The loop's published summary (shared with the HTTP server).
+    pub fn snapshot(&self) -> Arc<std::sync::RwLock<LoopSnapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// The leader lease this process holds, if it leads.
+    pub fn lease(&self) -> Option<&LeaderLease> {
+        self.lease.as_ref()
+    }
+
+    fn run_id(&self) -> &str {
+        &self.run.storage.run_id
+    }
+
+    /// Gives the lock up (clean shutdown) so a standby takes over at once.
+    pub async fn resign(&mut self) {
+        if let Some(l) = self.lease.take() {
+            let _ = self.state.release_leader(&self.id, l.token).await;
+        }
+        self.metrics.is_leader.set(0);
+    }
+
+    /// Runs until `shutdown` resolves, ticking every `tick_ms`; errors are logged and the
+    /// loop goes on (the next tick retries), so a flaky store never kills the service.
+    pub async fn run_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut interval = tokio::time::interval(self.config.tick());
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = interval.tick() => {}
+            }
+            match self.tick().await {
+                Ok(TickOutcome::Committed(step)) => info!(step, "step committed"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "coordinator tick failed; retrying"),
+            }
+        }
+        self.resign().await;
+    }
+
+    /// One iteration: hold (or seek) the lock; as leader, open the due version, read the
+    /// finished stream, and cut and commit a step when the rule says so.
+    pub async fn tick(&mut self) -> Result<TickOutcome, CoordinatorError> {
+        self.refresh_members().await;
+        if !self.hold_lock().await? {
+            return Ok(TickOutcome::Standby);
+        }
+        if self.controls.paused.load(Ordering::SeqCst) {
+            return Ok(TickOutcome::Paused);
+        }
+        let result = self.lead().await;
+        self.publish();
+        result
+    }
+
+    async fn refresh_members(&self) {
+        for role in [MemberRole::Worker, MemberRole::Trainer] {
+            if let Ok(m) = self.state.live_members(role).await {
+                self.metrics
+                    .members_alive
+                    .with_label_values(&[role.as_str()])
+                    .set(m.len() as i64);
+            }
+        }
+    }
+
+    /// Renews or takes the lock; on takeover, recovers. False while standing by.
+    async fn hold_lock(&mut self) -> Result<bool, CoordinatorError> {
+        let ttl = self.config.leader_ttl();
+        if let Some(l) = &self.lease {
+            match self.state.renew_leader(&self.id, l.token, ttl).await {
+                Ok(l) => {
+                    self.lease = Some(l);
+                    return Ok(true);
+                }
+                Err(StateError::NotLeader { .. }) => {
+                    warn!(id = %self.id, "lost the leader lock; standing by");
+                    self.step_down();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(l) = self.state.acquire_leader(&self.id, ttl).await? else {
+            return Ok(false);
+        };
+        info!(id = %self.id, token = l.token, "took the leader lock");
+        self.lease = Some(l);
+        self.metrics.is_leader.set(1);
+        if let Err(e) = self.recover().await {
+            // Recovery is redone by the next takeover; give the lock back so nobody waits.
+            self.resign().await;
+            self.book = Book::default();
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn step_down(&mut self) {
+        self.lease = None;
+        self.book = Book::default();
+        self.metrics.is_leader.set(0);
+        if let Ok(mut s) = self.snapshot.write() {
+            s.leader = false;
+        }
+    }
+
+    fn token(&self) -> u64 {
+        self.lease.as_ref().map_or(0, |l| l.token)
+    }
+
+    /// Finishes what a crashed leader left and rebuilds the book.
+    async fn recover(&mut self) -> Result<(), CoordinatorError> {
+        let run = self.run_id().to_owned();
+        self.book = Book::default();
+        let last = self.ledger.last_step(&run).await?;
+        self.book.next_step = last.map_or(0, |s| s + 1);
+        // A step recorded but never announced (crash after the commit point).
+        if let Some(s) = last {
+            let announced = self.state.announced_step().await?.map(|a| a.step);
+            if announced.is_none_or(|a| a < s) {
+                let rec = self.ledger.step(&run, s).await?.ok_or_else(|| {
+                    CoordinatorError::BadManifest {
+                        key: format!("ledger step {s}"),
+                        reason: "last_step names a step the ledger cannot return".into(),
+                    }
+                })?;
+                self.announce(s, rec.manifest_key, rec.world_size).await?;
+            }
+        }
+        // A manifest written for the next step but never recorded (crash before the commit
+        // point): commit exactly it.
+        let key = keys::step_manifest(&run, self.book.next_step);
+        if self.blobs.exists(&key).await? && self.previous_step_finished().await? {
+            let manifest = self.read_manifest(&key).await?;
+            self.commit(manifest, Instant::now()).await?;
+        }
+        // Purges a crash may have left unrecorded: open prompts with a purged member.
+        for p in self.ledger.pending_prompts(&run).await? {
+            let mut purged = Vec::new();
+            for id in p.trajectory_ids() {
+                if let Some(t) = self.state.trajectory(&id).await?
+                    && t.status == TrajectoryStatus::Purged
+                {
+                    purged.push(id);
+                }
+            }
+            if !purged.is_empty() {
+                self.handle_purged(purged).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader's work of one tick.
+    async fn lead(&mut self) -> Result<TickOutcome, CoordinatorError> {
+        self.open_due_version().await?;
+        self.read_stream().await?;
+        self.drop_lagging().await?;
+        self.maybe_cut().await
+    }
+
+    /// Opens version `finished + 1` (or 0) when it is not open yet.
+    async fn open_due_version(&mut self) -> Result<(), CoordinatorError> {
+        let due = self.state.finished_step().await?.map_or(0, |s| s + 1);
+        let current = self.state.current_version().await?;
+        if current.is_some_and(|c| c >= due) {
+            self.metrics.version.set(current.unwrap_or(0) as i64);
+            return Ok(());
+        }
+        let r = &self.run.rollout;
+        let (budget, sigma) = match r.mode {
+            RolloutMode::Async => (MAX_TOKENS, r.retention_limit.max(r.max_lag)),
+            RolloutMode::Sync | RolloutMode::Partial => (
+                self.controls.version_budget.load(Ordering::SeqCst),
+                r.retention_limit,
+            ),
+        };
+        let opened = match self.state.open_version(due, budget, sigma).await {
+            Ok(o) => o,
+            // Another (deposed or new) leader opened it first: nothing to do.
+            Err(StateError::VersionNotNewer { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        info!(
+            version = due,
+            budget,
+            retained = opened.retained,
+            purged = opened.purged.len(),
+            "opened version"
+        );
+        self.metrics.version.set(due as i64);
+        self.handle_purged(opened.purged).await
+    }
+
+    /// Applies the purge action to trajectories purged past σ and records it.
+    async fn handle_purged(&mut self, purged: Vec<TrajectoryId>) -> Result<(), CoordinatorError> {
+        let run = self.run_id().to_owned();
+        let sigma = self.run.rollout.retention_limit;
+        for id in purged {
+            match self.run.rollout.purge_action {
+                PurgeAction::Drop => {
+                    if self.book.closed.contains(&id.prompt) {
+                        continue;
+                    }
+                    let detail =
+                        format!("trajectory {id} outlived the retention limit σ = {sigma}");
+                    self.drop_prompt(&run, &id.prompt, DropReason::PurgedRetention, &detail)
+                        .await?;
+                }
+                PurgeAction::Regenerate => {
+                    match self.state.regenerate(&id).await {
+                        Ok(()) | Err(StateError::NotPurged { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    if let Some(s) = self.book.finished.get_mut(&id.prompt) {
+                        s.remove(&id.sample);
+                    }
+                    info!(trajectory = %id, "regenerating a purged trajectory from scratch");
+                    self.metrics
+                        .groups_dropped
+                        .with_label_values(&["purged_regenerated"])
+                        .inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `prompt` dropped and forgets it.
+    async fn drop_prompt(
+        &mut self,
+        run: &str,
+        prompt: &PromptId,
+        reason: DropReason,
+        detail: &str,
+    ) -> Result<(), CoordinatorError> {
+        match self.ledger.drop_prompt(run, prompt, reason, detail).await {
+            Ok(_) => {
+                info!(%prompt, %reason, detail, "dropped a group");
+                self.metrics
+                    .groups_dropped
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+            }
+            // Already closed another way: the ledger's record stands.
+            Err(
+                e @ (LedgerError::PromptAlreadyDropped { .. }
+                | LedgerError::PromptAlreadyTrained { .. }),
+            ) => warn!(%prompt, error = %e, "drop not recorded"),
+            Err(e) => return Err(e.into()),
+        }
+        self.close(prompt);
+        Ok(())
+    }
+
+    fn close(&mut self, prompt: &PromptId) {
+        self.book.closed.insert(prompt.clone());
+        self.book.finished.remove(prompt);
+        self.book.waiting.remove(prompt);
+    }
+
+    /// Reads the finished stream and turns complete prompts into waiting groups.
+    async fn read_stream(&mut self) -> Result<(), CoordinatorError> {
+        let run = self.run_id().to_owned();
+        loop {
+            let entries = self
+                .state
+                .read_finished(self.book.cursor, self.config.read_batch)
+                .await?;
+            let Some(last) = entries.last() else {
+                return Ok(());
+            };
+            let last = last.cursor;
+            for e in entries {
+                let p = e.trajectory.prompt.clone();
+                if self.book.closed.contains(&p) || self.book.waiting.contains_key(&p) {
+                    continue;
+                }
+                if self.book.checked.insert(p.clone()) {
+                    match self.ledger.prompt_status(&run, &p).await? {
+                        Some(PromptStatus::Trained { .. } | PromptStatus::Dropped { .. }) => {
+                            self.book.closed.insert(p);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                self.book
+                    .finished
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(e.trajectory.sample);
+                self.try_complete(&p).await?;
+            }
+            self.book.cursor = last;
+        }
+    }
+
+    /// Forms `p`'s group once all K samples are finished.
+    async fn try_complete(&mut self, p: &PromptId) -> Result<(), CoordinatorError> {
+        let k = match self.book.group_size.get(p) {
+            Some(k) => *k,
+            None => match self.state.prompt(p).await? {
+                Some(prompt) => {
+                    self.book.group_size.insert(p.clone(), prompt.group_size);
+                    prompt.group_size
+                }
+                None => {
+                    warn!(prompt = %p, "finished trajectory of an unregistered prompt; ignored");
+                    return Ok(());
+                }
+            },
+        };
+        let samples: Vec<u32> = self.book.finished[p].iter().copied().collect();
+        if samples.len() < k as usize {
+            return Ok(());
+        }
+        let mut members = Vec::with_capacity(k as usize);
+        for sample in samples {
+            let id = TrajectoryId {
+                prompt: p.clone(),
+                sample,
+            };
+            match self.state.trajectory(&id).await? {
+                Some(t) if t.status == TrajectoryStatus::Finished => members.push(t),
+                // Regenerated since it finished: wait for its new finish.
+                _ => {
+                    if let Some(s) = self.book.finished.get_mut(p) {
+                        s.remove(&sample);
+                    }
+                }
+            }
+        }
+        if members.len() < k as usize {
+            return Ok(());
+        }
+        let config = GroupConfig {
+            filter_zero_variance: self.run.batch.filter_zero_variance,
+        };
+        match batch::form_group(p, k, members, &config) {
+            Ok(GroupOutcome::Ready(g)) => {
+                self.book.finished.remove(p);
+                self.book.waiting.insert(p.clone(), g);
+            }
+            Ok(GroupOutcome::Dropped(d)) => {
+                let reason = match d.reason {
+                    batch::DropReason::ZeroVariance { .. } => DropReason::ZeroVariance,
+                    batch::DropReason::EmptyResponses => DropReason::EmptyResponses,
+                };
+                let run = self.run_id().to_owned();
+                self.drop_prompt(&run, p, reason, &d.reason.to_string())
+                    .await?;
+            }
+            Err(e) => warn!(prompt = %p, error = %e, "cannot form the group; it waits"),
+        }
+        Ok(())
+    }
+
+    /// `async` mode: drops waiting groups more than η versions behind the current version.
+    async fn drop_lagging(&mut self) -> Result<(), CoordinatorError> {
+        if self.run.rollout.mode != RolloutMode::Async {
+            return Ok(());
+        }
+        let Some(current) = self.state.current_version().await? else {
+            return Ok(());
+        };
+        let eta = u64::from(self.run.rollout.max_lag);
+        let lagging: Vec<(PromptId, PolicyVersion)> = self
+            .book
+            .waiting
+            .values()
+            .filter_map(|g| {
+                let oldest = g.members.iter().filter_map(|m| m.first_version).min()?;
+                (current.saturating_sub(oldest) > eta).then(|| (g.prompt.clone(), oldest))
+            })
+            .collect();
+        let run = self.run_id().to_owned();
+        for (p, oldest) in lagging {
+            let detail =
+                format!("oldest token from version {oldest}, current {current}: lag > η = {eta}");
+            self.drop_prompt(&run, &p, DropReason::LagExceeded, &detail)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn previous_step_finished(&self) -> Result<bool, CoordinatorError> {
+        let next = self.book.next_step;
+        Ok(next == 0
+            || self
+                .state
+                .finished_step()
+                .await?
+                .is_some_and(|f| f + 1 >= next))
+    }
+
+    fn waiting_tokens(&self) -> u64 {
+        self.book
+            .waiting
+            .values()
+            .flat_map(|g| &g.members)
+            .map(|m| m.tokens)
+            .sum()
+    }
+
+    /// Cuts and commits a step when the rule says so.
+    async fn maybe_cut(&mut self) -> Result<TickOutcome, CoordinatorError> {
+        if self.book.waiting.is_empty() || !self.previous_step_finished().await? {
+            return Ok(TickOutcome::Idle);
+        }
+        let phi = self.run.batch.token_budget;
+        let mut due = self.waiting_tokens() >= phi;
+        if !due {
+            let counts = self.state.counts().await?;
+            let drained = counts.pending == 0 && counts.generating == 0 && counts.parked == 0;
+            let spent = self.run.rollout.mode != RolloutMode::Async
+                && counts.generating == 0
+                && self.state.budget().await?.is_some_and(|b| b.remaining == 0);
+            due = drained || spent;
+        }
+        if !due {
+            return Ok(TickOutcome::Idle);
+        }
+        let started = Instant::now();
+        let step = self.book.next_step;
+        let world = self
+            .state
+            .live_members(MemberRole::Trainer)
+            .await?
+            .len()
+            .clamp(1, flywheel_storage::state::MAX_WORLD_SIZE as usize) as u32;
+        let plan_config = PlanConfig {
+            token_budget: phi,
+            micro_batch_tokens: self.run.batch.micro_batch_tokens,
+            partition: Default::default(),
+        };
+        let groups: Vec<Group> = self.book.waiting.values().cloned().collect();
+        let plan = batch::plan_step(step, world, groups, &plan_config)
+            .map_err(|source| CoordinatorError::Plan { step, source })?;
+        self.check_crash(CrashPoint::BeforeManifest)?;
+        self.commit(plan.manifest, started).await?;
+        Ok(TickOutcome::Committed(step))
+    }
+
+    fn check_crash(&mut self, point: CrashPoint) -> Result<(), CoordinatorError> {
+        if self.crash_at == Some(point) {
+            self.crash_at = None;
+            return Err(CoordinatorError::InjectedCrash(point));
+        }
+        Ok(())
+    }
+
+    async fn read_manifest(&self, key: &str) -> Result<BatchManifest, CoordinatorError> {
+        let bytes = self.blobs.get(key).await?;
+        serde_json::from_slice(&bytes).map_err(|e| CoordinatorError::BadManifest {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The commit protocol: manifest create-if-absent (adopting one already there), ledger
+    /// commit, announcement.
+    async fn commit(
+        &mut self,
+        manifest: BatchManifest,
+        started: Instant,
+    ) -> Result<(), CoordinatorError> {
+        let run = self.run_id().to_owned();
+        let step = manifest.step;
+        let key = keys::step_manifest(&run, step);
+        let json = serde_json::to_vec(&manifest).map_err(|e| CoordinatorError::BadManifest {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let manifest = match self.blobs.put_if_absent(&key, Bytes::from(json)).await? {
+            PutOutcome::Created => manifest,
+            // Written before (by a crashed or deposed leader): that one is step s.
+            _ => self.read_manifest(&key).await?,
+        };
+        if manifest.step != step {
+            return Err(CoordinatorError::BadManifest {
+                key,
+                reason: format!("it describes step {}, not {step}", manifest.step),
+            });
+        }
+        self.check_crash(CrashPoint::AfterManifest)?;
+        // A deposed leader finds out here, before the commit point.
+        let lease = self
+            .state
+            .renew_leader(&self.id, self.token(), self.config.leader_ttl())
+            .await;
+        match lease {
+            Ok(l) => self.lease = Some(l),
+            Err(e) => {
+                self.step_down();
+                return Err(e.into());
+            }
+        }
+        self.ledger
+            .record_step(&run, &StepRecord::from_manifest(&manifest, &key))
+            .await?;
+        self.check_crash(CrashPoint::AfterLedger)?;
+        self.announce(step, key, manifest.world_size).await?;
+        // Bookkeeping of a committed step.
+        for p in &manifest.prompts {
+            self.close(p);
+        }
+        self.book.next_step = step + 1;
+        self.metrics.steps_cut.inc();
+        self.metrics
+            .step_tokens
+            .observe(manifest.total_tokens as f64);
+        self.metrics
+            .batch_cut_latency
+            .observe(started.elapsed().as_secs_f64());
+        let imbalance = partition::imbalance(&batch::rank_loads(&manifest));
+        self.metrics
+            .partition_imbalance
+            .set((imbalance * 1000.0).round() as i64);
+        let by_version = batch::trained_tokens_by_version(&manifest);
+        if let Ok(mut s) = self.snapshot.write() {
+            for (v, tokens) in &by_version {
+                let stale = step.saturating_sub(*v);
+                *s.staleness_tokens.entry(stale).or_insert(0) += tokens;
+                for _ in 0..*tokens {
+                    self.metrics.staleness.observe(stale as f64);
+                }
+            }
+            s.last_committed = Some(step);
+        }
+        info!(
+            step,
+            tokens = manifest.total_tokens,
+            world = manifest.world_size,
+            prompts = manifest.prompts.len(),
+            "committed step"
+        );
+        self.check_crash(CrashPoint::AfterAnnounce)?;
+        Ok(())
+    }
+
+    async fn announce(
+        &mut self,
+        step: StepId,
+        manifest_key: String,
+        world_size: u32,
+    ) -> Result<(), CoordinatorError> {
+        let a = StepAnnouncement {
+            step,
+            manifest_key,
+            world_size,
+        };
+        match self.state.announce_step(&a, self.token()).await {
+            Ok(()) => Ok(()),
+            Err(e @ StateError::LeaderFenced { .. }) => {
+                self.step_down();
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn publish(&self) {
+        let (n, tokens) = (self.book.waiting.len() as u64, self.waiting_tokens());
+        self.metrics.groups_waiting.set(n as i64);
+        self.metrics.waiting_tokens.set(tokens as i64);
+        if let Ok(mut s) = self.snapshot.write() {
+            s.leader = self.lease.is_some();
+            s.groups_waiting = n;
+            s.waiting_tokens = tokens;
+        }
+    }
+}

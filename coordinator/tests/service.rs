@@ -1,0 +1,291 @@
+//! The coordinator loop against the memory state store, an SQLite ledger and memory blobs:
+//! step cuts, versions, drops, the commit protocol under injected crashes, and failover.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{World, tick_until_settled};
+use flywheel_coordinator::batch::{self, GroupConfig, GroupOutcome, PlanConfig};
+use flywheel_coordinator::{CoordinatorError, CrashPoint, TickOutcome};
+use flywheel_storage::keys;
+use flywheel_storage::ledger::{DropReason, PromptStatus};
+use flywheel_storage::state::StateError;
+use flywheel_storage::types::{BatchManifest, PromptId, TrajectoryId};
+
+fn pid(s: &str) -> PromptId {
+    PromptId(s.to_owned())
+}
+
+/// Three complete groups of 60 tokens each (rewards differ, so none is filtered).
+async fn three_groups(w: &World) {
+    for p in ["a", "b", "c"] {
+        w.finish_prompt(p, &[20, 40], &[1.0, 0.0]).await;
+    }
+}
+
+async fn manifest(w: &World, step: u64) -> BatchManifest {
+    let bytes = w
+        .blobs
+        .get(&keys::step_manifest(&w.run.storage.run_id, step))
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// What step 0 must be for [`three_groups`]: planned directly with the library.
+async fn expected_step0(w: &World, world_size: u32) -> BatchManifest {
+    let mut groups = Vec::new();
+    for p in ["a", "b", "c"] {
+        let mut members = Vec::new();
+        for k in 0..2 {
+            let id = TrajectoryId {
+                prompt: pid(p),
+                sample: k,
+            };
+            members.push(w.state.trajectory(&id).await.unwrap().unwrap());
+        }
+        match batch::form_group(&pid(p), 2, members, &GroupConfig::default()).unwrap() {
+            GroupOutcome::Ready(g) => groups.push(g),
+            other => panic!("{other:?}"),
+        }
+    }
+    let config = PlanConfig {
+        token_budget: 100,
+        micro_batch_tokens: 64,
+        partition: Default::default(),
+    };
+    batch::plan_step(0, world_size, groups, &config)
+        .unwrap()
+        .manifest
+}
+
+#[tokio::test]
+async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
+    let w = World::memory().await;
+    w.trainers(2).await;
+    let mut c = w.coordinator("c1");
+    // The first tick takes the lock and opens version 0.
+    assert_eq!(
+        tick_until_settled(&mut c).await.last(),
+        Some(&TickOutcome::Idle)
+    );
+    assert_eq!(w.state.current_version().await.unwrap(), Some(0));
+    let budget = w.state.budget().await.unwrap().unwrap();
+    assert_eq!(budget.total, 1000);
+
+    three_groups(&w).await;
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    let m = manifest(&w, 0).await;
+    assert_eq!(
+        m,
+        expected_step0(&w, 2).await,
+        "the C3PO plan, over the 2 live trainers"
+    );
+    assert_eq!(m.total_tokens, 100);
+    assert_eq!(m.prompts, vec![pid("a"), pid("b")]);
+    let rec = w
+        .ledger
+        .step(&w.run.storage.run_id, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.prompts, vec![pid("a"), pid("b")]);
+    let a = w.state.announced_step().await.unwrap().unwrap();
+    assert_eq!((a.step, a.world_size), (0, 2));
+
+    // Step 1 waits for step 0 to finish even though c waits and the input is drained.
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Idle);
+    assert_eq!(
+        w.ledger.last_step(&w.run.storage.run_id).await.unwrap(),
+        Some(0)
+    );
+
+    w.train_announced().await;
+    // Version 1 opens; c (the input is drained) becomes step 1, alone.
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(1));
+    assert_eq!(w.state.current_version().await.unwrap(), Some(1));
+    assert_eq!(manifest(&w, 1).await.prompts, vec![pid("c")]);
+    let metrics = c.metrics().encode();
+    assert!(
+        metrics.contains("flywheel_coordinator_steps_cut_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn drops_zero_variance_and_purged_groups_with_reasons() {
+    let w = World::memory().await;
+    let mut run = w.run.clone();
+    run.rollout.retention_limit = 0;
+    let w = World { run, ..w };
+    let mut c = w.coordinator("c1");
+    tick_until_settled(&mut c).await;
+    // z: every reward equal → dropped (zero variance).
+    w.finish_prompt("z", &[10, 10], &[1.0, 1.0]).await;
+    // p: one sample parked with a segment under version 0 → purged when version 1 opens.
+    let p = w.accept("p", 1).await;
+    let tid = TrajectoryId {
+        prompt: p.id.clone(),
+        sample: 0,
+    };
+    let epoch = w.generate(&tid, 5).await;
+    w.state.release(&tid, "w", epoch).await.unwrap();
+    // a + b make step 0.
+    for q in ["a", "b"] {
+        w.finish_prompt(q, &[30, 30], &[1.0, 0.0]).await;
+    }
+    let run_id = w.run.storage.run_id.clone();
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    assert!(matches!(
+        w.ledger.prompt_status(&run_id, &pid("z")).await.unwrap(),
+        Some(PromptStatus::Dropped {
+            reason: DropReason::ZeroVariance,
+            ..
+        })
+    ));
+    w.train_announced().await;
+    c.tick().await.unwrap();
+    assert!(matches!(
+        w.ledger.prompt_status(&run_id, &pid("p")).await.unwrap(),
+        Some(PromptStatus::Dropped {
+            reason: DropReason::PurgedRetention,
+            ..
+        })
+    ));
+    let metrics = c.metrics().encode();
+    assert!(
+        metrics
+            .contains(r#"flywheel_coordinator_groups_dropped_total{reason="purged_retention"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"flywheel_coordinator_groups_dropped_total{reason="zero_variance"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Crashes the leader at `point` of step 0's commit, lets a standby take over, and checks
+/// that step 0 is the same step and that its groups are never committed again.
+async fn crash_and_take_over(w: &World, point: CrashPoint) {
+    w.trainers(2).await;
+    let mut first = w.coordinator("first");
+    tick_until_settled(&mut first).await;
+    three_groups(w).await;
+    first.crash_at(Some(point));
+    let err = first.tick().await.unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::InjectedCrash(p) if p == point),
+        "{err}"
+    );
+    drop(first); // the process dies holding the lock
+
+    let mut standby = w.coordinator("standby");
+    // It stands by until the dead leader's lock lapses, then recovers and settles.
+    let outcomes = tick_until_settled(&mut standby).await;
+    assert!(standby.lease().is_some(), "{outcomes:?}");
+    let run_id = &w.run.storage.run_id;
+    assert_eq!(
+        w.ledger.last_step(run_id).await.unwrap(),
+        Some(0),
+        "{point:?}"
+    );
+    assert_eq!(
+        manifest(w, 0).await,
+        expected_step0(w, 2).await,
+        "{point:?}"
+    );
+    let a = w.state.announced_step().await.unwrap().unwrap();
+    assert_eq!(
+        (a.step, a.manifest_key.as_str()),
+        (0, keys::step_manifest(run_id, 0).as_str())
+    );
+    // More ticks never commit a second step while step 0 trains.
+    for _ in 0..3 {
+        assert_eq!(standby.tick().await.unwrap(), TickOutcome::Idle);
+    }
+    assert_eq!(w.ledger.last_step(run_id).await.unwrap(), Some(0));
+    // After step 0, only c is left for step 1: a and b are never trained twice.
+    w.train_announced().await;
+    assert_eq!(standby.tick().await.unwrap(), TickOutcome::Committed(1));
+    assert_eq!(manifest(w, 1).await.prompts, vec![pid("c")]);
+    let counts = w.ledger.prompt_counts(run_id).await.unwrap();
+    assert_eq!((counts.trained, counts.pending, counts.dropped), (3, 0, 0));
+}
+
+#[tokio::test]
+async fn crash_before_manifest_replays_the_same_step() {
+    crash_and_take_over(&World::memory().await, CrashPoint::BeforeManifest).await;
+}
+
+#[tokio::test]
+async fn crash_after_manifest_replays_the_same_step() {
+    crash_and_take_over(&World::memory().await, CrashPoint::AfterManifest).await;
+}
+
+#[tokio::test]
+async fn crash_after_ledger_commit_announces_the_same_step() {
+    crash_and_take_over(&World::memory().await, CrashPoint::AfterLedger).await;
+}
+
+#[tokio::test]
+async fn crash_after_announce_keeps_the_step() {
+    crash_and_take_over(&World::memory().await, CrashPoint::AfterAnnounce).await;
+}
+
+#[tokio::test]
+async fn a_deposed_leader_stops_writing() {
+    let w = World::memory().await;
+    let mut old = w.coordinator("old");
+    tick_until_settled(&mut old).await;
+    let old_token = old.lease().unwrap().token;
+    // The old leader stalls past its lock; a standby takes over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut new = w.coordinator("new");
+    tick_until_settled(&mut new).await;
+    assert!(new.lease().unwrap().token > old_token);
+    three_groups(&w).await;
+    // The old leader wakes up: it finds out it was deposed and writes nothing.
+    assert_eq!(old.tick().await.unwrap(), TickOutcome::Standby);
+    assert!(old.lease().is_none());
+    assert_eq!(
+        w.ledger.last_step(&w.run.storage.run_id).await.unwrap(),
+        None
+    );
+    // Its token cannot announce anything either.
+    let a = flywheel_storage::state::StepAnnouncement {
+        step: 0,
+        manifest_key: "k".into(),
+        world_size: 1,
+    };
+    let err = w.state.announce_step(&a, old_token).await.unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    assert_eq!(new.tick().await.unwrap(), TickOutcome::Committed(0));
+}
+
+#[tokio::test]
+async fn world_size_follows_live_trainers_and_pause_stops_cutting() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    three_groups(&w).await;
+    c.controls()
+        .paused
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Paused);
+    assert_eq!(
+        w.ledger.last_step(&w.run.storage.run_id).await.unwrap(),
+        None
+    );
+    c.controls()
+        .paused
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // No trainer alive: world size 1.
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    assert_eq!(manifest(&w, 0).await.world_size, 1);
+    w.train_announced().await;
+    w.trainers(3).await;
+    w.finish_prompt("d", &[50, 50], &[0.0, 1.0]).await;
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(1));
+    assert_eq!(manifest(&w, 1).await.world_size, 3);
+}
