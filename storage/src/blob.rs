@@ -40,10 +40,11 @@
 //!
 //! [`BlobStore::put_if_absent`] is how manifests are written (DESIGN.md §6.3). It uses
 //! [`PutMode::Create`]: an atomic create on the memory and local stores (a hard link) and
-//! `If-None-Match: *` on S3. For an S3-compatible server without conditional writes, set
-//! `conditional_put=disabled`; `put_if_absent` then falls back to check-then-put, which is
-//! *not* atomic (two racing writers may both see [`PutOutcome::Created`], and the later write
-//! wins). That is acceptable for Flywheel's manifests only because they are deterministic and
+//! `If-None-Match: *` on S3 (atomic on AWS S3 and MinIO; the s3s-fs test server evaluates it
+//! as check-then-write, so concurrent creators there can all succeed). For an S3-compatible
+//! server without conditional writes, set `conditional_put=disabled`; `put_if_absent` then
+//! falls back to check-then-put, which is *not* atomic (two racing writers may both see
+//! [`PutOutcome::Created`], and the later write wins). That is acceptable for Flywheel's manifests only because they are deterministic and
 //! the ledger transaction, not the manifest, is the commit point; [`BlobStore::atomic_create`]
 //! tells callers which guarantee they have.
 
@@ -287,6 +288,9 @@ impl fmt::Display for BlobStore {
 /// `url` without query string or fragment, for messages.
 fn redact(url: &Url) -> String {
     let mut u = url.clone();
+    // Credentials may ride in the query string or the userinfo; neither belongs in a log.
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
     u.set_query(None);
     u.set_fragment(None);
     u.to_string()

@@ -270,3 +270,10 @@ async fn s3_wrong_credentials_say_to_check_them() {
     assert!(matches!(err, BlobError::AccessDenied { .. }), "{err:?}");
     assert!(err.to_string().contains("check the credentials"), "{err}");
 }
+
+#[test]
+fn userinfo_credentials_never_reach_messages() {
+    let store =
+        BlobStore::open("s3://AKIA1:hunter2@bucket/p?access_key_id=a&secret_access_key=b").unwrap();
+    assert_eq!(store.to_string(), "s3://bucket/p");
+}
