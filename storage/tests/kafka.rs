@@ -4,7 +4,7 @@
 //!
 //! - two consumers of one group split a topic's partitions;
 //! - a consumer dropped before storing its offsets gets its prompts redelivered to the other
-//!   member of the group, and only those;
+//!   member of the group, and only those; so does one in another process killed with SIGKILL;
 //! - malformed messages land in the DLQ with their reason, the caller never sees them;
 //! - offsets move only over an acknowledged prefix, whatever the ack order.
 //!
@@ -434,6 +434,116 @@ async fn scenario_out_of_order_acks(cluster: &Cluster) {
     assert_eq!(committed.get(&0), Some(&Some(3)));
 }
 
+/// Environment variable that turns [`kafka_member_process`] into a group member for
+/// [`scenario_killed_member_prompts_are_redelivered`]: the queue config as JSON.
+const CHILD_CONFIG_ENV: &str = "FLYWHEEL_TEST_KAFKA_CHILD_CONFIG";
+
+/// A group member in another process receives every prompt, acknowledges none, and is killed
+/// with SIGKILL (no leave-group, no final commit: a preempted spot machine). Once the broker
+/// expires its session, the surviving member receives every one of those prompts.
+async fn scenario_killed_member_prompts_are_redelivered(cluster: &Cluster) {
+    use tokio::io::AsyncBufReadExt;
+
+    const PARTITIONS: i32 = 2;
+    const PROMPTS: usize = 8;
+    let brokers = &cluster.brokers();
+    let config = fresh_config(brokers, "kill");
+    cluster.create_topics(&config, PARTITIONS).await;
+    let producer = PromptProducer::new(&config).unwrap();
+    let sent = send_prompts(&producer, "kill", PROMPTS).await;
+
+    // The child is this test binary running only `kafka_member_process`.
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "kafka_member_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_CONFIG_ENV, serde_json::to_string(&config).unwrap())
+        .env("FLYWHEEL_TEST_KAFKA_CHILD_PROMPTS", PROMPTS.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the child member process");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child_got = BTreeSet::new();
+    bounded("the child member to receive every prompt", async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("child exited early");
+            // libtest may print on the same line before the child's own output.
+            if let Some(at) = line.find("CHILD-RECEIVED ") {
+                child_got.insert(line[at + "CHILD-RECEIVED ".len()..].trim().to_owned());
+            } else if line.contains("CHILD-READY") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        child_got, sent,
+        "the child member got a different set of prompts"
+    );
+
+    // The survivor joins while the child is alive, then the child is killed outright.
+    let survivor = Arc::new(PromptConsumer::new(&config).unwrap());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let pump = pump(1, survivor.clone(), tx);
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(
+        !status.success(),
+        "the child was killed, not finished: {status}"
+    );
+
+    let mut redelivered = BTreeSet::new();
+    while redelivered != sent {
+        let (_, d) = bounded("the killed member's prompts on the survivor", rx.recv())
+            .await
+            .unwrap();
+        redelivered.insert(d.prompt.id.0.clone());
+        d.receipt.ack().unwrap();
+    }
+    pump.abort();
+}
+
+/// Helper process of [`scenario_killed_member_prompts_are_redelivered`], which runs it with
+/// `--ignored`; on its own it has nothing to do, so it is ignored in a normal run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process: run (and killed) by the *_killed_member_* tests"]
+async fn kafka_member_process() {
+    use std::io::Write;
+
+    let config: KafkaConfig = serde_json::from_str(
+        &std::env::var(CHILD_CONFIG_ENV).expect("run by the killed-member tests only"),
+    )
+    .unwrap();
+    let expected: usize = std::env::var("FLYWHEEL_TEST_KAFKA_CHILD_PROMPTS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let consumer = PromptConsumer::new(&config).unwrap();
+    let mut held = Vec::new();
+    while held.len() < expected {
+        let d = consumer.recv().await.unwrap();
+        println!("CHILD-RECEIVED {}", d.prompt.id);
+        held.push(d); // never acknowledged
+    }
+    println!("CHILD-READY");
+    std::io::stdout().flush().unwrap();
+    // Keep serving the group (rebalances run inside recv) until killed.
+    loop {
+        if let Ok(d) = consumer.recv().await {
+            held.push(d);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real broker.
 // ---------------------------------------------------------------------------------------------
@@ -446,6 +556,11 @@ async fn broker_group_splits_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unacked_prompts_are_redelivered_to_the_other_member() {
     scenario_unacked_prompts_are_redelivered(&Cluster::broker().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_member_prompts_are_redelivered() {
+    scenario_killed_member_prompts_are_redelivered(&Cluster::broker().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,6 +585,11 @@ async fn embedded_group_splits_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_unacked_prompts_are_redelivered_to_the_other_member() {
     scenario_unacked_prompts_are_redelivered(&Cluster::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_killed_member_prompts_are_redelivered() {
+    scenario_killed_member_prompts_are_redelivered(&Cluster::embedded()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
