@@ -5,60 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{World, tick_until_settled};
-use flywheel_coordinator::batch::{self, GroupConfig, GroupOutcome, PlanConfig};
-use flywheel_coordinator::{CoordinatorError, CrashPoint, TickOutcome};
-use flywheel_storage::keys;
+use common::{World, crash_and_take_over, manifest, pid, three_groups, tick_until_settled};
+use flywheel_coordinator::{CrashPoint, TickOutcome};
 use flywheel_storage::ledger::{DropReason, PromptStatus};
 use flywheel_storage::state::StateError;
-use flywheel_storage::types::{BatchManifest, PromptId, TrajectoryId};
-
-fn pid(s: &str) -> PromptId {
-    PromptId(s.to_owned())
-}
-
-/// Three complete groups of 60 tokens each (rewards differ, so none is filtered).
-async fn three_groups(w: &World) {
-    for p in ["a", "b", "c"] {
-        w.finish_prompt(p, &[20, 40], &[1.0, 0.0]).await;
-    }
-}
-
-async fn manifest(w: &World, step: u64) -> BatchManifest {
-    let bytes = w
-        .blobs
-        .get(&keys::step_manifest(&w.run.storage.run_id, step))
-        .await
-        .unwrap();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
-/// What step 0 must be for [`three_groups`]: planned directly with the library.
-async fn expected_step0(w: &World, world_size: u32) -> BatchManifest {
-    let mut groups = Vec::new();
-    for p in ["a", "b", "c"] {
-        let mut members = Vec::new();
-        for k in 0..2 {
-            let id = TrajectoryId {
-                prompt: pid(p),
-                sample: k,
-            };
-            members.push(w.state.trajectory(&id).await.unwrap().unwrap());
-        }
-        match batch::form_group(&pid(p), 2, members, &GroupConfig::default()).unwrap() {
-            GroupOutcome::Ready(g) => groups.push(g),
-            other => panic!("{other:?}"),
-        }
-    }
-    let config = PlanConfig {
-        token_budget: 100,
-        micro_batch_tokens: 64,
-        partition: Default::default(),
-    };
-    batch::plan_step(0, world_size, groups, &config)
-        .unwrap()
-        .manifest
-}
+use flywheel_storage::types::TrajectoryId;
 
 #[tokio::test]
 async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
@@ -79,7 +30,7 @@ async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
     let m = manifest(&w, 0).await;
     assert_eq!(
         m,
-        expected_step0(&w, 2).await,
+        common::expected_step0(&w, 2).await,
         "the C3PO plan, over the 2 live trainers"
     );
     assert_eq!(m.total_tokens, 100);
@@ -163,54 +114,6 @@ async fn drops_zero_variance_and_purged_groups_with_reasons() {
         metrics.contains(r#"flywheel_coordinator_groups_dropped_total{reason="zero_variance"} 1"#),
         "{metrics}"
     );
-}
-
-/// Crashes the leader at `point` of step 0's commit, lets a standby take over, and checks
-/// that step 0 is the same step and that its groups are never committed again.
-async fn crash_and_take_over(w: &World, point: CrashPoint) {
-    w.trainers(2).await;
-    let mut first = w.coordinator("first");
-    tick_until_settled(&mut first).await;
-    three_groups(w).await;
-    first.crash_at(Some(point));
-    let err = first.tick().await.unwrap_err();
-    assert!(
-        matches!(err, CoordinatorError::InjectedCrash(p) if p == point),
-        "{err}"
-    );
-    drop(first); // the process dies holding the lock
-
-    let mut standby = w.coordinator("standby");
-    // It stands by until the dead leader's lock lapses, then recovers and settles.
-    let outcomes = tick_until_settled(&mut standby).await;
-    assert!(standby.lease().is_some(), "{outcomes:?}");
-    let run_id = &w.run.storage.run_id;
-    assert_eq!(
-        w.ledger.last_step(run_id).await.unwrap(),
-        Some(0),
-        "{point:?}"
-    );
-    assert_eq!(
-        manifest(w, 0).await,
-        expected_step0(w, 2).await,
-        "{point:?}"
-    );
-    let a = w.state.announced_step().await.unwrap().unwrap();
-    assert_eq!(
-        (a.step, a.manifest_key.as_str()),
-        (0, keys::step_manifest(run_id, 0).as_str())
-    );
-    // More ticks never commit a second step while step 0 trains.
-    for _ in 0..3 {
-        assert_eq!(standby.tick().await.unwrap(), TickOutcome::Idle);
-    }
-    assert_eq!(w.ledger.last_step(run_id).await.unwrap(), Some(0));
-    // After step 0, only c is left for step 1: a and b are never trained twice.
-    w.train_announced().await;
-    assert_eq!(standby.tick().await.unwrap(), TickOutcome::Committed(1));
-    assert_eq!(manifest(w, 1).await.prompts, vec![pid("c")]);
-    let counts = w.ledger.prompt_counts(run_id).await.unwrap();
-    assert_eq!((counts.trained, counts.pending, counts.dropped), (3, 0, 0));
 }
 
 #[tokio::test]
