@@ -7,12 +7,18 @@
 //! - [`http`]: the HTTP API (health, metrics, status, admin).
 //! - [`status`]: the run's status report, for `/v1/status` and `flywheel status`.
 //! - [`config`]: the `[coordinator]` configuration section.
+//! - [`run`]: the `flywheel coordinator` service; [`run_status`]: `flywheel status`.
 
 pub mod batch;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod partition;
+mod run;
 pub mod service;
+pub mod status;
 
 pub use config::{CoordinatorConfig, CoordinatorFile};
+pub use run::{api_state, run};
 pub use service::{Coordinator, CoordinatorError, CrashPoint, TickOutcome};
+pub use status::run_status;

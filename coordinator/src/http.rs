@@ -1,0 +1,198 @@
+//! The coordinator's HTTP API (axum):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when the state store answers, else 503 |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/status` | [`StatusReport`] as JSON |
+//! | `POST /v1/pause` | admin: the leader stops opening versions and cutting steps |
+//! | `POST /v1/resume` | admin: undo pause |
+//! | `POST /v1/budget` | admin: `{"version_budget_tokens": N}` sets Φ_r of the versions opened from now on |
+//!
+//! Admin routes need `Authorization: Bearer <token>` with the configured admin token: a
+//! missing or wrong token is 401 and changes nothing; with no token configured every admin
+//! call is 401 too (admin is disabled).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::service::{Controls, LoopSnapshot};
+use crate::status::StatusSources;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Where reports come from.
+    pub sources: StatusSources,
+    /// The loop's metrics.
+    pub metrics: Metrics,
+    /// The loop's run-time controls.
+    pub controls: Arc<Controls>,
+    /// The loop's published summary.
+    pub snapshot: Arc<RwLock<LoopSnapshot>>,
+    /// The admin bearer token; `None` disables admin calls.
+    pub admin_token: Option<String>,
+    /// The smallest Φ_r accepted (one segment, S).
+    pub min_budget: u64,
+}
+
+/// The router of the API.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/pause", post(pause))
+        .route("/v1/resume", post(resume))
+        .route("/v1/budget", post(budget))
+        .with_state(state)
+}
+
+/// An error body: `{"error": "..."}`.
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    #[derive(Serialize)]
+    struct Body {
+        error: String,
+    }
+    (
+        code,
+        Json(Body {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    match s.sources.state.leader().await {
+        Ok(_) => "ready".into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("state store: {e}")),
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<ApiState>) -> Response {
+    let snapshot = s.snapshot.read().map(|g| g.clone()).unwrap_or_default();
+    let paused = s.controls.paused.load(Ordering::SeqCst);
+    match s.sources.report(&snapshot, paused).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Checks the bearer token in constant time; `Err` is the 401 to send.
+fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &s.admin_token else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "admin API disabled: set coordinator.admin_token or FLYWHEEL_COORDINATOR_ADMIN_TOKEN",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <admin token>)",
+        ))
+    }
+}
+
+/// The answer of the admin calls: the controls after the call.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ControlsView {
+    /// Whether the loop is paused.
+    pub paused: bool,
+    /// Φ_r of the versions opened from now on.
+    pub version_budget_tokens: u64,
+}
+
+fn view(c: &Controls) -> Json<ControlsView> {
+    Json(ControlsView {
+        paused: c.paused.load(Ordering::SeqCst),
+        version_budget_tokens: c.version_budget.load(Ordering::SeqCst),
+    })
+}
+
+async fn pause(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    s.controls.paused.store(true, Ordering::SeqCst);
+    tracing::info!("paused by the admin API");
+    view(&s.controls).into_response()
+}
+
+async fn resume(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    s.controls.paused.store(false, Ordering::SeqCst);
+    tracing::info!("resumed by the admin API");
+    view(&s.controls).into_response()
+}
+
+/// The body of `POST /v1/budget`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    /// The new Φ_r.
+    pub version_budget_tokens: u64,
+}
+
+async fn budget(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let req: BudgetRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"version_budget_tokens\": N}}: {e}"),
+            );
+        }
+    };
+    let n = req.version_budget_tokens;
+    if n < s.min_budget || n > flywheel_storage::state::MAX_TOKENS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "version_budget_tokens must be between {} (one segment) and {}",
+                s.min_budget,
+                flywheel_storage::state::MAX_TOKENS
+            ),
+        );
+    }
+    s.controls.version_budget.store(n, Ordering::SeqCst);
+    tracing::info!(version_budget_tokens = n, "budget set by the admin API");
+    view(&s.controls).into_response()
+}
