@@ -42,6 +42,22 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run the coordinator (leader or standby): versions, budgets, step batches, HTTP API.
+    Coordinator {
+        /// The run's config file (shared sections plus `[coordinator]`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
+    /// terminal, JSON otherwise or with `--json`.
+    Status {
+        /// Print one JSON report and exit.
+        #[arg(long)]
+        json: bool,
+        /// The coordinator's base URL.
+        #[arg(long, env = "FLYWHEEL_STATUS_URL", default_value = "http://127.0.0.1:9464")]
+        url: String,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -83,6 +99,13 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Coordinator { config } => {
+            let run = flywheel::config::load(config.as_deref())?;
+            let file: flywheel_coordinator::CoordinatorFile =
+                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+            flywheel_coordinator::run(run, file.coordinator).await
+        }
+        Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
 }
 
