@@ -48,6 +48,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run a rollout worker: Kafka prompts → segmented generation → durable trajectories.
+    Worker {
+        /// The run's config file (shared sections plus `[worker]`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -104,6 +110,11 @@ async fn main() -> anyhow::Result<()> {
             let file: flywheel_coordinator::CoordinatorFile =
                 flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
             flywheel_coordinator::run(run, file.coordinator).await
+        }
+        Command::Worker { config } => {
+            let file: flywheel_worker::WorkerFileConfig =
+                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+            Ok(flywheel_worker::run(file).await?)
         }
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }

@@ -1,0 +1,194 @@
+//! The worker's own configuration section (`[worker]`), and the whole file the `flywheel
+//! worker` subcommand reads: the shared [`RunConfig`] sections plus `[worker]`.
+
+use std::time::Duration;
+
+use flywheel_storage::config::{ConfigError, RunConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{EngineConfig, SamplingConfig};
+use crate::verify::RewardServicesConfig;
+
+/// The `[worker]` section: who this worker is, which engine it drives, how it scores, how it
+/// shuts down and where it serves metrics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// This worker's id: the lease owner and heartbeat member name. Empty means
+    /// `<hostname>-<pid>`, unique per process (two processes must never share one, or one
+    /// could write under the other's lease).
+    pub id: String,
+    /// The inference engine (`kind = "sim" | "openai"`).
+    pub engine: EngineConfig,
+    /// How segments are sampled.
+    pub sampling: SamplingConfig,
+    /// The HTTP reward services prompts may name.
+    pub rewards: RewardServicesConfig,
+    /// Trajectories generated at once. 0 means the engine's slot count, which keeps its
+    /// batches full.
+    pub slots: usize,
+    /// After SIGTERM the worker exits within this many milliseconds: it stops claiming at
+    /// once, lets segments in hand finish until 80% of it, then aborts them and releases
+    /// every lease (a spot instance's notice is typically 30 s or 2 min).
+    pub grace_period_ms: u64,
+    /// How often an idle slot looks for work again, and how often the current version and
+    /// budget are re-read, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// The intake stops taking prompts from Kafka while this many trajectories are pending
+    /// (registered, never claimed): the topic, not Redis, is where a backlog should wait.
+    /// 0 disables the bound.
+    pub max_pending_trajectories: u64,
+    /// `host:port` of the HTTP server with `/metrics`, `/healthz` and `/readyz`; empty
+    /// disables it.
+    pub metrics_addr: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: String::new(),
+            engine: EngineConfig::default(),
+            sampling: SamplingConfig::default(),
+            rewards: RewardServicesConfig::default(),
+            slots: 0,
+            grace_period_ms: 30_000,
+            poll_interval_ms: 200,
+            max_pending_trajectories: 4096,
+            metrics_addr: "0.0.0.0:9101".into(),
+        }
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl WorkerConfig {
+    /// Checks what can be checked without connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.len() > 200 {
+            return Err(invalid("worker.id", "must be at most 200 bytes"));
+        }
+        if self.grace_period_ms < 100 {
+            return Err(invalid(
+                "worker.grace_period_ms",
+                "must be at least 100 ms (the worker needs time to release its leases)",
+            ));
+        }
+        if self.poll_interval_ms == 0 || self.poll_interval_ms > 60_000 {
+            return Err(invalid("worker.poll_interval_ms", "must be 1..=60000"));
+        }
+        if !self.metrics_addr.is_empty()
+            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "worker.metrics_addr",
+                format!(
+                    "{:?} is not host:port (e.g. 0.0.0.0:9101); empty disables the server",
+                    self.metrics_addr
+                ),
+            ));
+        }
+        self.sampling
+            .validate()
+            .map_err(|e| invalid("worker.sampling", e.to_string()))
+    }
+
+    /// The worker id: the configured one, else `<hostname>-<pid>`.
+    pub fn worker_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".to_owned());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// The grace period as a duration.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_millis(self.grace_period_ms)
+    }
+
+    /// The poll interval as a duration.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
+/// The file `flywheel worker --config FILE` reads: the shared sections (`[storage]`,
+/// `[kafka]`, `[rollout]`, `[batch]`) and `[worker]`. Other services' sections in the same
+/// file are ignored, so one file serves the whole run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerFileConfig {
+    /// The sections every service shares.
+    #[serde(flatten)]
+    pub run: RunConfig,
+    /// This service's section.
+    pub worker: WorkerConfig,
+}
+
+impl WorkerFileConfig {
+    /// Validates every section this worker reads.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        self.worker.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_id_is_per_process() {
+        let config = WorkerFileConfig::default();
+        config.validate().unwrap();
+        let id = config.worker.worker_id();
+        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+    }
+
+    #[test]
+    fn sections_compose_and_typos_are_errors() {
+        let config: WorkerFileConfig = serde_json::from_value(serde_json::json!({
+            "storage": {"run_id": "r1"},
+            "rollout": {"segment_tokens": 32},
+            "worker": {"id": "w1", "grace_period_ms": 5000, "engine": {"kind": "sim", "slots": 3}},
+            "coordinator": {"anything": 1},
+        }))
+        .unwrap();
+        assert_eq!(config.run.storage.run_id, "r1");
+        assert_eq!(config.run.rollout.segment_tokens, 32);
+        assert_eq!(config.worker.worker_id(), "w1");
+        assert_eq!(config.worker.grace_period(), Duration::from_secs(5));
+        let typo = serde_json::from_value::<WorkerFileConfig>(serde_json::json!({
+            "worker": {"grace_period": 5000},
+        }));
+        assert!(typo.is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let mut config = WorkerConfig {
+            metrics_addr: "nope".into(),
+            ..WorkerConfig::default()
+        };
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("worker.metrics_addr"), "{e}");
+        config.metrics_addr.clear();
+        config.grace_period_ms = 0;
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("worker.grace_period_ms"), "{e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The intake: the run's Kafka consumer group → durable registration → ack.
+//!
+//! For each delivered prompt (malformed and oversized ones never get here: the consumer
+//! dead-letters them with the reason and acknowledges them itself): `Ledger::accept_prompt`
+//! (the durable record the run can be rebuilt from), then `StateStore::register_prompt`
+//! (its K trajectories become claimable), and only then the receipt is acknowledged, which
+//! stores the offset. Both writes are idempotent per prompt id, so a prompt redelivered after
+//! a crash or a rebalance registers nothing twice. A transient failure of either store is
+//! retried (with backoff) until it succeeds or the worker stops; an unacknowledged prompt is
+//! simply redelivered later.
+//!
+//! A prompt whose id was already accepted with *different* content is not registered (the
+//! ledger refuses it); it is logged as an error and acknowledged, so it cannot block the
+//! partition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_storage::Prompt;
+use flywheel_storage::ledger::{Ledger, LedgerError};
+use flywheel_storage::queue::{PromptConsumer, QueueError};
+use flywheel_storage::state::{Registration, StateStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::metrics::WorkerMetrics;
+
+/// What the intake needs.
+pub struct Intake {
+    /// The group member on the prompt topic.
+    pub consumer: PromptConsumer,
+    /// Run state, where trajectories are registered.
+    pub state: Arc<dyn StateStore>,
+    /// The durable record of accepted prompts.
+    pub ledger: Arc<dyn Ledger>,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+    /// Pause taking prompts while this many trajectories are pending (0: no bound).
+    pub max_pending: u64,
+    /// Idle/backoff interval.
+    pub poll: Duration,
+    /// Stops the intake.
+    pub stop: CancellationToken,
+}
+
+/// How one prompt's registration went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// Newly registered.
+    New,
+    /// It was registered before (a redelivery): nothing written.
+    Again,
+    /// Refused for good (id reused with other content); acknowledged anyway.
+    Refused,
+}
+
+impl Intake {
+    /// Runs until `stop` fires.
+    pub async fn run(self) {
+        let mut backoff = self.poll;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            if self.max_pending > 0 {
+                match self.state.counts().await {
+                    Ok(c) if c.pending >= self.max_pending => {
+                        self.sleep(self.poll).await;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "cannot read trajectory counts"),
+                }
+            }
+            let delivery = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                d = self.consumer.recv() => d,
+            };
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, "kafka receive failed; retrying");
+                    self.sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = self.poll;
+            // Keep trying this prompt: giving up would leave its offset unstored and block
+            // the partition's later acks until a restart redelivers it anyway.
+            let mut retry = self.poll;
+            loop {
+                match self.register(&delivery.prompt).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(prompt = %delivery.prompt.id, error = %e, "registration failed; retrying");
+                        if self.stop.is_cancelled() {
+                            // Not acknowledged: redelivered to the group later.
+                            return;
+                        }
+                        self.sleep(retry).await;
+                        retry = (retry * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            match delivery.receipt.ack() {
+                Ok(outcome) => tracing::debug!(?outcome, "prompt acknowledged"),
+                Err(e) => warn!(error = %e, "ack failed; the prompt will be redelivered"),
+            }
+        }
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Records the prompt in the ledger and registers its trajectories (both idempotent).
+    pub async fn register(&self, prompt: &Prompt) -> Result<Registered, IntakeError> {
+        let run = self.state.run_id().to_owned();
+        match self.ledger.accept_prompt(&run, prompt).await {
+            Ok(_) => {}
+            Err(e @ LedgerError::PromptIdReused { .. }) => {
+                error!(prompt = %prompt.id, error = %e, "prompt id reused with different content; not registered");
+                return Ok(Registered::Refused);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match self.state.register_prompt(prompt).await? {
+            Registration::Registered => {
+                self.metrics.prompts_registered.inc();
+                info!(prompt = %prompt.id, k = prompt.group_size, "prompt registered");
+                Ok(Registered::New)
+            }
+            Registration::AlreadyRegistered => {
+                self.metrics.prompts_redelivered.inc();
+                info!(prompt = %prompt.id, "prompt already registered (redelivery)");
+                Ok(Registered::Again)
+            }
+        }
+    }
+}
+
+/// Why a prompt could not be registered (transient: retried).
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] flywheel_storage::state::StateError),
+    /// Kafka failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}

@@ -1,0 +1,659 @@
+//! The segment loop (DESIGN.md §6.1, §6.2): N slots, each claiming a trajectory and
+//! generating it segment by segment under a lease.
+//!
+//! # One segment
+//! claim → reserve min(S, remaining response) tokens from the current version's budget →
+//! generate (prompt + committed tokens re-prefilled) → refund the unused → put the encoded
+//! segment at `{run}/segments/{prompt}/{sample}/{seq:08}-e{epoch}` → `commit_segment` under the
+//! lease epoch (a stale epoch is rejected: the work is dropped and logged) → which renews the
+//! lease. When a segment ends the trajectory (EOS or the response cap), the response is
+//! detokenised, scored by the prompt's verifier, and `finish` pushes it to the finished stream.
+//! The lease is also renewed on a timer (every third of `lease_ms`) while the engine or the
+//! verifier works, so a slow segment does not lose its lease.
+//!
+//! # Modes (`rollout.mode`)
+//! - `partial` (C3PO++): every segment reserves from the version's budget; a grant of 0 means
+//!   the budget is spent: the trajectory is released (parked when it has committed segments,
+//!   back to pending otherwise) and the slot waits for a newer version. On a new version
+//!   `claim_next` hands out parked trajectories first, oldest first version first.
+//! - `sync`: the budget only gates *starting* a trajectory: a trajectory with no committed
+//!   segment that gets no budget is released and the slot waits; one already started runs to
+//!   its end whatever the budget says (its extra tokens are generated unreserved), so every
+//!   trajectory of a step ends under the version it started with.
+//! - `async`: the worker never waits for the budget (the coordinator opens async versions with
+//!   an unbounded budget; a grant of 0 generates unreserved anyway). Admission is bounded by
+//!   η locally: while any trajectory this worker holds started more than η versions before the
+//!   current one, the worker claims nothing new and drains its stragglers first. (Groups that
+//!   end up lagging more than η are dropped by the coordinator.)
+//!
+//! # Shutdown (SIGTERM)
+//! The `stop` token ends claiming at once; a slot lets the segment in hand finish, commits it
+//! and releases the lease (parking the trajectory). The `abort` token (fired at 80 % of the
+//! grace period) drops the segment in hand instead: its reservation is refunded and the lease
+//! released. Every path out of a trajectory releases its lease unless the lease was lost.
+//!
+//! # Resume
+//! A claimed trajectory with committed segments is re-read from the object store (each segment
+//! decoded and checked: seq, token count); the engine re-prefills prompt + committed tokens. A
+//! trajectory whose last committed segment already ended it (a worker died between commit and
+//! finish) is scored and finished without generating.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flywheel_storage::blob::{BlobError, BlobStore};
+use flywheel_storage::codec::{self, CodecError};
+use flywheel_storage::config::{RolloutConfig, RolloutMode};
+use flywheel_storage::state::{Budget, Claim, ClaimSource, StateError, StateStore};
+use flywheel_storage::{
+    FinishReason, PolicyVersion, Prompt, PromptInput, Segment, SegmentRef, TrajectoryId,
+    TrajectoryStatus, keys,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, EngineError, SamplingConfig, SegmentRequest, prompt_tokens};
+use crate::metrics::WorkerMetrics;
+use crate::verify::{VerifierFactory, VerifyError, VerifyInput};
+
+/// Why one trajectory's turn on a slot ended badly (logged; the lease is released or lost).
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The object store failed.
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// A committed segment could not be decoded, or the one to write could not be encoded.
+    #[error("segment codec: {0}")]
+    Codec(#[from] CodecError),
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The verifier failed.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// The committed segments do not match the index (a corrupt or foreign object).
+    #[error("trajectory {id}: {problem}")]
+    Inconsistent {
+        /// The trajectory.
+        id: TrajectoryId,
+        /// What does not match.
+        problem: String,
+    },
+}
+
+/// Shutdown signals shared by the slots and the intake.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    /// Stop taking work: no more claims, no more prompts; finish the segment in hand.
+    pub stop: CancellationToken,
+    /// Drop the segment in hand now and release the lease.
+    pub abort: CancellationToken,
+}
+
+/// What the slots share.
+pub struct SegmentLoop {
+    /// The lease owner.
+    worker_id: String,
+    /// Run state.
+    state: Arc<dyn StateStore>,
+    /// Where segments are written and read back.
+    blobs: BlobStore,
+    /// The inference engine.
+    engine: Arc<dyn Engine>,
+    /// Builds the verifier of a prompt.
+    verifiers: VerifierFactory,
+    /// Rollout protocol settings.
+    rollout: RolloutConfig,
+    /// How segments are sampled.
+    sampling: SamplingConfig,
+    /// Idle re-check interval.
+    poll: Duration,
+    /// Metrics.
+    metrics: WorkerMetrics,
+    /// Shutdown signals.
+    shutdown: Shutdown,
+    /// The current budget as last read by the poller (None before the first version).
+    budget: watch::Receiver<Option<Budget>>,
+    /// 1 + the newest version whose budget a reservation found spent (0: none).
+    spent: AtomicU64,
+    /// Trajectories this worker holds → the version they started under (for η admission).
+    held: Mutex<BTreeMap<TrajectoryId, PolicyVersion>>,
+}
+
+/// Removes a trajectory from the held set and the active gauge however its turn ends.
+struct Held<'a> {
+    owner: &'a SegmentLoop,
+    id: TrajectoryId,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.owner.held().remove(&self.id);
+        self.owner.metrics.active_trajectories.dec();
+    }
+}
+
+/// How a call made under a lease ended early.
+enum Interrupted {
+    /// The abort token fired.
+    Aborted,
+    /// The lease is no longer ours (renew was fenced): drop the work.
+    Lost(StateError),
+}
+
+/// The inputs of [`SegmentLoop::new`].
+pub struct SegmentLoopParts {
+    /// The lease owner (unique per process).
+    pub worker_id: String,
+    /// Run state.
+    pub state: Arc<dyn StateStore>,
+    /// Object store of the run.
+    pub blobs: BlobStore,
+    /// The engine.
+    pub engine: Arc<dyn Engine>,
+    /// Verifiers.
+    pub verifiers: VerifierFactory,
+    /// Rollout settings.
+    pub rollout: RolloutConfig,
+    /// Sampling settings.
+    pub sampling: SamplingConfig,
+    /// Idle re-check interval.
+    pub poll: Duration,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+    /// Shutdown signals.
+    pub shutdown: Shutdown,
+}
+
+impl SegmentLoop {
+    /// Builds the loop and starts its poller (budget, counts and heartbeat), which runs until
+    /// `stop` fires.
+    pub fn new(parts: SegmentLoopParts) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(None);
+        let this = Arc::new(SegmentLoop {
+            worker_id: parts.worker_id,
+            state: parts.state,
+            blobs: parts.blobs,
+            engine: parts.engine,
+            verifiers: parts.verifiers,
+            rollout: parts.rollout,
+            sampling: parts.sampling,
+            poll: parts.poll,
+            metrics: parts.metrics,
+            shutdown: parts.shutdown,
+            budget: rx,
+            spent: AtomicU64::new(0),
+            held: Mutex::new(BTreeMap::new()),
+        });
+        let poller = tokio::spawn(this.clone().poll_state(tx));
+        (this, poller)
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.rollout.lease_ms)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<TrajectoryId, PolicyVersion>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-reads the budget every poll interval and heartbeats every third of the lease.
+    async fn poll_state(self: Arc<Self>, tx: watch::Sender<Option<Budget>>) {
+        let heartbeat_every = self.ttl() / 3;
+        let mut last_heartbeat: Option<tokio::time::Instant> = None;
+        loop {
+            match self.state.budget().await {
+                Ok(budget) => {
+                    if let Some(b) = budget {
+                        self.metrics.current_version.set(b.version as i64);
+                    }
+                    tx.send_if_modified(|old| {
+                        let changed = *old != budget;
+                        *old = budget;
+                        changed
+                    });
+                }
+                Err(e) => warn!(error = %e, "cannot read the rollout budget"),
+            }
+            if last_heartbeat.is_none_or(|t| t.elapsed() >= heartbeat_every) {
+                let beat = self.state.heartbeat(
+                    flywheel_storage::state::MemberRole::Worker,
+                    &self.worker_id,
+                    self.ttl(),
+                );
+                match beat.await {
+                    Ok(()) => last_heartbeat = Some(tokio::time::Instant::now()),
+                    Err(e) => warn!(error = %e, "heartbeat failed"),
+                }
+                if let Ok(c) = self.state.counts().await {
+                    let g = &self.metrics.run_trajectories;
+                    for (status, n) in [
+                        ("pending", c.pending),
+                        ("generating", c.generating),
+                        ("parked", c.parked),
+                        ("finished", c.finished),
+                        ("purged", c.purged),
+                    ] {
+                        g.with_label_values(&[status]).set(n as i64);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.stop.cancelled() => return,
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Runs one slot until shutdown.
+    pub async fn run_slot(self: Arc<Self>, slot: usize) {
+        let mut budget = self.budget.clone();
+        loop {
+            if !self.wait_for_work(&mut budget).await {
+                return;
+            }
+            match self.state.claim_next(&self.worker_id, self.ttl()).await {
+                Ok(Some(claim)) => {
+                    let id = claim.state.id.clone();
+                    if let Err(e) = self.run_claim(claim).await {
+                        warn!(slot, trajectory = %id, error = %e, "trajectory turn failed");
+                        self.idle(self.poll * 5).await;
+                    }
+                }
+                Ok(None) => self.idle(self.poll).await,
+                Err(e) => {
+                    warn!(slot, error = %e, "claim failed");
+                    self.idle(self.poll * 5).await;
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless shutdown begins first.
+    async fn idle(&self, d: Duration) {
+        tokio::select! {
+            _ = self.shutdown.stop.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// Waits until the mode allows claiming; false once shutdown begins.
+    async fn wait_for_work(&self, budget: &mut watch::Receiver<Option<Budget>>) -> bool {
+        loop {
+            if self.shutdown.stop.is_cancelled() {
+                return false;
+            }
+            let current = *budget.borrow_and_update();
+            let ok = match current {
+                None => false,
+                Some(b) => match self.rollout.mode {
+                    RolloutMode::Async => !self.lagging(b.version),
+                    RolloutMode::Sync | RolloutMode::Partial => {
+                        b.remaining > 0 && self.spent.load(Ordering::Relaxed) <= b.version
+                    }
+                },
+            };
+            if ok {
+                return true;
+            }
+            tokio::select! {
+                _ = self.shutdown.stop.cancelled() => return false,
+                _ = budget.changed() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Async admission: whether a held trajectory started more than η versions ago.
+    fn lagging(&self, current: PolicyVersion) -> bool {
+        let eta = u64::from(self.rollout.max_lag);
+        self.held()
+            .values()
+            .any(|&first| current.saturating_sub(first) > eta)
+    }
+
+    /// Records that `version`'s budget is spent: slots wait for a newer one.
+    fn mark_spent(&self, version: PolicyVersion) {
+        self.spent.fetch_max(version + 1, Ordering::Relaxed);
+        self.metrics.budget_waits.inc();
+    }
+
+    /// Reserves up to `want` tokens of the current version; a grant of 0 from a version that
+    /// was replaced meanwhile is retried against the new one.
+    async fn reserve(&self, want: u64) -> Result<(PolicyVersion, u64), StateError> {
+        let mut version = self.current_version().await?;
+        for _ in 0..3 {
+            let granted = self.state.reserve(version, want).await?;
+            if granted > 0 {
+                return Ok((version, granted));
+            }
+            let now = self.current_version().await?;
+            if now == version {
+                break;
+            }
+            version = now;
+        }
+        Ok((version, 0))
+    }
+
+    async fn current_version(&self) -> Result<PolicyVersion, StateError> {
+        self.state.current_version().await?.ok_or_else(|| {
+            StateError::Invalid("no policy version is open yet (the coordinator opens v0)".into())
+        })
+    }
+
+    /// Runs `fut` while renewing the lease on a timer; stops early on abort or a lost lease.
+    async fn under_lease<F: Future>(
+        &self,
+        id: &TrajectoryId,
+        epoch: u64,
+        fut: F,
+    ) -> Result<F::Output, Interrupted> {
+        tokio::pin!(fut);
+        let every = self.ttl() / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                _ = self.shutdown.abort.cancelled() => return Err(Interrupted::Aborted),
+                _ = tick.tick() => {
+                    match self.state.renew(id, &self.worker_id, epoch, self.ttl()).await {
+                        Ok(_) => {}
+                        Err(e @ StateError::Fenced { .. }) => return Err(Interrupted::Lost(e)),
+                        // A transient failure: the next tick (well before expiry) tries again.
+                        Err(e) => warn!(trajectory = %id, error = %e, "lease renewal failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up; returns the status the trajectory went to.
+    async fn release(&self, id: &TrajectoryId, epoch: u64) -> Option<TrajectoryStatus> {
+        match self.state.release(id, &self.worker_id, epoch).await {
+            Ok(status) => {
+                if status == TrajectoryStatus::Parked {
+                    self.metrics.parked.inc();
+                }
+                debug!(trajectory = %id, ?status, "lease released");
+                Some(status)
+            }
+            Err(e) => {
+                if matches!(e, StateError::Fenced { .. }) {
+                    self.metrics.fenced_writes.inc();
+                }
+                warn!(trajectory = %id, error = %e, "release failed; the lease will expire");
+                None
+            }
+        }
+    }
+
+    /// Runs one claimed trajectory until it ends, parks, or this worker stops. Releases the
+    /// lease on every path except a lost lease.
+    async fn run_claim(&self, claim: Claim) -> Result<(), SlotError> {
+        let id = claim.state.id.clone();
+        let epoch = claim.lease().epoch;
+        let source = match claim.source {
+            ClaimSource::Parked => "parked",
+            ClaimSource::Pending => "pending",
+            ClaimSource::Expired => "expired",
+        };
+        self.metrics.lease_claims.with_label_values(&[source]).inc();
+        match claim.source {
+            ClaimSource::Parked => self.metrics.resumed.inc(),
+            ClaimSource::Expired => self.metrics.lease_steals.inc(),
+            ClaimSource::Pending => {}
+        }
+        let started = match claim.state.first_version {
+            Some(v) => v,
+            None => self.current_version().await.unwrap_or(0),
+        };
+        self.held().insert(id.clone(), started);
+        self.metrics.active_trajectories.inc();
+        let _held = Held {
+            owner: self,
+            id: id.clone(),
+        };
+        debug!(trajectory = %id, epoch, source, segments = claim.state.segments.len(), "claimed");
+
+        match self.generate(&claim).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.release(&id, epoch).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The body of [`SegmentLoop::run_claim`]; an error return means the lease is still held
+    /// (the caller releases it).
+    async fn generate(&self, claim: &Claim) -> Result<(), SlotError> {
+        let id = &claim.state.id;
+        let epoch = claim.lease().epoch;
+        let prompt =
+            self.state
+                .prompt(&id.prompt)
+                .await?
+                .ok_or_else(|| SlotError::Inconsistent {
+                    id: id.clone(),
+                    problem: "its prompt is not registered".into(),
+                })?;
+        let prompt_ids = prompt_tokens(self.engine.as_ref(), &prompt.input).await?;
+        let (mut committed, mut last_finish) = self.load_committed(claim).await?;
+        let mut seq = claim.state.segments.len() as u32;
+        let cap = self.rollout.max_response_tokens;
+
+        loop {
+            let ended = last_finish.is_some_and(FinishReason::ends_trajectory)
+                || committed.len() >= cap as usize;
+            if ended {
+                return self.score_and_finish(id, epoch, &prompt, &committed).await;
+            }
+            if self.shutdown.stop.is_cancelled() {
+                self.release(id, epoch).await;
+                return Ok(());
+            }
+            let want = self
+                .rollout
+                .segment_tokens
+                .min(cap - committed.len() as u32);
+            let (version, granted) = self.reserve(u64::from(want)).await?;
+            if granted == 0 {
+                let wait = match self.rollout.mode {
+                    RolloutMode::Partial => true,
+                    RolloutMode::Sync => seq == 0,
+                    RolloutMode::Async => false,
+                };
+                if wait {
+                    self.mark_spent(version);
+                    let status = self.release(id, epoch).await;
+                    info!(trajectory = %id, version, ?status, "version budget spent; waiting for the next version");
+                    return Ok(());
+                }
+            }
+            // `granted` ≤ `want` ≤ u32::MAX; unreserved (sync tail, async) generates `want`.
+            let n = if granted > 0 { granted as u32 } else { want };
+            let req = SegmentRequest {
+                trajectory: id.clone(),
+                prompt: prompt_ids.clone(),
+                committed: committed.as_slice().into(),
+                max_new_tokens: n,
+                max_response_tokens: cap,
+                version,
+                sampling: self.sampling.clone(),
+            };
+            let timer = self.metrics.engine_latency.start_timer();
+            let outcome = self.under_lease(id, epoch, self.engine.generate(req)).await;
+            timer.observe_duration();
+            let out = match outcome {
+                Ok(Ok(out)) => out,
+                Ok(Err(e)) => {
+                    self.metrics.engine_errors.inc();
+                    self.refund(version, granted).await;
+                    return Err(e.into());
+                }
+                Err(Interrupted::Aborted) => {
+                    self.refund(version, granted).await;
+                    info!(trajectory = %id, seq, "segment aborted by shutdown");
+                    self.release(id, epoch).await;
+                    return Ok(());
+                }
+                Err(Interrupted::Lost(e)) => {
+                    self.refund(version, granted).await;
+                    self.metrics.fenced_writes.inc();
+                    warn!(trajectory = %id, error = %e, "lease lost while generating; segment dropped");
+                    return Ok(());
+                }
+            };
+            let generated = out.tokens.len() as u64;
+            self.metrics.tokens_generated.inc_by(generated);
+            if granted > generated {
+                self.refund(version, granted - generated).await;
+            }
+
+            let segment = Segment {
+                trajectory: id.clone(),
+                seq,
+                version: out.version,
+                lease_epoch: epoch,
+                tokens: out.tokens,
+                logprobs: out.logprobs,
+                finish: out.finish,
+            };
+            let key = keys::segment(self.state.run_id(), &id.prompt, id.sample, seq, epoch);
+            let encoded = codec::encode(&segment)?;
+            match self
+                .under_lease(id, epoch, self.blobs.put(&key, encoded))
+                .await
+            {
+                Ok(put) => put?,
+                Err(Interrupted::Aborted) => {
+                    self.release(id, epoch).await;
+                    return Ok(());
+                }
+                Err(Interrupted::Lost(e)) => {
+                    self.metrics.fenced_writes.inc();
+                    warn!(trajectory = %id, error = %e, "lease lost while writing; segment dropped");
+                    return Ok(());
+                }
+            }
+            let reference = SegmentRef {
+                seq,
+                key,
+                tokens: segment.tokens.len() as u32,
+                version: segment.version,
+            };
+            match self
+                .state
+                .commit_segment(id, &self.worker_id, epoch, &reference, self.ttl())
+                .await
+            {
+                Ok(_) => {}
+                Err(e @ StateError::Fenced { .. }) => {
+                    // Another worker owns the trajectory now; its segments win. Our object is
+                    // under our epoch's key, so it never overwrote theirs.
+                    self.metrics.fenced_writes.inc();
+                    warn!(trajectory = %id, seq, error = %e, "segment commit fenced; work dropped");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.metrics.segments_committed.inc();
+            committed.extend_from_slice(&segment.tokens);
+            last_finish = Some(segment.finish);
+            seq += 1;
+        }
+    }
+
+    /// Refunds a reservation (best effort: a lost refund only under-uses the budget).
+    async fn refund(&self, version: PolicyVersion, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        if let Err(e) = self.state.refund(version, tokens).await {
+            warn!(version, tokens, error = %e, "refund failed");
+        }
+    }
+
+    /// Reads the committed segments back: their tokens, and the last one's finish reason.
+    async fn load_committed(
+        &self,
+        claim: &Claim,
+    ) -> Result<(Vec<u32>, Option<FinishReason>), SlotError> {
+        let id = &claim.state.id;
+        let mut tokens = Vec::with_capacity(claim.state.tokens as usize);
+        let mut last = None;
+        for r in &claim.state.segments {
+            let bytes = self.blobs.get(&r.key).await?;
+            let segment = codec::decode(&bytes)?;
+            if segment.seq != r.seq
+                || segment.tokens.len() != r.tokens as usize
+                || segment.trajectory != *id
+            {
+                return Err(SlotError::Inconsistent {
+                    id: id.clone(),
+                    problem: format!(
+                        "segment object {} does not match its index entry (seq {}, {} tokens)",
+                        r.key, r.seq, r.tokens
+                    ),
+                });
+            }
+            tokens.extend_from_slice(&segment.tokens);
+            last = Some(segment.finish);
+        }
+        Ok((tokens, last))
+    }
+
+    /// Scores the response and finishes the trajectory (pushing it to the finished stream).
+    async fn score_and_finish(
+        &self,
+        id: &TrajectoryId,
+        epoch: u64,
+        prompt: &Prompt,
+        response: &[u32],
+    ) -> Result<(), SlotError> {
+        let verifier = self.verifiers.build(&prompt.verifier)?;
+        let prompt_text = match &prompt.input {
+            PromptInput::Text(t) => t.clone(),
+            PromptInput::Tokens(t) => self.engine.detokenize(t).await?,
+        };
+        let response_text = self.engine.detokenize(response).await?;
+        let input = VerifyInput {
+            prompt: &prompt_text,
+            response: &response_text,
+            metadata: &prompt.metadata,
+        };
+        let reward = match self.under_lease(id, epoch, verifier.score(&input)).await {
+            Ok(reward) => reward?,
+            Err(Interrupted::Aborted) => {
+                self.release(id, epoch).await;
+                return Ok(());
+            }
+            Err(Interrupted::Lost(e)) => {
+                self.metrics.fenced_writes.inc();
+                warn!(trajectory = %id, error = %e, "lease lost while scoring");
+                return Ok(());
+            }
+        };
+        match self.state.finish(id, &self.worker_id, epoch, reward).await {
+            Ok(entry) => {
+                self.metrics.finished.inc();
+                debug!(trajectory = %id, reward, tokens = entry.tokens, "finished");
+                Ok(())
+            }
+            Err(e @ StateError::Fenced { .. }) => {
+                self.metrics.fenced_writes.inc();
+                warn!(trajectory = %id, error = %e, "finish fenced; dropped");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
