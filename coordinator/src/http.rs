@@ -97,13 +97,14 @@ async fn status(State(s): State<ApiState>) -> Response {
     }
 }
 
-/// Checks the bearer token in constant time; `Err` is the 401 to send.
-fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks the bearer token in constant time; `Err` is the 401 to send (boxed: a response is
+/// large).
+fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(expected) = &s.admin_token else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "admin API disabled: set coordinator.admin_token or FLYWHEEL_COORDINATOR_ADMIN_TOKEN",
-        ));
+        )));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -115,10 +116,10 @@ fn authorize(s: &ApiState, headers: &HeaderMap) -> Result<(), Response> {
     if same {
         Ok(())
     } else {
-        Err(error(
+        Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (Authorization: Bearer <admin token>)",
-        ))
+        )))
     }
 }
 
@@ -140,7 +141,7 @@ fn view(c: &Controls) -> Json<ControlsView> {
 
 async fn pause(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     s.controls.paused.store(true, Ordering::SeqCst);
     tracing::info!("paused by the admin API");
@@ -149,7 +150,7 @@ async fn pause(State(s): State<ApiState>, headers: HeaderMap) -> Response {
 
 async fn resume(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     s.controls.paused.store(false, Ordering::SeqCst);
     tracing::info!("resumed by the admin API");
@@ -170,7 +171,7 @@ async fn budget(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     let req: BudgetRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -167,6 +167,8 @@ struct Book {
     waiting: BTreeMap<PromptId, Group>,
     /// The next step to cut (the ledger's last + 1).
     next_step: StepId,
+    /// The stall warning was logged this term.
+    stall_warned: bool,
 }
 
 /// One coordinator process: a candidate for leadership and, while leading, the loop.
@@ -520,14 +522,12 @@ impl Coordinator {
                 if self.book.closed.contains(&p) || self.book.waiting.contains_key(&p) {
                     continue;
                 }
-                if self.book.checked.insert(p.clone()) {
-                    match self.ledger.prompt_status(&run, &p).await? {
-                        Some(PromptStatus::Trained { .. } | PromptStatus::Dropped { .. }) => {
-                            self.book.closed.insert(p);
-                            continue;
-                        }
-                        _ => {}
-                    }
+                if self.book.checked.insert(p.clone())
+                    && let Some(PromptStatus::Trained { .. } | PromptStatus::Dropped { .. }) =
+                        self.ledger.prompt_status(&run, &p).await?
+                {
+                    self.book.closed.insert(p);
+                    continue;
                 }
                 self.book
                     .finished
@@ -649,7 +649,11 @@ impl Coordinator {
 
     /// Cuts and commits a step when the rule says so.
     async fn maybe_cut(&mut self) -> Result<TickOutcome, CoordinatorError> {
-        if self.book.waiting.is_empty() || !self.previous_step_finished().await? {
+        if self.book.waiting.is_empty() {
+            self.warn_if_stalled().await?;
+            return Ok(TickOutcome::Idle);
+        }
+        if !self.previous_step_finished().await? {
             return Ok(TickOutcome::Idle);
         }
         let phi = self.run.batch.token_budget;
@@ -684,6 +688,35 @@ impl Coordinator {
         self.check_crash(CrashPoint::BeforeManifest)?;
         self.commit(plan.manifest, started).await?;
         Ok(TickOutcome::Committed(step))
+    }
+
+    /// A version whose budget is spent with every unfinished trajectory parked and no
+    /// complete group cannot make progress: a step needs a complete group, and the next
+    /// version needs a step. Φ_r is too small for the responses; say so once per term.
+    async fn warn_if_stalled(&mut self) -> Result<(), CoordinatorError> {
+        if self.book.stall_warned || self.run.rollout.mode == RolloutMode::Async {
+            return Ok(());
+        }
+        let Some(b) = self.state.budget().await? else {
+            return Ok(());
+        };
+        if b.remaining > 0 {
+            return Ok(());
+        }
+        let c = self.state.counts().await?;
+        if c.generating == 0 && c.parked > 0 && self.previous_step_finished().await? {
+            self.book.stall_warned = true;
+            warn!(
+                version = b.version,
+                parked = c.parked,
+                budget = b.total,
+                "the version's budget is spent, every unfinished trajectory is parked and no \
+                 group is complete: no step can be cut, so no newer version opens. \
+                 rollout.version_budget_tokens (Φ_r) is too small for the responses: raise it \
+                 (or lower rollout.max_response_tokens) for the run"
+            );
+        }
+        Ok(())
     }
 
     fn check_crash(&mut self, point: CrashPoint) -> Result<(), CoordinatorError> {
