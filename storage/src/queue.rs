@@ -165,8 +165,12 @@ impl KafkaConfig {
             )
             // A new group starts at the beginning: no prompt written before it is skipped.
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("enable.partition.eof", "false");
+        // The next-generation group protocol (KIP-848) sets the session timeout broker-side
+        // and refuses a client-side one.
+        if self.librdkafka.get("group.protocol").map(String::as_str) != Some("consumer") {
+            config.set("session.timeout.ms", self.session_timeout_ms.to_string());
+        }
         self.with_overrides(config)
     }
 }
@@ -661,6 +665,10 @@ pub struct Delivery {
 }
 
 /// A member of the run's consumer group on the prompt topic.
+///
+/// Dropping it closes the librdkafka consumer, which blocks while it commits the stored
+/// offsets and leaves the group (up to a few seconds): in async code call
+/// [`PromptConsumer::close`] instead, which does that on a blocking thread.
 pub struct PromptConsumer {
     /// Strong owner of the librdkafka consumer; receipts hold it weakly.
     shared: Arc<Shared>,
@@ -805,6 +813,28 @@ impl PromptConsumer {
                 Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
                 Err(error) => Err(QueueError::Offsets(error)),
             }
+        })
+        .await?
+    }
+
+    /// Commits the stored offsets, leaves the group (its partitions go to the other members at
+    /// once) and closes the consumer, on a blocking thread. Unacknowledged prompts are
+    /// redelivered to whoever gets their partitions.
+    pub async fn close(self) -> Result<(), QueueError> {
+        let PromptConsumer {
+            shared,
+            dlq,
+            config: _,
+        } = self;
+        tokio::task::spawn_blocking(move || {
+            let committed = match shared.consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                Err(error) => Err(QueueError::Offsets(error)),
+            };
+            // The last strong reference (receipts are weak): this closes the consumer.
+            drop(shared);
+            drop(dlq);
+            committed
         })
         .await?
     }

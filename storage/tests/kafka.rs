@@ -298,7 +298,7 @@ async fn scenario_unacked_prompts_are_redelivered(cluster: &Cluster) {
     let _ = pump1.await;
     drop(rx1);
     let first = Arc::into_inner(first).expect("the pump task released the consumer");
-    tokio::task::spawn_blocking(move || drop(first))
+    bounded("the first member to close", first.close())
         .await
         .unwrap();
 
