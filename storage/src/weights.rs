@@ -425,13 +425,20 @@ pub async fn publish(
         tensors: entries,
     };
 
+    // Owned keys and bytes: the upload futures borrow nothing (they stay `Send` for any
+    // caller, see rust-lang/rust#102211).
+    let uploads: Vec<(String, Bytes)> = uploads
+        .into_iter()
+        .map(|(hash, data)| (keys::chunk(run, &hash), Bytes::copy_from_slice(data)))
+        .collect();
     let results: Vec<(u64, bool)> = futures::stream::iter(uploads)
-        .map(|(hash, data)| async move {
-            let key = keys::chunk(run, &hash);
-            let outcome = blob
-                .put_if_absent(&key, Bytes::copy_from_slice(data))
-                .await?;
-            Ok::<_, WeightsError>((data.len() as u64, outcome == PutOutcome::Created))
+        .map(|(key, data)| {
+            let blob = blob.clone();
+            async move {
+                let len = data.len() as u64;
+                let outcome = blob.put_if_absent(&key, data).await?;
+                Ok::<_, WeightsError>((len, outcome == PutOutcome::Created))
+            }
         })
         .buffer_unordered(config.concurrency)
         .try_collect()
@@ -569,33 +576,39 @@ pub async fn fetch(
         .filter(|c| !local.contains_key(c.hash.as_str()))
         .map(|c| (c.hash.as_str(), c.len))
         .collect();
-    let downloaded: HashMap<&str, Bytes> = futures::stream::iter(missing)
-        .map(|(hash, len)| async move {
-            let key = keys::chunk(run, hash);
-            let data = match blob.get(&key).await {
-                Ok(d) => d,
-                Err(BlobError::NotFound { .. }) => {
+    let missing: Vec<(String, String, u64)> = missing
+        .into_iter()
+        .map(|(hash, len)| (hash.to_owned(), keys::chunk(run, hash), len))
+        .collect();
+    let downloaded: HashMap<String, Bytes> = futures::stream::iter(missing)
+        .map(|(hash, key, len)| {
+            let blob = blob.clone();
+            async move {
+                let data = match blob.get(&key).await {
+                    Ok(d) => d,
+                    Err(BlobError::NotFound { .. }) => {
+                        return Err(WeightsError::CorruptChunk {
+                            key,
+                            reason: "missing (collected while still referenced?)".into(),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if data.len() as u64 != len {
                     return Err(WeightsError::CorruptChunk {
                         key,
-                        reason: "missing (collected while still referenced?)".into(),
+                        reason: format!("{} bytes, the manifest says {len}", data.len()),
                     });
                 }
-                Err(e) => return Err(e.into()),
-            };
-            if data.len() as u64 != len {
-                return Err(WeightsError::CorruptChunk {
-                    key,
-                    reason: format!("{} bytes, the manifest says {len}", data.len()),
-                });
+                let actual = content_hash(&data);
+                if actual != hash {
+                    return Err(WeightsError::CorruptChunk {
+                        key,
+                        reason: format!("content hashes to {actual}"),
+                    });
+                }
+                Ok((hash, data))
             }
-            let actual = content_hash(&data);
-            if actual != hash {
-                return Err(WeightsError::CorruptChunk {
-                    key,
-                    reason: format!("content hashes to {actual}"),
-                });
-            }
-            Ok((hash, data))
         })
         .buffer_unordered(config.concurrency)
         .try_collect()

@@ -15,15 +15,28 @@
 //!   gradient-norm clipping over named f32 tensors; its state serialises to checksummed bytes
 //!   and restores bit-identically, for checkpoints.
 //!
+//! - [`step`]: one rank's share of a step: concurrent, checksum-verified segment fetch,
+//!   trajectory stitching, forward under θ_old, IcePop loss on the trained range, backward into
+//!   summed gradients; the AdamW update; and [`step::supervised_step`] for warm starts.
+//! - [`service`]: the trainer service (`flywheel trainer`): the step-board loop, the finisher
+//!   (rank-ordered gradient sum, AdamW, incremental weight publication, optimizer state,
+//!   checkpoints and their retention) and `--resume` ([`service::Trainer::restore`]).
+//! - [`config`]: the `[trainer]` section; [`grads`]: the per-rank gradient object.
+//!
 //! Because the loss is divided by the constant Φ rather than the batch's token count, the
 //! gradients of micro-batches and ranks are summed (not averaged) before [`optim::AdamW::step`].
 
+pub mod config;
+pub mod grads;
 pub mod loss;
 pub mod optim;
+pub mod service;
 pub mod step;
 
+pub use config::{TrainerConfig, TrainerSection};
 pub use loss::{
     LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
     SupervisedTokens, supervised_loss,
 };
 pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
+pub use service::{Services, StepOutcome, Trainer, TrainerError, run, run_until};

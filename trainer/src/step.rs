@@ -158,21 +158,25 @@ pub async fn fetch_segments<'a>(
     entries: impl IntoIterator<Item = &'a BatchEntry>,
     concurrency: usize,
 ) -> Result<HashMap<String, Segment>, StepError> {
-    let keys: Vec<&str> = entries
+    // Owned keys: the fetch futures borrow nothing, so they are `Send` for any caller
+    // (rust-lang/rust#102211).
+    let keys: Vec<String> = entries
         .into_iter()
-        .flat_map(|e| e.segments.iter().map(|s| s.key.as_str()))
+        .flat_map(|e| e.segments.iter().map(|s| s.key.clone()))
         .collect();
     futures::stream::iter(keys)
-        .map(|key| async move {
-            let bytes = blob.get(key).await.map_err(|source| StepError::Fetch {
-                key: key.to_owned(),
-                source,
-            })?;
-            let segment = codec::decode(&bytes).map_err(|source| StepError::CorruptSegment {
-                key: key.to_owned(),
-                source,
-            })?;
-            Ok((key.to_owned(), segment))
+        .map(|key| {
+            let blob = blob.clone();
+            async move {
+                let bytes = blob.get(&key).await.map_err(|source| StepError::Fetch {
+                    key: key.clone(),
+                    source,
+                })?;
+                match codec::decode(&bytes) {
+                    Ok(segment) => Ok((key, segment)),
+                    Err(source) => Err(StepError::CorruptSegment { key, source }),
+                }
+            }
         })
         .buffer_unordered(concurrency.max(1))
         .try_collect()

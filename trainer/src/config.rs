@@ -1,0 +1,215 @@
+//! The `[trainer]` section of the run's TOML file.
+//!
+//! ```toml
+//! [trainer]
+//! id = "trainer-a"          # unique per process; default: trainer-<pid>-<random>
+//! seed = 0                  # initialisation of version 0
+//! checkpoint_every = 10     # a ledger checkpoint every N steps
+//! keep_checkpoints = 3
+//! keep_versions = 4         # recent weight versions kept for the workers
+//!
+//! [trainer.model]           # default: the tiny model of the arithmetic task
+//! vocab_size = 20
+//! d_model = 64
+//! n_layers = 2
+//! n_heads = 4
+//! d_ff = 256
+//! max_seq_len = 128
+//!
+//! [trainer.loss]            # IcePop α, β, PPO ε, KL (Φ comes from each step's manifest)
+//! [trainer.optimizer]       # AdamW lr, betas, eps, weight_decay, max_grad_norm
+//! [trainer.weights]         # chunk_bytes, concurrency of weight publication
+//! ```
+
+use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_storage::weights::WeightsConfig;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::loss::{LossConfig, LossMode};
+use crate::optim::AdamWConfig;
+
+/// A configuration value that cannot be used; names the field.
+#[derive(Debug, Error)]
+#[error("invalid [trainer] config: {field} {problem}")]
+pub struct TrainerConfigError {
+    /// The field, e.g. `trainer.checkpoint_every`.
+    pub field: &'static str,
+    /// What is wrong and what to write instead.
+    pub problem: String,
+}
+
+/// The trainer's own configuration (the shared parts are in `flywheel_storage::config`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// This trainer's member id (heartbeats, rank claims). Empty: `trainer-<pid>-<random>`.
+    pub id: String,
+    /// Seed of the deterministic initialisation of version 0.
+    pub seed: u64,
+    /// The model's shape; every trainer and worker of a run must agree on it.
+    pub model: ModelConfig,
+    /// Characters of the built-in character tokenizer (text prompts); BOS, EOS and PAD are
+    /// added in front.
+    pub charset: String,
+    /// The training objective. Its `token_budget` is replaced by each step's manifest (Φ is
+    /// decided by the coordinator).
+    pub loss: LossConfig,
+    /// AdamW and gradient clipping.
+    pub optimizer: AdamWConfig,
+    /// Chunking and transfer concurrency of weight publication.
+    pub weights: WeightsConfig,
+    /// Record a checkpoint in the ledger after every N-th step (N ≥ 1).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones (their ledger rows and objects) are collected.
+    pub keep_checkpoints: usize,
+    /// Most recent weight versions kept besides checkpointed ones (workers may still be
+    /// fetching them); older versions' manifests and unreferenced chunks are collected.
+    pub keep_versions: u64,
+    /// Lease of a claimed rank, in ms; renewed at a third of it while the rank is computed.
+    pub rank_claim_ms: u64,
+    /// Heartbeat lease of the trainer's membership, in ms.
+    pub heartbeat_ms: u64,
+    /// Pause between polls of the step board when there is nothing to do, in ms.
+    pub poll_ms: u64,
+    /// Segments fetched at once.
+    pub fetch_concurrency: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            id: String::new(),
+            seed: 0,
+            model: ModelConfig::tiny(Tokenizer::arithmetic().vocab_size()),
+            charset: Tokenizer::ARITHMETIC_CHARSET.to_owned(),
+            loss: LossConfig::default(),
+            optimizer: AdamWConfig::default(),
+            weights: WeightsConfig::default(),
+            checkpoint_every: 10,
+            keep_checkpoints: 3,
+            keep_versions: 4,
+            rank_claim_ms: 60_000,
+            heartbeat_ms: 10_000,
+            poll_ms: 200,
+            fetch_concurrency: 16,
+        }
+    }
+}
+
+/// What the binary reads from the TOML file: the `[trainer]` table, the rest ignored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerSection {
+    /// The `[trainer]` table.
+    #[serde(default)]
+    pub trainer: TrainerConfig,
+}
+
+impl TrainerConfig {
+    /// The tokenizer of text prompts.
+    pub fn tokenizer(&self) -> Result<Tokenizer, TrainerConfigError> {
+        Tokenizer::new(&self.charset).map_err(|e| TrainerConfigError {
+            field: "trainer.charset",
+            problem: e.to_string(),
+        })
+    }
+
+    /// Checks every field; the error names the one to fix.
+    pub fn validate(&self) -> Result<(), TrainerConfigError> {
+        let err = |field: &'static str, problem: String| TrainerConfigError { field, problem };
+        self.model
+            .validate()
+            .map_err(|e| err("trainer.model", e.to_string()))?;
+        let tok = self.tokenizer()?;
+        if tok.vocab_size() > self.model.vocab_size {
+            return Err(err(
+                "trainer.model.vocab_size",
+                format!(
+                    "= {} is smaller than the tokenizer's {} ids",
+                    self.model.vocab_size,
+                    tok.vocab_size()
+                ),
+            ));
+        }
+        self.loss
+            .validate()
+            .map_err(|e| err("trainer.loss", e.to_string()))?;
+        if self.loss.mode != LossMode::Icepop {
+            return Err(err(
+                "trainer.loss.mode",
+                "must be `icepop` for the trainer service; supervised warm-starts run through \
+                 `flywheel_trainer::step::supervised_step`"
+                    .into(),
+            ));
+        }
+        self.optimizer
+            .validate()
+            .map_err(|e| err("trainer.optimizer", e.to_string()))?;
+        self.weights
+            .validate()
+            .map_err(|e| err("trainer.weights", e.to_string()))?;
+        if self.checkpoint_every == 0 {
+            return Err(err("trainer.checkpoint_every", "must be at least 1".into()));
+        }
+        if self.keep_checkpoints == 0 {
+            return Err(err("trainer.keep_checkpoints", "must be at least 1".into()));
+        }
+        if self.keep_versions == 0 {
+            return Err(err("trainer.keep_versions", "must be at least 1".into()));
+        }
+        for (field, ms) in [
+            ("trainer.rank_claim_ms", self.rank_claim_ms),
+            ("trainer.heartbeat_ms", self.heartbeat_ms),
+            ("trainer.poll_ms", self.poll_ms),
+        ] {
+            if ms == 0 || ms > 86_400_000 {
+                return Err(err(field, format!("= {ms} must be between 1 ms and 24 h")));
+            }
+        }
+        if self.fetch_concurrency == 0 {
+            return Err(err(
+                "trainer.fetch_concurrency",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_parse_from_toml() {
+        TrainerConfig::default().validate().unwrap();
+        let s: TrainerSection = toml::from_str(
+            "[trainer]\nseed = 3\ncheckpoint_every = 2\n[trainer.optimizer]\nlr = 0.001\n\
+             [other]\nx = 1\n",
+        )
+        .unwrap();
+        assert_eq!(s.trainer.seed, 3);
+        assert_eq!(s.trainer.optimizer.lr, 0.001);
+        assert!(toml::from_str::<TrainerSection>("[trainer]\nsede = 3\n").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let c = TrainerConfig {
+            checkpoint_every: 0,
+            ..TrainerConfig::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("checkpoint_every")
+        );
+        let mut c = TrainerConfig::default();
+        c.model.vocab_size = 5;
+        assert!(c.validate().unwrap_err().to_string().contains("vocab_size"));
+        let mut c = TrainerConfig::default();
+        c.loss.mode = LossMode::Supervised;
+        assert!(c.validate().unwrap_err().to_string().contains("loss.mode"));
+    }
+}

@@ -1,0 +1,894 @@
+//! The trainer service (`flywheel trainer`): the step-board loop of the wave-2 protocol, the
+//! finisher's update, weight publication and checkpoints (DESIGN.md §6.4, §6.5).
+//!
+//! # Loop
+//!
+//! Each trainer heartbeats as a [`MemberRole::Trainer`] and polls the step board. When the
+//! announced step s is not finished, it brings its weights to version s (fetching only the
+//! chunks that changed), claims a rank, computes that rank's gradient sum
+//! ([`Trainer::train_rank`]; the claim is renewed meanwhile), writes it to
+//! [`keys::step_grads`] and completes the rank. The trainer that completes the last rank is the
+//! *finisher* ([`Trainer::finish`]): it reads the W gradient objects, sums them in rank order
+//! (deterministic, so a redone step gives the same bits), applies AdamW, publishes version
+//! s+1 incrementally, saves the optimizer state, records a checkpoint every
+//! `checkpoint_every` steps, collects what is no longer kept, then marks the step finished on
+//! the board and deletes the step's gradient objects.
+//!
+//! # Optimizer state
+//!
+//! Any trainer may finish the next step, so the optimizer state after step s is written at
+//! every step to `checkpoints/step-{s}/optimizer` (a trainer that finished step s−1 itself
+//! reuses its in-memory state and does not read it back). A *checkpoint* is the ledger record
+//! naming that state and the weights manifest of version s+1; optimizer states of steps that
+//! are not kept checkpoints are deleted once superseded. The state's step count is checked
+//! against the step (after step s it is s+1), so a stale state is never applied.
+//!
+//! # Resume
+//!
+//! `--resume` ([`Trainer::restore`]) loads the ledger's latest checkpoint: weights version
+//! c+1 and the optimizer state after step c; training continues at step c+1 and gives the
+//! same bits as if it had never stopped. Without `--resume` a trainer joins at the newest
+//! published version (publishing version 0 from the seed if there is none; the manifest's
+//! create-if-absent decides a race between trainers).
+//!
+//! # Failures
+//!
+//! A rank that fails (a corrupt segment, an unreachable store) is logged with its cause and
+//! not completed; its claim expires and it is tried again (by any trainer). A fenced rank
+//! write (the claim expired and was taken over) is logged and dropped: the new holder
+//! computes the same gradient.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flywheel_model::{Model, ModelError, Params, Tokenizer};
+use flywheel_storage::blob::{BlobError, BlobStore};
+use flywheel_storage::config::RunConfig;
+use flywheel_storage::keys;
+use flywheel_storage::ledger::{self, Checkpoint, Ledger, LedgerError};
+use flywheel_storage::state::{self, MemberRole, RankClaim, StateError, StateStore};
+use flywheel_storage::weights::{self, Dtype, TensorBytes, WeightsError, WeightsManifest};
+use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
+use futures::{StreamExt, TryStreamExt};
+use thiserror::Error;
+
+use crate::config::{TrainerConfig, TrainerConfigError};
+use crate::grads::{GradError, RankGradient};
+use crate::loss::{LossConfig, PolicyLoss};
+use crate::optim::{AdamW, OptimError};
+use crate::step::{
+    StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update, load_rank,
+    prompt_tokens,
+};
+
+/// Errors of the trainer service.
+#[derive(Debug, Error)]
+pub enum TrainerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] TrainerConfigError),
+    /// Weight publication or loading failed.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The object store failed.
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// The state store (step board, heartbeats, prompts) failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// A rank's training failed.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The optimizer failed, or its saved state is unusable.
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    /// A rank's gradient object is unusable.
+    #[error("gradient object `{key}`: {source}")]
+    Grad {
+        /// Its key.
+        key: String,
+        /// What is wrong.
+        #[source]
+        source: GradError,
+    },
+    /// A batch manifest is unreadable or does not match its announcement.
+    #[error("batch manifest `{key}`: {reason}")]
+    Manifest {
+        /// Its key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `--resume` found no checkpoint.
+    #[error(
+        "run `{run}` has no checkpoint to resume from: start without --resume, or check \
+         storage.ledger_url"
+    )]
+    NoCheckpoint {
+        /// The run.
+        run: String,
+    },
+    /// Stored state contradicts itself (e.g. an optimizer state of the wrong step).
+    #[error("inconsistent trainer state: {0}")]
+    Inconsistent(String),
+}
+
+/// The stores a trainer works with, opened.
+#[derive(Clone)]
+pub struct Services {
+    /// The run id (object keys, ledger rows).
+    pub run_id: String,
+    /// The run's state store (step board, prompts, heartbeats).
+    pub state: Arc<dyn StateStore>,
+    /// The object store (segments, manifests, gradients, weights, optimizer state).
+    pub blob: BlobStore,
+    /// The ledger (checkpoint records).
+    pub ledger: Arc<dyn Ledger>,
+}
+
+impl Services {
+    /// Opens the stores named by `config.storage`.
+    pub async fn open(config: &RunConfig) -> Result<Self, TrainerError> {
+        let s = &config.storage;
+        Ok(Services {
+            run_id: s.run_id.clone(),
+            state: state::open(&s.state_url, &s.run_id).await?,
+            blob: BlobStore::open(&s.blob_url)?,
+            ledger: ledger::open(&s.ledger_url).await?,
+        })
+    }
+}
+
+/// What publishing a version cost, against its full size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishStats {
+    /// Bytes uploaded.
+    pub bytes_written: u64,
+    /// Size of the version.
+    pub bytes_total: u64,
+    /// Chunks uploaded.
+    pub chunks_written: u64,
+    /// Chunk references reused.
+    pub chunks_reused: u64,
+}
+
+/// What [`Trainer::finish`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// The step trained.
+    pub step: StepId,
+    /// The version published (= step + 1).
+    pub version: PolicyVersion,
+    /// Loss, gradient norm, entropy, masked fraction, mean |log k|, tokens, time.
+    pub metrics: StepMetrics,
+    /// What the publication of `version` wrote.
+    pub publish: PublishStats,
+    /// Whether a checkpoint was recorded after this step.
+    pub checkpointed: bool,
+}
+
+/// The key of the optimizer state after step `step`.
+fn optimizer_key(run: &str, step: StepId) -> String {
+    keys::checkpoint_object(run, step, "optimizer")
+}
+
+/// One trainer process's model, weights and optimizer.
+pub struct Trainer {
+    services: Services,
+    config: TrainerConfig,
+    tokenizer: Tokenizer,
+    /// The host copy of the weights of `version`.
+    params: Params,
+    /// The model holding `params`; `None` only while a rank is computed on a blocking thread.
+    model: Option<Model>,
+    /// The manifest of `version`.
+    manifest: WeightsManifest,
+    /// `version`'s tensors as published bytes (what incremental fetches reuse).
+    bytes: BTreeMap<String, Vec<u8>>,
+    /// The optimizer after the last step this trainer finished or restored (its step count is
+    /// the version it produced); `None` when it must be loaded.
+    optimizer: Option<AdamW>,
+    /// Prompt tokens already resolved.
+    prompts: BTreeMap<PromptId, Vec<u32>>,
+    /// When this trainer started working on a step (for the step time).
+    step_started: Option<(StepId, Instant)>,
+}
+
+impl Trainer {
+    /// Joins the run at its newest published version, publishing version 0 from
+    /// `config.seed` if no version exists yet.
+    pub async fn start(services: Services, config: TrainerConfig) -> Result<Self, TrainerError> {
+        config.validate()?;
+        let run = services.run_id.clone();
+        if !weights::exists(&services.blob, &run, 0).await?
+            && weights::latest_version(&services.blob, &run)
+                .await?
+                .is_none()
+        {
+            let params = Params::init(&config.model, config.seed)?;
+            let report = publish_params(&services.blob, &run, 0, &params, None, &config).await?;
+            tracing::info!(
+                run = %run,
+                bytes = report.bytes_total,
+                created = report.manifest_created,
+                "published initial weights (version 0)"
+            );
+        }
+        let version = weights::latest_version(&services.blob, &run)
+            .await?
+            .unwrap_or(0);
+        Self::at_version(services, config, version, None).await
+    }
+
+    /// Restores the ledger's latest checkpoint (`--resume`): weights and optimizer state.
+    /// Returns the trainer and the checkpoint.
+    pub async fn restore(
+        services: Services,
+        config: TrainerConfig,
+    ) -> Result<(Self, Checkpoint), TrainerError> {
+        config.validate()?;
+        let run = services.run_id.clone();
+        let checkpoint = services
+            .ledger
+            .latest_checkpoint(&run)
+            .await?
+            .ok_or_else(|| TrainerError::NoCheckpoint { run: run.clone() })?;
+        let version =
+            keys::parse_weights_manifest(&run, &checkpoint.weights_key).ok_or_else(|| {
+                TrainerError::Inconsistent(format!(
+                    "checkpoint of step {} names weights `{}`, not a weights manifest of run \
+                     `{run}`",
+                    checkpoint.step, checkpoint.weights_key
+                ))
+            })?;
+        if version != checkpoint.step + 1 {
+            return Err(TrainerError::Inconsistent(format!(
+                "checkpoint of step {} names weights version {version}",
+                checkpoint.step
+            )));
+        }
+        let state = services.blob.get(&checkpoint.optimizer_key).await?;
+        let optimizer = AdamW::from_state_bytes(config.optimizer.clone(), &state)?;
+        if optimizer.step_count() != version {
+            return Err(TrainerError::Inconsistent(format!(
+                "optimizer state `{}` has taken {} steps; the checkpoint of step {} needs {version}",
+                checkpoint.optimizer_key,
+                optimizer.step_count(),
+                checkpoint.step
+            )));
+        }
+        let trainer = Self::at_version(services, config, version, Some(optimizer)).await?;
+        tracing::info!(run = %run, step = checkpoint.step, version, "restored checkpoint");
+        Ok((trainer, checkpoint))
+    }
+
+    async fn at_version(
+        services: Services,
+        config: TrainerConfig,
+        version: PolicyVersion,
+        optimizer: Option<AdamW>,
+    ) -> Result<Self, TrainerError> {
+        let fetched = weights::fetch(
+            &services.blob,
+            &services.run_id,
+            version,
+            None,
+            &config.weights,
+        )
+        .await?;
+        let params = Params::from_bytes_map(&config.model, &fetched.tensors)?;
+        let model = Model::cpu(&params)?;
+        Ok(Trainer {
+            tokenizer: config.tokenizer()?,
+            services,
+            config,
+            params,
+            model: Some(model),
+            manifest: fetched.manifest,
+            bytes: fetched.tensors,
+            optimizer,
+            prompts: BTreeMap::new(),
+            step_started: None,
+        })
+    }
+
+    /// The version of the weights this trainer holds.
+    pub fn version(&self) -> PolicyVersion {
+        self.manifest.version
+    }
+
+    /// The weights this trainer holds.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The optimizer's state, if this trainer holds it.
+    pub fn optimizer(&self) -> Option<&AdamW> {
+        self.optimizer.as_ref()
+    }
+
+    /// Brings the weights to `version`, fetching only the chunks that changed.
+    pub async fn sync_to(&mut self, version: PolicyVersion) -> Result<(), TrainerError> {
+        if self.version() == version {
+            return Ok(());
+        }
+        let fetched = weights::fetch(
+            &self.services.blob,
+            &self.services.run_id,
+            version,
+            Some((&self.manifest, &self.bytes)),
+            &self.config.weights,
+        )
+        .await?;
+        let params = Params::from_bytes_map(&self.config.model, &fetched.tensors)?;
+        self.model_mut().load_params(&params)?;
+        tracing::debug!(
+            version,
+            bytes_fetched = fetched.bytes_fetched,
+            bytes_total = fetched.manifest.total_bytes,
+            "weights updated"
+        );
+        self.params = params;
+        self.manifest = fetched.manifest;
+        self.bytes = fetched.tensors;
+        Ok(())
+    }
+
+    fn model_mut(&mut self) -> &mut Model {
+        self.model
+            .as_mut()
+            .expect("the model is only taken for the duration of a blocking computation")
+    }
+
+    /// Resolves the token ids of every prompt of rank `rank`'s entries.
+    async fn resolve_prompts(
+        &mut self,
+        manifest: &BatchManifest,
+        rank: u32,
+    ) -> Result<(), TrainerError> {
+        let ids: Vec<PromptId> = manifest
+            .ranks
+            .get(rank as usize)
+            .into_iter()
+            .flatten()
+            .flat_map(|mb| &mb.entries)
+            .map(|e| e.trajectory.prompt.clone())
+            .filter(|p| !self.prompts.contains_key(p))
+            .collect();
+        for id in ids {
+            if self.prompts.contains_key(&id) {
+                continue;
+            }
+            let prompt =
+                self.services
+                    .state
+                    .prompt(&id)
+                    .await?
+                    .ok_or_else(|| StepError::Prompt {
+                        prompt: id.clone(),
+                        reason: "not registered in the state store".into(),
+                    })?;
+            let tokens = prompt_tokens(&prompt, &self.tokenizer)?;
+            self.prompts.insert(id, tokens);
+        }
+        Ok(())
+    }
+
+    /// Computes rank `rank`'s gradient sum for `manifest` under θ_old = version `step`.
+    pub async fn train_rank(
+        &mut self,
+        manifest: &BatchManifest,
+        rank: u32,
+    ) -> Result<RankGradient, TrainerError> {
+        let started = Instant::now();
+        if self.step_started.is_none_or(|(s, _)| s != manifest.step) {
+            self.step_started = Some((manifest.step, started));
+        }
+        self.sync_to(manifest.step).await?;
+        self.resolve_prompts(manifest, rank).await?;
+        let batch = load_rank(
+            &self.services.blob,
+            manifest,
+            rank,
+            &self.prompts,
+            self.config.fetch_concurrency,
+        )
+        .await?;
+        let loss = PolicyLoss::new(LossConfig {
+            token_budget: manifest.token_budget,
+            ..self.config.loss.clone()
+        })
+        .map_err(StepError::from)?;
+        let model = self
+            .model
+            .take()
+            .expect("model present between computations");
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = compute_rank(&model, &loss, &batch);
+            (model, result)
+        })
+        .await;
+        let (model, result) = match joined {
+            Ok(pair) => pair,
+            Err(e) => {
+                // The computation panicked: rebuild the model from the host weights.
+                self.model = Some(Model::cpu(&self.params)?);
+                return Err(TrainerError::Inconsistent(format!(
+                    "rank computation failed: {e}"
+                )));
+            }
+        };
+        self.model = Some(model);
+        let (grads, stats) = result?;
+        tracing::debug!(
+            step = manifest.step,
+            rank,
+            tokens = stats.loss.tokens_trained,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "rank computed"
+        );
+        Ok(RankGradient {
+            step: manifest.step,
+            rank,
+            stats,
+            grads,
+        })
+    }
+
+    /// Writes a rank's gradient object (deterministic content: a redone rank writes the same).
+    pub async fn put_rank(&self, gradient: &RankGradient) -> Result<(), TrainerError> {
+        let key = keys::step_grads(&self.services.run_id, gradient.step, gradient.rank);
+        self.services
+            .blob
+            .put(&key, Bytes::from(gradient.to_bytes()))
+            .await?;
+        Ok(())
+    }
+
+    /// The finisher's work for `manifest`'s step s: sum the ranks' gradients in rank order,
+    /// AdamW, publish version s+1, save the optimizer state, checkpoint and collect. Does not
+    /// touch the step board (the service loop does).
+    pub async fn finish(&mut self, manifest: &BatchManifest) -> Result<StepOutcome, TrainerError> {
+        let result = self.finish_inner(manifest).await;
+        if result.is_err() {
+            // The in-memory optimizer may have moved: reload it from storage next time.
+            self.optimizer = None;
+            let params = self.params.clone();
+            self.model_mut().load_params(&params)?;
+        }
+        result
+    }
+
+    async fn finish_inner(
+        &mut self,
+        manifest: &BatchManifest,
+    ) -> Result<StepOutcome, TrainerError> {
+        let step = manifest.step;
+        let started = match self.step_started {
+            Some((s, t)) if s == step => t,
+            _ => Instant::now(),
+        };
+        self.sync_to(step).await?;
+        let (grads, stats) = self.sum_ranks(manifest).await?;
+        let mut optimizer = match self.optimizer.take() {
+            Some(o) if o.step_count() == step => o,
+            _ => self.load_optimizer(step).await?,
+        };
+        let mut params = self.params.clone();
+        let report = apply_update(self.model_mut(), &mut params, &mut optimizer, &grads)?;
+        let version = step + 1;
+        let run = self.services.run_id.clone();
+        let published = publish_params(
+            &self.services.blob,
+            &run,
+            version,
+            &params,
+            Some(&self.manifest),
+            &self.config,
+        )
+        .await?;
+        self.services
+            .blob
+            .put(
+                &optimizer_key(&run, step),
+                Bytes::from(optimizer.state_bytes()),
+            )
+            .await?;
+        let checkpointed = version.is_multiple_of(self.config.checkpoint_every);
+        if checkpointed {
+            self.services
+                .ledger
+                .record_checkpoint(
+                    &run,
+                    &Checkpoint {
+                        step,
+                        weights_key: keys::weights_manifest(&run, version),
+                        optimizer_key: optimizer_key(&run, step),
+                    },
+                )
+                .await?;
+        }
+        self.collect(step).await?;
+
+        let metrics = StepMetrics::new(&stats, &report, started.elapsed());
+        let publish = PublishStats {
+            bytes_written: published.bytes_written,
+            bytes_total: published.bytes_total,
+            chunks_written: published.chunks_written,
+            chunks_reused: published.chunks_reused,
+        };
+        self.bytes = params.to_bytes_map();
+        self.params = params;
+        self.manifest = published.manifest;
+        self.optimizer = Some(optimizer);
+        self.step_started = None;
+        Ok(StepOutcome {
+            step,
+            version,
+            metrics,
+            publish,
+            checkpointed,
+        })
+    }
+
+    /// Reads the W gradient objects and sums them in rank order.
+    async fn sum_ranks(
+        &self,
+        manifest: &BatchManifest,
+    ) -> Result<(Params, TrainStats), TrainerError> {
+        let model_cfg = &self.config.model;
+        let step = manifest.step;
+        // `buffered` keeps rank order while fetching concurrently; the futures own what they
+        // use so they are `Send` for any caller (rust-lang/rust#102211).
+        let ranks: Vec<RankGradient> = futures::stream::iter(0..manifest.world_size)
+            .map(|rank| {
+                let blob = self.services.blob.clone();
+                let key = keys::step_grads(&self.services.run_id, step, rank);
+                let model_cfg = model_cfg.clone();
+                async move {
+                    let bytes = blob.get(&key).await?;
+                    let g = RankGradient::from_bytes(&model_cfg, &bytes).map_err(|source| {
+                        TrainerError::Grad {
+                            key: key.clone(),
+                            source,
+                        }
+                    })?;
+                    if g.step != step || g.rank != rank {
+                        return Err(TrainerError::Grad {
+                            key,
+                            source: GradError(format!(
+                                "holds step {} rank {} instead",
+                                g.step, g.rank
+                            )),
+                        });
+                    }
+                    Ok(g)
+                }
+            })
+            .buffered(self.config.weights.concurrency)
+            .try_collect()
+            .await?;
+        let mut stats = TrainStats::default();
+        let mut total = Params::zeros(model_cfg)?;
+        for g in &ranks {
+            stats.merge(&g.stats);
+            for (t, s) in total.tensors_mut().iter_mut().zip(g.grads.tensors()) {
+                t.data.iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok((total, stats))
+    }
+
+    /// The optimizer state before step `step`: fresh for step 0, else the state saved after
+    /// step − 1.
+    async fn load_optimizer(&self, step: StepId) -> Result<AdamW, TrainerError> {
+        if step == 0 {
+            return Ok(AdamW::new(self.config.optimizer.clone())?);
+        }
+        let key = optimizer_key(&self.services.run_id, step - 1);
+        let bytes = self.services.blob.get(&key).await?;
+        let optimizer = AdamW::from_state_bytes(self.config.optimizer.clone(), &bytes)?;
+        if optimizer.step_count() != step {
+            return Err(TrainerError::Inconsistent(format!(
+                "optimizer state `{key}` has taken {} steps; step {step} needs {step}",
+                optimizer.step_count()
+            )));
+        }
+        Ok(optimizer)
+    }
+
+    /// Keeps the last `keep_checkpoints` checkpoints, the optimizer state after `step`, and
+    /// the last `keep_versions` weight versions plus the checkpointed ones; deletes the rest.
+    async fn collect(&self, step: StepId) -> Result<(), TrainerError> {
+        let run = &self.services.run_id;
+        let blob = &self.services.blob;
+        let ledger = &self.services.ledger;
+        let checkpoints = ledger.checkpoints(run).await?; // newest first
+        let (kept, dropped) =
+            checkpoints.split_at(checkpoints.len().min(self.config.keep_checkpoints));
+        for c in dropped {
+            ledger.delete_checkpoint(run, c.step).await?;
+        }
+        let mut keep_steps: Vec<StepId> = kept.iter().map(|c| c.step).collect();
+        keep_steps.push(step);
+        for meta in blob.list(&keys::checkpoints_prefix(run)).await? {
+            match keys::parse_checkpoint_step(run, &meta.key) {
+                Some(s) if !keep_steps.contains(&s) => blob.delete(&meta.key).await?,
+                _ => {}
+            }
+        }
+        let newest = step + 1;
+        let mut keep_versions: Vec<PolicyVersion> =
+            (newest.saturating_sub(self.config.keep_versions - 1)..=newest).collect();
+        keep_versions.extend(kept.iter().map(|c| c.step + 1));
+        let gc = weights::collect_garbage(blob, run, &keep_versions).await?;
+        if gc.manifests_deleted + gc.chunks_deleted > 0 {
+            tracing::debug!(
+                manifests = gc.manifests_deleted,
+                chunks = gc.chunks_deleted,
+                bytes = gc.bytes_deleted,
+                "collected old weights"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The forward/loss/backward of every micro-batch of a rank; returns the summed gradient.
+fn compute_rank(
+    model: &Model,
+    loss: &PolicyLoss,
+    batch: &[Vec<Stitched>],
+) -> Result<(Params, TrainStats), StepError> {
+    let mut grads = model.new_gradients()?;
+    let mut stats = TrainStats::default();
+    for micro in batch {
+        stats.merge(&accumulate_policy(model, loss, micro, &mut grads)?);
+    }
+    Ok((model.gradients_to_params(&grads)?, stats))
+}
+
+/// Publishes `params` as `version`.
+async fn publish_params(
+    blob: &BlobStore,
+    run: &str,
+    version: PolicyVersion,
+    params: &Params,
+    previous: Option<&WeightsManifest>,
+    config: &TrainerConfig,
+) -> Result<weights::PublishReport, WeightsError> {
+    let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
+    let views: Vec<TensorBytes<'_>> = params
+        .tensors()
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| TensorBytes {
+            name: &t.name,
+            shape: &t.shape,
+            dtype: Dtype::F32,
+            bytes: b,
+        })
+        .collect();
+    weights::publish(blob, run, version, &views, previous, &config.weights).await
+}
+
+/// Reads a batch manifest and checks it against its announcement.
+async fn load_batch_manifest(
+    blob: &BlobStore,
+    key: &str,
+    step: StepId,
+    world_size: u32,
+) -> Result<BatchManifest, TrainerError> {
+    let bad = |reason: String| TrainerError::Manifest {
+        key: key.to_owned(),
+        reason,
+    };
+    let body = blob.get(key).await?;
+    let manifest: BatchManifest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("not a batch manifest: {e}")))?;
+    if manifest.step != step || manifest.world_size != world_size {
+        return Err(bad(format!(
+            "describes step {} with {} ranks; step {step} was announced with {world_size}",
+            manifest.step, manifest.world_size
+        )));
+    }
+    if manifest.ranks.len() != world_size as usize {
+        return Err(bad(format!(
+            "lists {} ranks for a world size of {world_size}",
+            manifest.ranks.len()
+        )));
+    }
+    Ok(manifest)
+}
+
+/// A default member id: `trainer-<pid>-<nanos>`.
+fn default_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("trainer-{}-{nanos:08x}", std::process::id())
+}
+
+/// `flywheel trainer`: opens the stores and runs the loop until SIGINT or SIGTERM.
+pub async fn run(
+    run_config: &RunConfig,
+    config: TrainerConfig,
+    resume: bool,
+) -> Result<(), TrainerError> {
+    config.validate()?;
+    let services = Services::open(run_config).await?;
+    run_until(services, config, resume, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The trainer loop over opened stores, until `shutdown` resolves (the embedded demo and the
+/// tests call this directly).
+pub async fn run_until(
+    services: Services,
+    mut config: TrainerConfig,
+    resume: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TrainerError> {
+    if config.id.is_empty() {
+        config.id = default_id();
+    }
+    let id = config.id.clone();
+    let poll = Duration::from_millis(config.poll_ms);
+    let heartbeat_ttl = Duration::from_millis(config.heartbeat_ms);
+    let claim_ttl = Duration::from_millis(config.rank_claim_ms);
+    let state = services.state.clone();
+    let blob = services.blob.clone();
+    let mut trainer = if resume {
+        Trainer::restore(services, config).await?.0
+    } else {
+        Trainer::start(services, config).await?
+    };
+    tracing::info!(trainer = %id, version = trainer.version(), "trainer started");
+    state
+        .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
+        .await?;
+    let mut last_heartbeat = Instant::now();
+    tokio::pin!(shutdown);
+
+    loop {
+        if last_heartbeat.elapsed() >= heartbeat_ttl / 3 {
+            state
+                .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
+                .await?;
+            last_heartbeat = Instant::now();
+        }
+        match work_once(&mut trainer, &state, &blob, &id, claim_ttl).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => tracing::error!(trainer = %id, error = %e, "step work failed; will retry"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    state.leave(MemberRole::Trainer, &id).await?;
+    tracing::info!(trainer = %id, "trainer stopped");
+    Ok(())
+}
+
+/// One pass over the step board: claims and computes a rank if one is free, and finishes the
+/// step if it completed the last rank. Returns whether it did any work.
+async fn work_once(
+    trainer: &mut Trainer,
+    state: &Arc<dyn StateStore>,
+    blob: &BlobStore,
+    id: &str,
+    claim_ttl: Duration,
+) -> Result<bool, TrainerError> {
+    let Some(ann) = state.announced_step().await? else {
+        return Ok(false);
+    };
+    if state.finished_step().await?.is_some_and(|f| f >= ann.step) {
+        // Nothing to train: prefetch the newest weights while idle.
+        if trainer.version() < ann.step + 1
+            && weights::exists(blob, &trainer.services.run_id, ann.step + 1).await?
+        {
+            trainer.sync_to(ann.step + 1).await?;
+        }
+        return Ok(false);
+    }
+    if !weights::exists(blob, &trainer.services.run_id, ann.step).await? {
+        return Ok(false); // θ_old not published yet
+    }
+    let Some(claim) = state.claim_rank(ann.step, id, claim_ttl).await? else {
+        return Ok(false);
+    };
+    let manifest = load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
+    let renewal = spawn_renewal(state.clone(), claim, id.to_owned(), claim_ttl);
+    let computed = trainer.train_rank(&manifest, claim.rank).await;
+    renewal.abort();
+    let gradient = computed?;
+    trainer.put_rank(&gradient).await?;
+    let done = match state.complete_rank(&claim, id).await {
+        Ok(done) => done,
+        Err(e @ StateError::RankFenced { .. }) => {
+            tracing::warn!(step = ann.step, rank = claim.rank, error = %e, "rank taken over; dropping it");
+            return Ok(true);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if done.all_done {
+        let outcome = trainer.finish(&manifest).await?;
+        state.finish_step(outcome.step, outcome.version).await?;
+        for rank in 0..manifest.world_size {
+            blob.delete(&keys::step_grads(
+                &trainer.services.run_id,
+                outcome.step,
+                rank,
+            ))
+            .await?;
+        }
+        let m = &outcome.metrics;
+        tracing::info!(
+            step = outcome.step,
+            version = outcome.version,
+            loss = m.loss,
+            grad_norm = m.grad_norm,
+            entropy = m.entropy,
+            masked_fraction = m.masked_fraction,
+            mean_abs_log_k = m.mean_abs_log_k,
+            tokens_trained = m.tokens_trained,
+            step_ms = m.step_time.as_millis() as u64,
+            bytes_written = outcome.publish.bytes_written,
+            bytes_total = outcome.publish.bytes_total,
+            checkpointed = outcome.checkpointed,
+            "step finished"
+        );
+    }
+    Ok(true)
+}
+
+/// Renews `claim` every third of its lease until aborted.
+fn spawn_renewal(
+    state: Arc<dyn StateStore>,
+    claim: RankClaim,
+    trainer: String,
+    ttl: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            if let Err(e) = state.renew_rank(&claim, &trainer, ttl).await {
+                tracing::warn!(step = claim.step, rank = claim.rank, error = %e, "rank renew failed");
+                return;
+            }
+        }
+    })
+}

@@ -1,0 +1,388 @@
+//! The trainer service over real stores (memory state, memory object store, in-memory SQLite
+//! ledger): bit-identical resume from a checkpoint, checkpoint retention, and the step-board
+//! loop with two trainers matching a single trainer bit for bit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_storage::blob::BlobStore;
+use flywheel_storage::ledger::{self, StepRecord};
+use flywheel_storage::state::{self, StepAnnouncement};
+use flywheel_storage::{
+    BatchEntry, BatchManifest, FinishReason, MicroBatch, Prompt, PromptId, PromptInput, Segment,
+    SegmentRef, TrajectoryId, VerifierSpec, codec, keys, weights,
+};
+use flywheel_trainer::{AdamWConfig, Services, Trainer, TrainerConfig, run_until};
+
+fn config() -> TrainerConfig {
+    let tok = Tokenizer::arithmetic();
+    let mut model = ModelConfig::tiny(tok.vocab_size());
+    model.d_model = 16;
+    model.n_layers = 1;
+    model.n_heads = 2;
+    model.d_ff = 32;
+    model.max_seq_len = 32;
+    let mut c = TrainerConfig {
+        seed: 11,
+        model,
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        poll_ms: 5,
+        ..TrainerConfig::default()
+    };
+    c.weights.chunk_bytes = 256;
+    c
+}
+
+async fn services(run: &str, blob: &BlobStore) -> Services {
+    let ledger = ledger::open("sqlite::memory:").await.unwrap();
+    ledger
+        .create_run(run, &serde_json::json!({"test": true}))
+        .await
+        .unwrap();
+    Services {
+        run_id: run.to_owned(),
+        state: state::open("memory://", run).await.unwrap(),
+        blob: blob.clone(),
+        ledger,
+    }
+}
+
+/// Registers the prompts of `steps` steps (2 prompts × 2 samples each), writes their segments
+/// and batch manifests (world size `world`), and records the steps in the ledger.
+async fn fixture(s: &Services, steps: u64, world: u32) -> Vec<BatchManifest> {
+    let mut manifests = Vec::new();
+    for step in 0..steps {
+        let mut entries = Vec::new();
+        let mut prompts = Vec::new();
+        for p in 0..2u64 {
+            let id = PromptId(format!("s{step}-p{p}"));
+            let prompt = Prompt {
+                id: id.clone(),
+                input: PromptInput::Text(format!("{}+{}=", step + 1, p + 2)),
+                verifier: VerifierSpec::ExactMatch {
+                    answer: format!("{}", step + p + 3),
+                },
+                group_size: 2,
+                metadata: BTreeMap::new(),
+            };
+            s.state.register_prompt(&prompt).await.unwrap();
+            s.ledger.accept_prompt(&s.run_id, &prompt).await.unwrap();
+            prompts.push(id.clone());
+            for k in 0..2u32 {
+                let t = TrajectoryId {
+                    prompt: id.clone(),
+                    sample: k,
+                };
+                let n = 5 + ((step + p + u64::from(k)) % 3) as usize;
+                let tokens: Vec<u32> = (0..n)
+                    .map(|j| {
+                        3 + ((step as usize * 5 + p as usize * 3 + k as usize + j * 7) % 12) as u32
+                    })
+                    .collect();
+                // Near the untrained model's log-probs (≈ −3): most tokens inside [α, β], the
+                // last one far off and masked.
+                let mut lps = vec![-2.7f32; n];
+                lps[n - 1] = -0.05;
+                let mut refs = Vec::new();
+                for (seq, (tk, lp)) in tokens.chunks(3).zip(lps.chunks(3)).enumerate() {
+                    let seg = Segment {
+                        trajectory: t.clone(),
+                        seq: seq as u32,
+                        version: step,
+                        lease_epoch: 1,
+                        tokens: tk.to_vec(),
+                        logprobs: lp.to_vec(),
+                        finish: if (seq + 1) * 3 >= n {
+                            FinishReason::Eos
+                        } else {
+                            FinishReason::None
+                        },
+                    };
+                    let key = keys::segment(&s.run_id, &id, k, seq as u32, 1);
+                    s.blob
+                        .put(&key, codec::encode(&seg).unwrap())
+                        .await
+                        .unwrap();
+                    refs.push(SegmentRef {
+                        seq: seq as u32,
+                        key,
+                        tokens: tk.len() as u32,
+                        version: step,
+                    });
+                }
+                entries.push(BatchEntry {
+                    trajectory: t,
+                    segments: refs,
+                    train_start: 0,
+                    // The last trajectory of each step is cut: its tail is not trained.
+                    train_end: if p == 1 && k == 1 {
+                        n as u32 - 2
+                    } else {
+                        n as u32
+                    },
+                    advantage: if k == 0 { 1.0 } else { -1.0 },
+                });
+            }
+        }
+        let total_tokens = entries.iter().map(BatchEntry::trained_tokens).sum();
+        let mut ranks: Vec<Vec<MicroBatch>> = vec![Vec::new(); world as usize];
+        for (i, e) in entries.into_iter().enumerate() {
+            let r = &mut ranks[i % world as usize];
+            if r.last().is_none_or(|mb: &MicroBatch| mb.entries.len() >= 2) {
+                r.push(MicroBatch::default());
+            }
+            r.last_mut().unwrap().entries.push(e);
+        }
+        let manifest = BatchManifest {
+            step,
+            token_budget: 40,
+            world_size: world,
+            ranks,
+            total_tokens,
+            prompts,
+            min_version: step,
+            max_version: step,
+        };
+        let key = keys::step_manifest(&s.run_id, step);
+        s.blob
+            .put_if_absent(&key, Bytes::from(serde_json::to_vec(&manifest).unwrap()))
+            .await
+            .unwrap();
+        s.ledger
+            .record_step(&s.run_id, &StepRecord::from_manifest(&manifest, key))
+            .await
+            .unwrap();
+        manifests.push(manifest);
+    }
+    manifests
+}
+
+/// Trains one step with a single trainer doing every rank.
+async fn train_step(trainer: &mut Trainer, m: &BatchManifest) -> flywheel_trainer::StepOutcome {
+    for rank in 0..m.world_size {
+        let g = trainer.train_rank(m, rank).await.unwrap();
+        trainer.put_rank(&g).await.unwrap();
+    }
+    trainer.finish(m).await.unwrap()
+}
+
+fn weight_bits(trainer: &Trainer) -> BTreeMap<String, Vec<u8>> {
+    trainer.params().to_bytes_map()
+}
+
+#[tokio::test]
+async fn restoring_a_checkpoint_continues_bit_identically() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("resume", &blob).await;
+    let (k, m) = (3u64, 2u64);
+    let manifests = fixture(&s, k + m, 2).await;
+    let cfg = TrainerConfig {
+        checkpoint_every: k,
+        keep_versions: 2,
+        ..config()
+    };
+
+    // Uninterrupted: k steps (checkpoint after the k-th), then m more.
+    let mut a = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(a.version(), 0);
+    let mut outcomes = Vec::new();
+    for man in &manifests {
+        outcomes.push(train_step(&mut a, man).await);
+    }
+    assert_eq!(a.version(), k + m);
+    let checkpointed: Vec<u64> = outcomes
+        .iter()
+        .filter(|o| o.checkpointed)
+        .map(|o| o.step)
+        .collect();
+    assert_eq!(checkpointed, [k - 1]);
+    for o in &outcomes {
+        let mt = &o.metrics;
+        assert!(mt.tokens_trained > 0 && mt.grad_norm > 0.0 && mt.entropy > 0.0);
+        assert!(
+            mt.masked_fraction > 0.0 && mt.masked_fraction < 1.0,
+            "{mt:?}"
+        );
+        assert!(mt.mean_abs_log_k > 0.0);
+        eprintln!(
+            "step {}: loss {:.5} |g| {:.4} H {:.3} masked {:.3} |log k| {:.3} tokens {} \
+             publish {}/{} bytes ({} chunks written, {} reused)",
+            o.step,
+            mt.loss,
+            mt.grad_norm,
+            mt.entropy,
+            mt.masked_fraction,
+            mt.mean_abs_log_k,
+            mt.tokens_trained,
+            o.publish.bytes_written,
+            o.publish.bytes_total,
+            o.publish.chunks_written,
+            o.publish.chunks_reused
+        );
+        // Rows of tokens never seen and positions never reached do not change (no weight
+        // decay), so their chunks are reused.
+        assert!(o.publish.bytes_written < o.publish.bytes_total);
+        assert!(o.publish.chunks_reused > 0);
+    }
+    let uninterrupted = weight_bits(&a);
+    drop(a);
+
+    // Restore the checkpoint (weights v=k, optimizer after step k−1) and train the m steps.
+    let (mut b, ckpt) = Trainer::restore(s.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(ckpt.step, k - 1);
+    assert_eq!(b.version(), k);
+    assert_eq!(b.optimizer().unwrap().step_count(), k);
+    for man in &manifests[k as usize..] {
+        // Re-publishing an existing version with different bits would fail here.
+        train_step(&mut b, man).await;
+    }
+    assert_eq!(weight_bits(&b), uninterrupted, "resumed weights differ");
+
+    // Retention: only the kept versions and the checkpoint's remain.
+    let versions = weights::list_versions(&blob, "resume").await.unwrap();
+    assert_eq!(versions, vec![k, k + m - 1, k + m]);
+}
+
+#[tokio::test]
+async fn old_checkpoints_are_collected_beyond_the_number_kept() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("retention", &blob).await;
+    let manifests = fixture(&s, 5, 1).await;
+    let cfg = TrainerConfig {
+        checkpoint_every: 1,
+        keep_checkpoints: 2,
+        keep_versions: 1,
+        ..config()
+    };
+    let mut t = Trainer::start(s.clone(), cfg).await.unwrap();
+    for man in &manifests {
+        train_step(&mut t, man).await;
+    }
+    let kept: Vec<u64> = s
+        .ledger
+        .checkpoints("retention")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(kept, vec![4, 3]);
+    let objects: Vec<u64> = blob
+        .list(&keys::checkpoints_prefix("retention"))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| keys::parse_checkpoint_step("retention", &m.key))
+        .collect();
+    assert_eq!(objects, vec![3, 4]);
+    assert_eq!(
+        weights::list_versions(&blob, "retention").await.unwrap(),
+        vec![4, 5]
+    );
+    // Every chunk left is referenced by a kept version and fetchable.
+    for v in [4, 5] {
+        weights::fetch(&blob, "retention", v, None, &Default::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn resume_without_a_checkpoint_is_a_clear_error() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("nockpt", &blob).await;
+    let err = Trainer::restore(s, config()).await.err().unwrap();
+    assert!(err.to_string().contains("no checkpoint"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let steps = 3u64;
+
+    // Reference: one trainer doing every rank through the library, in its own run.
+    let reference = {
+        let s = services("solo", &blob).await;
+        let manifests = fixture(&s, steps, 2).await;
+        let mut t = Trainer::start(s, config()).await.unwrap();
+        for m in &manifests {
+            train_step(&mut t, m).await;
+        }
+        weight_bits(&t)
+    };
+
+    let s = services("board", &blob).await;
+    let manifests = fixture(&s, steps, 2).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::new();
+    for id in ["trainer-a", "trainer-b"] {
+        let (s, mut rx) = (s.clone(), stop_rx.clone());
+        let cfg = TrainerConfig {
+            id: id.into(),
+            ..config()
+        };
+        handles.push(tokio::spawn(async move {
+            run_until(s, cfg, false, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        }));
+    }
+
+    // The test plays the coordinator leader.
+    let lease = s
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("the leader lock is free");
+    for m in &manifests {
+        s.state
+            .announce_step(
+                &StepAnnouncement {
+                    step: m.step,
+                    manifest_key: keys::step_manifest("board", m.step),
+                    world_size: m.world_size,
+                },
+                lease.token,
+            )
+            .await
+            .unwrap();
+        // Bounded wait so a broken loop fails instead of hanging (not a timing assertion).
+        let mut waited = 0;
+        while s.state.finished_step().await.unwrap() != Some(m.step) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+            assert!(waited < 15_000, "step {} never finished", m.step);
+        }
+        // The gradient objects of a finished step are deleted.
+        assert!(
+            blob.list(&keys::step_grads_prefix("board", m.step))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let fetched = weights::fetch(&blob, "board", steps, None, &config().weights)
+        .await
+        .unwrap();
+    assert_eq!(fetched.tensors, reference, "board weights differ from solo");
+    assert!(
+        s.state
+            .live_members(flywheel_storage::state::MemberRole::Trainer)
+            .await
+            .unwrap()
+            .is_empty(),
+        "trainers leave on shutdown"
+    );
+}
