@@ -54,6 +54,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run a trainer: claim ranks of announced steps, train them, and (as the finisher of a
+    /// step) apply AdamW and publish the next weights version and checkpoints.
+    Trainer {
+        /// The run's config file (shared sections plus `[trainer]`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Restore the ledger's latest checkpoint (weights and optimizer state) first.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -115,6 +125,12 @@ async fn main() -> anyhow::Result<()> {
             let file: flywheel_worker::WorkerFileConfig =
                 flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
             Ok(flywheel_worker::run(file).await?)
+        }
+        Command::Trainer { config, resume } => {
+            let run = flywheel::config::load(config.as_deref())?;
+            let file: flywheel_trainer::TrainerSection =
+                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+            Ok(flywheel_trainer::run(&run, file.trainer, resume).await?)
         }
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
