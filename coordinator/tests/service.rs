@@ -192,3 +192,191 @@ async fn world_size_follows_live_trainers_and_pause_stops_cutting() {
     assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(1));
     assert_eq!(manifest(&w, 1).await.world_size, 3);
 }
+
+#[tokio::test]
+async fn a_spent_budget_cuts_a_short_step_when_nothing_generates() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    // One complete group (60 < Φ = 100) and a parked trajectory: not drained.
+    w.finish_prompt("a", &[20, 40], &[1.0, 0.0]).await;
+    let p = w.accept("p", 1).await;
+    let tid = TrajectoryId {
+        prompt: p.id.clone(),
+        sample: 0,
+    };
+    let epoch = w.generate(&tid, 5).await;
+    w.state.release(&tid, "w", epoch).await.unwrap();
+    assert_eq!(
+        c.tick().await.unwrap(),
+        TickOutcome::Idle,
+        "budget left: wait"
+    );
+    // The workers spend the version's budget.
+    assert_eq!(w.state.reserve(0, 5000).await.unwrap(), 1000);
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    let m = manifest(&w, 0).await;
+    assert_eq!(
+        (m.total_tokens, m.token_budget),
+        (60, 100),
+        "normaliser stays Φ"
+    );
+}
+
+#[tokio::test]
+async fn async_mode_drops_groups_past_the_lag_bound() {
+    let w = World::memory().await;
+    let mut run = w.run.clone();
+    run.rollout.mode = flywheel_storage::config::RolloutMode::Async;
+    run.rollout.max_lag = 0;
+    let w = World { run, ..w };
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    assert_eq!(
+        w.state.budget().await.unwrap().unwrap().total,
+        flywheel_storage::state::MAX_TOKENS,
+        "async: workers never wait on the budget"
+    );
+    // old: its first token under version 0, finished after version 1 opened.
+    let old = w.accept("old", 2).await;
+    let first = TrajectoryId {
+        prompt: old.id.clone(),
+        sample: 0,
+    };
+    let e = w.generate(&first, 30).await;
+    w.state.finish(&first, "w", e, 1.0).await.unwrap();
+    for q in ["a", "b"] {
+        w.finish_prompt(q, &[30, 30], &[1.0, 0.0]).await;
+    }
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    w.train_announced().await;
+    c.tick().await.unwrap(); // opens version 1
+    let second = TrajectoryId {
+        prompt: old.id.clone(),
+        sample: 1,
+    };
+    let e = w.generate(&second, 30).await;
+    w.state.finish(&second, "w", e, 0.0).await.unwrap();
+    c.tick().await.unwrap();
+    assert!(matches!(
+        w.ledger
+            .prompt_status(&w.run.storage.run_id, &pid("old"))
+            .await
+            .unwrap(),
+        Some(PromptStatus::Dropped {
+            reason: DropReason::LagExceeded,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn purged_trajectories_are_regenerated_when_configured() {
+    let w = World::memory().await;
+    let mut run = w.run.clone();
+    run.rollout.retention_limit = 0;
+    run.rollout.purge_action = flywheel_storage::config::PurgeAction::Regenerate;
+    let w = World { run, ..w };
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    let p = w.accept("p", 1).await;
+    let tid = TrajectoryId {
+        prompt: p.id.clone(),
+        sample: 0,
+    };
+    let epoch = w.generate(&tid, 5).await;
+    w.state.release(&tid, "w", epoch).await.unwrap();
+    for q in ["a", "b"] {
+        w.finish_prompt(q, &[30, 30], &[1.0, 0.0]).await;
+    }
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    w.train_announced().await;
+    c.tick().await.unwrap(); // version 1: p purged, then regenerated
+    let t = w.state.trajectory(&tid).await.unwrap().unwrap();
+    assert_eq!(
+        (t.status, t.tokens),
+        (flywheel_storage::types::TrajectoryStatus::Pending, 0)
+    );
+    assert_eq!(
+        w.ledger
+            .prompt_status(&w.run.storage.run_id, &pid("p"))
+            .await
+            .unwrap(),
+        Some(PromptStatus::Pending)
+    );
+    assert!(
+        c.metrics()
+            .encode()
+            .contains(r#"reason="purged_regenerated"} 1"#)
+    );
+    // It finishes from scratch and its group is formed like any other (K = 1: a single
+    // reward has no variance, so it is dropped for that reason, not for the purge).
+    let e = w.generate(&tid, 7).await;
+    w.state.finish(&tid, "w", e, 1.0).await.unwrap();
+    c.tick().await.unwrap();
+    assert!(matches!(
+        w.ledger
+            .prompt_status(&w.run.storage.run_id, &pid("p"))
+            .await
+            .unwrap(),
+        Some(PromptStatus::Dropped {
+            reason: DropReason::ZeroVariance,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_dead_trainers_rank_is_redone_by_a_live_one() {
+    let w = World::memory().await;
+    w.trainers(2).await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    three_groups(&w).await;
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    // trainer-1 takes a rank and dies; trainer-0 does its own.
+    let dying = w
+        .state
+        .claim_rank(0, "trainer-1", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
+    let mine = w
+        .state
+        .claim_rank(0, "trainer-0", common::LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !w.state
+            .complete_rank(&mine, "trainer-0")
+            .await
+            .unwrap()
+            .all_done
+    );
+    assert_eq!(
+        w.state
+            .claim_rank(0, "trainer-0", common::LONG)
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redo = w
+        .state
+        .claim_rank(0, "trainer-0", common::LONG)
+        .await
+        .unwrap()
+        .expect("the dead trainer's rank is free again");
+    assert_eq!((redo.rank, redo.epoch), (dying.rank, dying.epoch + 1));
+    assert!(
+        w.state
+            .complete_rank(&redo, "trainer-0")
+            .await
+            .unwrap()
+            .all_done
+    );
+    w.state.finish_step(0, 1).await.unwrap();
+    c.tick().await.unwrap();
+    assert_eq!(w.state.current_version().await.unwrap(), Some(1));
+}
