@@ -3,7 +3,7 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 when the state store answers, else 503 |
+//! | `GET /readyz` | 200 when the state store and the ledger answer, else 503 |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/status` | [`StatusReport`] as JSON |
 //! | `POST /v1/pause` | admin: the leader stops opening versions and cutting steps |
@@ -74,10 +74,13 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    match s.sources.state.leader().await {
-        Ok(_) => "ready".into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("state store: {e}")),
+    if let Err(e) = s.sources.state.leader().await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("state store: {e}"));
     }
+    if let Err(e) = s.sources.ledger.last_step(&s.sources.run).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger: {e}"));
+    }
+    "ready".into_response()
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
