@@ -628,9 +628,13 @@ impl Shared {
 pub struct Receipt {
     /// The consumer; weak so that a receipt does not keep a closed consumer in its group.
     shared: Weak<Shared>,
+    /// The message's topic.
     topic: String,
+    /// The message's partition.
     partition: i32,
+    /// The message's offset.
     offset: i64,
+    /// The partition assignment it was received under; a later one makes this receipt stale.
     epoch: u64,
 }
 
@@ -712,8 +716,14 @@ impl PromptConsumer {
     /// Waits for the next valid prompt. Malformed messages met on the way are dead-lettered
     /// and acknowledged; they are never returned.
     ///
+    /// Errors are usually transient (librdkafka reconnects and rejoins by itself): log them and
+    /// call `recv` again. A [`QueueError::Produce`] means a malformed message could not be
+    /// written to the DLQ within the delivery timeout; it stays unacknowledged, so its partition's
+    /// offset cannot move past it and it is redelivered (and dead-lettered) after a restart or
+    /// rebalance.
+    ///
     /// Cancellation-safe up to a dead-letter write in progress: a cancelled one leaves the
-    /// malformed message unacknowledged, so it is redelivered and dead-lettered again.
+    /// malformed message unacknowledged, with the same effect.
     pub async fn recv(&self) -> Result<Delivery, QueueError> {
         loop {
             let message = self
