@@ -162,6 +162,11 @@ pub struct WeightsManifest {
     pub total_bytes: u64,
     /// The tensors, in the publisher's order (the model's stable parameter order).
     pub tensors: Vec<TensorEntry>,
+    /// Free-form facts about the weights set by the publisher, e.g. `model_config` (the
+    /// trainer stores the model's JSON config there, so a worker can build the model from the
+    /// published weights alone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl WeightsManifest {
@@ -369,6 +374,28 @@ pub async fn publish(
     previous: Option<&WeightsManifest>,
     config: &WeightsConfig,
 ) -> Result<PublishReport, WeightsError> {
+    publish_with_metadata(
+        blob,
+        run,
+        version,
+        tensors,
+        previous,
+        &BTreeMap::new(),
+        config,
+    )
+    .await
+}
+
+/// [`publish`] with [`WeightsManifest::metadata`] set to `metadata`.
+pub async fn publish_with_metadata(
+    blob: &BlobStore,
+    run: &str,
+    version: PolicyVersion,
+    tensors: &[TensorBytes<'_>],
+    previous: Option<&WeightsManifest>,
+    metadata: &BTreeMap<String, String>,
+    config: &WeightsConfig,
+) -> Result<PublishReport, WeightsError> {
     config.validate()?;
     let known: BTreeSet<&str> = previous.map(|m| m.chunk_hashes()).unwrap_or_default();
     let mut seen_names = BTreeSet::new();
@@ -423,6 +450,7 @@ pub async fn publish(
         chunk_bytes: config.chunk_bytes,
         total_bytes: total,
         tensors: entries,
+        metadata: metadata.clone(),
     };
 
     // Owned keys and bytes: the upload futures borrow nothing (they stay `Send` for any
@@ -843,6 +871,22 @@ mod tests {
         bump(&mut other, 0);
         assert!(matches!(
             publish(&blob, "r", 0, &view(&other), None, &cfg).await,
+            Err(WeightsError::VersionConflict { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn metadata_round_trips_and_is_part_of_the_version() {
+        let blob = BlobStore::open("memory://").unwrap();
+        let cfg = small_chunks();
+        let w = weights(0.0);
+        let meta: BTreeMap<String, String> = [("model_config".to_owned(), "{}".to_owned())].into();
+        publish_with_metadata(&blob, "r", 0, &view(&w), None, &meta, &cfg)
+            .await
+            .unwrap();
+        assert_eq!(load_manifest(&blob, "r", 0).await.unwrap().metadata, meta);
+        assert!(matches!(
+            publish(&blob, "r", 0, &view(&w), None, &cfg).await,
             Err(WeightsError::VersionConflict { .. })
         ));
     }

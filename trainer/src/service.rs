@@ -176,6 +176,10 @@ pub struct StepOutcome {
     pub checkpointed: bool,
 }
 
+/// The [`WeightsManifest::metadata`] key under which the trainer publishes the model's
+/// [`flywheel_model::ModelConfig`] as JSON.
+pub const MODEL_CONFIG_KEY: &str = "model_config";
+
 /// The key of the optimizer state after step `step`.
 fn optimizer_key(run: &str, step: StepId) -> String {
     keys::checkpoint_object(run, step, "optimizer")
@@ -678,7 +682,21 @@ async fn publish_params(
             bytes: b,
         })
         .collect();
-    weights::publish(blob, run, version, &views, previous, &config.weights).await
+    // The model's shape travels with the weights: a worker can build the model from them.
+    let metadata = std::collections::BTreeMap::from([(
+        MODEL_CONFIG_KEY.to_owned(),
+        serde_json::to_string(&config.model).unwrap_or_default(),
+    )]);
+    weights::publish_with_metadata(
+        blob,
+        run,
+        version,
+        &views,
+        previous,
+        &metadata,
+        &config.weights,
+    )
+    .await
 }
 
 /// Reads a batch manifest and checks it against its announcement.

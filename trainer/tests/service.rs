@@ -386,3 +386,14 @@ async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
         "trainers leave on shutdown"
     );
 }
+
+#[tokio::test]
+async fn published_weights_carry_the_model_config() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("meta", &blob).await;
+    Trainer::start(s, config()).await.unwrap();
+    let m = weights::load_manifest(&blob, "meta", 0).await.unwrap();
+    let model: ModelConfig =
+        serde_json::from_str(&m.metadata[flywheel_trainer::service::MODEL_CONFIG_KEY]).unwrap();
+    assert_eq!(model, config().model);
+}
