@@ -90,7 +90,13 @@ impl Intake {
             // the partition's later acks until a restart redelivers it anyway.
             let mut retry = self.poll;
             loop {
-                match self.register(&delivery.prompt).await {
+                let registered = register_prompt(
+                    self.state.as_ref(),
+                    self.ledger.as_ref(),
+                    &self.metrics,
+                    &delivery.prompt,
+                );
+                match registered.await {
                     Ok(_) => break,
                     Err(e) => {
                         warn!(prompt = %delivery.prompt.id, error = %e, "registration failed; retrying");
@@ -116,29 +122,34 @@ impl Intake {
             _ = tokio::time::sleep(d) => {}
         }
     }
+}
 
-    /// Records the prompt in the ledger and registers its trajectories (both idempotent).
-    pub async fn register(&self, prompt: &Prompt) -> Result<Registered, IntakeError> {
-        let run = self.state.run_id().to_owned();
-        match self.ledger.accept_prompt(&run, prompt).await {
-            Ok(_) => {}
-            Err(e @ LedgerError::PromptIdReused { .. }) => {
-                error!(prompt = %prompt.id, error = %e, "prompt id reused with different content; not registered");
-                return Ok(Registered::Refused);
-            }
-            Err(e) => return Err(e.into()),
+/// Records the prompt in the ledger and registers its trajectories (both idempotent).
+pub async fn register_prompt(
+    state: &dyn StateStore,
+    ledger: &dyn Ledger,
+    metrics: &WorkerMetrics,
+    prompt: &Prompt,
+) -> Result<Registered, IntakeError> {
+    let run = state.run_id().to_owned();
+    match ledger.accept_prompt(&run, prompt).await {
+        Ok(_) => {}
+        Err(e @ LedgerError::PromptIdReused { .. }) => {
+            error!(prompt = %prompt.id, error = %e, "prompt id reused with different content; not registered");
+            return Ok(Registered::Refused);
         }
-        match self.state.register_prompt(prompt).await? {
-            Registration::Registered => {
-                self.metrics.prompts_registered.inc();
-                info!(prompt = %prompt.id, k = prompt.group_size, "prompt registered");
-                Ok(Registered::New)
-            }
-            Registration::AlreadyRegistered => {
-                self.metrics.prompts_redelivered.inc();
-                info!(prompt = %prompt.id, "prompt already registered (redelivery)");
-                Ok(Registered::Again)
-            }
+        Err(e) => return Err(e.into()),
+    }
+    match state.register_prompt(prompt).await? {
+        Registration::Registered => {
+            metrics.prompts_registered.inc();
+            info!(prompt = %prompt.id, k = prompt.group_size, "prompt registered");
+            Ok(Registered::New)
+        }
+        Registration::AlreadyRegistered => {
+            metrics.prompts_redelivered.inc();
+            info!(prompt = %prompt.id, "prompt already registered (redelivery)");
+            Ok(Registered::Again)
         }
     }
 }

@@ -1,0 +1,606 @@
+//! The worker in process against memory state, memory blobs, an in-memory SQLite ledger and
+//! (for the intake) librdkafka's mock cluster, with the deterministic `sim` engine:
+//!
+//! - every trajectory is generated to its end in segments of at most S tokens, and its tokens
+//!   equal what the engine gives for the whole trajectory in one go;
+//! - `partial`: a spent budget parks trajectories; the next version resumes them first and
+//!   they continue from their committed segments;
+//! - `sync`: a started trajectory runs to its end past the budget, an unstarted one waits;
+//! - `async`: nothing waits for the budget;
+//! - a steal after lease expiry resumes from the last committed segment, and the old holder's
+//!   late commit is fenced out;
+//! - shutdown releases every lease (trajectories with segments are parked);
+//! - the intake registers each prompt once even when Kafka redelivers it, and dead-letters
+//!   malformed messages while it keeps going.
+//!
+//! Waits are bounded by a generous deadline (a hang fails, naming what it waited for); no
+//! assertion is on durations.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_storage::blob::BlobStore;
+use flywheel_storage::codec;
+use flywheel_storage::config::{RolloutConfig, RolloutMode, RunConfig};
+use flywheel_storage::ledger::{self, Ledger};
+use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig, PromptConsumer, PromptProducer};
+use flywheel_storage::state::{MemoryStateStore, StateStore};
+use flywheel_storage::{
+    FinishReason, Prompt, PromptId, PromptInput, Segment, SegmentRef, TrajectoryId,
+    TrajectoryStatus, VerifierSpec, keys,
+};
+use flywheel_worker::engine::sim::{LengthDistribution, SimConfig, SimEngine};
+use flywheel_worker::engine::{Engine, EngineConfig, SamplingConfig, SegmentRequest};
+use flywheel_worker::intake::{Registered, register_prompt};
+use flywheel_worker::metrics::WorkerMetrics;
+use flywheel_worker::{Worker, WorkerConfig, WorkerParts};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Polls `check` until it holds; panics naming `what` after [`DEADLINE`].
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stores of one test run.
+struct Env {
+    run: RunConfig,
+    state: Arc<dyn StateStore>,
+    blobs: BlobStore,
+    ledger: Arc<dyn Ledger>,
+    sim: SimConfig,
+}
+
+impl Env {
+    async fn new(rollout: RolloutConfig, lengths: LengthDistribution) -> Env {
+        let run_id = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut run = RunConfig::default();
+        run.storage.run_id = run_id.clone();
+        run.rollout = rollout;
+        let ledger = ledger::open("sqlite::memory:")
+            .await
+            .expect("sqlite ledger");
+        ledger
+            .create_run(&run_id, &serde_json::json!({}))
+            .await
+            .unwrap();
+        Env {
+            state: Arc::new(MemoryStateStore::new(run_id)),
+            blobs: BlobStore::open("memory://").unwrap(),
+            ledger,
+            sim: SimConfig {
+                seed: 11,
+                slots: 4,
+                decode_tokens_per_s: 0.0,
+                lengths,
+                ..SimConfig::default()
+            },
+            run,
+        }
+    }
+
+    fn worker_config(&self, id: &str) -> WorkerConfig {
+        WorkerConfig {
+            id: id.into(),
+            engine: EngineConfig::Sim(self.sim.clone()),
+            grace_period_ms: 10_000,
+            poll_interval_ms: 20,
+            metrics_addr: "127.0.0.1:0".into(),
+            ..WorkerConfig::default()
+        }
+    }
+
+    async fn start(&self, id: &str, consumer: Option<PromptConsumer>) -> Worker {
+        self.start_with(self.worker_config(id), consumer).await
+    }
+
+    async fn start_with(&self, worker: WorkerConfig, consumer: Option<PromptConsumer>) -> Worker {
+        let engine = worker.engine.build().unwrap();
+        Worker::start(WorkerParts {
+            run: self.run.clone(),
+            worker,
+            state: self.state.clone(),
+            blobs: self.blobs.clone(),
+            ledger: self.ledger.clone(),
+            engine,
+            consumer,
+        })
+        .await
+        .expect("worker starts")
+    }
+
+    async fn register(&self, id: &str, k: u32) {
+        let metrics = WorkerMetrics::new();
+        let r = register_prompt(
+            self.state.as_ref(),
+            self.ledger.as_ref(),
+            &metrics,
+            &prompt(id, k),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r, Registered::New);
+    }
+
+    /// The trajectory's committed segments, decoded from the object store.
+    async fn segments(&self, id: &TrajectoryId) -> Vec<Segment> {
+        let t = self
+            .state
+            .trajectory(id)
+            .await
+            .unwrap()
+            .expect("registered");
+        let mut out = Vec::new();
+        for r in &t.segments {
+            let s = codec::decode(&self.blobs.get(&r.key).await.unwrap()).unwrap();
+            assert_eq!(s.seq, r.seq);
+            assert_eq!(s.tokens.len(), r.tokens as usize);
+            out.push(s);
+        }
+        out
+    }
+
+    /// What the engine generates for the whole trajectory in one call.
+    async fn expected(&self, id: &TrajectoryId) -> Vec<u32> {
+        let engine = SimEngine::new(self.sim.clone()).unwrap();
+        let target = engine.target_length(id);
+        let out = engine
+            .generate(SegmentRequest {
+                trajectory: id.clone(),
+                prompt: vec![1, 2, 3].into(),
+                committed: Vec::new().into(),
+                max_new_tokens: target,
+                max_response_tokens: self.run.rollout.max_response_tokens,
+                version: 0,
+                sampling: SamplingConfig::default(),
+            })
+            .await
+            .unwrap();
+        assert!(out.finish.ends_trajectory());
+        out.tokens
+    }
+
+    /// Checks a finished trajectory: contiguous segments of at most S tokens, the last one
+    /// ending it, tokens equal to the one-shot generation. Returns its segments.
+    async fn check_complete(&self, id: &TrajectoryId) -> Vec<Segment> {
+        let t = self.state.trajectory(id).await.unwrap().unwrap();
+        assert_eq!(t.status, TrajectoryStatus::Finished, "{id}");
+        let segments = self.segments(id).await;
+        let s = self.run.rollout.segment_tokens as usize;
+        for (i, seg) in segments.iter().enumerate() {
+            assert_eq!(seg.seq as usize, i);
+            assert!(seg.tokens.len() <= s, "segment longer than S");
+            assert_eq!(seg.finish.ends_trajectory(), i + 1 == segments.len());
+        }
+        let tokens: Vec<u32> = segments.iter().flat_map(|s| s.tokens.clone()).collect();
+        assert_eq!(tokens, self.expected(id).await, "{id}: tokens differ");
+        assert_eq!(t.tokens, tokens.len() as u64);
+        segments
+    }
+}
+
+fn prompt(id: &str, k: u32) -> Prompt {
+    Prompt {
+        id: PromptId(id.into()),
+        input: PromptInput::Tokens(vec![1, 2, 3]),
+        verifier: VerifierSpec::ExactMatch {
+            answer: "never".into(),
+        },
+        group_size: k,
+        metadata: Default::default(),
+    }
+}
+
+fn tid(prompt: &str, sample: u32) -> TrajectoryId {
+    TrajectoryId {
+        prompt: PromptId(prompt.into()),
+        sample,
+    }
+}
+
+fn rollout(mode: RolloutMode, s: u32, budget: u64) -> RolloutConfig {
+    RolloutConfig {
+        mode,
+        version_budget_tokens: budget,
+        segment_tokens: s,
+        max_response_tokens: 64,
+        retention_limit: 4,
+        lease_ms: 5_000,
+        ..RolloutConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn every_trajectory_is_generated_to_its_end_in_segments() {
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Uniform { lo: 1, hi: 30 },
+    )
+    .await;
+    for p in ["a", "b", "c"] {
+        env.register(p, 3).await;
+    }
+    env.state.open_version(0, 100_000, 4).await.unwrap();
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("9 finished trajectories", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 9 }
+    })
+    .await;
+    let mut total = 0;
+    for p in ["a", "b", "c"] {
+        for k in 0..3 {
+            let segments = env.check_complete(&tid(p, k)).await;
+            total += segments.iter().map(|s| s.tokens.len()).sum::<usize>();
+            let t = env.state.trajectory(&tid(p, k)).await.unwrap().unwrap();
+            assert_eq!(t.reward, Some(0.0), "exact match against `never` scores 0");
+        }
+    }
+    // Every finished trajectory is on the stream.
+    let finished = env
+        .state
+        .read_finished(Default::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(finished.len(), 9);
+    // The budget was charged exactly the generated tokens (unused reservations refunded).
+    let budget = env.state.budget().await.unwrap().unwrap();
+    assert_eq!(budget.total - budget.remaining, total as u64);
+    // Metrics agree, and the server renders them.
+    assert_eq!(worker.metrics.tokens_generated.get(), total as u64);
+    assert_eq!(worker.metrics.finished.get(), 9);
+    let url = format!("http://{}/metrics", worker.metrics_addr.unwrap());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains(&format!("flywheel_worker_tokens_generated_total {total}")),
+        "{text}"
+    );
+    let ready = format!("http://{}/readyz", worker.metrics_addr.unwrap());
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 200);
+    assert!(worker.shutdown().await);
+    assert_eq!(env.state.counts().await.unwrap().generating, 0);
+}
+
+#[tokio::test]
+async fn partial_parks_on_a_spent_budget_and_resumes_first_under_the_next_version() {
+    // 2 trajectories of 12 tokens each, S = 4, Φ_r = 10: version 0 cannot finish them.
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 10),
+        LengthDistribution::Fixed { tokens: 12 },
+    )
+    .await;
+    env.register("p", 2).await;
+    env.state.open_version(0, 10, 4).await.unwrap();
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("the budget spent with nothing generating", || {
+        let state = state.clone();
+        async move {
+            let c = state.counts().await.unwrap();
+            let b = state.budget().await.unwrap().unwrap();
+            b.remaining == 0 && c.generating == 0 && c.parked + c.pending == 2
+        }
+    })
+    .await;
+    let c = env.state.counts().await.unwrap();
+    assert_eq!(c.finished, 0);
+    assert!(c.parked >= 1, "{c:?}");
+    // Exactly Φ_r tokens were committed under version 0.
+    let mut v0_tokens = 0;
+    for k in 0..2 {
+        for s in env.segments(&tid("p", k)).await {
+            assert_eq!(s.version, 0);
+            v0_tokens += s.tokens.len();
+        }
+    }
+    assert_eq!(v0_tokens, 10);
+    assert!(worker.metrics.budget_waits.get() >= 1);
+
+    // A new prompt registered now must wait behind the parked ones.
+    env.register("q", 1).await;
+    env.state.open_version(1, 100, 4).await.unwrap();
+    wait_for("3 finished trajectories", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 3 }
+    })
+    .await;
+    for k in 0..2 {
+        let segments = env.check_complete(&tid("p", k)).await;
+        // Versions never go back, and the parked one was continued by version 1.
+        assert!(segments.windows(2).all(|w| w[0].version <= w[1].version));
+        assert_eq!(segments.last().unwrap().version, 1);
+    }
+    env.check_complete(&tid("q", 0)).await;
+    assert!(worker.metrics.resumed.get() >= 1);
+    assert!(worker.metrics.parked.get() >= 1);
+    assert!(worker.shutdown().await);
+}
+
+#[tokio::test]
+async fn sync_runs_a_started_trajectory_to_its_end_and_holds_back_new_ones() {
+    let env = Env::new(
+        rollout(RolloutMode::Sync, 4, 4),
+        LengthDistribution::Fixed { tokens: 12 },
+    )
+    .await;
+    env.register("p", 2).await;
+    env.state.open_version(0, 4, 4).await.unwrap();
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("one finished and one waiting", || {
+        let state = state.clone();
+        async move {
+            let c = state.counts().await.unwrap();
+            c.finished == 1 && c.pending == 1 && c.generating == 0
+        }
+    })
+    .await;
+    let c = env.state.counts().await.unwrap();
+    assert_eq!(c.parked, 0, "sync never parks");
+    env.state.open_version(1, 4, 4).await.unwrap();
+    wait_for("both finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 2 }
+    })
+    .await;
+    // Each trajectory ran entirely under the version it started with.
+    let mut versions = Vec::new();
+    for k in 0..2 {
+        let segments = env.check_complete(&tid("p", k)).await;
+        let v = segments[0].version;
+        assert!(segments.iter().all(|s| s.version == v));
+        versions.push(v);
+    }
+    versions.sort();
+    assert_eq!(versions, vec![0, 1]);
+    assert!(worker.shutdown().await);
+}
+
+#[tokio::test]
+async fn async_never_waits_for_the_budget() {
+    let env = Env::new(
+        rollout(RolloutMode::Async, 4, 4),
+        LengthDistribution::Fixed { tokens: 12 },
+    )
+    .await;
+    env.register("p", 3).await;
+    env.state.open_version(0, 4, 4).await.unwrap();
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("3 finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 3 }
+    })
+    .await;
+    for k in 0..3 {
+        env.check_complete(&tid("p", k)).await;
+    }
+    assert_eq!(worker.metrics.budget_waits.get(), 0);
+    assert!(worker.shutdown().await);
+}
+
+#[tokio::test]
+async fn a_stolen_trajectory_resumes_from_its_last_committed_segment_and_fences_the_old_holder() {
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 1000),
+        LengthDistribution::Fixed { tokens: 14 },
+    )
+    .await;
+    env.register("p", 1).await;
+    env.state.open_version(0, 1000, 4).await.unwrap();
+    let id = tid("p", 0);
+    // A "dead" worker claims it with a short lease and commits one segment.
+    let claim = env
+        .state
+        .claim(&id, "ghost", Duration::from_millis(150))
+        .await
+        .unwrap();
+    let ghost_epoch = claim.lease().epoch;
+    let expected = env.expected(&id).await;
+    let first = Segment {
+        trajectory: id.clone(),
+        seq: 0,
+        version: 0,
+        lease_epoch: ghost_epoch,
+        tokens: expected[..4].to_vec(),
+        logprobs: vec![-0.5; 4],
+        finish: FinishReason::None,
+    };
+    let key = keys::segment(env.state.run_id(), &id.prompt, 0, 0, ghost_epoch);
+    env.blobs
+        .put(&key, codec::encode(&first).unwrap())
+        .await
+        .unwrap();
+    let r = SegmentRef {
+        seq: 0,
+        key,
+        tokens: 4,
+        version: 0,
+    };
+    env.state
+        .commit_segment(&id, "ghost", ghost_epoch, &r, Duration::from_millis(150))
+        .await
+        .unwrap();
+    // The ghost dies; its lease expires; the worker steals and finishes it.
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("the stolen trajectory finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 1 }
+    })
+    .await;
+    let segments = env.check_complete(&id).await;
+    assert_eq!(segments[0].lease_epoch, ghost_epoch);
+    assert!(segments[1..].iter().all(|s| s.lease_epoch > ghost_epoch));
+    assert_eq!(worker.metrics.lease_steals.get(), 1);
+    // The ghost wakes up and tries to commit its next segment: fenced out.
+    let late = SegmentRef {
+        seq: 1,
+        key: keys::segment(env.state.run_id(), &id.prompt, 0, 1, ghost_epoch),
+        tokens: 4,
+        version: 0,
+    };
+    let err = env
+        .state
+        .commit_segment(&id, "ghost", ghost_epoch, &late, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("rejected"), "{err}");
+    assert!(worker.shutdown().await);
+}
+
+#[tokio::test]
+async fn shutdown_releases_every_lease_and_parks_what_has_segments() {
+    let mut env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Fixed { tokens: 60 },
+    )
+    .await;
+    // Slow decoding so that trajectories are mid-generation when shutdown comes.
+    env.sim.decode_tokens_per_s = 200.0;
+    env.register("p", 4).await;
+    env.state.open_version(0, 100_000, 4).await.unwrap();
+    let worker = env.start("w1", None).await;
+    let metrics = worker.metrics.clone();
+    wait_for("a few committed segments", || {
+        let n = metrics.segments_committed.get();
+        async move { n >= 6 }
+    })
+    .await;
+    assert!(worker.shutdown().await, "stopped within the grace period");
+    let c = env.state.counts().await.unwrap();
+    assert_eq!(c.generating, 0, "every lease released: {c:?}");
+    assert!(c.parked >= 1, "{c:?}");
+    // Another worker finishes everything from where the first stopped.
+    env.sim.decode_tokens_per_s = 0.0;
+    let second = env.start("w2", None).await;
+    let state = env.state.clone();
+    wait_for("4 finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 4 }
+    })
+    .await;
+    for k in 0..4 {
+        env.check_complete(&tid("p", k)).await;
+    }
+    assert!(second.metrics.resumed.get() >= 1);
+    assert!(second.shutdown().await);
+}
+
+#[tokio::test]
+async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_lettered() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let config = KafkaConfig {
+        brokers: kafka.bootstrap_servers(),
+        topic: format!("prompts-{tag}"),
+        group_id: format!("g-{tag}"),
+        session_timeout_ms: 6_000,
+        auto_commit_interval_ms: 100,
+        max_message_bytes: 4096,
+        max_group_size: 16,
+        ..KafkaConfig::default()
+    };
+    kafka.create_topics(&config, 1).unwrap();
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Fixed { tokens: 5 },
+    )
+    .await;
+    let producer = PromptProducer::new(&config).unwrap();
+    producer.send(&prompt("p1", 2)).await.unwrap();
+    producer
+        .send_raw(Some(b"bad".as_slice()), b"{not json")
+        .await
+        .unwrap();
+    producer.send(&prompt("p2", 3)).await.unwrap();
+    // K above kafka.max_group_size (the producer refuses it, so send the raw JSON).
+    let big = serde_json::to_vec(&prompt("big", 99)).unwrap();
+    producer.send_raw(Some(b"big".as_slice()), &big).await.unwrap();
+
+    // A first member registers p1 but dies before acknowledging it.
+    let first = PromptConsumer::new(&config).unwrap();
+    let delivery = tokio::time::timeout(DEADLINE, first.recv())
+        .await
+        .expect("first delivery")
+        .unwrap();
+    assert_eq!(delivery.prompt.id.0, "p1");
+    register_prompt(
+        env.state.as_ref(),
+        env.ledger.as_ref(),
+        &WorkerMetrics::new(),
+        &delivery.prompt,
+    )
+    .await
+    .unwrap();
+    drop(delivery);
+    drop(first);
+
+    // The worker's intake gets p1 again (registered nothing twice) and p2; the malformed and
+    // oversized messages go to the DLQ while it keeps running.
+    env.state.open_version(0, 100_000, 4).await.unwrap();
+    let consumer = PromptConsumer::new(&config).unwrap();
+    let worker = env.start("w1", Some(consumer)).await;
+    let metrics = worker.metrics.clone();
+    wait_for("p1 redelivered and p2 registered", || {
+        let m = metrics.clone();
+        async move { m.prompts_redelivered.get() == 1 && m.prompts_registered.get() == 1 }
+    })
+    .await;
+    let state = env.state.clone();
+    wait_for("5 finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 5 }
+    })
+    .await;
+    let c = env.state.counts().await.unwrap();
+    assert_eq!(c.prompts, 2);
+    assert_eq!(c.finished, 5, "2 + 3 trajectories, none twice");
+    let counts = env.ledger.prompt_counts(env.state.run_id()).await.unwrap();
+    assert_eq!(counts.total(), 2);
+    assert!(worker.shutdown().await);
+
+    // Both dead letters are in the DLQ, and the group's offset is past every message.
+    let brokers = config.brokers.clone();
+    let dlq = config.dlq_topic();
+    let topic = config.topic.clone();
+    let group = config.group_id.clone();
+    wait_for("the DLQ holds 2 messages and offset 4 is committed", || {
+        let (brokers, dlq, topic, group) =
+            (brokers.clone(), dlq.clone(), topic.clone(), group.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let c: BaseConsumer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", &group)
+                    .create()
+                    .unwrap();
+                let (_, high) = c
+                    .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
+                    .unwrap();
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                tpl.add_partition(&topic, 0);
+                let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+                let offset = committed.elements()[0].offset();
+                high == 2 && offset == rdkafka::Offset::Offset(4)
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+}
