@@ -36,7 +36,10 @@
 //! A rank that fails (a corrupt segment, an unreachable store) is logged with its cause and
 //! not completed; its claim expires and it is tried again (by any trainer). A fenced rank
 //! write (the claim expired and was taken over) is logged and dropped: the new holder
-//! computes the same gradient.
+//! computes the same gradient. A finisher that dies after completing the last rank is
+//! replaced: once every rank's gradient is written and the step stays unfinished for longer
+//! than a rank claim, any trainer finishes it (deterministic and idempotent, so a race with a
+//! slow finisher is harmless).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -49,7 +52,9 @@ use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::keys;
 use flywheel_storage::ledger::{self, Checkpoint, Ledger, LedgerError};
-use flywheel_storage::state::{self, MemberRole, RankClaim, StateError, StateStore};
+use flywheel_storage::state::{
+    self, MemberRole, RankClaim, StateError, StateStore, StepAnnouncement,
+};
 use flywheel_storage::weights::{self, Dtype, TensorBytes, WeightsError, WeightsManifest};
 use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
 use futures::{StreamExt, TryStreamExt};
@@ -797,6 +802,7 @@ pub async fn run_until(
         .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
         .await?;
     let mut last_heartbeat = Instant::now();
+    let mut stall: Option<(StepId, Instant)> = None;
     tokio::pin!(shutdown);
 
     loop {
@@ -806,7 +812,7 @@ pub async fn run_until(
                 .await?;
             last_heartbeat = Instant::now();
         }
-        match work_once(&mut trainer, &state, &blob, &id, claim_ttl).await {
+        match work_once(&mut trainer, &state, &blob, &id, claim_ttl, &mut stall).await {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => tracing::error!(trainer = %id, error = %e, "step work failed; will retry"),
@@ -822,13 +828,15 @@ pub async fn run_until(
 }
 
 /// One pass over the step board: claims and computes a rank if one is free, and finishes the
-/// step if it completed the last rank. Returns whether it did any work.
+/// step if it completed the last rank (or if the finisher is gone, see [`take_over`]).
+/// Returns whether it did any work.
 async fn work_once(
     trainer: &mut Trainer,
     state: &Arc<dyn StateStore>,
     blob: &BlobStore,
     id: &str,
     claim_ttl: Duration,
+    stall: &mut Option<(StepId, Instant)>,
 ) -> Result<bool, TrainerError> {
     let Some(ann) = state.announced_step().await? else {
         return Ok(false);
@@ -846,7 +854,7 @@ async fn work_once(
         return Ok(false); // θ_old not published yet
     }
     let Some(claim) = state.claim_rank(ann.step, id, claim_ttl).await? else {
-        return Ok(false);
+        return take_over(trainer, state, blob, &ann, claim_ttl, stall).await;
     };
     let manifest = load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
     let renewal = spawn_renewal(state.clone(), claim, id.to_owned(), claim_ttl);
@@ -863,34 +871,89 @@ async fn work_once(
         Err(e) => return Err(e.into()),
     };
     if done.all_done {
-        let outcome = trainer.finish(&manifest).await?;
-        state.finish_step(outcome.step, outcome.version).await?;
-        for rank in 0..manifest.world_size {
-            blob.delete(&keys::step_grads(
-                &trainer.services.run_id,
-                outcome.step,
-                rank,
-            ))
-            .await?;
-        }
-        let m = &outcome.metrics;
-        tracing::info!(
-            step = outcome.step,
-            version = outcome.version,
-            loss = m.loss,
-            grad_norm = m.grad_norm,
-            entropy = m.entropy,
-            masked_fraction = m.masked_fraction,
-            mean_abs_log_k = m.mean_abs_log_k,
-            tokens_trained = m.tokens_trained,
-            step_ms = m.step_time.as_millis() as u64,
-            bytes_written = outcome.publish.bytes_written,
-            bytes_total = outcome.publish.bytes_total,
-            checkpointed = outcome.checkpointed,
-            "step finished"
-        );
+        finish_step(trainer, state, blob, &manifest).await?;
     }
     Ok(true)
+}
+
+/// The finisher's part: [`Trainer::finish`], then the board's `finish_step`, then the step's
+/// gradient objects are deleted.
+async fn finish_step(
+    trainer: &mut Trainer,
+    state: &Arc<dyn StateStore>,
+    blob: &BlobStore,
+    manifest: &BatchManifest,
+) -> Result<(), TrainerError> {
+    let outcome = trainer.finish(manifest).await?;
+    state.finish_step(outcome.step, outcome.version).await?;
+    for rank in 0..manifest.world_size {
+        blob.delete(&keys::step_grads(
+            &trainer.services.run_id,
+            outcome.step,
+            rank,
+        ))
+        .await?;
+    }
+    let m = &outcome.metrics;
+    tracing::info!(
+        step = outcome.step,
+        version = outcome.version,
+        loss = m.loss,
+        grad_norm = m.grad_norm,
+        entropy = m.entropy,
+        masked_fraction = m.masked_fraction,
+        mean_abs_log_k = m.mean_abs_log_k,
+        tokens_trained = m.tokens_trained,
+        step_ms = m.step_time.as_millis() as u64,
+        bytes_written = outcome.publish.bytes_written,
+        bytes_total = outcome.publish.bytes_total,
+        checkpointed = outcome.checkpointed,
+        "step finished"
+    );
+    Ok(())
+}
+
+/// No rank is free. If every rank's gradient is written and the step stays unfinished for
+/// longer than a rank claim lasts, the finisher died after completing the last rank (the
+/// board gives `all_done` to it alone): finish the step here. Finishing is deterministic and
+/// idempotent (same sums, same published bytes, idempotent `finish_step`), so a slow but
+/// living finisher racing this one does no harm. If a rank is in fact not completed,
+/// `finish_step` refuses and the rank is redone first.
+async fn take_over(
+    trainer: &mut Trainer,
+    state: &Arc<dyn StateStore>,
+    blob: &BlobStore,
+    ann: &StepAnnouncement,
+    claim_ttl: Duration,
+    stall: &mut Option<(StepId, Instant)>,
+) -> Result<bool, TrainerError> {
+    let run = trainer.services.run_id.clone();
+    let written = blob
+        .list(&keys::step_grads_prefix(&run, ann.step))
+        .await?
+        .len();
+    if written < ann.world_size as usize {
+        *stall = None;
+        return Ok(false);
+    }
+    match *stall {
+        Some((step, since)) if step == ann.step && since.elapsed() >= claim_ttl => {
+            *stall = None;
+            tracing::warn!(
+                step = ann.step,
+                "the step's finisher is gone; finishing it here"
+            );
+            let manifest =
+                load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
+            finish_step(trainer, state, blob, &manifest).await?;
+            Ok(true)
+        }
+        Some((step, _)) if step == ann.step => Ok(false),
+        _ => {
+            *stall = Some((ann.step, Instant::now()));
+            Ok(false)
+        }
+    }
 }
 
 /// Renews `claim` every third of its lease until aborted.

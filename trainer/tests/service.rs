@@ -397,3 +397,73 @@ async fn published_weights_carry_the_model_config() {
         serde_json::from_str(&m.metadata[flywheel_trainer::service::MODEL_CONFIG_KEY]).unwrap();
     assert_eq!(model, config().model);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_finisher_died_is_finished_by_another_trainer() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let reference = {
+        let s = services("solo-ghost", &blob).await;
+        let manifests = fixture(&s, 1, 2).await;
+        let mut t = Trainer::start(s, config()).await.unwrap();
+        train_step(&mut t, &manifests[0]).await;
+        weight_bits(&t)
+    };
+
+    let s = services("ghost", &blob).await;
+    let manifests = fixture(&s, 1, 2).await;
+    let lease = s
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    s.state
+        .announce_step(
+            &StepAnnouncement {
+                step: 0,
+                manifest_key: keys::step_manifest("ghost", 0),
+                world_size: 2,
+            },
+            lease.token,
+        )
+        .await
+        .unwrap();
+    // A trainer computes and completes both ranks, is told it finishes the step, and dies.
+    let mut ghost = Trainer::start(s.clone(), config()).await.unwrap();
+    let mut last = None;
+    for _ in 0..2 {
+        let claim = s
+            .state
+            .claim_rank(0, "ghost", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let g = ghost.train_rank(&manifests[0], claim.rank).await.unwrap();
+        ghost.put_rank(&g).await.unwrap();
+        last = Some(s.state.complete_rank(&claim, "ghost").await.unwrap());
+    }
+    assert!(last.unwrap().all_done);
+    drop(ghost);
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let cfg = TrainerConfig {
+        id: "rescuer".into(),
+        rank_claim_ms: 50,
+        ..config()
+    };
+    let rescuer = tokio::spawn(run_until(s.clone(), cfg, false, async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    }));
+    let mut waited = 0;
+    while s.state.finished_step().await.unwrap() != Some(0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 15_000, "the orphaned step was never finished");
+    }
+    stop_tx.send(true).unwrap();
+    rescuer.await.unwrap().unwrap();
+    let fetched = weights::fetch(&blob, "ghost", 1, None, &config().weights)
+        .await
+        .unwrap();
+    assert_eq!(fetched.tensors, reference);
+}
