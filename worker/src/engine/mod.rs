@@ -13,6 +13,7 @@
 //! [`openai::OpenAiEngine`] (any OpenAI-compatible completions server). The built-in model
 //! engine implements the same trait.
 
+pub mod builtin;
 pub mod openai;
 pub mod sim;
 
