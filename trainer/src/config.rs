@@ -7,6 +7,7 @@
 //! checkpoint_every = 10     # a ledger checkpoint every N steps
 //! keep_checkpoints = 3
 //! keep_versions = 4         # recent weight versions kept for the workers
+//! metrics_addr = "0.0.0.0:9102"  # /metrics, /healthz, /readyz; "" turns it off
 //!
 //! [trainer.model]           # default: the tiny model of the arithmetic task
 //! vocab_size = 20
@@ -74,6 +75,9 @@ pub struct TrainerConfig {
     pub poll_ms: u64,
     /// Segments fetched at once.
     pub fetch_concurrency: usize,
+    /// `host:port` of the HTTP server with `/metrics`, `/healthz` and `/readyz`; empty turns
+    /// it off.
+    pub metrics_addr: String,
 }
 
 impl Default for TrainerConfig {
@@ -93,6 +97,7 @@ impl Default for TrainerConfig {
             heartbeat_ms: 10_000,
             poll_ms: 200,
             fetch_concurrency: 16,
+            metrics_addr: "0.0.0.0:9102".into(),
         }
     }
 }
@@ -165,6 +170,17 @@ impl TrainerConfig {
             if ms == 0 || ms > 86_400_000 {
                 return Err(err(field, format!("= {ms} must be between 1 ms and 24 h")));
             }
+        }
+        if !self.metrics_addr.is_empty()
+            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(err(
+                "trainer.metrics_addr",
+                format!(
+                    "= {:?} is not HOST:PORT (e.g. 0.0.0.0:9102); empty turns the server off",
+                    self.metrics_addr
+                ),
+            ));
         }
         if self.fetch_concurrency == 0 {
             return Err(err(

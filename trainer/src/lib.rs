@@ -21,7 +21,8 @@
 //! - [`service`]: the trainer service (`flywheel trainer`): the step-board loop, the finisher
 //!   (rank-ordered gradient sum, AdamW, incremental weight publication, optimizer state,
 //!   checkpoints and their retention) and `--resume` ([`service::Trainer::restore`]).
-//! - [`config`]: the `[trainer]` section; [`grads`]: the per-rank gradient object.
+//! - [`config`]: the `[trainer]` section; [`grads`]: the per-rank gradient object;
+//!   [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
 //!
 //! Because the loss is divided by the constant Φ rather than the batch's token count, the
 //! gradients of micro-batches and ranks are summed (not averaged) before [`optim::AdamW::step`].
@@ -29,6 +30,7 @@
 pub mod config;
 pub mod grads;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod service;
 pub mod step;

@@ -63,6 +63,7 @@ use thiserror::Error;
 use crate::config::{TrainerConfig, TrainerConfigError};
 use crate::grads::{GradError, RankGradient};
 use crate::loss::{LossConfig, PolicyLoss};
+use crate::metrics::{self, TrainerMetrics};
 use crate::optim::{AdamW, OptimError};
 use crate::step::{
     StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update, load_rank,
@@ -121,6 +122,15 @@ pub enum TrainerError {
     NoCheckpoint {
         /// The run.
         run: String,
+    },
+    /// The metrics server could not bind its address.
+    #[error("cannot serve metrics on {addr}: {source}; set trainer.metrics_addr to a free port")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
     },
     /// Stored state contradicts itself (e.g. an optimizer state of the wrong step).
     #[error("inconsistent trainer state: {0}")]
@@ -797,6 +807,23 @@ pub async fn run_until(
     } else {
         Trainer::start(services, config).await?
     };
+    let metrics = TrainerMetrics::new();
+    metrics.version.set(trainer.version() as i64);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = if trainer.config.metrics_addr.is_empty() {
+        None
+    } else {
+        let addr = trainer.config.metrics_addr.clone();
+        let parsed = addr.parse().map_err(|_| TrainerError::Metrics {
+            addr: addr.clone(),
+            source: std::io::Error::other("not HOST:PORT"),
+        })?;
+        let (bound, task) = metrics::serve(parsed, metrics.clone(), ready.clone())
+            .await
+            .map_err(|source| TrainerError::Metrics { addr, source })?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+        Some(task)
+    };
     tracing::info!(trainer = %id, version = trainer.version(), "trainer started");
     state
         .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
@@ -812,17 +839,34 @@ pub async fn run_until(
                 .await?;
             last_heartbeat = Instant::now();
         }
-        match work_once(&mut trainer, &state, &blob, &id, claim_ttl, &mut stall).await {
+        let worked = work_once(
+            &mut trainer,
+            &state,
+            &blob,
+            &id,
+            claim_ttl,
+            &mut stall,
+            &metrics,
+        );
+        match worked.await {
             Ok(true) => continue,
             Ok(false) => {}
-            Err(e) => tracing::error!(trainer = %id, error = %e, "step work failed; will retry"),
+            Err(e) => {
+                metrics.errors.inc();
+                tracing::error!(trainer = %id, error = %e, "step work failed; will retry");
+            }
         }
+        metrics.version.set(trainer.version() as i64);
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(poll) => {}
         }
     }
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
     state.leave(MemberRole::Trainer, &id).await?;
+    if let Some(task) = server {
+        task.abort();
+    }
     tracing::info!(trainer = %id, "trainer stopped");
     Ok(())
 }
@@ -837,6 +881,7 @@ async fn work_once(
     id: &str,
     claim_ttl: Duration,
     stall: &mut Option<(StepId, Instant)>,
+    metrics: &TrainerMetrics,
 ) -> Result<bool, TrainerError> {
     let Some(ann) = state.announced_step().await? else {
         return Ok(false);
@@ -854,7 +899,7 @@ async fn work_once(
         return Ok(false); // θ_old not published yet
     }
     let Some(claim) = state.claim_rank(ann.step, id, claim_ttl).await? else {
-        return take_over(trainer, state, blob, &ann, claim_ttl, stall).await;
+        return take_over(trainer, state, blob, &ann, claim_ttl, stall, metrics).await;
     };
     let manifest = load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
     let renewal = spawn_renewal(state.clone(), claim, id.to_owned(), claim_ttl);
@@ -862,6 +907,7 @@ async fn work_once(
     renewal.abort();
     let gradient = computed?;
     trainer.put_rank(&gradient).await?;
+    metrics.ranks_computed.inc();
     let done = match state.complete_rank(&claim, id).await {
         Ok(done) => done,
         Err(e @ StateError::RankFenced { .. }) => {
@@ -871,7 +917,7 @@ async fn work_once(
         Err(e) => return Err(e.into()),
     };
     if done.all_done {
-        finish_step(trainer, state, blob, &manifest).await?;
+        finish_step(trainer, state, blob, &manifest, metrics).await?;
     }
     Ok(true)
 }
@@ -883,6 +929,7 @@ async fn finish_step(
     state: &Arc<dyn StateStore>,
     blob: &BlobStore,
     manifest: &BatchManifest,
+    metrics: &TrainerMetrics,
 ) -> Result<(), TrainerError> {
     let outcome = trainer.finish(manifest).await?;
     state.finish_step(outcome.step, outcome.version).await?;
@@ -894,6 +941,7 @@ async fn finish_step(
         ))
         .await?;
     }
+    metrics.observe_step(&outcome);
     let m = &outcome.metrics;
     tracing::info!(
         step = outcome.step,
@@ -926,6 +974,7 @@ async fn take_over(
     ann: &StepAnnouncement,
     claim_ttl: Duration,
     stall: &mut Option<(StepId, Instant)>,
+    metrics: &TrainerMetrics,
 ) -> Result<bool, TrainerError> {
     let run = trainer.services.run_id.clone();
     let written = blob
@@ -945,7 +994,7 @@ async fn take_over(
             );
             let manifest =
                 load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
-            finish_step(trainer, state, blob, &manifest).await?;
+            finish_step(trainer, state, blob, &manifest, metrics).await?;
             Ok(true)
         }
         Some((step, _)) if step == ann.step => Ok(false),

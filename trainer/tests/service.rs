@@ -33,6 +33,7 @@ fn config() -> TrainerConfig {
             ..AdamWConfig::default()
         },
         poll_ms: 5,
+        metrics_addr: "127.0.0.1:0".into(),
         ..TrainerConfig::default()
     };
     c.weights.chunk_bytes = 256;
