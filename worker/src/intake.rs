@@ -55,12 +55,21 @@ pub enum Registered {
 }
 
 impl Intake {
-    /// Runs until `stop` fires.
+    /// Runs until `stop` fires, then commits the acknowledged offsets and leaves the group
+    /// (its partitions move to the other workers at once).
     pub async fn run(self) {
+        let Intake { consumer, .. } = self.take_prompts().await;
+        if let Err(e) = consumer.close().await {
+            warn!(error = %e, "closing the kafka consumer failed; the group will time it out");
+        }
+    }
+
+    /// The intake loop; returns itself once `stop` fires.
+    async fn take_prompts(self) -> Self {
         let mut backoff = self.poll;
         loop {
             if self.stop.is_cancelled() {
-                return;
+                return self;
             }
             if self.max_pending > 0 {
                 match self.state.counts().await {
@@ -73,8 +82,11 @@ impl Intake {
                 }
             }
             let delivery = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                d = self.consumer.recv() => d,
+                _ = self.stop.cancelled() => None,
+                d = self.consumer.recv() => Some(d),
+            };
+            let Some(delivery) = delivery else {
+                return self;
             };
             let delivery = match delivery {
                 Ok(d) => d,
@@ -102,7 +114,7 @@ impl Intake {
                         warn!(prompt = %delivery.prompt.id, error = %e, "registration failed; retrying");
                         if self.stop.is_cancelled() {
                             // Not acknowledged: redelivered to the group later.
-                            return;
+                            return self;
                         }
                         self.sleep(retry).await;
                         retry = (retry * 2).min(Duration::from_secs(10));

@@ -76,6 +76,9 @@ pub enum WorkerError {
         /// Why.
         source: std::io::Error,
     },
+    /// Work was still running when the grace period ran out; its leases will expire.
+    #[error("shutdown overran the grace period of {0:?}; unreleased leases will expire")]
+    ShutdownOverdue(Duration),
     /// Installing the signal handler failed.
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
@@ -254,8 +257,9 @@ pub async fn run(config: WorkerFileConfig) -> Result<(), WorkerError> {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
     }
+    let grace = config.worker.grace_period();
     if !worker.shutdown().await {
-        warn!("some work did not stop within the grace period; its leases will expire");
+        return Err(WorkerError::ShutdownOverdue(grace));
     }
     Ok(())
 }
