@@ -828,17 +828,25 @@ pub async fn run_until(
     state
         .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
         .await?;
-    let mut last_heartbeat = Instant::now();
+    // Heartbeats run beside the loop, so a long rank computation does not lapse membership.
+    let heartbeats = {
+        let (state, id) = (state.clone(), id.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeat_ttl / 3).await;
+                if let Err(e) = state
+                    .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
+                    .await
+                {
+                    tracing::warn!(trainer = %id, error = %e, "heartbeat failed");
+                }
+            }
+        })
+    };
     let mut stall: Option<(StepId, Instant)> = None;
     tokio::pin!(shutdown);
 
     loop {
-        if last_heartbeat.elapsed() >= heartbeat_ttl / 3 {
-            state
-                .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
-                .await?;
-            last_heartbeat = Instant::now();
-        }
         let worked = work_once(
             &mut trainer,
             &state,
@@ -848,20 +856,24 @@ pub async fn run_until(
             &mut stall,
             &metrics,
         );
-        match worked.await {
-            Ok(true) => continue,
-            Ok(false) => {}
+        let did_work = match worked.await {
+            Ok(did) => did,
             Err(e) => {
                 metrics.errors.inc();
                 tracing::error!(trainer = %id, error = %e, "step work failed; will retry");
+                false
             }
-        }
+        };
         metrics.version.set(trainer.version() as i64);
+        // Busy: look for more work at once; idle: poll. Shutdown is checked first either way.
+        let pause = if did_work { Duration::ZERO } else { poll };
         tokio::select! {
+            biased;
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
+    heartbeats.abort();
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
     state.leave(MemberRole::Trainer, &id).await?;
     if let Some(task) = server {
