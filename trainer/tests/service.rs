@@ -41,6 +41,22 @@ fn config() -> TrainerConfig {
 }
 
 async fn services(run: &str, blob: &BlobStore) -> Services {
+    services_on("memory://", run, blob).await
+}
+
+/// The Redis URL of the tests (`FLYWHEEL_TEST_REDIS_URL`, default the loopback server).
+fn redis_url() -> String {
+    std::env::var("FLYWHEEL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> Services {
+    let state = match state::open(state_url, run).await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "cannot open the state store at {state_url}: {e}; start Redis with \
+             scripts/services.sh or set FLYWHEEL_TEST_REDIS_URL"
+        ),
+    };
     let ledger = ledger::open("sqlite::memory:").await.unwrap();
     ledger
         .create_run(run, &serde_json::json!({"test": true}))
@@ -48,7 +64,7 @@ async fn services(run: &str, blob: &BlobStore) -> Services {
         .unwrap();
     Services {
         run_id: run.to_owned(),
-        state: state::open("memory://", run).await.unwrap(),
+        state,
         blob: blob.clone(),
         ledger,
     }
@@ -304,6 +320,19 @@ async fn resume_without_a_checkpoint_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
+    two_trainers_on_the_board("memory://", "board").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trainers_on_the_redis_step_board_match_a_single_trainer_bit_for_bit() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    two_trainers_on_the_board(&redis_url(), &format!("board-{nanos}")).await;
+}
+
+async fn two_trainers_on_the_board(state_url: &str, run: &str) {
     let blob = BlobStore::open("memory://").unwrap();
     let steps = 3u64;
 
@@ -318,7 +347,7 @@ async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
         weight_bits(&t)
     };
 
-    let s = services("board", &blob).await;
+    let s = services_on(state_url, run, &blob).await;
     let manifests = fixture(&s, steps, 2).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::new();
@@ -348,7 +377,7 @@ async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
             .announce_step(
                 &StepAnnouncement {
                     step: m.step,
-                    manifest_key: keys::step_manifest("board", m.step),
+                    manifest_key: keys::step_manifest(run, m.step),
                     world_size: m.world_size,
                 },
                 lease.token,
@@ -364,7 +393,7 @@ async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
         }
         // The gradient objects of a finished step are deleted.
         assert!(
-            blob.list(&keys::step_grads_prefix("board", m.step))
+            blob.list(&keys::step_grads_prefix(run, m.step))
                 .await
                 .unwrap()
                 .is_empty()
@@ -374,7 +403,7 @@ async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    let fetched = weights::fetch(&blob, "board", steps, None, &config().weights)
+    let fetched = weights::fetch(&blob, run, steps, None, &config().weights)
         .await
         .unwrap();
     assert_eq!(fetched.tensors, reference, "board weights differ from solo");
