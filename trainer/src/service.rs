@@ -226,14 +226,32 @@ impl Trainer {
     /// Joins the run at its newest published version, publishing version 0 from
     /// `config.seed` if no version exists yet.
     pub async fn start(services: Services, config: TrainerConfig) -> Result<Self, TrainerError> {
+        Self::start_with(services, config, None).await
+    }
+
+    /// Like [`Trainer::start`], with `initial` as version 0 instead of the seeded
+    /// initialisation (e.g. weights warm-started with [`crate::step::supervised_step`]).
+    /// `initial` must have the shape of `config.model`. If version 0 already exists with other
+    /// weights, this is a [`WeightsError::VersionConflict`].
+    pub async fn start_with(
+        services: Services,
+        config: TrainerConfig,
+        initial: Option<Params>,
+    ) -> Result<Self, TrainerError> {
         config.validate()?;
         let run = services.run_id.clone();
-        if !weights::exists(&services.blob, &run, 0).await?
+        if let Some(p) = &initial {
+            Params::zeros(&config.model)?.check_same_layout(p)?;
+        }
+        let fresh = !weights::exists(&services.blob, &run, 0).await?
             && weights::latest_version(&services.blob, &run)
                 .await?
-                .is_none()
-        {
-            let params = Params::init(&config.model, config.seed)?;
+                .is_none();
+        if initial.is_some() || fresh {
+            let params = match initial {
+                Some(p) => p,
+                None => Params::init(&config.model, config.seed)?,
+            };
             let report = publish_params(&services.blob, &run, 0, &params, None, &config).await?;
             tracing::info!(
                 run = %run,

@@ -497,3 +497,39 @@ async fn a_step_whose_finisher_died_is_finished_by_another_trainer() {
         .unwrap();
     assert_eq!(fetched.tensors, reference);
 }
+
+#[tokio::test]
+async fn a_warm_started_model_becomes_version_zero() {
+    use flywheel_model::{Model, Params};
+    use flywheel_trainer::AdamW;
+    use flywheel_trainer::step::{SupervisedExample, supervised_step};
+
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("warm", &blob).await;
+    let cfg = config();
+    let tok = Tokenizer::arithmetic();
+    let mut params = Params::init(&cfg.model, cfg.seed).unwrap();
+    let mut model = Model::cpu(&params).unwrap();
+    let mut opt = AdamW::new(cfg.optimizer.clone()).unwrap();
+    let mut tokens = tok.encode_prompt("1+2=").unwrap();
+    let response_start = tokens.len();
+    tokens.extend(tok.encode("3").unwrap());
+    tokens.push(Tokenizer::EOS);
+    let examples = [SupervisedExample {
+        tokens,
+        response_start,
+    }];
+    for _ in 0..3 {
+        supervised_step(&mut model, &mut params, &mut opt, &examples, 64).unwrap();
+    }
+    let t = Trainer::start_with(s.clone(), cfg.clone(), Some(params.clone()))
+        .await
+        .unwrap();
+    assert_eq!(t.version(), 0);
+    assert_eq!(t.params(), &params);
+    // Another trainer joining later gets the same version 0; different weights conflict.
+    let joined = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(joined.params(), &params);
+    let other = Params::init(&cfg.model, 99).unwrap();
+    assert!(Trainer::start_with(s, cfg, Some(other)).await.is_err());
+}
