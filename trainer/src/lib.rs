@@ -27,6 +27,8 @@
 //! Because the loss is divided by the constant Φ rather than the batch's token count, the
 //! gradients of micro-batches and ranks are summed (not averaged) before [`optim::AdamW::step`].
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod grads;
 pub mod loss;
