@@ -529,7 +529,10 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     producer.send(&prompt("p2", 3)).await.unwrap();
     // K above kafka.max_group_size (the producer refuses it, so send the raw JSON).
     let big = serde_json::to_vec(&prompt("big", 99)).unwrap();
-    producer.send_raw(Some(b"big".as_slice()), &big).await.unwrap();
+    producer
+        .send_raw(Some(b"big".as_slice()), &big)
+        .await
+        .unwrap();
 
     // A first member registers p1 but dies before acknowledging it.
     let first = PromptConsumer::new(&config).unwrap();
