@@ -207,7 +207,8 @@ pub struct Trainer {
     tokenizer: Tokenizer,
     /// The host copy of the weights of `version`.
     params: Params,
-    /// The model holding `params`; `None` only while a rank is computed on a blocking thread.
+    /// The model holding `params`; `None` while a rank is computed on a blocking thread (or
+    /// after such a computation was cancelled: it is then rebuilt from `params`).
     model: Option<Model>,
     /// The manifest of `version`.
     manifest: WeightsManifest,
@@ -367,7 +368,7 @@ impl Trainer {
         )
         .await?;
         let params = Params::from_bytes_map(&self.config.model, &fetched.tensors)?;
-        self.model_mut().load_params(&params)?;
+        self.model_mut()?.load_params(&params)?;
         tracing::debug!(
             version,
             bytes_fetched = fetched.bytes_fetched,
@@ -380,10 +381,12 @@ impl Trainer {
         Ok(())
     }
 
-    fn model_mut(&mut self) -> &mut Model {
-        self.model
-            .as_mut()
-            .expect("the model is only taken for the duration of a blocking computation")
+    /// The model; rebuilt from the host weights if a cancelled rank computation took it.
+    fn model_mut(&mut self) -> Result<&mut Model, ModelError> {
+        if self.model.is_none() {
+            self.model = Some(Model::cpu(&self.params)?);
+        }
+        Ok(self.model.as_mut().expect("just set"))
     }
 
     /// Resolves the token ids of every prompt of rank `rank`'s entries.
@@ -445,10 +448,8 @@ impl Trainer {
             ..self.config.loss.clone()
         })
         .map_err(StepError::from)?;
-        let model = self
-            .model
-            .take()
-            .expect("model present between computations");
+        self.model_mut()?;
+        let model = self.model.take().expect("model_mut just ensured it");
         let joined = tokio::task::spawn_blocking(move || {
             let result = compute_rank(&model, &loss, &batch);
             (model, result)
@@ -500,7 +501,7 @@ impl Trainer {
             // The in-memory optimizer may have moved: reload it from storage next time.
             self.optimizer = None;
             let params = self.params.clone();
-            self.model_mut().load_params(&params)?;
+            self.model_mut()?.load_params(&params)?;
         }
         result
     }
@@ -521,7 +522,7 @@ impl Trainer {
             _ => self.load_optimizer(step).await?,
         };
         let mut params = self.params.clone();
-        let report = apply_update(self.model_mut(), &mut params, &mut optimizer, &grads)?;
+        let report = apply_update(self.model_mut()?, &mut params, &mut optimizer, &grads)?;
         let version = step + 1;
         let run = self.services.run_id.clone();
         let published = publish_params(
