@@ -179,6 +179,25 @@ mod tests {
     }
 
     #[test]
+    fn every_engine_kind_builds_for_a_run() {
+        let blobs = flywheel_storage::blob::BlobStore::open("memory://").unwrap();
+        for (kind, name) in [("sim", "sim"), ("builtin", "builtin")] {
+            let config: WorkerConfig = serde_json::from_value(serde_json::json!({
+                "engine": {"kind": kind, "slots": 3},
+            }))
+            .unwrap();
+            let engine = config.engine.build_for_run(&blobs, "r").unwrap();
+            assert_eq!((engine.name(), engine.slots()), (name, 3));
+        }
+        let builtin: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "engine": {"kind": "builtin"},
+        }))
+        .unwrap();
+        // Without the run's object store the builtin engine cannot exist: a clear error.
+        assert!(builtin.engine.build().is_err());
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let mut config = WorkerConfig {
             metrics_addr: "nope".into(),

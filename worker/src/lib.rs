@@ -236,10 +236,14 @@ pub async fn run(config: WorkerFileConfig) -> Result<(), WorkerError> {
     let run = &config.run;
     let state = flywheel_storage::state::open(&run.storage.state_url, &run.storage.run_id).await?;
     let blobs = BlobStore::open(&run.storage.blob_url)?;
+    let engine_blobs = blobs.clone();
     let ledger = flywheel_storage::ledger::open(&run.storage.ledger_url).await?;
     let run_json = serde_json::to_value(run).unwrap_or(serde_json::Value::Null);
     ledger.create_run(&run.storage.run_id, &run_json).await?;
-    let engine = config.worker.engine.build()?;
+    let engine = config
+        .worker
+        .engine
+        .build_for_run(&engine_blobs, &run.storage.run_id)?;
     let consumer = PromptConsumer::new(&run.kafka)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(WorkerError::Signal)?;

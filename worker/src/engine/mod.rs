@@ -269,6 +269,9 @@ pub enum EngineConfig {
     Sim(sim::SimConfig),
     /// An OpenAI-compatible completions server.
     Openai(openai::OpenAiConfig),
+    /// The built-in model with the run's published weights (built by
+    /// [`EngineConfig::build_for_run`], which knows where the weights are).
+    Builtin(builtin::BuiltinConfig),
 }
 
 impl Default for EngineConfig {
@@ -283,7 +286,31 @@ impl EngineConfig {
         Ok(match self {
             EngineConfig::Sim(config) => Arc::new(sim::SimEngine::new(config.clone())?),
             EngineConfig::Openai(config) => Arc::new(openai::OpenAiEngine::new(config.clone())?),
+            EngineConfig::Builtin(_) => {
+                return Err(EngineError::Config(
+                    "the builtin engine reads the run's weights: build it with \
+                     EngineConfig::build_for_run"
+                        .into(),
+                ));
+            }
         })
+    }
+
+    /// Validates the settings and builds the engine for run `run`, whose weights (for the
+    /// builtin engine) are in `blobs`.
+    pub fn build_for_run(
+        &self,
+        blobs: &flywheel_storage::blob::BlobStore,
+        run: &str,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
+        match self {
+            EngineConfig::Builtin(config) => Ok(Arc::new(builtin::BuiltinEngine::new(
+                blobs.clone(),
+                run,
+                config.clone(),
+            )?)),
+            other => other.build(),
+        }
     }
 }
 
