@@ -64,6 +64,10 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// The main job: warm-start the built-in model, then train it with RL (partial rollouts,
+    /// IcePop) through the queue, workers, coordinator and trainer in one process, and write
+    /// a report with the held-out accuracy before and after.
+    Demo(flywheel::demo::run::DemoArgs),
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -71,7 +75,11 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// The coordinator's base URL.
-        #[arg(long, env = "FLYWHEEL_STATUS_URL", default_value = "http://127.0.0.1:9464")]
+        #[arg(
+            long,
+            env = "FLYWHEEL_STATUS_URL",
+            default_value = "http://127.0.0.1:9464"
+        )]
         url: String,
     },
 }
@@ -132,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
             Ok(flywheel_trainer::run(&run, file.trainer, resume).await?)
         }
+        Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
 }
