@@ -6,6 +6,7 @@
 
 pub mod progress;
 pub mod report;
+pub mod run;
 pub mod task;
 
 pub use task::{Problem, ProblemStream, Split, TaskConfig, TaskError, held_out_set};
