@@ -52,6 +52,10 @@ use crate::types::PolicyVersion;
 /// The manifest format this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
 
+/// The [`WeightsManifest::metadata`] key holding the model's config as JSON (the trainer
+/// writes `flywheel_model::ModelConfig` there; the builtin engine builds its model from it).
+pub const MODEL_CONFIG_KEY: &str = "model_config";
+
 /// Default chunk size: 256 KiB.
 pub const DEFAULT_CHUNK_BYTES: u64 = 256 * 1024;
 

@@ -191,9 +191,7 @@ pub struct StepOutcome {
     pub checkpointed: bool,
 }
 
-/// The [`WeightsManifest::metadata`] key under which the trainer publishes the model's
-/// [`flywheel_model::ModelConfig`] as JSON.
-pub const MODEL_CONFIG_KEY: &str = "model_config";
+pub use flywheel_storage::weights::MODEL_CONFIG_KEY;
 
 /// The key of the optimizer state after step `step`.
 fn optimizer_key(run: &str, step: StepId) -> String {
