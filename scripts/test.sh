@@ -21,4 +21,16 @@ export FLYWHEEL_TEST_S3_ACCESS_KEY="${FLYWHEEL_TEST_S3_ACCESS_KEY:-flywheel}"
 export FLYWHEEL_TEST_S3_SECRET_KEY="${FLYWHEEL_TEST_S3_SECRET_KEY:-flywheel-secret}"
 
 echo "test: cargo test --workspace $*" >&2
-cargo test --workspace "$@"
+output="$(mktemp)"
+trap 'rm -f "$output"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$output"
+status="${PIPESTATUS[0]}"
+set -e
+
+# One closing line over every test binary and doc-test run (cargo prints one per binary, and
+# the last is often an empty doc-test run). Ignored tests are counted as skipped.
+{ grep -E '^test result: ' "$output" || true; } \
+    | awk '{ passed += $4; failed += $6; ignored += $8 }
+           END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }'
+exit "$status"
