@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use flywheel::demo::distributed::TaskSection;
 
 mod ingest;
 
@@ -29,7 +30,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// JSON-lines file of prompts; `-` reads standard input.
-        file: PathBuf,
+        #[arg(required_unless_present = "demo_task")]
+        file: Option<PathBuf>,
+        /// Instead of a file: generate this many training prompts of the built-in addition
+        /// task, shaped by the config's `[task]` section (flywheel::demo::distributed).
+        #[arg(long, value_name = "COUNT", conflicts_with_all = ["file", "raw"])]
+        demo_task: Option<usize>,
+        /// Seed of the generated prompts (`--demo-task`); their ids are `task-<seed>-<i>`.
+        #[arg(long, default_value_t = 0, requires = "demo_task")]
+        seed: u64,
         /// Send lines that fail validation anyway (they will be dead-lettered by workers).
         #[arg(long)]
         raw: bool,
@@ -63,6 +72,17 @@ enum Command {
         /// Restore the ledger's latest checkpoint (weights and optimizer state) first.
         #[arg(long)]
         resume: bool,
+        /// Before serving: warm-start the model with this many supervised steps on the
+        /// built-in task's reference responses (the config's `[task]`) and publish the result
+        /// as version 0 — unless version 0 exists already (another trainer's warm start won).
+        #[arg(long, default_value_t = 0, conflicts_with = "resume")]
+        warm_start_steps: usize,
+        /// Problems per warm-start step.
+        #[arg(long, default_value_t = 32)]
+        warm_start_batch: usize,
+        /// Learning rate of the warm start.
+        #[arg(long, default_value_t = 3e-3)]
+        warm_start_lr: f64,
     },
     /// The main job: warm-start the built-in model, then train it with RL (partial rollouts,
     /// IcePop) through the queue, workers, coordinator and trainer in one process, and write
@@ -103,13 +123,24 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json);
     match cli.command {
         Command::Ingest {
-            config,
+            config: path,
             file,
+            demo_task,
+            seed,
             raw,
             partitions,
         } => {
-            let config = flywheel::config::load(config.as_deref())?;
-            ingest::run(&config.kafka, &file, raw, partitions).await
+            let config = flywheel::config::load(path.as_deref())?;
+            match (demo_task, file) {
+                (Some(count), _) => {
+                    let section: TaskSection =
+                        flywheel::config::load_with_env(path.as_deref(), std::env::vars())?;
+                    let prompts = flywheel::demo::distributed::prompts(&section.task, count, seed)?;
+                    ingest::send_generated(&config.kafka, &prompts, partitions).await
+                }
+                (None, Some(file)) => ingest::run(&config.kafka, &file, raw, partitions).await,
+                (None, None) => anyhow::bail!("name a prompts FILE or pass --demo-task COUNT"),
+            }
         }
         Command::Migrate { config } => {
             let config = flywheel::config::load(config.as_deref())?;
@@ -134,10 +165,33 @@ async fn main() -> anyhow::Result<()> {
                 flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
             Ok(flywheel_worker::run(file).await?)
         }
-        Command::Trainer { config, resume } => {
+        Command::Trainer {
+            config,
+            resume,
+            warm_start_steps,
+            warm_start_batch,
+            warm_start_lr,
+        } => {
             let run = flywheel::config::load(config.as_deref())?;
             let file: flywheel_trainer::TrainerSection =
                 flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+            if warm_start_steps > 0 {
+                let task: TaskSection =
+                    flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+                let settings = flywheel::demo::distributed::WarmStart {
+                    steps: warm_start_steps,
+                    batch: warm_start_batch,
+                    lr: warm_start_lr,
+                    seed: file.trainer.seed,
+                };
+                flywheel::demo::distributed::publish_warm_start(
+                    &run,
+                    &file.trainer,
+                    &task,
+                    &settings,
+                )
+                .await?;
+            }
             Ok(flywheel_trainer::run(&run, file.trainer, resume).await?)
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),

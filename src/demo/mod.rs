@@ -4,6 +4,7 @@
 //! deliberately short while, then improves it with RL; `examples/demo_recipe.rs` runs the
 //! same recipe in one process without the infrastructure, to calibrate its settings.
 
+pub mod distributed;
 pub mod progress;
 pub mod report;
 pub mod run;
