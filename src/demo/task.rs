@@ -62,12 +62,12 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         // Calibrated with examples/demo_recipe.rs: responses of 11 to 84 tokens (with EOS),
-        // half of the problems with two or three terms.
+        // 60% of the problems with two or three terms, 6% with ten or more.
         Self {
             min_terms: 2,
             max_terms: 20,
             max_term: 9,
-            tail_exponent: 1.5,
+            tail_exponent: 2.0,
         }
     }
 }
@@ -182,7 +182,7 @@ impl Split {
         h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         h ^= h >> 31;
-        if h % Self::HELD_OUT_ONE_IN == 0 {
+        if h.is_multiple_of(Self::HELD_OUT_ONE_IN) {
             Split::HeldOut
         } else {
             Split::Train
