@@ -14,7 +14,9 @@
 //! # Modes (`rollout.mode`)
 //! - `partial` (C3PO++): every segment reserves from the version's budget; a grant of 0 means
 //!   the budget is spent: the trajectory is released (parked when it has committed segments,
-//!   back to pending otherwise) and the slot waits for a newer version. On a new version
+//!   back to pending otherwise) and the slot waits until a fresh read of the budget shows
+//!   tokens again: a newer version, or refunds of other segments' unused reservations (a
+//!   spent budget must end exactly at 0, which the coordinator's step cut waits for). On a new version
 //!   `claim_next` hands out parked trajectories first, oldest first version first.
 //! - `sync`: the budget only gates *starting* a trajectory: a trajectory with no committed
 //!   segment that gets no budget is released and the slot waits; one already started runs to
@@ -120,11 +122,24 @@ pub struct SegmentLoop {
     /// Shutdown signals.
     shutdown: Shutdown,
     /// The current budget as last read by the poller (None before the first version).
-    budget: watch::Receiver<Option<Budget>>,
-    /// 1 + the newest version whose budget a reservation found spent (0: none).
-    spent: AtomicU64,
+    budget: watch::Receiver<Option<Polled>>,
+    /// Number of budget reads the poller has started (the generation of the next read).
+    polls: AtomicU64,
+    /// The poll generation when a reservation last found the budget spent: only a budget read
+    /// that started after it (a strictly newer generation) can say there is budget again.
+    /// Refunds can bring a spent budget back above 0 within the same version, so a spent
+    /// budget is not sticky until the next version (that could stall the step cut, which
+    /// waits for the budget to be exactly spent).
+    spent_at: AtomicU64,
     /// Trajectories this worker holds → the version they started under (for η admission).
     held: Mutex<BTreeMap<TrajectoryId, PolicyVersion>>,
+}
+
+/// A budget read and the poll generation it started in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Polled {
+    budget: Budget,
+    generation: u64,
 }
 
 /// Removes a trajectory from the held set and the active gauge however its turn ends.
@@ -189,7 +204,8 @@ impl SegmentLoop {
             metrics: parts.metrics,
             shutdown: parts.shutdown,
             budget: rx,
-            spent: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
+            spent_at: AtomicU64::new(0),
             held: Mutex::new(BTreeMap::new()),
         });
         let poller = tokio::spawn(this.clone().poll_state(tx));
@@ -205,20 +221,19 @@ impl SegmentLoop {
     }
 
     /// Re-reads the budget every poll interval and heartbeats every third of the lease.
-    async fn poll_state(self: Arc<Self>, tx: watch::Sender<Option<Budget>>) {
+    async fn poll_state(self: Arc<Self>, tx: watch::Sender<Option<Polled>>) {
         let heartbeat_every = self.ttl() / 3;
         let mut last_heartbeat: Option<tokio::time::Instant> = None;
         loop {
+            // Generations start at 1; `spent_at` = 0 means never spent.
+            let generation = self.polls.fetch_add(1, Ordering::SeqCst) + 1;
             match self.state.budget().await {
                 Ok(budget) => {
                     if let Some(b) = budget {
                         self.metrics.current_version.set(b.version as i64);
                     }
-                    tx.send_if_modified(|old| {
-                        let changed = *old != budget;
-                        *old = budget;
-                        changed
-                    });
+                    let polled = budget.map(|budget| Polled { budget, generation });
+                    tx.send_replace(polled);
                 }
                 Err(e) => warn!(error = %e, "cannot read the rollout budget"),
             }
@@ -285,7 +300,7 @@ impl SegmentLoop {
     }
 
     /// Waits until the mode allows claiming; false once shutdown begins.
-    async fn wait_for_work(&self, budget: &mut watch::Receiver<Option<Budget>>) -> bool {
+    async fn wait_for_work(&self, budget: &mut watch::Receiver<Option<Polled>>) -> bool {
         loop {
             if self.shutdown.stop.is_cancelled() {
                 return false;
@@ -293,10 +308,11 @@ impl SegmentLoop {
             let current = *budget.borrow_and_update();
             let ok = match current {
                 None => false,
-                Some(b) => match self.rollout.mode {
-                    RolloutMode::Async => !self.lagging(b.version),
+                Some(p) => match self.rollout.mode {
+                    RolloutMode::Async => !self.lagging(p.budget.version),
                     RolloutMode::Sync | RolloutMode::Partial => {
-                        b.remaining > 0 && self.spent.load(Ordering::Relaxed) <= b.version
+                        p.budget.remaining > 0
+                            && p.generation > self.spent_at.load(Ordering::SeqCst)
                     }
                 },
             };
@@ -319,9 +335,11 @@ impl SegmentLoop {
             .any(|&first| current.saturating_sub(first) > eta)
     }
 
-    /// Records that `version`'s budget is spent: slots wait for a newer one.
-    fn mark_spent(&self, version: PolicyVersion) {
-        self.spent.fetch_max(version + 1, Ordering::Relaxed);
+    /// Records that the budget is spent: slots wait until a budget read started after now
+    /// shows tokens again (a newer version, or refunds).
+    fn mark_spent(&self) {
+        let now = self.polls.load(Ordering::SeqCst);
+        self.spent_at.fetch_max(now, Ordering::SeqCst);
         self.metrics.budget_waits.inc();
     }
 
@@ -472,7 +490,7 @@ impl SegmentLoop {
                     RolloutMode::Async => false,
                 };
                 if wait {
-                    self.mark_spent(version);
+                    self.mark_spent();
                     let status = self.release(id, epoch).await;
                     info!(trajectory = %id, version, ?status, "version budget spent; waiting for the next version");
                     return Ok(());
