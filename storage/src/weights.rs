@@ -138,6 +138,9 @@ pub enum WeightsError {
     /// The caller's tensors or configuration are unusable.
     #[error("invalid weights input: {0}")]
     InvalidInput(String),
+    /// Encoding or decoding work was cancelled because the async runtime is shutting down.
+    #[error("weights encoding cancelled: the runtime is shutting down")]
+    Cancelled,
 }
 
 /// The element type of a tensor's bytes (little-endian).
@@ -613,6 +616,19 @@ fn apply_delta(current: &mut [u8], object: &[u8], width: usize) -> Result<(), St
     Ok(())
 }
 
+/// Runs CPU-bound work (hashing, DEFLATE) on the blocking pool: chunks then encode and decode
+/// in parallel, and the runtime's other tasks keep running meanwhile.
+async fn on_cpu<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WeightsError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(v) => Ok(v),
+        // A panic is a bug in this module: surface it where it happened.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(WeightsError::Cancelled),
+    }
+}
+
 /// Downloads stored object `hash` and checks its length and hash.
 async fn get_object(
     blob: &BlobStore,
@@ -704,8 +720,15 @@ async fn rebuild_chunk(
             key: keys::chunk(&run, &link.object),
             reason,
         };
-        apply_delta(&mut current, &object, link.element_bytes as usize).map_err(corrupt)?;
-        let actual = content_hash(&current);
+        let width = link.element_bytes as usize;
+        let (applied, actual);
+        (current, applied, actual) = on_cpu(move || {
+            let applied = apply_delta(&mut current, &object, width);
+            let actual = content_hash(&current);
+            (current, applied, actual)
+        })
+        .await?;
+        applied.map_err(corrupt)?;
         if actual != link.result {
             return Err(corrupt(format!(
                 "applying this delta gives content hashing to {actual}, the manifest says {}",
@@ -981,9 +1004,18 @@ async fn store_chunk(
     let len = data.len() as u64;
     let mut read = 0u64;
     if let Some((base_ref, given)) = base {
+        // The caller's bytes are used only if they are what `previous` says they are.
+        let given = match given {
+            Some(b) => {
+                let expected = base_ref.hash.clone();
+                on_cpu(move || (content_hash(&b) == expected).then(|| b.to_vec())).await?
+            }
+            None => None,
+        };
         let base_bytes = match given {
-            Some(b) if content_hash(&b) == base_ref.hash => Some(b.to_vec()),
-            _ => match rebuild_chunk(blob.clone(), run.to_owned(), base_ref.clone(), None).await {
+            Some(b) => Some(b),
+            None => match rebuild_chunk(blob.clone(), run.to_owned(), base_ref.clone(), None).await
+            {
                 Ok(r) => {
                     read = r.downloaded;
                     Some(r.bytes)
@@ -996,9 +1028,14 @@ async fn store_chunk(
             },
         };
         if let Some(base_bytes) = base_bytes {
-            let object = encode_delta(&base_bytes, &data, width);
+            let new = data.clone();
+            let (object, object_hash) = on_cpu(move || {
+                let object = encode_delta(&base_bytes, &new, width);
+                let hash = content_hash(&object);
+                (object, hash)
+            })
+            .await?;
             if (object.len() as u64) * 100 <= len * delta_max_percent {
-                let object_hash = content_hash(&object);
                 let object_len = object.len() as u64;
                 let outcome = blob
                     .put_if_absent(&keys::chunk(run, &object_hash), Bytes::from(object))
