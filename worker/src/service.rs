@@ -133,6 +133,10 @@ pub struct SegmentLoop {
     spent_at: AtomicU64,
     /// Trajectories this worker holds → the version they started under (for η admission).
     held: Mutex<BTreeMap<TrajectoryId, PolicyVersion>>,
+    /// The run's expired leases, as last counted by the poller.
+    expired: AtomicU64,
+    /// Held by the slot sweeping expired leases (one sweep at a time).
+    sweeping: tokio::sync::Mutex<()>,
 }
 
 /// A budget read and the poll generation it started in.
@@ -207,6 +211,8 @@ impl SegmentLoop {
             polls: AtomicU64::new(0),
             spent_at: AtomicU64::new(0),
             held: Mutex::new(BTreeMap::new()),
+            expired: AtomicU64::new(0),
+            sweeping: tokio::sync::Mutex::new(()),
         });
         let poller = tokio::spawn(this.clone().poll_state(tx));
         (this, poller)
@@ -248,6 +254,7 @@ impl SegmentLoop {
                     Err(e) => warn!(error = %e, "heartbeat failed"),
                 }
                 if let Ok(c) = self.state.counts().await {
+                    self.expired.store(c.lease_expired, Ordering::Relaxed);
                     let g = &self.metrics.run_trajectories;
                     for (status, n) in [
                         ("pending", c.pending),
@@ -319,12 +326,81 @@ impl SegmentLoop {
             if ok {
                 return true;
             }
+            let spent = current.is_some_and(|p| p.budget.remaining == 0);
+            if spent
+                && self.rollout.mode != RolloutMode::Async
+                && self.expired.load(Ordering::Relaxed) > 0
+                && let Err(e) = self.sweep_expired().await
+            {
+                warn!(error = %e, "sweeping expired leases failed");
+            }
             tokio::select! {
                 _ = self.shutdown.stop.cancelled() => return false,
                 _ = budget.changed() => {}
                 _ = tokio::time::sleep(self.poll) => {}
             }
         }
+    }
+
+    /// Takes over the trajectories of dead workers while the budget is spent.
+    ///
+    /// Their leases expired, but they still count as generating, and the coordinator cuts a
+    /// spent version's step only when nothing is generating; yet no slot claims while the
+    /// budget is spent. So one slot at a time claims until it reaches the expired ones
+    /// (`claim_next` hands out parked and pending trajectories first: those are held for the
+    /// moment and released unchanged, keeping their places), then runs each stolen one as
+    /// usual: in `partial` it finds no budget and parks; in `sync` a started one runs to its
+    /// end. Rare (a crash while the budget runs out) and bounded by the run's counts.
+    async fn sweep_expired(&self) -> Result<(), StateError> {
+        let Ok(_sweeping) = self.sweeping.try_lock() else {
+            return Ok(());
+        };
+        let counts = self.state.counts().await?;
+        self.expired.store(counts.lease_expired, Ordering::Relaxed);
+        if counts.lease_expired == 0 {
+            return Ok(());
+        }
+        let mut passed_over = Vec::new();
+        let mut stolen = Vec::new();
+        let most = counts.parked + counts.pending + counts.lease_expired;
+        for _ in 0..most {
+            if self.shutdown.stop.is_cancelled() {
+                break;
+            }
+            match self.state.claim_next(&self.worker_id, self.ttl()).await {
+                Ok(Some(c)) if c.source == ClaimSource::Expired => {
+                    stolen.push(c);
+                    if stolen.len() as u64 >= counts.lease_expired {
+                        break;
+                    }
+                }
+                Ok(Some(c)) => passed_over.push(c),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "claim failed during the sweep");
+                    break;
+                }
+            }
+        }
+        for c in passed_over {
+            let (id, epoch) = (c.state.id.clone(), c.lease().epoch);
+            if let Err(e) = self.state.release(&id, &self.worker_id, epoch).await {
+                warn!(trajectory = %id, error = %e, "release after the sweep failed; the lease will expire");
+            }
+        }
+        info!(
+            stolen = stolen.len(),
+            "swept expired leases while the budget is spent"
+        );
+        // Concurrently: each renews its own lease while it runs.
+        let runs = stolen.into_iter().map(|c| async move {
+            let id = c.state.id.clone();
+            if let Err(e) = self.run_claim(c).await {
+                warn!(trajectory = %id, error = %e, "stolen trajectory failed");
+            }
+        });
+        futures::future::join_all(runs).await;
+        Ok(())
     }
 
     /// Async admission: whether a held trajectory started more than η versions ago.

@@ -607,3 +607,53 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     .await;
     assert!(worker.shutdown().await);
 }
+
+#[tokio::test]
+async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
+    // The budget runs out while a dead worker's lease is still live; once it expires, nothing
+    // may stay "generating" (the coordinator's step cut waits for that), although every slot
+    // is waiting for the next version.
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 4),
+        LengthDistribution::Fixed { tokens: 12 },
+    )
+    .await;
+    env.register("p", 3).await;
+    env.state.open_version(0, 4, 4).await.unwrap();
+    let ghost = env
+        .state
+        .claim(&tid("p", 0), "ghost", Duration::from_millis(1500))
+        .await
+        .unwrap();
+    let worker = env.start("w1", None).await;
+    let state = env.state.clone();
+    wait_for("the budget spent", || {
+        let state = state.clone();
+        async move { state.budget().await.unwrap().unwrap().remaining == 0 }
+    })
+    .await;
+    wait_for("nothing generating, no expired lease left", || {
+        let state = state.clone();
+        async move {
+            let c = state.counts().await.unwrap();
+            c.generating == 0 && c.lease_expired == 0
+        }
+    })
+    .await;
+    let t = env.state.trajectory(&tid("p", 0)).await.unwrap().unwrap();
+    assert!(
+        t.lease.unwrap().epoch > ghost.lease().epoch,
+        "taken from the ghost"
+    );
+    assert!(worker.metrics.lease_steals.get() >= 1);
+    env.state.open_version(1, 1000, 4).await.unwrap();
+    wait_for("3 finished", || {
+        let state = state.clone();
+        async move { state.counts().await.unwrap().finished == 3 }
+    })
+    .await;
+    for k in 0..3 {
+        env.check_complete(&tid("p", k)).await;
+    }
+    assert!(worker.shutdown().await);
+}
