@@ -28,10 +28,11 @@
 //!   batch (lr 3e-4, no weight decay, gradient norm clipped at 1), PPO ε = 0.2, IcePop
 //!   [0.5, 5].
 //!
-//! Measured (seeds 0 / 1): held-out accuracy 17.5% → 39.5% (+22.0) and 17.5% → 43.2%
-//! (+25.8), in 344 s and 361 s wall time on the 2 cores shared with other builds (load ≈ 7;
-//! ~185 s of user CPU each); sampling ran at 25–28k tokens/s and training at 7.7–7.9k
-//! response tokens/s under that load (about 45k and 12k on a quieter machine).
+//! Measured (seeds 0 / 1 / 2): held-out accuracy 17.5% → 39.5% (+22.0), 17.5% → 43.2%
+//! (+25.8) and 15.2% → 41.0% (+25.7), in 344 s, 361 s and 343 s wall time on the 2 cores
+//! shared with other builds (load ≈ 7; 185–196 s of user CPU each); sampling ran at
+//! 25–28k tokens/s and training at 7.7–8.3k response tokens/s under that load (about 45k
+//! and 12k on a quieter machine, where the same recipe took ~220–270 s).
 
 use std::time::Instant;
 
