@@ -1,0 +1,448 @@
+//! The demo's RL job distributed over real processes and real services (issue 6, item 5), on
+//! a short schedule: a coordinator, a trainer (which warm-starts the model and publishes it as
+//! version 0) and two builtin-engine workers, each a `flywheel` process reading one config;
+//! the task's prompts ingested with `flywheel ingest --demo-task`. One worker is killed with
+//! SIGKILL once the second step is trained. The test then checks that
+//!
+//! - the run finishes: every ingested prompt is settled in the ledger, the recorded steps are
+//!   0..=last without gaps, at least [`MIN_STEPS`] of them, and the trainer trained the last
+//!   one;
+//! - every ingested prompt is trained in exactly one step or dropped with a reason (the
+//!   ledger, `flywheel::demo::run::check_accounting`);
+//! - reward rises: the mean reward of the trajectories finished under the last third of the
+//!   policy versions exceeds that of the first third by [`MIN_REWARD_GAIN`]. Per-version means
+//!   over one step's worth of trajectories are noisy (a few dozen binary rewards), so the
+//!   comparison is over thirds of the run (a moving average of ~5 versions), not first vs
+//!   last step.
+//!
+//! Services (an unreachable one fails the test, naming it; `scripts/services.sh` starts them):
+//! Redis `FLYWHEEL_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), PostgreSQL
+//! `FLYWHEEL_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, a
+//! fresh schema per run), Kafka `FLYWHEEL_TEST_KAFKA_BROKERS` (default `127.0.0.1:9092`), S3
+//! `FLYWHEEL_TEST_S3_ENDPOINT` (default `http://127.0.0.1:8014`, bucket `flywheel-test`).
+//!
+//! No assertion is on durations; waits are bounded by a generous deadline that names what
+//! did not happen, and the service logs are printed on failure.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flywheel::demo::distributed::{TaskFileConfig, prompts};
+use flywheel_storage::ledger::PromptStatus;
+use flywheel_storage::ledger::conformance::TestLedger;
+use flywheel_storage::state::{RedisStateStore, StateStore};
+
+/// Prompts ingested.
+const PROMPTS: usize = 400;
+/// Supervised warm-start steps: enough for the format, few enough to leave room to learn.
+const WARM_START_STEPS: usize = 400;
+/// The run must record at least this many steps (Φ = 512 tokens; ~12 prompts a step).
+const MIN_STEPS: u64 = 10;
+/// Mean reward of the last third of versions minus the first third's, at least.
+const MIN_REWARD_GAIN: f64 = 0.05;
+/// Bound on every wait (the whole run takes well under it on 2 cores).
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Fails unless `addr` (host:port) accepts a TCP connection.
+fn require(service: &str, var: &str, addr: &str) {
+    use std::net::ToSocketAddrs;
+    let ok = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).ok())
+        .is_some();
+    assert!(
+        ok,
+        "{service} at {addr} ({var}) is unreachable: start it with scripts/services.sh"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `flywheel` processes of the run; SIGKILLed if the test ends early.
+struct Processes {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    fn spawn(&mut self, name: &str, args: &[&str], env: &[(&str, String)]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flywheel"));
+        cmd.args(args)
+            .env("FLYWHEEL_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start flywheel {name}: {e}"));
+        self.children.push((name.to_owned(), child));
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(25)..];
+            out.push_str(&format!(
+                "---- {name} (last lines) ----\n{}\n",
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Panics, with the logs, if a process other than `except` has exited.
+    fn check_alive(&mut self, except: &[&str]) {
+        let mut dead = Vec::new();
+        for (name, child) in &mut self.children {
+            if except.contains(&name.as_str()) {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push(format!("{name} exited early ({status})"));
+            }
+        }
+        if !dead.is_empty() {
+            panic!("{}\n{}", dead.join("; "), self.logs());
+        }
+    }
+
+    fn kill(&mut self, name: &str) {
+        let (_, child) = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("a started process");
+        // Child::kill is SIGKILL on Unix: no shutdown, leases left to expire.
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM to every live process, then wait for them.
+    fn stop(&mut self) {
+        for (_, child) in &mut self.children {
+            if let Ok(None) = child.try_wait() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it is true, failing with `what` and the logs at the deadline.
+async fn wait_until<F, Fut>(procs: &mut Processes, except: &[&str], what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        procs.check_alive(except);
+        if start.elapsed() > DEADLINE {
+            panic!(
+                "timed out waiting for {what} (logs in {})\n{}",
+                procs.dir.display(),
+                procs.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_run_survives_a_killed_worker_and_learns() {
+    let redis = env_or("FLYWHEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let brokers = env_or("FLYWHEEL_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
+    let s3 = env_or("FLYWHEEL_TEST_S3_ENDPOINT", "http://127.0.0.1:8014");
+    require(
+        "Kafka",
+        "FLYWHEEL_TEST_KAFKA_BROKERS",
+        brokers.split(',').next().unwrap(),
+    );
+    require(
+        "S3 (s3s-fs)",
+        "FLYWHEEL_TEST_S3_ENDPOINT",
+        s3.trim_start_matches("http://").trim_end_matches('/'),
+    );
+    let run_id = format!("dist-{:012x}", rand::random::<u64>() >> 16);
+    let state = RedisStateStore::connect(&redis, &run_id)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis at {redis} (FLYWHEEL_TEST_REDIS_URL) is unreachable: {e}. Start it with \
+                 scripts/services.sh."
+            )
+        });
+    // A fresh schema; panics naming PostgreSQL when it is unreachable.
+    let test_ledger = TestLedger::postgres().await;
+    let ledger = test_ledger.ledger();
+    // Kept after the test: the config and the services' logs, for a failure's post-mortem.
+    let dir = std::env::temp_dir().join(format!("flywheel-{run_id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let coordinator_port = free_port();
+    let task = TaskFileConfig {
+        max_terms: 4,
+        group_size: 8,
+        ..TaskFileConfig::default()
+    };
+    let config = format!(
+        r#"
+[storage]
+run_id = "{run_id}"
+state_url = "{redis}"
+blob_url = "s3://flywheel-test/{run_id}?endpoint={s3}&region=us-east-1&access_key_id=flywheel&secret_access_key=flywheel-secret"
+ledger_url = "{ledger_url}"
+
+[kafka]
+brokers = "{brokers}"
+topic = "{run_id}.prompts"
+group_id = "{run_id}.workers"
+session_timeout_ms = 6000
+auto_commit_interval_ms = 200
+
+[rollout]
+mode = "partial"
+version_budget_tokens = 2048
+segment_tokens = 8
+max_response_tokens = 24
+retention_limit = 4
+lease_ms = 3000
+
+[batch]
+token_budget = 512
+micro_batch_tokens = 4096
+
+[task]
+max_terms = {max_terms}
+group_size = {group_size}
+
+[coordinator]
+bind = "127.0.0.1:{coordinator_port}"
+tick_ms = 100
+
+[worker]
+slots = 2
+poll_interval_ms = 50
+grace_period_ms = 10000
+
+[worker.engine]
+kind = "builtin"
+slots = 2
+weights_wait_ms = 600000
+
+[trainer]
+id = "trainer-0"
+poll_ms = 50
+rank_claim_ms = 10000
+metrics_addr = "127.0.0.1:{trainer_port}"
+
+[trainer.model]
+vocab_size = 20
+d_model = 32
+n_layers = 2
+n_heads = 4
+d_ff = 128
+max_seq_len = 40
+
+[trainer.optimizer]
+lr = 0.0005
+weight_decay = 0.0
+"#,
+        ledger_url = test_ledger.url(),
+        max_terms = task.max_terms,
+        group_size = task.group_size,
+        trainer_port = free_port(),
+    );
+    let config_path = dir.join("flywheel.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let config_arg = config_path.to_str().unwrap();
+
+    let mut procs = Processes {
+        dir: dir.clone(),
+        children: Vec::new(),
+    };
+    procs.spawn("coordinator", &["coordinator", "--config", config_arg], &[]);
+    let warm = WARM_START_STEPS.to_string();
+    procs.spawn(
+        "trainer",
+        &[
+            "trainer",
+            "--config",
+            config_arg,
+            "--warm-start-steps",
+            &warm,
+        ],
+        &[],
+    );
+    for i in 0..2 {
+        procs.spawn(
+            &format!("worker-{i}"),
+            &["worker", "--config", config_arg],
+            &[
+                ("FLYWHEEL_WORKER__ID", format!("worker-{i}")),
+                (
+                    "FLYWHEEL_WORKER__METRICS_ADDR",
+                    format!("127.0.0.1:{}", free_port()),
+                ),
+            ],
+        );
+    }
+    let ingest = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["ingest", "--config", config_arg, "--demo-task"])
+        .arg(PROMPTS.to_string())
+        .args(["--seed", "1"])
+        .output()
+        .expect("run flywheel ingest");
+    assert!(
+        ingest.status.success(),
+        "flywheel ingest failed: {}",
+        String::from_utf8_lossy(&ingest.stderr)
+    );
+
+    // Kill a worker mid-run: once the second step is trained.
+    wait_until(&mut procs, &[], "step 1 to be trained", || async {
+        state.finished_step().await.unwrap().is_some_and(|s| s >= 1)
+    })
+    .await;
+    procs.kill("worker-1");
+
+    // The run drains: every prompt settled, the last recorded step trained.
+    let n = PROMPTS as u64;
+    wait_until(
+        &mut procs,
+        &["worker-1"],
+        "every ingested prompt to be trained or dropped and the last step trained",
+        || async {
+            let counts = ledger.prompt_counts(&run_id).await.unwrap();
+            if counts.pending > 0 || counts.trained + counts.dropped < n {
+                return false;
+            }
+            let last = ledger.last_step(&run_id).await.unwrap();
+            last.is_some() && last == state.finished_step().await.unwrap()
+        },
+    )
+    .await;
+    let status = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["status", "--json", "--url"])
+        .arg(format!("http://127.0.0.1:{coordinator_port}"))
+        .output()
+        .expect("run flywheel status");
+    assert!(
+        status.status.success(),
+        "flywheel status failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    procs.stop();
+
+    // ---- the run finished ----
+    let steps = ledger.steps(&run_id).await.unwrap();
+    let numbers: Vec<u64> = steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        numbers,
+        (0..steps.len() as u64).collect::<Vec<_>>(),
+        "steps are recorded 0, 1, 2, … without gaps"
+    );
+
+    // ---- every prompt trained once or dropped with a reason ----
+    let (trained, dropped) = flywheel::demo::run::check_accounting(ledger.as_ref(), &run_id)
+        .await
+        .unwrap();
+    assert_eq!(trained + dropped, n, "every ingested prompt is settled");
+    let ingested = prompts(&task, PROMPTS, 1).unwrap();
+    let mut reasons = BTreeMap::new();
+    for p in &ingested {
+        match ledger.prompt_status(&run_id, &p.id).await.unwrap() {
+            Some(PromptStatus::Trained { .. }) => {}
+            Some(PromptStatus::Dropped { reason, .. }) => {
+                *reasons.entry(format!("{reason:?}")).or_insert(0u64) += 1;
+            }
+            other => panic!("prompt {} is {other:?}", p.id.0),
+        }
+    }
+
+    // ---- reward rises ----
+    // Each finished trajectory's reward, by the policy version that finished it.
+    let mut by_version: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+    for p in &ingested {
+        for id in p.trajectory_ids() {
+            let Some(t) = state.trajectory(&id).await.unwrap() else {
+                continue;
+            };
+            let (Some(reward), Some(last)) = (t.reward, t.segments.last()) else {
+                continue;
+            };
+            let e = by_version.entry(last.version).or_insert((0.0, 0));
+            e.0 += f64::from(reward);
+            e.1 += 1;
+        }
+    }
+    let versions: Vec<(u64, f64, u64)> = by_version
+        .iter()
+        .map(|(&v, &(sum, count))| (v, sum / count as f64, count))
+        .collect();
+    let third = (versions.len() / 3).max(1);
+    let mean = |vs: &[(u64, f64, u64)]| {
+        let (s, c) = vs
+            .iter()
+            .fold((0.0, 0u64), |(s, c), &(_, m, k)| (s + m * k as f64, c + k));
+        s / c.max(1) as f64
+    };
+    let early = mean(&versions[..third]);
+    let late = mean(&versions[versions.len() - third..]);
+    let table: Vec<String> = versions
+        .iter()
+        .map(|(v, m, k)| format!("v{v}: {m:.2} ({k})"))
+        .collect();
+    eprintln!(
+        "{} steps, {trained} prompts trained, {dropped} dropped ({reasons:?}); mean reward by \
+         version: {}",
+        steps.len(),
+        table.join(", ")
+    );
+    assert!(
+        steps.len() as u64 >= MIN_STEPS,
+        "only {} steps were recorded; the schedule plans at least {MIN_STEPS}",
+        steps.len()
+    );
+    assert!(
+        late >= early + MIN_REWARD_GAIN,
+        "reward did not rise: first third of versions {early:.3}, last third {late:.3} \
+         (need +{MIN_REWARD_GAIN}); by version: {}",
+        table.join(", ")
+    );
+    test_ledger.teardown().await;
+}
