@@ -21,9 +21,12 @@
 //! fraction, loss, gradient norm) for its report; the sequence is the one of
 //! `flywheel_trainer::run_until` for a single trainer.
 //!
-//! **Reward.** Prompts carry the `math` verifier with the sum as the answer: the final number
-//! of the response must equal the sum. The held-out accuracy is scored with the task's own
-//! exact reward ([`Problem::reward`]).
+//! **Reward.** Prompts name the `addition` reward service, which the demo serves on loopback
+//! ([`serve_rewards`]): the workers score every finished response over HTTP with the task's
+//! exact reward ([`Problem::reward`], the prompt parsed back with [`Problem::from_prompt`]),
+//! as a deployment scores with its own reward service. The held-out accuracy uses the same
+//! function. (The generic `math` verifier is not used: it accepts `019` for 19, a format the
+//! policy drifts to from its zero-padded running totals, which the task's reward rejects.)
 //!
 //! **Held-out accuracy.** One response per held-out problem at temperature 1 (the policy RL
 //! optimises), each with a fixed random stream, so numbers before and after RL differ only by
@@ -50,6 +53,7 @@ use flywheel_trainer::step::{SupervisedExample, supervised_step};
 use flywheel_trainer::{AdamW, AdamWConfig, LossConfig, Services, Trainer, TrainerConfig};
 use flywheel_worker::engine::SamplingConfig;
 use flywheel_worker::engine::builtin::{BuiltinConfig, BuiltinEngine};
+use flywheel_worker::verify::RewardServicesConfig;
 use flywheel_worker::{Worker, WorkerConfig, WorkerParts};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -68,7 +72,7 @@ pub struct DemoArgs {
     pub out: Option<PathBuf>,
     /// RL steps to feed prompts for (the run then drains what was accepted, which may add a
     /// step or two).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 300)]
     pub steps: u64,
     /// Seed of the model, the problem streams and the sampling.
     #[arg(long, default_value_t = 0)]
@@ -86,9 +90,14 @@ pub struct DemoArgs {
     /// Attention heads.
     #[arg(long, default_value_t = 4)]
     pub heads: usize,
-    /// Supervised warm-start steps (short on purpose: the warm start should be mediocre).
-    #[arg(long, default_value_t = 400)]
+    /// Most supervised warm-start steps.
+    #[arg(long, default_value_t = 600)]
     pub sft_steps: usize,
+    /// The warm start stops as soon as the policy solves this fraction of a fixed set of
+    /// training prompts (checked every 25 steps at temperature 1), so it is mediocre by design
+    /// whatever the seed; 0 runs all `--sft-steps`.
+    #[arg(long, default_value_t = 0.15)]
+    pub sft_target: f64,
     /// Problems per supervised step.
     #[arg(long, default_value_t = 32)]
     pub sft_batch: usize,
@@ -96,7 +105,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3e-3)]
     pub sft_lr: f64,
     /// Learning rate of RL.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 3e-4)]
     pub rl_lr: f64,
     /// GRPO group size K (samples per prompt).
     #[arg(long, default_value_t = 8)]
@@ -123,7 +132,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 400)]
     pub eval_size: usize,
     /// Also evaluate every this many steps (0: only before and after).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
     /// Most terms per problem.
     #[arg(long, default_value_t = TaskConfig::default().max_terms)]
@@ -142,6 +151,7 @@ impl DemoArgs {
             layers: 1,
             heads: 2,
             sft_steps: 3,
+            sft_target: 0.0,
             sft_batch: 8,
             group_size: 4,
             token_budget: 128,
@@ -370,6 +380,11 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
         tokio::spawn(async move { coordinator.run_until(stop.cancelled_owned()).await })
     };
 
+    let reward_url = serve_rewards(stop.clone()).await?;
+    let rewards = RewardServicesConfig {
+        services: BTreeMap::from([(REWARD_SERVICE.to_owned(), reward_url)]),
+        ..RewardServicesConfig::default()
+    };
     let mut workers = Vec::new();
     for i in 0..a.workers {
         let engine = BuiltinEngine::new(
@@ -386,6 +401,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
             worker: WorkerConfig {
                 id: format!("demo-worker-{i}"),
                 sampling: SamplingConfig::default(),
+                rewards: rewards.clone(),
                 slots: a.slots,
                 grace_period_ms: 5_000,
                 poll_interval_ms: 50,
@@ -459,8 +475,8 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
                 let prompt = Prompt {
                     id: format!("p{sent:06}").as_str().into(),
                     input: PromptInput::Text(setup.task.prompt(&p)),
-                    verifier: VerifierSpec::Math {
-                        answer: p.answer().to_string(),
+                    verifier: VerifierSpec::Service {
+                        name: REWARD_SERVICE.into(),
                     },
                     group_size: a.group_size,
                     metadata: BTreeMap::from([("terms".into(), p.terms.len().to_string())]),
@@ -628,7 +644,19 @@ fn warm_start(setup: &Setup, a: &DemoArgs) -> Result<Params> {
         ..AdamWConfig::default()
     })?;
     let mut stream = ProblemStream::new(setup.task.clone(), Split::Train, mix(&[a.seed, 1]))?;
-    for _ in 0..a.sft_steps {
+    let check: Vec<Problem> =
+        ProblemStream::new(setup.task.clone(), Split::Train, mix(&[a.seed, 7]))?
+            .take(256)
+            .collect();
+    for step in 0..a.sft_steps {
+        if a.sft_target > 0.0
+            && step > 0
+            && step % 25 == 0
+            && accuracy(setup, &model, &check, mix(&[a.seed, 8]))? >= a.sft_target
+        {
+            tracing::info!(step, "warm start reached its target accuracy");
+            break;
+        }
         let examples = stream
             .by_ref()
             .take(a.sft_batch)
@@ -691,39 +719,77 @@ async fn evaluate(
     seed: u64,
 ) -> Result<f64> {
     let (setup, params, problems) = (setup.clone(), params.clone(), problems.clone());
-    tokio::task::spawn_blocking(move || -> Result<f64> {
-        let model = Model::cpu(&params)?;
-        let max_new = setup.max_response as usize;
-        let correct: f32 = problems
-            .par_iter()
-            .enumerate()
-            .map_init(
-                || Sampler::new(&model),
-                |sampler, (i, p)| -> Result<f32> {
-                    let sampler = sampler.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, 2, i as u64]));
-                    sampler.prefill(&model, &setup.prompt_ids(p)?)?;
-                    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
-                    let stop = sampler.generate(
-                        &model,
-                        &SampleConfig::default(),
-                        max_new,
-                        Some(Tokenizer::EOS),
-                        &mut rng,
-                        &mut tokens,
-                        &mut logprobs,
-                    )?;
-                    Ok(if stop == StopReason::Eos {
-                        p.reward(&setup.tok.decode(&tokens)?)
-                    } else {
-                        0.0
-                    })
-                },
-            )
-            .sum::<Result<f32>>()?;
-        Ok(f64::from(correct) / problems.len() as f64)
-    })
-    .await?
+    tokio::task::spawn_blocking(move || accuracy(&setup, &Model::cpu(&params)?, &problems, seed))
+        .await?
+}
+
+/// The fraction of `problems` one temperature-1 sample of `model` solves (the task's exact
+/// reward; a response cut by the length limit scores 0). Problem i uses its own fixed random
+/// stream, so two models are compared on the same draws.
+fn accuracy(setup: &Setup, model: &Model, problems: &[Problem], seed: u64) -> Result<f64> {
+    let max_new = setup.max_response as usize;
+    let correct: f32 = problems
+        .par_iter()
+        .enumerate()
+        .map_init(
+            || Sampler::new(model),
+            |sampler, (i, p)| -> Result<f32> {
+                let sampler = sampler.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, 2, i as u64]));
+                sampler.prefill(model, &setup.prompt_ids(p)?)?;
+                let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+                let stop = sampler.generate(
+                    model,
+                    &SampleConfig::default(),
+                    max_new,
+                    Some(Tokenizer::EOS),
+                    &mut rng,
+                    &mut tokens,
+                    &mut logprobs,
+                )?;
+                Ok(if stop == StopReason::Eos {
+                    p.reward(&setup.tok.decode(&tokens)?)
+                } else {
+                    0.0
+                })
+            },
+        )
+        .sum::<Result<f32>>()?;
+    Ok(f64::from(correct) / problems.len().max(1) as f64)
+}
+
+/// The name of the demo's reward service in the workers' config.
+const REWARD_SERVICE: &str = "addition";
+
+/// Serves the task's reward over HTTP on a loopback port (the reward-service protocol of
+/// `flywheel_worker::verify::RewardService`: `POST {"prompt", "response", "metadata"}` →
+/// `{"reward"}`); returns its URL. A prompt that is not an addition problem is a 400.
+async fn serve_rewards(stop: CancellationToken) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        prompt: String,
+        response: String,
+    }
+    async fn score(
+        axum::Json(req): axum::Json<Request>,
+    ) -> Result<axum::Json<serde_json::Value>, (axum::http::StatusCode, String)> {
+        let problem = Problem::from_prompt(&req.prompt)
+            .map_err(|e| (axum::http::StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok(axum::Json(
+            serde_json::json!({ "reward": problem.reward(&req.response) }),
+        ))
+    }
+    let app = axum::Router::new().route("/reward", axum::routing::post(score));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo's reward service to a loopback port")?;
+    let url = format!("http://{}/reward", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(url)
 }
 
 /// What the trainer loop needs besides the trainer.
