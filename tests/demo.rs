@@ -1,0 +1,85 @@
+//! `flywheel demo --quick` end to end in this process: the embedded Kafka queue, the workers
+//! with the builtin engine, the coordinator and the trainer run a few steps of a tiny model.
+//! This checks the plumbing and the bookkeeping, not that the model learns (that takes
+//! minutes; `cargo run --release -- demo` shows it).
+
+use clap::Parser;
+use flywheel::demo::report::MetricsDocument;
+use flywheel::demo::run::{DemoArgs, check_accounting, run};
+
+/// Parses demo options the way the binary does.
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    demo: DemoArgs,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_demo_writes_its_report_and_accounts_for_every_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let cli = Cli::parse_from([
+        "demo",
+        "--quick",
+        "--steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let outcome = run(cli.demo).await.expect("the quick demo runs to its end");
+
+    // The report folder holds every file the report promises.
+    for file in [
+        "report.html",
+        "metrics.json",
+        "metrics.csv",
+        "reward_accuracy.png",
+        "tokens_per_second.png",
+        "staleness.png",
+        "icepop_masked.png",
+        "step_time.png",
+    ] {
+        let path = out.join(file);
+        let len = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{} is missing: {e}", path.display()))
+            .len();
+        assert!(len > 0, "{} is empty", path.display());
+    }
+    let doc: MetricsDocument =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(!doc.steps.is_empty(), "no RL step was trained");
+    // (Floats are compared through JSON only loosely: serde_json's default parser may round
+    // the last bit.)
+    let key =
+        |s: &flywheel::demo::report::StepMetrics| (s.step, s.policy_version, s.tokens_trained);
+    assert_eq!(
+        doc.steps.iter().map(key).collect::<Vec<_>>(),
+        outcome.steps.iter().map(key).collect::<Vec<_>>()
+    );
+    assert!(doc.steps.windows(2).all(|w| w[0].step < w[1].step));
+    assert!(doc.steps.iter().all(|s| s.tokens_trained > 0));
+    assert!(
+        (0.0..=1.0).contains(&doc.summary.warm_start_accuracy)
+            && (0.0..=1.0).contains(&doc.summary.final_accuracy)
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("reward_accuracy.png"));
+
+    // The ledger accounts for every prompt sent: each accepted, then trained in exactly one
+    // step or dropped with a reason; none left pending.
+    let ledger = flywheel_storage::ledger::open(&outcome.ledger_url)
+        .await
+        .unwrap();
+    let (trained, dropped) = check_accounting(ledger.as_ref(), &outcome.run_id)
+        .await
+        .unwrap();
+    assert!(outcome.prompts_sent > 0);
+    assert_eq!(trained + dropped, outcome.prompts_sent);
+    assert!(trained > 0);
+    let steps = ledger.steps(&outcome.run_id).await.unwrap();
+    assert_eq!(
+        steps.len(),
+        doc.steps.len(),
+        "one report row per committed step"
+    );
+}
