@@ -21,7 +21,10 @@ pub struct ConfigError {
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { field, problem: problem.into() }
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
 }
 
 /// Where the run's state lives (DESIGN.md §5).
@@ -54,7 +57,10 @@ impl StorageConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let id_ok = !self.run_id.is_empty()
             && self.run_id.len() <= 64
-            && self.run_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            && self
+                .run_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !id_ok {
             return Err(invalid(
                 "storage.run_id",
@@ -67,7 +73,10 @@ impl StorageConfig {
             ("storage.ledger_url", &self.ledger_url),
         ] {
             if value.trim().is_empty() {
-                return Err(invalid(field, "is empty: set it in the config file or environment"));
+                return Err(invalid(
+                    field,
+                    "is empty: set it in the config file or environment",
+                ));
             }
         }
         Ok(())
@@ -141,7 +150,10 @@ impl RolloutConfig {
         if self.max_response_tokens < self.segment_tokens {
             return Err(invalid(
                 "rollout.max_response_tokens",
-                format!("must be at least rollout.segment_tokens ({})", self.segment_tokens),
+                format!(
+                    "must be at least rollout.segment_tokens ({})",
+                    self.segment_tokens
+                ),
             ));
         }
         if self.version_budget_tokens < u64::from(self.segment_tokens) {
@@ -174,7 +186,11 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { token_budget: 409_600, micro_batch_tokens: 16_384, filter_zero_variance: true }
+        BatchConfig {
+            token_budget: 409_600,
+            micro_batch_tokens: 16_384,
+            filter_zero_variance: true,
+        }
     }
 }
 
@@ -236,6 +252,12 @@ mod tests {
         let mut config = RunConfig::default();
         config.rollout.version_budget_tokens = 10;
         config.rollout.segment_tokens = 64;
-        assert!(config.validate().unwrap_err().to_string().contains("version_budget_tokens"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("version_budget_tokens")
+        );
     }
 }

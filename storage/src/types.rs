@@ -72,7 +72,10 @@ pub struct Prompt {
 impl Prompt {
     /// The ids of this prompt's K trajectories, in sample order.
     pub fn trajectory_ids(&self) -> impl Iterator<Item = TrajectoryId> + '_ {
-        (0..self.group_size).map(|sample| TrajectoryId { prompt: self.id.clone(), sample })
+        (0..self.group_size).map(|sample| TrajectoryId {
+            prompt: self.id.clone(),
+            sample,
+        })
     }
 }
 
