@@ -52,7 +52,7 @@ const WARM_START_STEPS: usize = 400;
 /// The run must record at least this many steps (Φ = 512 tokens; ~12 prompts a step).
 const MIN_STEPS: u64 = 10;
 /// Bound on every wait (the whole run takes well under it on 2 cores).
-const DEADLINE: Duration = Duration::from_secs(300);
+const DEADLINE: Duration = Duration::from_secs(900);
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
