@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::codec;
-use flywheel_storage::ledger;
+use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, ensure_topics};
 use flywheel_storage::state::{RedisStateStore, StateStore};
 use flywheel_storage::{
@@ -82,6 +82,8 @@ fn free_port() -> u16 {
 
 /// One test run on the real services.
 struct Run {
+    /// Keeps the fresh schema's connection (a failed run leaves its `flywheel_test_*` schema).
+    _ledger: TestLedger,
     dir: tempfile::TempDir,
     state: RedisStateStore,
     blobs: BlobStore,
@@ -96,10 +98,6 @@ impl Run {
             panic!("these tests use uniform lengths");
         };
         let redis = env_or("FLYWHEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379");
-        let postgres = env_or(
-            "FLYWHEEL_TEST_POSTGRES_URL",
-            "postgres://postgres@127.0.0.1:5432/postgres",
-        );
         let brokers = env_or("FLYWHEEL_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
         let s3 = env_or("FLYWHEEL_TEST_S3_ENDPOINT", "http://127.0.0.1:8014");
         require(
@@ -121,13 +119,12 @@ impl Run {
                      Start it with scripts/services.sh."
                 )
             });
-        let ledger = ledger::open(&postgres).await.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL at {postgres} (FLYWHEEL_TEST_POSTGRES_URL) is unreachable: {e}. \
-                 Start it with scripts/services.sh."
-            )
-        });
-        ledger
+        // A fresh schema (FLYWHEEL_TEST_POSTGRES_URL): the run never depends on, or changes,
+        // what other runs migrated. Panics naming PostgreSQL when it is unreachable.
+        let test_ledger = TestLedger::postgres().await;
+        let postgres = test_ledger.url().to_owned();
+        test_ledger
+            .ledger()
             .create_run(&run_id, &serde_json::json!({"test": tag}))
             .await
             .unwrap();
@@ -185,6 +182,7 @@ lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
             rate = sim.decode_tokens_per_s,
         );
         Run {
+            _ledger: test_ledger,
             dir: tempfile::tempdir().unwrap(),
             state,
             blobs,
@@ -399,7 +397,17 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
     // Long leases: a lease the worker failed to release could not be hidden by a steal.
     let run = Run::new("term", 60_000, sim()).await;
     let _logs = Logs(&run, ["w-a", "w-b"]);
-    run.state.open_version(0, 10_000_000, 4).await.unwrap();
+    // The test plays the coordinator leader: opening a version is a fenced leader write.
+    let lead = run
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("the leader lock is free");
+    run.state
+        .open_version(0, 10_000_000, 4, lead.token)
+        .await
+        .unwrap();
     let ids = run.send_prompts(4, 2).await;
     let (a, _) = run.spawn("w-a");
     wait_for("w-a holding leases with committed segments", || async {
@@ -455,7 +463,17 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
 async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commit() {
     let run = Run::new("kill", 2_000, sim()).await;
     let _logs = Logs(&run, ["w-a", "w-b"]);
-    run.state.open_version(0, 10_000_000, 4).await.unwrap();
+    // The test plays the coordinator leader: opening a version is a fenced leader write.
+    let lead = run
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("the leader lock is free");
+    run.state
+        .open_version(0, 10_000_000, 4, lead.token)
+        .await
+        .unwrap();
     let ids = run.send_prompts(4, 2).await;
     let (mut a, _) = run.spawn("w-a");
     wait_for("w-a holding leases with committed segments", || async {

@@ -354,6 +354,20 @@ impl Coordinator {
         self.lease.as_ref().map_or(0, |l| l.token)
     }
 
+    /// Passes `e` on; when it says a newer leader fenced this one out of a write (the state
+    /// store's or the ledger's fence), steps down first so it stops writing.
+    fn fenced_out(&mut self, e: CoordinatorError) -> CoordinatorError {
+        if matches!(
+            e,
+            CoordinatorError::State(StateError::LeaderFenced { .. })
+                | CoordinatorError::Ledger(LedgerError::LeaderFenced { .. })
+        ) {
+            warn!(id = %self.id, error = %e, "fenced out by a newer leader; standing by");
+            self.step_down();
+        }
+        e
+    }
+
     /// Finishes what a crashed leader left and rebuilds the book.
     async fn recover(&mut self) -> Result<(), CoordinatorError> {
         let run = self.run_id().to_owned();
@@ -421,11 +435,15 @@ impl Coordinator {
                 r.retention_limit,
             ),
         };
-        let opened = match self.state.open_version(due, budget, sigma).await {
+        let opened = match self
+            .state
+            .open_version(due, budget, sigma, self.token())
+            .await
+        {
             Ok(o) => o,
             // Another (deposed or new) leader opened it first: nothing to do.
             Err(StateError::VersionNotNewer { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.fenced_out(e.into())),
         };
         info!(
             version = due,
@@ -454,9 +472,9 @@ impl Coordinator {
                         .await?;
                 }
                 PurgeAction::Regenerate => {
-                    match self.state.regenerate(&id).await {
+                    match self.state.regenerate(&id, self.token()).await {
                         Ok(()) | Err(StateError::NotPurged { .. }) => {}
-                        Err(e) => return Err(e.into()),
+                        Err(e) => return Err(self.fenced_out(e.into())),
                     }
                     if let Some(s) = self.book.finished.get_mut(&id.prompt) {
                         s.remove(&id.sample);
@@ -480,7 +498,12 @@ impl Coordinator {
         reason: DropReason,
         detail: &str,
     ) -> Result<(), CoordinatorError> {
-        match self.ledger.drop_prompt(run, prompt, reason, detail).await {
+        let token = self.token();
+        match self
+            .ledger
+            .drop_prompt(run, prompt, reason, detail, token)
+            .await
+        {
             Ok(_) => {
                 info!(%prompt, %reason, detail, "dropped a group");
                 self.metrics
@@ -493,7 +516,7 @@ impl Coordinator {
                 e @ (LedgerError::PromptAlreadyDropped { .. }
                 | LedgerError::PromptAlreadyTrained { .. }),
             ) => warn!(%prompt, error = %e, "drop not recorded"),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.fenced_out(e.into())),
         }
         self.close(prompt);
         Ok(())
@@ -773,9 +796,10 @@ impl Coordinator {
                 return Err(e.into());
             }
         }
-        self.ledger
-            .record_step(&run, &StepRecord::from_manifest(&manifest, &key))
-            .await?;
+        let record = StepRecord::from_manifest(&manifest, &key);
+        if let Err(e) = self.ledger.record_step(&run, &record, self.token()).await {
+            return Err(self.fenced_out(e.into()));
+        }
         self.check_crash(CrashPoint::AfterLedger)?;
         self.announce(step, key, manifest.world_size).await?;
         // Bookkeeping of a committed step.
@@ -829,11 +853,7 @@ impl Coordinator {
         };
         match self.state.announce_step(&a, self.token()).await {
             Ok(()) => Ok(()),
-            Err(e @ StateError::LeaderFenced { .. }) => {
-                self.step_down();
-                Err(e.into())
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.fenced_out(e.into())),
         }
     }
 

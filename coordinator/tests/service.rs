@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{World, crash_and_take_over, manifest, pid, three_groups, tick_until_settled};
 use flywheel_coordinator::{CrashPoint, TickOutcome};
-use flywheel_storage::ledger::{DropReason, PromptStatus};
+use flywheel_storage::ledger::{DropReason, LedgerError, PromptStatus};
 use flywheel_storage::state::StateError;
 use flywheel_storage::types::TrajectoryId;
 
@@ -164,6 +164,30 @@ async fn a_deposed_leader_stops_writing() {
     let err = w.state.announce_step(&a, old_token).await.unwrap_err();
     assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
     assert_eq!(new.tick().await.unwrap(), TickOutcome::Committed(0));
+    // Nor open a version, nor record a step (not even a replay of the new leader's): the
+    // state store and the ledger both fence its token, and nothing changes.
+    let version = w.state.current_version().await.unwrap();
+    let err = w
+        .state
+        .open_version(version.unwrap() + 1, 100, 1, old_token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    assert_eq!(w.state.current_version().await.unwrap(), version);
+    let run = &w.run.storage.run_id;
+    let step0 = w.ledger.step(run, 0).await.unwrap().unwrap();
+    let err = w
+        .ledger
+        .record_step(run, &step0, old_token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::LeaderFenced { .. }), "{err}");
+    let err = w
+        .ledger
+        .drop_prompt(run, &pid("ghost"), DropReason::Malformed, "", old_token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::LeaderFenced { .. }), "{err}");
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ async fn a_ledger_file_survives_reopening() {
         for id in ["a", "b"] {
             ledger.accept_prompt("r", &prompt(id)).await.unwrap();
         }
-        ledger.record_step("r", &record).await.unwrap();
+        ledger.record_step("r", &record, 0).await.unwrap();
     }
     // Reopening applies no migration twice and finds everything.
     let ledger = ledger::open(&url).await.unwrap();
@@ -72,7 +72,7 @@ async fn a_ledger_file_survives_reopening() {
         vec![prompt("b")]
     );
     assert_eq!(
-        ledger.record_step("r", &record).await.unwrap(),
+        ledger.record_step("r", &record, 0).await.unwrap(),
         Recorded::Existing
     );
 }

@@ -172,7 +172,8 @@ async fn fixture(s: &Services, steps: u64, world: u32) -> Vec<BatchManifest> {
             .await
             .unwrap();
         s.ledger
-            .record_step(&s.run_id, &StepRecord::from_manifest(&manifest, key))
+            // No leader runs here: the ledger's initial token, 0, is the one the test holds.
+            .record_step(&s.run_id, &StepRecord::from_manifest(&manifest, key), 0)
             .await
             .unwrap();
         manifests.push(manifest);

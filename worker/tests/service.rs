@@ -91,6 +91,27 @@ impl Env {
         }
     }
 
+    /// Opens `version` as the coordinator would: a leader write, so the test takes (or reuses)
+    /// the leader lock and presents its fencing token.
+    async fn open_version(&self, version: u64, budget: u64, retention_limit: u32) {
+        let ttl = Duration::from_secs(600);
+        let token = match self.state.acquire_leader("test-leader", ttl).await.unwrap() {
+            Some(lease) => lease.token,
+            None => {
+                self.state
+                    .leader()
+                    .await
+                    .unwrap()
+                    .expect("a live leader")
+                    .token
+            }
+        };
+        self.state
+            .open_version(version, budget, retention_limit, token)
+            .await
+            .unwrap();
+    }
+
     fn worker_config(&self, id: &str) -> WorkerConfig {
         WorkerConfig {
             id: id.into(),
@@ -232,7 +253,7 @@ async fn every_trajectory_is_generated_to_its_end_in_segments() {
     for p in ["a", "b", "c"] {
         env.register(p, 3).await;
     }
-    env.state.open_version(0, 100_000, 4).await.unwrap();
+    env.open_version(0, 100_000, 4).await;
     let worker = env.start("w1", None).await;
     let state = env.state.clone();
     wait_for("9 finished trajectories", || {
@@ -283,7 +304,7 @@ async fn partial_parks_on_a_spent_budget_and_resumes_first_under_the_next_versio
     )
     .await;
     env.register("p", 2).await;
-    env.state.open_version(0, 10, 4).await.unwrap();
+    env.open_version(0, 10, 4).await;
     let worker = env.start("w1", None).await;
     let state = env.state.clone();
     wait_for("the budget spent with nothing generating", || {
@@ -311,7 +332,7 @@ async fn partial_parks_on_a_spent_budget_and_resumes_first_under_the_next_versio
 
     // A new prompt registered now must wait behind the parked ones.
     env.register("q", 1).await;
-    env.state.open_version(1, 100, 4).await.unwrap();
+    env.open_version(1, 100, 4).await;
     wait_for("3 finished trajectories", || {
         let state = state.clone();
         async move { state.counts().await.unwrap().finished == 3 }
@@ -337,7 +358,7 @@ async fn sync_runs_a_started_trajectory_to_its_end_and_holds_back_new_ones() {
     )
     .await;
     env.register("p", 2).await;
-    env.state.open_version(0, 4, 4).await.unwrap();
+    env.open_version(0, 4, 4).await;
     let worker = env.start("w1", None).await;
     let state = env.state.clone();
     wait_for("one finished and one waiting", || {
@@ -350,7 +371,7 @@ async fn sync_runs_a_started_trajectory_to_its_end_and_holds_back_new_ones() {
     .await;
     let c = env.state.counts().await.unwrap();
     assert_eq!(c.parked, 0, "sync never parks");
-    env.state.open_version(1, 4, 4).await.unwrap();
+    env.open_version(1, 4, 4).await;
     wait_for("both finished", || {
         let state = state.clone();
         async move { state.counts().await.unwrap().finished == 2 }
@@ -377,7 +398,7 @@ async fn async_never_waits_for_the_budget() {
     )
     .await;
     env.register("p", 3).await;
-    env.state.open_version(0, 4, 4).await.unwrap();
+    env.open_version(0, 4, 4).await;
     let worker = env.start("w1", None).await;
     let state = env.state.clone();
     wait_for("3 finished", || {
@@ -400,7 +421,7 @@ async fn a_stolen_trajectory_resumes_from_its_last_committed_segment_and_fences_
     )
     .await;
     env.register("p", 1).await;
-    env.state.open_version(0, 1000, 4).await.unwrap();
+    env.open_version(0, 1000, 4).await;
     let id = tid("p", 0);
     // A "dead" worker claims it with a short lease and commits one segment.
     let claim = env
@@ -472,7 +493,7 @@ async fn shutdown_releases_every_lease_and_parks_what_has_segments() {
     // Slow decoding so that trajectories are mid-generation when shutdown comes.
     env.sim.decode_tokens_per_s = 200.0;
     env.register("p", 4).await;
-    env.state.open_version(0, 100_000, 4).await.unwrap();
+    env.open_version(0, 100_000, 4).await;
     let worker = env.start("w1", None).await;
     let metrics = worker.metrics.clone();
     wait_for("a few committed segments", || {
@@ -554,7 +575,7 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
 
     // The worker's intake gets p1 again (registered nothing twice) and p2; the malformed and
     // oversized messages go to the DLQ while it keeps running.
-    env.state.open_version(0, 100_000, 4).await.unwrap();
+    env.open_version(0, 100_000, 4).await;
     let consumer = PromptConsumer::new(&config).unwrap();
     let worker = env.start("w1", Some(consumer)).await;
     let metrics = worker.metrics.clone();
@@ -619,7 +640,7 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
     )
     .await;
     env.register("p", 3).await;
-    env.state.open_version(0, 4, 4).await.unwrap();
+    env.open_version(0, 4, 4).await;
     let ghost = env
         .state
         .claim(&tid("p", 0), "ghost", Duration::from_millis(1500))
@@ -646,7 +667,7 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
         "taken from the ghost"
     );
     assert!(worker.metrics.lease_steals.get() >= 1);
-    env.state.open_version(1, 1000, 4).await.unwrap();
+    env.open_version(1, 1000, 4).await;
     wait_for("3 finished", || {
         let state = state.clone();
         async move { state.counts().await.unwrap().finished == 3 }

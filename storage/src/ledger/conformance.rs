@@ -175,6 +175,7 @@ macro_rules! ledger_conformance_tests {
             a_conflicting_step_changes_nothing,
             a_prompt_is_trained_at_most_once,
             dropped_and_unknown_prompts_are_never_trained,
+            a_deposed_leader_cannot_write,
             steps_are_recorded_in_order,
             a_large_step_commits_all_or_nothing,
             checkpoints_keep_last_n,
@@ -369,7 +370,7 @@ pub async fn dropping_a_prompt_happens_once(ledger: Arc<dyn Ledger>) {
     let zero = DropReason::ZeroVariance;
     assert_eq!(
         ledger
-            .drop_prompt(&run, &a, zero, "rewards all 1")
+            .drop_prompt(&run, &a, zero, "rewards all 1", 0)
             .await
             .unwrap(),
         Recorded::New
@@ -380,7 +381,10 @@ pub async fn dropping_a_prompt_happens_once(ledger: Arc<dyn Ledger>) {
     });
     assert_eq!(status(ledger, &run, "a").await, dropped);
     assert_eq!(
-        ledger.drop_prompt(&run, &a, zero, "again").await.unwrap(),
+        ledger
+            .drop_prompt(&run, &a, zero, "again", 0)
+            .await
+            .unwrap(),
         Recorded::Existing
     );
     assert_eq!(
@@ -389,7 +393,7 @@ pub async fn dropping_a_prompt_happens_once(ledger: Arc<dyn Ledger>) {
         "a replayed drop changes nothing"
     );
     match ledger
-        .drop_prompt(&run, &a, DropReason::PurgedRetention, "")
+        .drop_prompt(&run, &a, DropReason::PurgedRetention, "", 0)
         .await
     {
         Err(LedgerError::PromptAlreadyDropped { reason, .. }) => assert_eq!(reason, zero),
@@ -407,7 +411,7 @@ pub async fn dropping_a_prompt_happens_once(ledger: Arc<dyn Ledger>) {
     let malformed = DropReason::Malformed;
     assert_eq!(
         ledger
-            .drop_prompt(&run, &bad, malformed, "not JSON")
+            .drop_prompt(&run, &bad, malformed, "not JSON", 0)
             .await
             .unwrap(),
         Recorded::New
@@ -429,7 +433,7 @@ pub async fn dropping_a_prompt_happens_once(ledger: Arc<dyn Ledger>) {
 
     assert_eq!(counts(ledger, &run).await, (1, 0, 2));
     assert_eq!(pending_ids(ledger, &run).await, vec!["b"]);
-    match ledger.drop_prompt(&new_run_id(), &a, zero, "").await {
+    match ledger.drop_prompt(&new_run_id(), &a, zero, "", 0).await {
         Err(LedgerError::RunNotFound { .. }) => {}
         other => panic!("dropping in an unknown run must fail, got {other:?}"),
     }
@@ -442,7 +446,7 @@ pub async fn recording_a_step_trains_its_prompts(ledger: Arc<dyn Ledger>) {
     accept(ledger, &run, &["c", "a", "b"]).await;
     let record = step(0, &["b", "a"]);
     assert_eq!(
-        ledger.record_step(&run, &record).await.unwrap(),
+        ledger.record_step(&run, &record, 0).await.unwrap(),
         Recorded::New
     );
 
@@ -481,7 +485,7 @@ pub async fn recording_a_step_trains_its_prompts(ledger: Arc<dyn Ledger>) {
     accept(ledger, &run, &["d"]).await;
     assert_eq!(
         ledger
-            .record_step(&run, &step(1, &["c", "d"]))
+            .record_step(&run, &step(1, &["c", "d"]), 0)
             .await
             .unwrap(),
         Recorded::New
@@ -506,14 +510,14 @@ pub async fn replaying_a_step_is_idempotent(ledger: Arc<dyn Ledger>) {
     accept(ledger, &run, &["a", "b", "c"]).await;
     assert_eq!(
         ledger
-            .record_step(&run, &step(0, &["a", "b"]))
+            .record_step(&run, &step(0, &["a", "b"]), 0)
             .await
             .unwrap(),
         Recorded::New
     );
     for replay in [step(0, &["a", "b"]), step(0, &["b", "a"])] {
         assert_eq!(
-            ledger.record_step(&run, &replay).await.unwrap(),
+            ledger.record_step(&run, &replay, 0).await.unwrap(),
             Recorded::Existing
         );
     }
@@ -527,7 +531,7 @@ pub async fn a_conflicting_step_changes_nothing(ledger: Arc<dyn Ledger>) {
     let run = new_run(ledger).await;
     accept(ledger, &run, &["a", "b"]).await;
     let recorded = step(0, &["a"]);
-    ledger.record_step(&run, &recorded).await.unwrap();
+    ledger.record_step(&run, &recorded, 0).await.unwrap();
 
     let more_prompts = step(0, &["a", "b"]);
     let other_prompt = step(0, &["b"]);
@@ -540,7 +544,7 @@ pub async fn a_conflicting_step_changes_nothing(ledger: Arc<dyn Ledger>) {
         ..recorded.clone()
     };
     for conflicting in [more_prompts, other_prompt, other_manifest, other_tokens] {
-        match ledger.record_step(&run, &conflicting).await {
+        match ledger.record_step(&run, &conflicting, 0).await {
             Err(LedgerError::StepConflict { step: 0, .. }) => {}
             other => panic!("{conflicting:?} must conflict with step 0, got {other:?}"),
         }
@@ -556,10 +560,10 @@ pub async fn a_prompt_is_trained_at_most_once(ledger: Arc<dyn Ledger>) {
     let run = new_run(ledger).await;
     accept(ledger, &run, &["a", "b", "c"]).await;
     ledger
-        .record_step(&run, &step(0, &["a", "b"]))
+        .record_step(&run, &step(0, &["a", "b"]), 0)
         .await
         .unwrap();
-    match ledger.record_step(&run, &step(1, &["c", "a"])).await {
+    match ledger.record_step(&run, &step(1, &["c", "a"]), 0).await {
         Err(LedgerError::PromptAlreadyTrained {
             prompt, step: 0, ..
         }) => assert_eq!(prompt.0, "a"),
@@ -575,13 +579,73 @@ pub async fn a_prompt_is_trained_at_most_once(ledger: Arc<dyn Ledger>) {
     assert_eq!(counts(ledger, &run).await, (1, 2, 0));
 
     assert_eq!(
-        ledger.record_step(&run, &step(1, &["c"])).await.unwrap(),
+        ledger.record_step(&run, &step(1, &["c"]), 0).await.unwrap(),
         Recorded::New
     );
     assert_eq!(
         status(ledger, &run, "c").await,
         Some(PromptStatus::Trained { step: 1 })
     );
+}
+
+/// The run keeps the highest leader token that wrote to it: a step commit or a drop with a
+/// lower one (a deposed leader) is rejected and changes nothing, replays included; the same or
+/// a higher token writes.
+pub async fn a_deposed_leader_cannot_write(ledger: Arc<dyn Ledger>) {
+    let ledger = &*ledger;
+    let run = new_run(ledger).await;
+    accept(ledger, &run, &["a", "b", "c"]).await;
+    let (old, new) = (3, 4);
+    ledger
+        .record_step(&run, &step(0, &["a"]), old)
+        .await
+        .unwrap();
+    ledger
+        .record_step(&run, &step(1, &["b"]), new)
+        .await
+        .unwrap();
+
+    match ledger.record_step(&run, &step(2, &["c"]), old).await {
+        Err(LedgerError::LeaderFenced { token, newest, .. }) => {
+            assert_eq!((token, newest), (old, new))
+        }
+        other => panic!("a deposed leader's step must be fenced, got {other:?}"),
+    }
+    match ledger.record_step(&run, &step(1, &["b"]), old).await {
+        Err(LedgerError::LeaderFenced { .. }) => {}
+        other => panic!("a deposed leader's replay must be fenced, got {other:?}"),
+    }
+    match ledger
+        .drop_prompt(&run, &PromptId::from("c"), DropReason::LagExceeded, "", old)
+        .await
+    {
+        Err(LedgerError::LeaderFenced { token, newest, .. }) => {
+            assert_eq!((token, newest), (old, new))
+        }
+        other => panic!("a deposed leader's drop must be fenced, got {other:?}"),
+    }
+    assert_eq!(
+        ledger.last_step(&run).await.unwrap(),
+        Some(1),
+        "nothing written"
+    );
+    assert_eq!(status(ledger, &run, "c").await, Some(PromptStatus::Pending));
+
+    // The newest leader (or a newer one still) writes.
+    ledger
+        .drop_prompt(
+            &run,
+            &PromptId::from("c"),
+            DropReason::LagExceeded,
+            "",
+            new + 1,
+        )
+        .await
+        .unwrap();
+    match ledger.record_step(&run, &step(2, &["c"]), new).await {
+        Err(LedgerError::LeaderFenced { newest, .. }) => assert_eq!(newest, new + 1),
+        other => panic!("the drop raised the token, got {other:?}"),
+    }
 }
 
 /// Dropped prompts and prompts never accepted are never trained; trained ones never dropped.
@@ -591,17 +655,17 @@ pub async fn dropped_and_unknown_prompts_are_never_trained(ledger: Arc<dyn Ledge
     accept(ledger, &run, &["a", "b"]).await;
     let purged = DropReason::PurgedRetention;
     ledger
-        .drop_prompt(&run, &PromptId::from("a"), purged, "retention 3 > σ 2")
+        .drop_prompt(&run, &PromptId::from("a"), purged, "retention 3 > σ 2", 0)
         .await
         .unwrap();
 
-    match ledger.record_step(&run, &step(0, &["a", "b"])).await {
+    match ledger.record_step(&run, &step(0, &["a", "b"]), 0).await {
         Err(LedgerError::PromptAlreadyDropped { prompt, reason, .. }) => {
             assert_eq!((prompt.0.as_str(), reason), ("a", purged));
         }
         other => panic!("training a dropped prompt must be refused, got {other:?}"),
     }
-    match ledger.record_step(&run, &step(0, &["b", "ghost"])).await {
+    match ledger.record_step(&run, &step(0, &["b", "ghost"]), 0).await {
         Err(LedgerError::PromptNotAccepted {
             prompt, step: 0, ..
         }) => assert_eq!(prompt.0, "ghost"),
@@ -611,9 +675,9 @@ pub async fn dropped_and_unknown_prompts_are_never_trained(ledger: Arc<dyn Ledge
     assert_eq!(status(ledger, &run, "ghost").await, None);
     assert_eq!(ledger.last_step(&run).await.unwrap(), None);
 
-    ledger.record_step(&run, &step(0, &["b"])).await.unwrap();
+    ledger.record_step(&run, &step(0, &["b"]), 0).await.unwrap();
     match ledger
-        .drop_prompt(&run, &PromptId::from("b"), DropReason::ZeroVariance, "")
+        .drop_prompt(&run, &PromptId::from("b"), DropReason::ZeroVariance, "", 0)
         .await
     {
         Err(LedgerError::PromptAlreadyTrained { step: 0, .. }) => {}
@@ -628,7 +692,7 @@ pub async fn steps_are_recorded_in_order(ledger: Arc<dyn Ledger>) {
     let ledger = &*ledger;
     let run = new_run(ledger).await;
     accept(ledger, &run, &["a", "b", "c"]).await;
-    match ledger.record_step(&run, &step(1, &["a"])).await {
+    match ledger.record_step(&run, &step(1, &["a"]), 0).await {
         Err(LedgerError::StepOutOfOrder {
             step: 1,
             expected: 0,
@@ -636,8 +700,8 @@ pub async fn steps_are_recorded_in_order(ledger: Arc<dyn Ledger>) {
         }) => {}
         other => panic!("step 1 before step 0 must be refused, got {other:?}"),
     }
-    ledger.record_step(&run, &step(0, &["a"])).await.unwrap();
-    match ledger.record_step(&run, &step(2, &["b"])).await {
+    ledger.record_step(&run, &step(0, &["a"]), 0).await.unwrap();
+    match ledger.record_step(&run, &step(2, &["b"]), 0).await {
         Err(LedgerError::StepOutOfOrder {
             step: 2,
             expected: 1,
@@ -646,7 +710,7 @@ pub async fn steps_are_recorded_in_order(ledger: Arc<dyn Ledger>) {
         other => panic!("a gap must be refused, got {other:?}"),
     }
     assert_eq!(status(ledger, &run, "b").await, Some(PromptStatus::Pending));
-    match ledger.record_step(&new_run_id(), &step(0, &["a"])).await {
+    match ledger.record_step(&new_run_id(), &step(0, &["a"]), 0).await {
         Err(LedgerError::RunNotFound { .. }) => {}
         other => panic!("a step of an unknown run must be refused, got {other:?}"),
     }
@@ -667,7 +731,7 @@ pub async fn steps_are_recorded_in_order(ledger: Arc<dyn Ledger>) {
         },
     ];
     for bad in invalid {
-        match ledger.record_step(&run, &bad).await {
+        match ledger.record_step(&run, &bad, 0).await {
             Err(LedgerError::InvalidInput(_)) => {}
             other => panic!("{bad:?} must be refused as invalid, got {other:?}"),
         }
@@ -687,10 +751,10 @@ pub async fn a_large_step_commits_all_or_nothing(ledger: Arc<dyn Ledger>) {
     // claimed inside the transaction, must be rolled back.
     let last = PromptId::from(refs[refs.len() - 1]);
     ledger
-        .drop_prompt(&run, &last, DropReason::ZeroVariance, "")
+        .drop_prompt(&run, &last, DropReason::ZeroVariance, "", 0)
         .await
         .unwrap();
-    match ledger.record_step(&run, &step(0, &refs)).await {
+    match ledger.record_step(&run, &step(0, &refs), 0).await {
         Err(LedgerError::PromptAlreadyDropped { prompt, .. }) => assert_eq!(prompt, last),
         other => panic!("the step must be refused for {last}, got {other:?}"),
     }
@@ -698,7 +762,10 @@ pub async fn a_large_step_commits_all_or_nothing(ledger: Arc<dyn Ledger>) {
 
     let trainable = &refs[..refs.len() - 1];
     assert_eq!(
-        ledger.record_step(&run, &step(0, trainable)).await.unwrap(),
+        ledger
+            .record_step(&run, &step(0, trainable), 0)
+            .await
+            .unwrap(),
         Recorded::New
     );
     assert_eq!(counts(ledger, &run).await, (0, 1099, 1));
@@ -726,7 +793,7 @@ pub async fn checkpoints_keep_last_n(ledger: Arc<dyn Ledger>) {
     for s in 0..5u64 {
         let id = format!("p{s}");
         accept(ledger, &run, &[&id]).await;
-        ledger.record_step(&run, &step(s, &[&id])).await.unwrap();
+        ledger.record_step(&run, &step(s, &[&id]), 0).await.unwrap();
         assert_eq!(
             ledger
                 .record_checkpoint(&run, &checkpoint(s))
@@ -794,14 +861,17 @@ pub async fn runs_are_isolated(ledger: Arc<dyn Ledger>) {
     let second = new_run(ledger).await;
     accept(ledger, &first, &["a", "b"]).await;
     accept(ledger, &second, &["a"]).await;
-    ledger.record_step(&first, &step(0, &["a"])).await.unwrap();
+    ledger
+        .record_step(&first, &step(0, &["a"]), 0)
+        .await
+        .unwrap();
     assert_eq!(
         status(ledger, &second, "a").await,
         Some(PromptStatus::Pending)
     );
     assert_eq!(ledger.last_step(&second).await.unwrap(), None);
     ledger
-        .drop_prompt(&second, &PromptId::from("a"), DropReason::Oversized, "")
+        .drop_prompt(&second, &PromptId::from("a"), DropReason::Oversized, "", 0)
         .await
         .unwrap();
     assert_eq!(status(ledger, &first, "a").await, TRAINED_0);
@@ -862,7 +932,7 @@ pub async fn concurrent_step_commits_claim_a_prompt_once(ledger: Arc<dyn Ledger>
                 .cloned()
                 .map(|claim| {
                     let (ledger, run) = (Arc::clone(&ledger), run.clone());
-                    Box::pin(async move { ledger.record_step(&run, &claim).await })
+                    Box::pin(async move { ledger.record_step(&run, &claim, 0).await })
                         as Call<super::Result<Recorded>>
                 })
                 .collect(),
@@ -890,7 +960,7 @@ pub async fn concurrent_step_commits_claim_a_prompt_once(ledger: Arc<dyn Ledger>
             // The losers' own prompts leave the game, to keep the next rounds simple.
             let id = PromptId(own[i].clone());
             ledger
-                .drop_prompt(&run, &id, DropReason::LagExceeded, "")
+                .drop_prompt(&run, &id, DropReason::LagExceeded, "", 0)
                 .await
                 .unwrap();
         }
@@ -919,7 +989,7 @@ pub async fn concurrent_replays_commit_once(ledger: Arc<dyn Ledger>) {
         let calls = (0..RACERS)
             .map(|_| {
                 let (ledger, run, record) = (Arc::clone(&ledger), run.clone(), record.clone());
-                Box::pin(async move { ledger.record_step(&run, &record).await })
+                Box::pin(async move { ledger.record_step(&run, &record, 0).await })
                     as Call<super::Result<Recorded>>
             })
             .collect();
@@ -949,14 +1019,14 @@ pub async fn concurrent_drop_and_train_agree(ledger: Arc<dyn Ledger>) {
         let contested_id = PromptId(contested.clone());
         let train: Call<_> = {
             let (ledger, run) = (Arc::clone(&ledger), run.clone());
-            Box::pin(async move { ledger.record_step(&run, &record).await })
+            Box::pin(async move { ledger.record_step(&run, &record, 0).await })
         };
         let drop: Call<_> = {
             let (ledger, run) = (Arc::clone(&ledger), run.clone());
             let reason = DropReason::PurgedRetention;
             Box::pin(async move {
                 ledger
-                    .drop_prompt(&run, &contested_id, reason, "raced")
+                    .drop_prompt(&run, &contested_id, reason, "raced", 0)
                     .await
             })
         };
@@ -980,7 +1050,7 @@ pub async fn concurrent_drop_and_train_agree(ledger: Arc<dyn Ledger>) {
                 );
                 assert_eq!(ledger.step(&run, next_step).await.unwrap(), None);
                 ledger
-                    .record_step(&run, &step(next_step, &[&companion]))
+                    .record_step(&run, &step(next_step, &[&companion]), 0)
                     .await
                     .unwrap();
                 next_step += 1;

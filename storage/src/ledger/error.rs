@@ -111,6 +111,21 @@ pub enum LedgerError {
         reason: DropReason,
     },
 
+    /// A leader write (a step commit, a drop) carrying a fencing token lower than one that
+    /// already wrote to the run: the writer was deposed by a newer leader (DESIGN.md §6.1).
+    #[error(
+        "run {run:?}: leader write with fencing token {token} rejected, a newer leader (token \
+         {newest}) has written; this process lost the leader lock and must stop writing"
+    )]
+    LeaderFenced {
+        /// The run.
+        run: String,
+        /// The token the writer presented.
+        token: u64,
+        /// The highest token that has written to the run.
+        newest: u64,
+    },
+
     /// A prompt id already accepted arrived with different content.
     #[error(
         "prompt {prompt} of run {run:?} was already accepted with different content: prompt ids \

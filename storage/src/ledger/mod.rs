@@ -299,12 +299,17 @@ pub trait Ledger: Send + Sync {
     /// reason is [`LedgerError::PromptAlreadyDropped`], and a trained prompt cannot be dropped
     /// ([`LedgerError::PromptAlreadyTrained`]). A prompt never accepted (malformed input) can
     /// be dropped too.
+    ///
+    /// A leader write: `leader_token` is the writer's leader-lock fencing token. The run keeps
+    /// the highest token that has written to it, and a lower one is rejected with
+    /// [`LedgerError::LeaderFenced`] (a deposed leader), in the same transaction.
     async fn drop_prompt(
         &self,
         run: &str,
         prompt: &PromptId,
         reason: DropReason,
         detail: &str,
+        leader_token: u64,
     ) -> Result<Recorded>;
 
     /// Commits step `step.step`: in one transaction, records the step and marks each of its
@@ -313,8 +318,14 @@ pub trait Ledger: Send + Sync {
     /// Replaying the same record is [`Recorded::Existing`]. Otherwise nothing changes and the
     /// error says why: the step number is taken by a different record
     /// ([`LedgerError::StepConflict`]), is not the next one ([`LedgerError::StepOutOfOrder`]),
-    /// or a prompt is unknown, already trained or dropped.
-    async fn record_step(&self, run: &str, step: &StepRecord) -> Result<Recorded>;
+    /// or a prompt is unknown, already trained or dropped. Fenced by `leader_token` like
+    /// [`Ledger::drop_prompt`] ([`LedgerError::LeaderFenced`]), replays included.
+    async fn record_step(
+        &self,
+        run: &str,
+        step: &StepRecord,
+        leader_token: u64,
+    ) -> Result<Recorded>;
 
     /// The step, with its prompts (sorted), if recorded.
     async fn step(&self, run: &str, step: StepId) -> Result<Option<StepRecord>>;

@@ -67,6 +67,39 @@ macro_rules! with_pool {
     };
 }
 
+/// The leader fence, the first statement of a leader write inside `with_pool!`: takes the run's
+/// row lock and raises its leader token to `$token`, or returns from the enclosing body with
+/// [`LedgerError::LeaderFenced`] (a newer leader has written) or
+/// [`LedgerError::RunNotFound`]. Inside the write's transaction, so a deposed leader's write
+/// changes nothing.
+macro_rules! fence_leader {
+    ($tx:ident, $run:expr, $now:expr, $token:expr) => {
+        let locked = sqlx::query(LOCK_RUN)
+            .bind($run)
+            .bind($now)
+            .bind($token)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected();
+        if locked == 0 {
+            let newest: Option<i64> = sqlx::query_scalar(SELECT_LEADER_TOKEN)
+                .bind($run)
+                .fetch_optional(&mut *$tx)
+                .await?;
+            return Err(match newest {
+                None => LedgerError::RunNotFound {
+                    run: $run.to_owned(),
+                },
+                Some(newest) => LedgerError::LeaderFenced {
+                    run: $run.to_owned(),
+                    token: from_db($token, "leader_token")?,
+                    newest: from_db(newest, "leader_token")?,
+                },
+            });
+        }
+    };
+}
+
 /// Starting a write transaction, per engine.
 trait BeginWrite {
     /// The engine.
@@ -183,8 +216,12 @@ where
 const INSERT_RUN: &str = "INSERT INTO runs (run_id, config, created_at_ms, updated_at_ms) \
      VALUES ($1, $2, $3, $3) ON CONFLICT (run_id) DO NOTHING";
 const SELECT_RUN: &str = "SELECT config, created_at_ms FROM runs WHERE run_id = $1";
-/// Takes the run's row lock: the first statement of a step commit.
-const LOCK_RUN: &str = "UPDATE runs SET updated_at_ms = $2 WHERE run_id = $1";
+/// Takes the run's row lock and raises its leader token to the writer's, unless a newer leader
+/// has written: the first statement of every leader write (a step commit, a drop).
+const LOCK_RUN: &str = "UPDATE runs SET updated_at_ms = $2, leader_token = $3 \
+     WHERE run_id = $1 AND leader_token <= $3";
+/// The run's highest leader token, to tell a fenced write from a missing run.
+const SELECT_LEADER_TOKEN: &str = "SELECT leader_token FROM runs WHERE run_id = $1";
 
 const INSERT_PROMPT: &str = "INSERT INTO prompts (run_id, prompt_id, prompt, recorded_at_ms) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (run_id, prompt_id) DO NOTHING";
@@ -346,12 +383,15 @@ impl Ledger for SqlLedger {
         prompt: &PromptId,
         reason: DropReason,
         detail: &str,
+        leader_token: u64,
     ) -> Result<Recorded> {
         check_id("run id", run)?;
         check_id("prompt id", &prompt.0)?;
+        let token = to_db(leader_token, "leader_token")?;
         let now = now_ms();
         let state: Option<PromptStateRow> = with_pool!(self, |pool: Db| {
             let mut tx = pool.begin_write().await?;
+            fence_leader!(tx, run, now, token);
             // A prompt never accepted (malformed input) is recorded as dropped straight away.
             let inserted = sqlx::query(INSERT_DROPPED_PROMPT)
                 .bind(run)
@@ -409,8 +449,14 @@ impl Ledger for SqlLedger {
         }
     }
 
-    async fn record_step(&self, run: &str, record: &StepRecord) -> Result<Recorded> {
+    async fn record_step(
+        &self,
+        run: &str,
+        record: &StepRecord,
+        leader_token: u64,
+    ) -> Result<Recorded> {
         check_id("run id", run)?;
+        let token = to_db(leader_token, "leader_token")?;
         let offered = normalise_step(record)?;
         let step = to_db(record.step, "step")?;
         let total_tokens = to_db(record.total_tokens, "total_tokens")?;
@@ -420,17 +466,7 @@ impl Ledger for SqlLedger {
         with_pool!(self, |pool: Db| {
             let mut tx = pool.begin_write().await?;
             // The critical section of the run's step commits starts here.
-            let locked = sqlx::query(LOCK_RUN)
-                .bind(run)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if locked == 0 {
-                return Err(LedgerError::RunNotFound {
-                    run: run.to_owned(),
-                });
-            }
+            fence_leader!(tx, run, now, token);
 
             // A replay (same record) is answered from what is recorded; anything else under
             // this step number is a conflict.

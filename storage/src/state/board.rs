@@ -344,7 +344,8 @@ pub(super) fn check_finish(step: StepId, version: PolicyVersion) -> Result<(), S
     Ok(())
 }
 
-/// The leader-token check of `announce_step`: the token must be the live leader's.
+/// The leader-token check of every leader write (`announce_step`, `open_version`,
+/// `regenerate`): the token must be the live leader's.
 pub(super) fn check_leader(live: Option<&LeaderLease>, token: u64) -> Result<(), StateError> {
     match live {
         Some(l) if l.token == token => Ok(()),

@@ -580,7 +580,13 @@ pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
         "no version open yet"
     );
 
-    store.open_version(1, 1000, 2).await.unwrap();
+    let lt = store
+        .acquire_leader("c", LONG)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    store.open_version(1, 1000, 2, lt).await.unwrap();
     assert_eq!(store.current_version().await.unwrap(), Some(1));
     let barrier = Arc::new(Barrier::new(RACERS));
     let mut tasks = Vec::new();
@@ -628,7 +634,7 @@ pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
     );
     assert_eq!(store.budget().await.unwrap().unwrap().remaining, 1000);
 
-    store.open_version(2, 300, 2).await.unwrap();
+    store.open_version(2, 300, 2, lt).await.unwrap();
     assert_eq!(
         store.reserve(1, 10).await.unwrap(),
         0,
@@ -640,7 +646,7 @@ pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
         "refund to a closed version is dropped"
     );
     assert_eq!(store.reserve(2, 1000).await.unwrap(), 300);
-    let err = store.open_version(2, 300, 2).await.unwrap_err();
+    let err = store.open_version(2, 300, 2, lt).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -651,7 +657,7 @@ pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
         ),
         "{err}"
     );
-    let err = store.open_version(1, 300, 2).await.unwrap_err();
+    let err = store.open_version(1, 300, 2, lt).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -668,7 +674,13 @@ pub async fn budget_reserve_refund_never_overdraws(f: &dyn StoreFactory) {
 /// Opening a version bumps the retention of parked trajectories only, and purges those past σ.
 pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
     let store = f.fresh().await;
-    store.open_version(0, 1000, 1).await.unwrap();
+    let lt = store
+        .acquire_leader("c", LONG)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    store.open_version(0, 1000, 1, lt).await.unwrap();
     for p in ["a", "b", "c"] {
         store.register_prompt(&prompt(p, 1)).await.unwrap();
     }
@@ -690,7 +702,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
     park("a", 0).await;
     park("b", 0).await;
 
-    let opened = store.open_version(1, 1000, 1).await.unwrap();
+    let opened = store.open_version(1, 1000, 1, lt).await.unwrap();
     assert_eq!((opened.retained, opened.purged.len()), (2, 0));
     for p in ["a", "b"] {
         assert_eq!(
@@ -706,7 +718,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
     // a resumes (generating: not bumped), b stays parked, c is pending (not bumped).
     let a = store.claim(&tid("a", 0), "w", LONG).await.unwrap();
     assert_eq!(a.source, ClaimSource::Parked);
-    let opened = store.open_version(2, 1000, 1).await.unwrap();
+    let opened = store.open_version(2, 1000, 1, lt).await.unwrap();
     assert_eq!(
         (opened.retained, opened.purged.clone()),
         (0, vec![tid("b", 0)])
@@ -747,7 +759,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
             .unwrap(),
         TrajectoryStatus::Parked
     );
-    let opened = store.open_version(3, 1000, 1).await.unwrap();
+    let opened = store.open_version(3, 1000, 1, lt).await.unwrap();
     assert_eq!(opened.purged, vec![tid("a", 0)]);
     let c = store.counts().await.unwrap();
     assert_eq!((c.purged, c.parked, c.pending), (2, 0, 1));
@@ -757,7 +769,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
     assert!(store.claim_next("w", LONG).await.unwrap().is_none());
 
     // Unless regenerated from scratch: pending again, nothing committed, a fresh epoch.
-    let err = store.regenerate(&tid("c", 0)).await.unwrap_err();
+    let err = store.regenerate(&tid("c", 0), lt).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -768,7 +780,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
         ),
         "{err}"
     );
-    store.regenerate(&tid("b", 0)).await.unwrap();
+    store.regenerate(&tid("b", 0), lt).await.unwrap();
     let b = store.trajectory(&tid("b", 0)).await.unwrap().unwrap();
     assert_eq!(
         (b.status, b.tokens, b.retention),
@@ -786,7 +798,7 @@ pub async fn open_version_bumps_retention_and_purges(f: &dyn StoreFactory) {
         (tid("b", 0), ClaimSource::Pending)
     );
     assert_eq!(again.lease().epoch, 2, "the epoch history is kept");
-    let err = store.regenerate(&tid("ghost", 0)).await.unwrap_err();
+    let err = store.regenerate(&tid("ghost", 0), lt).await.unwrap_err();
     assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
 }
 
@@ -1001,7 +1013,7 @@ pub async fn invalid_input_is_rejected(f: &dyn StoreFactory) {
     let id = tid("p", 0);
     invalid(store.claim_next("", LONG).await.map(drop));
     invalid(store.claim_next("w", Duration::ZERO).await.map(drop));
-    invalid(store.open_version(1, MAX_TOKENS + 1, 1).await.map(drop));
+    invalid(store.open_version(1, MAX_TOKENS + 1, 1, 0).await.map(drop));
     invalid(store.heartbeat(MemberRole::Worker, "", LONG).await);
     invalid(store.acquire_leader("", LONG).await.map(drop));
     let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
@@ -1020,6 +1032,47 @@ pub async fn invalid_input_is_rejected(f: &dyn StoreFactory) {
         .await
         .unwrap_err();
     assert!(matches!(err, StateError::UnknownTrajectory(_)), "{err}");
+}
+
+/// Version openings and regenerations are leader writes: fenced by the leader token like step
+/// announcements, so a deposed leader changes nothing.
+pub async fn leader_writes_are_fenced(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    // No leader: fenced, nothing written.
+    let err = store.open_version(0, 100, 1, 1).await.unwrap_err();
+    assert!(
+        matches!(err, StateError::LeaderFenced { current: None, .. }),
+        "{err}"
+    );
+    assert_eq!(store.current_version().await.unwrap(), None);
+
+    let old = store.acquire_leader("old", LONG).await.unwrap().unwrap();
+    store.open_version(0, 100, 1, old.token).await.unwrap();
+    store.release_leader("old", old.token).await.unwrap();
+    let new = store.acquire_leader("new", LONG).await.unwrap().unwrap();
+    assert!(new.token > old.token);
+
+    // The deposed leader is fenced out of every leader write.
+    let err = store.open_version(1, 100, 1, old.token).await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::LeaderFenced { token, current: Some(l) }
+            if *token == old.token && l.token == new.token),
+        "{err}"
+    );
+    assert_eq!(
+        store.current_version().await.unwrap(),
+        Some(0),
+        "nothing written"
+    );
+    let err = store
+        .regenerate(&tid("ghost", 0), old.token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+
+    // The live leader writes.
+    store.open_version(1, 100, 1, new.token).await.unwrap();
+    assert_eq!(store.current_version().await.unwrap(), Some(1));
 }
 
 /// The step board: announcements are fenced by the leader token and idempotent; a newer step
@@ -1286,6 +1339,7 @@ macro_rules! state_store_conformance {
             finished_stream_resumes_from_cursor,
             heartbeats_expire,
             leader_lock_fencing,
+            leader_writes_are_fenced,
             invalid_input_is_rejected,
             step_board_announce_claim_finish,
             step_board_expired_rank_is_reclaimed,

@@ -436,10 +436,13 @@ impl StateStore for MemoryStateStore {
         version: PolicyVersion,
         budget: u64,
         retention_limit: u32,
+        leader_token: u64,
     ) -> Result<VersionOpened, StateError> {
         check::tokens("version", version)?;
         check::tokens("budget", budget)?;
         let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
         if let Some(b) = g.budget
             && version <= b.version
         {
@@ -470,8 +473,10 @@ impl StateStore for MemoryStateStore {
         Ok(out)
     }
 
-    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError> {
+    async fn regenerate(&self, id: &TrajectoryId, leader_token: u64) -> Result<(), StateError> {
         let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
         let e = g.entry(id)?;
         if e.state.status != TrajectoryStatus::Purged {
             return Err(StateError::NotPurged {

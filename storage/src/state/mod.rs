@@ -363,7 +363,7 @@ pub enum StateError {
         /// The live holder, if any.
         current: Option<LeaderLease>,
     },
-    /// A leader write (a step announcement) with a token that is not the live leader's: the
+    /// A leader write (a step announcement, a version opening, a regeneration) with a token that is not the live leader's: the
     /// writer was deposed (or its lock lapsed) and must stop writing.
     #[error("leader write with token {token} fenced out; the live leader is {current:?}")]
     LeaderFenced {
@@ -481,18 +481,22 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Opens `version` with a rollout budget of `budget` tokens: atomically sets it current,
     /// replaces the previous version's budget, and bumps the retention of every parked
-    /// trajectory, purging those whose retention exceeds `retention_limit` (σ).
+    /// trajectory, purging those whose retention exceeds `retention_limit` (σ). A leader
+    /// write: `leader_token` must be the live leader's ([`StateError::LeaderFenced`]
+    /// otherwise, checked atomically with the change).
     async fn open_version(
         &self,
         version: PolicyVersion,
         budget: u64,
         retention_limit: u32,
+        leader_token: u64,
     ) -> Result<VersionOpened, StateError>;
 
     /// Puts a purged trajectory back to `pending` with nothing committed (the "regenerate from
     /// scratch" policy for purged groups), at its original place in the registration order.
-    /// Its epoch history is kept, so writers of the purged generation stay fenced out.
-    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError>;
+    /// Its epoch history is kept, so writers of the purged generation stay fenced out. A leader
+    /// write, fenced by `leader_token` like [`StateStore::open_version`].
+    async fn regenerate(&self, id: &TrajectoryId, leader_token: u64) -> Result<(), StateError>;
 
     /// The current version, `None` before the first `open_version`.
     async fn current_version(&self) -> Result<Option<PolicyVersion>, StateError>;

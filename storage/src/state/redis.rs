@@ -171,6 +171,21 @@ impl RedisStateStore {
     }
 }
 
+/// The [`StateError::LeaderFenced`] of a script's `leader` reply (`common.lua` `check_leader`):
+/// `{'leader'}` when nobody leads, `{'leader', holder, token, expiry}` otherwise.
+fn leader_fenced(token: u64, reply: &[Value]) -> Result<StateError, StateError> {
+    let current = if reply.len() >= 4 {
+        Some(LeaderLease {
+            holder: text(at(reply, 1)?)?,
+            token: num(at(reply, 2)?)?,
+            expires_at_ms: num(at(reply, 3)?)?,
+        })
+    } else {
+        None
+    };
+    Ok(StateError::LeaderFenced { token, current })
+}
+
 /// A script argument of any of the kinds we pass (a dyn-friendly `ToRedisArgs`).
 trait ArgLike: Sync {
     fn add_to(&self, inv: &mut redis::ScriptInvocation<'_>);
@@ -634,17 +649,22 @@ impl StateStore for RedisStateStore {
         version: PolicyVersion,
         budget: u64,
         retention_limit: u32,
+        leader_token: u64,
     ) -> Result<VersionOpened, StateError> {
         check::tokens("version", version)?;
         check::tokens("budget", budget)?;
         let v = self
             .run(
                 &self.scripts.open_version,
-                &[&version, &budget, &retention_limit],
+                &[&version, &budget, &retention_limit, &leader_token],
             )
             .await?;
         let a = arr(&v)?;
-        if text(at(a, 0)?)? == "err" {
+        let tag = text(at(a, 0)?)?;
+        if tag == "leader" {
+            return Err(leader_fenced(leader_token, a)?);
+        }
+        if tag == "err" {
             return Err(StateError::VersionNotNewer {
                 requested: version,
                 current: num(at(a, 2)?)?,
@@ -659,11 +679,14 @@ impl StateStore for RedisStateStore {
         })
     }
 
-    async fn regenerate(&self, id: &TrajectoryId) -> Result<(), StateError> {
+    async fn regenerate(&self, id: &TrajectoryId, leader_token: u64) -> Result<(), StateError> {
         let v = self
-            .run(&self.scripts.regenerate, &[&member_key(id)])
+            .run(&self.scripts.regenerate, &[&member_key(id), &leader_token])
             .await?;
         let a = arr(&v)?;
+        if text(at(a, 0)?)? == "leader" {
+            return Err(leader_fenced(leader_token, a)?);
+        }
         if text(at(a, 0)?)? == "err" && text(at(a, 1)?)? == "not_purged" {
             let status = parse_status(&text(at(a, 2)?)?)?;
             return Err(StateError::NotPurged {
@@ -894,18 +917,7 @@ impl StateStore for RedisStateStore {
         let r = arr(&v)?;
         match text(at(r, 0)?)?.as_str() {
             "ok" => Ok(()),
-            "leader" => Err(StateError::LeaderFenced {
-                token: leader_token,
-                current: if r.len() >= 4 {
-                    Some(LeaderLease {
-                        holder: text(at(r, 1)?)?,
-                        token: num(at(r, 2)?)?,
-                        expires_at_ms: num(at(r, 3)?)?,
-                    })
-                } else {
-                    None
-                },
-            }),
+            "leader" => Err(leader_fenced(leader_token, r)?),
             "conflict" => Err(StateError::StepConflict {
                 step: a.step,
                 reason: text(at(r, 1)?)?,

@@ -22,11 +22,8 @@ if op == 'finished' then return b[5] or '' end
 
 if op == 'announce' then
   local step, key, w, token = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-  local l = redis.call('HMGET', P .. 'leader', 'holder', 'token', 'exp')
-  if not (l[1] and tonumber(l[3]) > now and tonumber(l[2]) == token) then
-    if l[1] and tonumber(l[3]) > now then return {'leader', l[1], l[2], l[3]} end
-    return {'leader'}
-  end
+  local fenced = check_leader(token, now)
+  if fenced then return fenced end
   if cur then
     if step == cur then
       if key == b[2] and tonumber(w) == world then return {'ok'} end

@@ -34,6 +34,15 @@ local function fence(m, owner, epoch, now)
   return nil
 end
 
+-- Nil when `token` is the live leader's; else the `leader` error reply (with the live holder,
+-- if any). The fence of every leader-only write (board.rs `check_leader` is the memory twin).
+local function check_leader(token, now)
+  local l = redis.call('HMGET', P .. 'leader', 'holder', 'token', 'exp')
+  if l[1] and tonumber(l[3]) > now and tonumber(l[2]) == token then return nil end
+  if l[1] and tonumber(l[3]) > now then return {'leader', l[1], l[2], l[3]} end
+  return {'leader'}
+end
+
 -- Gives m a new lease with the next epoch and returns the claim reply.
 local function take(m, owner, ttl, now, source)
   local k = tkey(m)

@@ -1,5 +1,7 @@
--- open_version. ARGV: prefix, version, budget, retention limit sigma.
+-- open_version. ARGV: prefix, version, budget, retention limit sigma, leader token.
 local v, budget, sigma = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local fenced = check_leader(tonumber(ARGV[5]), now_ms())
+if fenced then return fenced end
 local vk = P .. 'version'
 local cur = redis.call('HGET', vk, 'current')
 if cur and v <= tonumber(cur) then return {'err', 'not_newer', cur} end

@@ -1,7 +1,9 @@
--- regenerate (a purged trajectory, from scratch). ARGV: prefix, member.
+-- regenerate (a purged trajectory, from scratch). ARGV: prefix, member, leader token.
 -- The lease record (owner, epoch) stays so the next claim gets a higher epoch and writers of
 -- the purged generation stay fenced out.
 local m = ARGV[2]
+local fenced = check_leader(tonumber(ARGV[3]), now_ms())
+if fenced then return fenced end
 local k = tkey(m)
 local status = redis.call('HGET', k, 'status')
 if not status then return {'err', 'unknown'} end
