@@ -20,11 +20,11 @@ export FLYWHEEL_TEST_S3_BUCKET="${FLYWHEEL_TEST_S3_BUCKET:-flywheel-test}"
 export FLYWHEEL_TEST_S3_ACCESS_KEY="${FLYWHEEL_TEST_S3_ACCESS_KEY:-flywheel}"
 export FLYWHEEL_TEST_S3_SECRET_KEY="${FLYWHEEL_TEST_S3_SECRET_KEY:-flywheel-secret}"
 
-echo "test: cargo test --workspace $*" >&2
+echo "test: cargo test --workspace --no-fail-fast $*" >&2
 output="$(mktemp)"
 trap 'rm -f "$output"' EXIT
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$output"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$output"
 status="${PIPESTATUS[0]}"
 set -e
 

@@ -1,7 +1,8 @@
 //! The failover test against real services: Redis at `FLYWHEEL_TEST_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`) and PostgreSQL at `FLYWHEEL_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `scripts/services.sh` starts both. An
-//! unreachable service fails the test, naming it. Each test uses a random run id.
+//! unreachable service fails the test, naming it. Each test uses a random run id and a fresh
+//! PostgreSQL schema, so it never depends on (or changes) what other runs migrated.
 
 mod common;
 
@@ -9,14 +10,12 @@ use std::sync::Arc;
 
 use common::{World, crash_and_take_over, random_run, run_config};
 use flywheel_coordinator::CrashPoint;
-use flywheel_storage::ledger;
+use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::state::{RedisStateStore, StateStore};
 
-async fn real_world() -> (World, RedisStateStore) {
+async fn real_world() -> (World, RedisStateStore, TestLedger) {
     let redis = std::env::var("FLYWHEEL_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let postgres = std::env::var("FLYWHEEL_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let run = run_config(&random_run());
     let state = RedisStateStore::connect(&redis, &run.storage.run_id)
         .await
@@ -26,26 +25,30 @@ async fn real_world() -> (World, RedisStateStore) {
                  Start it with scripts/services.sh."
             )
         });
-    let ledger = ledger::open(&postgres).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL at {postgres} (FLYWHEEL_TEST_POSTGRES_URL) is unreachable: {e}. \
-             Start it with scripts/services.sh."
-        )
-    });
+    // Panics naming PostgreSQL and scripts/services.sh when it is unreachable.
+    let ledger = TestLedger::postgres().await;
     let shared: Arc<dyn StateStore> = Arc::new(state.clone());
-    (World::with(run, shared, ledger).await, state)
+    (
+        World::with(run, shared, ledger.ledger()).await,
+        state,
+        ledger,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_ledger_commit_on_redis_and_postgres() {
-    let (w, redis) = real_world().await;
+    let (w, redis, ledger) = real_world().await;
     crash_and_take_over(&w, CrashPoint::AfterLedger).await;
     redis.delete_run().await.unwrap();
+    drop(w);
+    ledger.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_manifest_on_redis_and_postgres() {
-    let (w, redis) = real_world().await;
+    let (w, redis, ledger) = real_world().await;
     crash_and_take_over(&w, CrashPoint::AfterManifest).await;
     redis.delete_run().await.unwrap();
+    drop(w);
+    ledger.teardown().await;
 }

@@ -392,13 +392,23 @@ async fn two_trainers_on_the_board(state_url: &str, run: &str) {
             waited += 1;
             assert!(waited < 15_000, "step {} never finished", m.step);
         }
-        // The gradient objects of a finished step are deleted.
-        assert!(
-            blob.list(&keys::step_grads_prefix(run, m.step))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        // The gradient objects of a finished step are deleted (by the finisher, right after
+        // it marks the step finished: poll, bounded, rather than race it).
+        let mut waited = 0;
+        while !blob
+            .list(&keys::step_grads_prefix(run, m.step))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+            assert!(
+                waited < 15_000,
+                "step {}'s gradients were never deleted",
+                m.step
+            );
+        }
     }
     stop_tx.send(true).unwrap();
     for h in handles {
