@@ -173,21 +173,29 @@ pub fn warm_start(
         let examples = stream
             .by_ref()
             .take(settings.batch)
-            .map(|p: Problem| {
-                let mut tokens = tok.encode_prompt(&task.prompt(&p))?;
-                let response_start = tokens.len();
-                tok.encode_into(&task.reference(&p), &mut tokens)?;
-                tokens.push(Tokenizer::EOS);
-                Ok(SupervisedExample {
-                    tokens,
-                    response_start,
-                })
-            })
+            .map(|p| reference_example(task, tok, &p))
             .collect::<Result<Vec<_>>>()?;
         let metrics = supervised_step(&mut cpu, &mut params, &mut opt, &examples, usize::MAX)?;
         losses.push(metrics.loss);
     }
     Ok((params, losses))
+}
+
+/// One supervised example of the warm start: BOS + prompt, then the reference response and EOS
+/// (the response the RL reward accepts, in the layout the policy must learn).
+pub fn reference_example(
+    task: &TaskConfig,
+    tok: &Tokenizer,
+    p: &Problem,
+) -> Result<SupervisedExample> {
+    let mut tokens = tok.encode_prompt(&task.prompt(p))?;
+    let response_start = tokens.len();
+    tok.encode_into(&task.reference(p), &mut tokens)?;
+    tokens.push(Tokenizer::EOS);
+    Ok(SupervisedExample {
+        tokens,
+        response_start,
+    })
 }
 
 /// `flywheel trainer --warm-start-steps N`: unless the run already has a version 0, warm-start

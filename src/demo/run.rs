@@ -49,7 +49,7 @@ use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig, PromptConsumer, Prompt
 use flywheel_storage::state::{MemberRole, StateError, StateStore};
 use flywheel_storage::weights::{self, Dtype, TensorBytes};
 use flywheel_storage::{BatchManifest, Prompt, PromptInput, VerifierSpec, keys};
-use flywheel_trainer::step::{SupervisedExample, supervised_step};
+use flywheel_trainer::step::supervised_step;
 use flywheel_trainer::{AdamW, AdamWConfig, LossConfig, Services, Trainer, TrainerConfig};
 use flywheel_worker::engine::SamplingConfig;
 use flywheel_worker::engine::builtin::{BuiltinConfig, BuiltinEngine};
@@ -60,6 +60,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use super::distributed::reference_example;
 use super::progress::DemoProgress;
 use super::report::{DemoSummary, PhaseTiming, StepMetrics, write_report};
 use super::task::{Problem, ProblemStream, Split, TaskConfig, held_out_set};
@@ -665,18 +666,7 @@ fn warm_start(setup: &Setup, a: &DemoArgs) -> Result<Params> {
         let examples = stream
             .by_ref()
             .take(a.sft_batch)
-            .map(|p| {
-                let mut tokens = setup.prompt_ids(&p)?;
-                let response_start = tokens.len();
-                setup
-                    .tok
-                    .encode_into(&setup.task.reference(&p), &mut tokens)?;
-                tokens.push(Tokenizer::EOS);
-                Ok(SupervisedExample {
-                    tokens,
-                    response_start,
-                })
-            })
+            .map(|p| reference_example(&setup.task, &setup.tok, &p))
             .collect::<Result<Vec<_>>>()?;
         supervised_step(&mut model, &mut params, &mut opt, &examples, usize::MAX)?;
     }
