@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The demo's RL job, distributed on this machine: the real services (scripts/services.sh), then
-# a coordinator, two workers and a trainer as separate `flywheel` processes sharing ONE config,
-# the task's prompts ingested through Kafka, and `flywheel status` following the run until
-# every prompt is trained or dropped and the last recorded step is trained. Everything this
-# script started is stopped at the end (also on Ctrl-C or an error).
+# the task's reward service, a coordinator, two workers and a trainer as separate `flywheel`
+# processes sharing ONE config, the task's prompts ingested through Kafka, and `flywheel status`
+# following the run until every prompt is trained or dropped and the last recorded step is
+# trained. Everything this script started is stopped at the end (also on Ctrl-C or an error).
 #
 #   state   Redis       redis://127.0.0.1:6379 (keys under the run id)
 #   ledger  PostgreSQL  a fresh schema per run in the `postgres` database
@@ -28,6 +28,7 @@ POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres
 KAFKA=127.0.0.1:9092
 S3=http://127.0.0.1:8014
 COORDINATOR_PORT=9464
+REWARDS_PORT=9470
 
 say() { echo "distributed: $*" >&2; }
 
@@ -62,8 +63,8 @@ session_timeout_ms = 6000
 
 [rollout]
 mode = "partial"             # C3PO++: long responses span versions as durable segments
-version_budget_tokens = 6144 # Φ_r
-segment_tokens = 16          # S
+version_budget_tokens = 5120 # Φ_r = 2.5 Φ: about what a step trains once zero-variance groups drop
+segment_tokens = 32          # S
 max_response_tokens = 48
 retention_limit = 4          # σ
 lease_ms = 10000
@@ -90,6 +91,9 @@ kind = "builtin"
 slots = 2
 weights_wait_ms = 600000     # the trainer's warm start comes first
 
+[worker.rewards.services]    # the task's exact reward (flywheel rewards)
+addition = "http://127.0.0.1:$REWARDS_PORT/reward"
+
 [trainer]
 id = "trainer-0"
 poll_ms = 50
@@ -104,7 +108,7 @@ d_ff = 256
 max_seq_len = 72
 
 [trainer.optimizer]
-lr = 0.001
+lr = 0.0003
 weight_decay = 0.0
 EOF
 
@@ -128,6 +132,7 @@ start() {
     say "started $name (pid $!, log $OUT/$name.log)"
 }
 
+start rewards rewards --bind "127.0.0.1:$REWARDS_PORT"
 start coordinator coordinator --config "$CONFIG"
 start trainer trainer --config "$CONFIG" --warm-start-steps "$WARM"
 for i in 0 1; do

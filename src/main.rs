@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel::demo::distributed::TaskSection;
 
@@ -83,6 +84,14 @@ enum Command {
         /// Learning rate of the warm start.
         #[arg(long, default_value_t = 3e-3)]
         warm_start_lr: f64,
+    },
+    /// Serve the built-in addition task's exact reward over HTTP (`POST /reward`), the
+    /// reward service its prompts name (`addition`), until interrupted.
+    Rewards {
+        /// Address to listen on; point `[worker.rewards.services] addition` at
+        /// `http://<bind>/reward`.
+        #[arg(long, default_value = "127.0.0.1:9470")]
+        bind: String,
     },
     /// The main job: warm-start the built-in model, then train it with RL (partial rollouts,
     /// IcePop) through the queue, workers, coordinator and trainer in one process, and write
@@ -193,6 +202,21 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             }
             Ok(flywheel_trainer::run(&run, file.trainer, resume).await?)
+        }
+        Command::Rewards { bind } => {
+            let listener = tokio::net::TcpListener::bind(&bind)
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {bind}: free the port or pass another --bind")
+                })?;
+            let addr = listener.local_addr()?;
+            tracing::info!(
+                url = flywheel::demo::rewards::url(addr),
+                "serving the addition task's reward"
+            );
+            flywheel::demo::rewards::serve(listener, flywheel_coordinator::shutdown_signal())
+                .await?;
+            Ok(())
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),

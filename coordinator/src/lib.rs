@@ -19,6 +19,6 @@ pub mod service;
 pub mod status;
 
 pub use config::{CoordinatorConfig, CoordinatorFile};
-pub use run::{api_state, run};
+pub use run::{api_state, run, shutdown_signal};
 pub use service::{Coordinator, CoordinatorError, CrashPoint, TickOutcome};
 pub use status::run_status;

@@ -70,7 +70,7 @@ pub async fn run(run: RunConfig, config: CoordinatorConfig) -> anyhow::Result<()
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -14,19 +14,19 @@
 //!
 //! Every process reads the same file, so the prompts, the warm start and the model's
 //! context (`[trainer.model] max_seq_len`, checked by [`TaskSection::check_model`]) agree.
-//! Prompts carry the `math` verifier with the sum as the answer, as in `flywheel demo`.
-
-use std::collections::BTreeMap;
+//! Prompts name the task's reward service ([`super::rewards`], `flywheel rewards`), as in
+//! `flywheel demo`.
 
 use anyhow::{Context, Result, bail};
 use flywheel_model::{Model, ModelConfig, Params, Tokenizer};
+use flywheel_storage::Prompt;
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights;
-use flywheel_storage::{Prompt, PromptInput, VerifierSpec};
 use flywheel_trainer::step::{SupervisedExample, supervised_step};
 use flywheel_trainer::{AdamW, AdamWConfig, Services, Trainer, TrainerConfig};
 use serde::{Deserialize, Serialize};
 
+use super::rewards;
 use super::task::{Problem, ProblemStream, Split, TaskConfig};
 
 /// What a service reads of the run's file for the demo task: the `[task]` table, the rest
@@ -121,15 +121,7 @@ pub fn prompts(task: &TaskFileConfig, count: usize, seed: u64) -> Result<Vec<Pro
     let out: Vec<Prompt> = stream
         .take(count)
         .enumerate()
-        .map(|(i, p)| Prompt {
-            id: format!("task-{seed}-{i:06}").as_str().into(),
-            input: PromptInput::Text(config.prompt(&p)),
-            verifier: VerifierSpec::Math {
-                answer: p.answer().to_string(),
-            },
-            group_size: task.group_size,
-            metadata: BTreeMap::from([("terms".into(), p.terms.len().to_string())]),
-        })
+        .map(|(i, p)| rewards::prompt(&config, &p, &format!("task-{seed}-{i:06}"), task.group_size))
         .collect();
     if out.len() < count {
         bail!("the [task] yields (almost) no training problems: raise max_terms or max_term");
@@ -245,6 +237,7 @@ pub async fn publish_warm_start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flywheel_storage::{PromptInput, VerifierSpec};
 
     #[test]
     fn prompts_are_reproducible_valid_and_uniquely_named() {
@@ -264,10 +257,12 @@ mod tests {
             assert_eq!(text.len(), config.prompt_chars());
             let problem = Problem::from_prompt(text).unwrap();
             assert_eq!(Split::of(&problem), Split::Train);
-            let VerifierSpec::Math { answer } = &p.verifier else {
-                panic!("math verifier")
-            };
-            assert_eq!(answer, &problem.answer().to_string());
+            assert_eq!(
+                p.verifier,
+                VerifierSpec::Service {
+                    name: rewards::SERVICE_NAME.into()
+                }
+            );
             assert_eq!(p.group_size, 8);
         }
     }

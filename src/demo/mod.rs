@@ -7,6 +7,7 @@
 pub mod distributed;
 pub mod progress;
 pub mod report;
+pub mod rewards;
 pub mod run;
 pub mod task;
 

@@ -2,11 +2,12 @@
 //!
 //! [`BlobStore`] wraps an [`object_store`] backend chosen by URL:
 //!
-//! | URL                        | backend                                                     |
-//! |----------------------------|-------------------------------------------------------------|
-//! | `s3://bucket[/prefix]`     | Amazon S3 or any S3-compatible server (MinIO, s3s-fs, R2…)  |
-//! | `file:///abs/path`         | a local directory, created if missing; writes are fsynced   |
-//! | `memory://`                | process memory; every `open` is a new, empty store          |
+//! | URL                            | backend                                                    |
+//! |--------------------------------|------------------------------------------------------------|
+//! | `s3://bucket[/prefix]`         | Amazon S3 or any S3-compatible server (MinIO, s3s-fs, R2…) |
+//! | `file:///abs/path`             | a local directory, created if missing; writes are fsynced  |
+//! | `file:///abs/path?fsync=false` | the same without fsync (a throwaway run: `flywheel demo`)  |
+//! | `memory://`                    | process memory; every `open` is a new, empty store         |
 //!
 //! Keys are relative, `/`-separated paths (`segments/run-1/p42/0/3`); an optional URL prefix
 //! is prepended transparently, so one bucket can hold many runs.
@@ -632,18 +633,36 @@ impl BlobStore {
     }
 }
 
-/// `file:///abs/path`: the directory is created if missing.
+/// `file:///abs/path[?fsync=false]`: the directory is created if missing.
 fn open_local(url: &Url, display: &str) -> Result<Arc<dyn ObjectStore>, BlobError> {
-    if url.query().is_some() {
-        return Err(BlobError::InvalidUrl {
-            url: display.to_owned(),
-            reason: "file:// URLs take no query parameters".into(),
-        });
-    }
-    let dir = url.to_file_path().map_err(|()| BlobError::InvalidUrl {
+    let invalid = |reason: String| BlobError::InvalidUrl {
         url: display.to_owned(),
-        reason: "a file:// URL needs an absolute path and no host: write file:///absolute/path"
-            .into(),
+        reason,
+    };
+    // Manifests and segments must survive a machine crash once `put` returns, unless the
+    // run itself would not (an embedded demo keeps its state in memory): there the fsync of
+    // every segment only costs time.
+    let mut fsync = true;
+    for (key, value) in url.query_pairs() {
+        match (key.as_ref(), value.as_ref()) {
+            ("fsync", "true") => fsync = true,
+            ("fsync", "false") => fsync = false,
+            ("fsync", other) => {
+                return Err(invalid(format!(
+                    "fsync must be `true` or `false`, not `{other}`"
+                )));
+            }
+            (other, _) => {
+                return Err(invalid(format!(
+                    "file:// URLs take only the `fsync` parameter, not `{other}`"
+                )));
+            }
+        }
+    }
+    let dir = url.to_file_path().map_err(|()| {
+        invalid(
+            "a file:// URL needs an absolute path and no host: write file:///absolute/path".into(),
+        )
     })?;
     std::fs::create_dir_all(&dir).map_err(|source| BlobError::CreateDir {
         path: dir.clone(),
@@ -653,8 +672,7 @@ fn open_local(url: &Url, display: &str) -> Result<Arc<dyn ObjectStore>, BlobErro
         url: display.to_owned(),
         source: Box::new(e),
     })?;
-    // Manifests and segments must survive a machine crash once `put` returns.
-    Ok(Arc::new(fs.with_fsync(true).with_automatic_cleanup(true)))
+    Ok(Arc::new(fs.with_fsync(fsync).with_automatic_cleanup(true)))
 }
 
 /// `s3://bucket[/prefix][?key=value…]`. Returns the store and whether create is atomic.

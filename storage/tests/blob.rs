@@ -95,6 +95,14 @@ async fn file_conformance() {
     conformance::run_all(&store).await;
 }
 
+/// Without fsync the local store is the same store (only a machine crash tells them apart).
+#[tokio::test]
+async fn file_conformance_without_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}?fsync=false", dir.path().display());
+    conformance::run_all(&BlobStore::open(&url).unwrap()).await;
+}
+
 /// s3s-fs 0.14.1 honours `If-None-Match: *` but checks existence and then writes (see its
 /// `put_object`), so concurrent creators can all succeed: the race check expects atomicity
 /// only when `FLYWHEEL_TEST_S3_ATOMIC_CREATE=1` (set it against AWS S3 or MinIO).
@@ -174,7 +182,8 @@ fn malformed_urls_are_explained() {
     let cases = [
         ("not a url", "expected one of"),
         ("file://relative/path", "absolute path"),
-        ("file:///tmp/x?opt=1", "no query"),
+        ("file:///tmp/x?opt=1", "only the `fsync` parameter"),
+        ("file:///tmp/x?fsync=maybe", "`true` or `false`"),
         ("s3:///prefix", "no bucket"),
         (
             "s3://bucket?no_such_option=1",

@@ -25,6 +25,12 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Gradients whose global L2 norm exceeds this are scaled down to it; 0 turns clipping off.
     pub max_grad_norm: f64,
+    /// Steps over which the learning rate falls linearly from `lr` to
+    /// `lr · final_lr_fraction` (and then stays); 0 keeps `lr` constant. Annealing steadies
+    /// the last weights of a run whose length is known.
+    pub decay_steps: u64,
+    /// The fraction of `lr` reached after `decay_steps`.
+    pub final_lr_fraction: f64,
 }
 
 impl Default for AdamWConfig {
@@ -37,6 +43,8 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
+            decay_steps: 0,
+            final_lr_fraction: 0.1,
         }
     }
 }
@@ -68,7 +76,22 @@ impl AdamWConfig {
                 self.max_grad_norm
             ));
         }
+        if !(0.0..=1.0).contains(&self.final_lr_fraction) {
+            return invalid(format!(
+                "final_lr_fraction = {} must lie in [0, 1]",
+                self.final_lr_fraction
+            ));
+        }
         Ok(())
+    }
+
+    /// The learning rate of optimizer step `step` (1 for the first).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.decay_steps == 0 {
+            return self.lr;
+        }
+        let progress = step.min(self.decay_steps) as f64 / self.decay_steps as f64;
+        self.lr * (1.0 - (1.0 - self.final_lr_fraction) * progress)
     }
 }
 
@@ -254,13 +277,13 @@ impl AdamW {
         self.step += 1;
 
         let AdamWConfig {
-            lr,
             beta1,
             beta2,
             eps,
             weight_decay,
             ..
         } = self.config;
+        let lr = self.config.lr_at(self.step);
         // powf on the exact step count: deterministic, and no i32 overflow for long runs.
         let t = self.step as f64;
         let bias1 = 1.0 - beta1.powf(t);
@@ -502,6 +525,7 @@ mod tests {
             eps: 1e-8,
             weight_decay,
             max_grad_norm,
+            ..AdamWConfig::default()
         }
     }
 
@@ -758,6 +782,13 @@ mod tests {
                 },
                 "max_grad_norm",
             ),
+            (
+                AdamWConfig {
+                    final_lr_fraction: 1.5,
+                    ..Default::default()
+                },
+                "final_lr_fraction",
+            ),
         ];
         for (cfg, field) in bad {
             let err = AdamW::new(cfg).unwrap_err();
@@ -770,6 +801,32 @@ mod tests {
         assert!(opt.set_lr(f64::NAN).is_err());
         opt.set_lr(3e-4).unwrap();
         assert_eq!(opt.config().lr, 3e-4);
+    }
+
+    #[test]
+    fn the_learning_rate_decays_linearly_then_holds() {
+        let c = AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            decay_steps: 10,
+            final_lr_fraction: 0.1,
+            ..Default::default()
+        };
+        assert_eq!(c.lr_at(0), 1e-3);
+        assert!((c.lr_at(5) - 0.55e-3).abs() < 1e-12);
+        assert!((c.lr_at(10) - 1e-4).abs() < 1e-12);
+        assert_eq!(c.lr_at(11), c.lr_at(10));
+        let constant = AdamWConfig::default();
+        assert_eq!(constant.lr_at(1_000_000), constant.lr);
+        // Adam's first update moves a weight by the step's learning rate (m̂/√v̂ = 1).
+        let mut opt = AdamW::new(c.clone()).unwrap();
+        let mut w: Tensors = vec![("w".into(), vec![0.0])];
+        step(&mut opt, &mut w, &[vec![1.0]]);
+        assert!(
+            (f64::from(w[0].1[0]) + c.lr_at(1)).abs() < 1e-9,
+            "{}",
+            w[0].1[0]
+        );
     }
 
     #[test]
