@@ -113,9 +113,10 @@ enum Command {
     },
 }
 
-fn init_logging(json: bool) {
+/// Logs to stderr at `FLYWHEEL_LOG`'s levels, else at `default`.
+fn init_logging(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLYWHEEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -129,7 +130,13 @@ fn init_logging(json: bool) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // The demo's progress bars say what happens; its services' per-prompt and per-step info
+    // lines would only tear them (FLYWHEEL_LOG=info brings them back).
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_json, default_level);
     match cli.command {
         Command::Ingest {
             config: path,
