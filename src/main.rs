@@ -221,8 +221,11 @@ async fn main() -> anyhow::Result<()> {
                 url = flywheel::demo::rewards::url(addr),
                 "serving the addition task's reward"
             );
-            flywheel::demo::rewards::serve(listener, flywheel_coordinator::shutdown_signal())
-                .await?;
+            flywheel::demo::rewards::serve(listener, async {
+                flywheel_coordinator::shutdown_signal().await;
+                tracing::info!("shutting down");
+            })
+            .await?;
             Ok(())
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),

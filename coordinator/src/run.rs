@@ -64,7 +64,12 @@ pub async fn run(run: RunConfig, config: CoordinatorConfig) -> anyhow::Result<()
         .with_context(|| format!("binding the HTTP API to {} (coordinator.bind)", config.bind))?;
     tracing::info!(bind = %listener.local_addr()?, id = coordinator.id(), run = %run_id, "coordinator up");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    coordinator.run_until(shutdown_signal()).await;
+    coordinator
+        .run_until(async {
+            shutdown_signal().await;
+            tracing::info!("shutting down: giving the leader lock up");
+        })
+        .await;
     server.abort();
     Ok(())
 }
@@ -89,5 +94,4 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-    tracing::info!("shutting down: giving the leader lock up");
 }

@@ -50,12 +50,9 @@ struct ScoreRequest {
 async fn score(
     axum::Json(req): axum::Json<ScoreRequest>,
 ) -> Result<axum::Json<serde_json::Value>, (StatusCode, String)> {
-    let problem = Problem::from_prompt(&req.prompt).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("not a prompt of the addition task: {e}"),
-        )
-    })?;
+    // The error names the addition task and what is wrong with the prompt.
+    let problem =
+        Problem::from_prompt(&req.prompt).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(axum::Json(
         serde_json::json!({ "reward": problem.reward(&req.response) }),
     ))
