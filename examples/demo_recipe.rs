@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use flywheel::demo::run::mix;
 use flywheel::demo::{Problem, ProblemStream, Split, TaskConfig, held_out_set};
 use flywheel_model::{
     Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, StopReason, Tensor, Tokenizer,
@@ -165,19 +166,6 @@ struct Group {
     rollouts: Vec<Rollout>,
     /// One advantage per rollout.
     advantages: Vec<f32>,
-}
-
-/// A deterministic 64-bit mix of several numbers (SplitMix64 finaliser), to seed one RNG per
-/// sample so that results do not depend on which rayon thread draws it.
-fn mix(parts: &[u64]) -> u64 {
-    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for &p in parts {
-        h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        h ^= h >> 31;
-    }
-    h
 }
 
 /// Counts tokens generated and trained, for throughput figures.

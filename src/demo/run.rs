@@ -202,7 +202,7 @@ pub struct DemoOutcome {
 }
 
 /// A deterministic 64-bit mix of several numbers (SplitMix64 finaliser).
-fn mix(parts: &[u64]) -> u64 {
+pub fn mix(parts: &[u64]) -> u64 {
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
     for &p in parts {
         h ^= p.wrapping_add(0x9E37_79B9_7F4A_7C15);
