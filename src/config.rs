@@ -1,5 +1,11 @@
 //! One TOML file for every service, with `FLYWHEEL_*` environment overrides (DESIGN.md §8).
 //!
+//! [`FileConfig`] is the whole file: the sections every service shares (`[storage]`,
+//! `[kafka]`, `[rollout]`, `[batch]`), each service's own (`[worker]`, `[coordinator]`,
+//! `[trainer]`) and the built-in task's (`[task]`). Every process of a run reads the same
+//! file and takes its part; a section or field the file does not know is an error that names
+//! it.
+//!
 //! An override names a field by its path, sections joined by a double underscore:
 //! `FLYWHEEL_STORAGE__STATE_URL=redis://10.0.0.5:6379` sets `[storage] state_url`, and
 //! `FLYWHEEL_ROLLOUT__SEGMENT_TOKENS=128` sets `[rollout] segment_tokens`. Values are parsed
@@ -8,17 +14,83 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use flywheel_storage::config::RunConfig;
+use flywheel_coordinator::CoordinatorConfig;
+use flywheel_storage::config::{BatchConfig, RolloutConfig, RunConfig, StorageConfig};
+use flywheel_storage::queue::KafkaConfig;
+use flywheel_task::TaskSection;
+use flywheel_trainer::TrainerConfig;
+use flywheel_worker::WorkerConfig;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "FLYWHEEL_";
 
-/// Load the run configuration: the file (if any), then the environment, then validation.
-pub fn load(path: Option<&Path>) -> anyhow::Result<RunConfig> {
-    let config: RunConfig = load_with_env(path, std::env::vars())?;
-    config.validate()?;
+/// The run's config file: every section any process of the run reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[storage]`: the run id and where state, objects and the ledger live.
+    pub storage: StorageConfig,
+    /// `[kafka]`: the prompt queue.
+    pub kafka: KafkaConfig,
+    /// `[rollout]`: the rollout protocol (budgets, segments, retention, leases).
+    pub rollout: RolloutConfig,
+    /// `[batch]`: how step batches are cut.
+    pub batch: BatchConfig,
+    /// `[worker]`.
+    pub worker: WorkerConfig,
+    /// `[coordinator]`.
+    pub coordinator: CoordinatorConfig,
+    /// `[trainer]`.
+    pub trainer: TrainerConfig,
+    /// `[task]`: the built-in task's prompts and warm start.
+    pub task: TaskSection,
+}
+
+impl FileConfig {
+    /// The sections every service shares.
+    pub fn run(&self) -> RunConfig {
+        RunConfig {
+            storage: self.storage.clone(),
+            kafka: self.kafka.clone(),
+            rollout: self.rollout.clone(),
+            batch: self.batch.clone(),
+        }
+    }
+
+    /// What the worker service runs with.
+    pub fn worker(&self) -> flywheel_worker::ServiceConfig {
+        flywheel_worker::ServiceConfig {
+            run: self.run(),
+            worker: self.worker.clone(),
+        }
+    }
+
+    /// What the coordinator service runs with.
+    pub fn coordinator(&self) -> flywheel_coordinator::ServiceConfig {
+        flywheel_coordinator::ServiceConfig {
+            run: self.run(),
+            coordinator: self.coordinator.clone(),
+        }
+    }
+
+    /// What the trainer service runs with.
+    pub fn trainer(&self, resume: bool) -> flywheel_trainer::ServiceConfig {
+        flywheel_trainer::ServiceConfig {
+            run: self.run(),
+            trainer: self.trainer.clone(),
+            resume,
+        }
+    }
+}
+
+/// Loads the run's config file (if any) with the environment's overrides; the shared
+/// sections are validated.
+pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let config: FileConfig = load_with_env(path, std::env::vars())?;
+    config.run().validate()?;
     Ok(config)
 }
 
@@ -101,7 +173,7 @@ mod tests {
             "[storage]\nrun_id = \"r1\"\n[rollout]\nmode = \"sync\"\n",
         )
         .unwrap();
-        let config: RunConfig = load_with_env(
+        let config: FileConfig = load_with_env(
             Some(&path),
             env(&[
                 ("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "128"),
@@ -114,6 +186,7 @@ mod tests {
         assert_eq!(config.storage.run_id, "r1");
         assert_eq!(config.storage.state_url, "memory://");
         assert_eq!(config.rollout.mode, RolloutMode::Sync);
+        assert_eq!(config.run().storage.run_id, "r1");
         assert_eq!(config.rollout.segment_tokens, 128);
         // Untouched fields keep their defaults.
         assert_eq!(
@@ -125,17 +198,17 @@ mod tests {
     #[test]
     fn bad_input_says_what_is_wrong() {
         let err =
-            load_with_env::<RunConfig>(None, env(&[("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "many")]))
+            load_with_env::<FileConfig>(None, env(&[("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "many")]))
                 .unwrap_err();
         assert!(format!("{err:#}").contains("segment_tokens"), "{err:#}");
 
         let err =
-            load_with_env::<RunConfig>(None, env(&[("FLYWHEEL_ROLLOUT__NO_SUCH_FIELD", "1")]))
+            load_with_env::<FileConfig>(None, env(&[("FLYWHEEL_ROLLOUT__NO_SUCH_FIELD", "1")]))
                 .unwrap_err();
         assert!(format!("{err:#}").contains("no_such_field"), "{err:#}");
 
         let err =
-            load_with_env::<RunConfig>(Some(Path::new("/nonexistent/flywheel.toml")), env(&[]))
+            load_with_env::<FileConfig>(Some(Path::new("/nonexistent/flywheel.toml")), env(&[]))
                 .unwrap_err();
         assert!(
             format!("{err:#}").contains("cannot read config file"),

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use flywheel::demo::distributed::TaskSection;
+use flywheel::warm_start::TaskWarmStart;
+use flywheel_service::{redact_url, shutdown};
+use flywheel_storage::RunStores;
 
 mod ingest;
 
@@ -34,7 +36,7 @@ enum Command {
         #[arg(required_unless_present = "demo_task")]
         file: Option<PathBuf>,
         /// Instead of a file: generate this many training prompts of the built-in addition
-        /// task, shaped by the config's `[task]` section (flywheel::demo::distributed).
+        /// task, shaped by the config's `[task]` section.
         #[arg(long, value_name = "COUNT", conflicts_with_all = ["file", "raw"])]
         demo_task: Option<usize>,
         /// Seed of the generated prompts (`--demo-task`); their ids are `task-<seed>-<i>`.
@@ -96,7 +98,7 @@ enum Command {
     /// The main job: warm-start the built-in model, then train it with RL (partial rollouts,
     /// IcePop) through the queue, workers, coordinator and trainer in one process, and write
     /// a report with the held-out accuracy before and after.
-    Demo(flywheel::demo::run::DemoArgs),
+    Demo(flywheel::demo::args::DemoArgs),
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -139,19 +141,17 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_json, default_level);
     match cli.command {
         Command::Ingest {
-            config: path,
+            config,
             file,
             demo_task,
             seed,
             raw,
             partitions,
         } => {
-            let config = flywheel::config::load(path.as_deref())?;
+            let config = flywheel::config::load(config.as_deref())?;
             match (demo_task, file) {
                 (Some(count), _) => {
-                    let section: TaskSection =
-                        flywheel::config::load_with_env(path.as_deref(), std::env::vars())?;
-                    let prompts = flywheel::demo::distributed::prompts(&section.task, count, seed)?;
+                    let prompts = config.task.prompts(count, seed)?;
                     ingest::send_generated(&config.kafka, &prompts, partitions).await
                 }
                 (None, Some(file)) => ingest::run(&config.kafka, &file, raw, partitions).await,
@@ -160,26 +160,25 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate { config } => {
             let config = flywheel::config::load(config.as_deref())?;
-            let ledger = flywheel_storage::ledger::open(&config.storage.ledger_url).await?;
-            ledger
-                .create_run(&config.storage.run_id, &serde_json::to_value(&config)?)
-                .await?;
+            RunStores::open(&config.run()).await?;
             eprintln!(
                 "ledger at {} is migrated",
-                redact(&config.storage.ledger_url)
+                redact_url(&config.storage.ledger_url)
             );
             Ok(())
         }
         Command::Coordinator { config } => {
-            let run = flywheel::config::load(config.as_deref())?;
-            let file: flywheel_coordinator::CoordinatorFile =
-                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
-            flywheel_coordinator::run(run, file.coordinator).await
+            let config = flywheel::config::load(config.as_deref())?;
+            let stores = RunStores::open(&config.run()).await?;
+            Ok(
+                flywheel_coordinator::run_until(stores, config.coordinator(), shutdown::signal())
+                    .await?,
+            )
         }
         Command::Worker { config } => {
-            let file: flywheel_worker::WorkerFileConfig =
-                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
-            Ok(flywheel_worker::run(file).await?)
+            let config = flywheel::config::load(config.as_deref())?;
+            let stores = RunStores::open(&config.run()).await?;
+            Ok(flywheel_worker::run_until(stores, config.worker(), shutdown::signal()).await?)
         }
         Command::Trainer {
             config,
@@ -188,27 +187,28 @@ async fn main() -> anyhow::Result<()> {
             warm_start_batch,
             warm_start_lr,
         } => {
-            let run = flywheel::config::load(config.as_deref())?;
-            let file: flywheel_trainer::TrainerSection =
-                flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
+            let config = flywheel::config::load(config.as_deref())?;
+            let stores = RunStores::open(&config.run()).await?;
             if warm_start_steps > 0 {
-                let task: TaskSection =
-                    flywheel::config::load_with_env(config.as_deref(), std::env::vars())?;
-                let settings = flywheel::demo::distributed::WarmStart {
+                let settings = TaskWarmStart {
                     steps: warm_start_steps,
                     batch: warm_start_batch,
                     lr: warm_start_lr,
-                    seed: file.trainer.seed,
+                    seed: config.trainer.seed,
+                    target_accuracy: 0.0,
                 };
-                flywheel::demo::distributed::publish_warm_start(
-                    &run,
-                    &file.trainer,
-                    &task,
+                flywheel::warm_start::publish_task_warm_start(
+                    &stores,
+                    &config.trainer,
+                    &config.task,
                     &settings,
                 )
                 .await?;
             }
-            Ok(flywheel_trainer::run(&run, file.trainer, resume).await?)
+            Ok(
+                flywheel_trainer::run_until(stores, config.trainer(resume), shutdown::signal())
+                    .await?,
+            )
         }
         Command::Rewards { bind } => {
             let listener = tokio::net::TcpListener::bind(&bind)
@@ -218,28 +218,13 @@ async fn main() -> anyhow::Result<()> {
                 })?;
             let addr = listener.local_addr()?;
             tracing::info!(
-                url = flywheel::demo::rewards::url(addr),
+                url = flywheel_task::rewards::url(addr),
                 "serving the addition task's reward"
             );
-            flywheel::demo::rewards::serve(listener, async {
-                flywheel_coordinator::shutdown_signal().await;
-                tracing::info!("shutting down");
-            })
-            .await?;
+            flywheel_task::rewards::serve(listener, shutdown::signal()).await?;
             Ok(())
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
-    }
-}
-
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
     }
 }

@@ -4,8 +4,9 @@
 //! minutes; `cargo run --release -- demo` shows it).
 
 use clap::Parser;
+use flywheel::demo::args::DemoArgs;
 use flywheel::demo::report::MetricsDocument;
-use flywheel::demo::run::{DemoArgs, check_accounting, run};
+use flywheel::demo::run::{check_accounting, run};
 
 /// Parses demo options the way the binary does.
 #[derive(Parser)]

@@ -1,5 +1,4 @@
-//! Two real `flywheel worker` processes against the real services (DESIGN.md §6.2, issue 3
-//! item 5): Redis (`FLYWHEEL_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`), PostgreSQL
+//! Two real `flywheel worker` processes against the real services (DESIGN.md §6.2): Redis (`FLYWHEEL_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`), PostgreSQL
 //! (`FLYWHEEL_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`), a
 //! Kafka broker (`FLYWHEEL_TEST_KAFKA_BROKERS`, default `127.0.0.1:9092`) and an S3 server
 //! (`FLYWHEEL_TEST_S3_ENDPOINT`, default `http://127.0.0.1:8014`, bucket `flywheel-test`,
@@ -19,18 +18,20 @@
 //!
 //! Waits are bounded by a generous deadline; nothing asserts on durations.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::{Processes, metric};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::codec;
 use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, ensure_topics};
 use flywheel_storage::state::{RedisStateStore, StateStore};
+use flywheel_storage::testkit::{self, free_port, require};
 use flywheel_storage::{
     Prompt, PromptId, PromptInput, Segment, TrajectoryId, TrajectoryStatus, VerifierSpec,
 };
@@ -39,45 +40,12 @@ use flywheel_worker::engine::{Engine, SamplingConfig, SegmentRequest};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-async fn wait_for<F, Fut>(what: &str, mut check: F)
+async fn wait_for<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Fails unless `addr` accepts a TCP connection.
-fn require(service: &str, var: &str, addr: &str) {
-    let ok = addr
-        .parse()
-        .ok()
-        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).ok())
-        .is_some();
-    assert!(
-        ok,
-        "{service} at {addr} ({var}) is unreachable. Start it with scripts/services.sh."
-    );
-}
-
-/// A free loopback port (bound, then released) for a worker's metrics server.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::wait_for(what, DEADLINE, check).await
 }
 
 /// One test run on the real services.
@@ -85,6 +53,7 @@ struct Run {
     /// Keeps the fresh schema's connection (a failed run leaves its `flywheel_test_*` schema).
     _ledger: TestLedger,
     dir: tempfile::TempDir,
+    procs: Processes,
     state: RedisStateStore,
     blobs: BlobStore,
     kafka: KafkaConfig,
@@ -97,19 +66,14 @@ impl Run {
         let LengthDistribution::Uniform { lo, hi } = sim.lengths else {
             panic!("these tests use uniform lengths");
         };
-        let redis = env_or("FLYWHEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379");
-        let brokers = env_or("FLYWHEEL_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
-        let s3 = env_or("FLYWHEEL_TEST_S3_ENDPOINT", "http://127.0.0.1:8014");
+        let redis = testkit::redis_url();
+        let brokers = testkit::kafka_brokers();
         require(
             "Kafka",
-            "FLYWHEEL_TEST_KAFKA_BROKERS",
+            testkit::KAFKA_BROKERS_ENV,
             brokers.split(',').next().unwrap(),
         );
-        require(
-            "S3 (s3s-fs)",
-            "FLYWHEEL_TEST_S3_ENDPOINT",
-            s3.trim_start_matches("http://").trim_end_matches('/'),
-        );
+        let s3 = testkit::S3Server::from_env();
         let run_id = format!("wp-{tag}-{:012x}", rand::random::<u64>() >> 16);
         let state = RedisStateStore::connect(&redis, &run_id)
             .await
@@ -128,10 +92,7 @@ impl Run {
             .create_run(&run_id, &serde_json::json!({"test": tag}))
             .await
             .unwrap();
-        let blob_url = format!(
-            "s3://flywheel-test/{run_id}?endpoint={s3}&region=us-east-1\
-             &access_key_id=flywheel&secret_access_key=flywheel-secret"
-        );
+        let blob_url = s3.url(&run_id);
         let blobs = BlobStore::open(&blob_url).unwrap();
         let kafka = KafkaConfig {
             brokers: brokers.clone(),
@@ -181,9 +142,11 @@ lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
             slots = sim.slots,
             rate = sim.decode_tokens_per_s,
         );
+        let dir = tempfile::tempdir().unwrap();
         Run {
             _ledger: test_ledger,
-            dir: tempfile::tempdir().unwrap(),
+            procs: Processes::new(dir.path()),
+            dir,
             state,
             blobs,
             kafka,
@@ -192,31 +155,23 @@ lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
         }
     }
 
-    /// Starts `flywheel worker` with id `id`; returns the child and its metrics address.
-    fn spawn(&self, id: &str) -> (Child, String) {
-        let port = free_port();
+    /// Starts `flywheel worker` with id `id`; returns its admin address.
+    fn spawn(&mut self, id: &str) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
         let config: PathBuf = self.dir.path().join(format!("{id}.toml"));
         std::fs::write(&config, &self.config_base).unwrap();
-        let log = std::fs::File::create(self.log_path(id)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
-            .args(["worker", "--config"])
-            .arg(&config)
-            .env("FLYWHEEL_WORKER__ID", id)
-            .env("FLYWHEEL_WORKER__METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("FLYWHEEL_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start flywheel worker");
-        (child, format!("127.0.0.1:{port}"))
+        let args = ["worker", "--config", config.to_str().unwrap()];
+        let env = [
+            ("FLYWHEEL_WORKER__ID", id.to_owned()),
+            ("FLYWHEEL_WORKER__METRICS_ADDR", addr.clone()),
+        ];
+        self.procs.spawn(id, &args, &env);
+        addr
     }
 
-    fn log_path(&self, id: &str) -> PathBuf {
-        self.dir.path().join(format!("{id}.log"))
-    }
-
-    fn log(&self, id: &str) -> String {
-        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    /// Waits for worker `id` to exit, bounded by the deadline.
+    async fn wait_exit(&mut self, id: &str) -> std::process::ExitStatus {
+        self.procs.wait_exit(id, DEADLINE).await
     }
 
     async fn send_prompts(&self, n: usize, k: u32) -> Vec<TrajectoryId> {
@@ -336,67 +291,10 @@ fn sim() -> SimConfig {
     }
 }
 
-/// Waits for a child to exit (on a blocking thread), bounded by the deadline.
-async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
-    tokio::time::timeout(
-        DEADLINE,
-        tokio::task::spawn_blocking(move || child.wait().unwrap()),
-    )
-    .await
-    .expect("the worker process exits")
-    .unwrap()
-}
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    let body = reqwest_get(&format!("http://{addr}/metrics")).await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("metric {name} missing from {addr}: {body}"))
-}
-
-/// A minimal HTTP GET (the root crate does not depend on an HTTP client).
-async fn reqwest_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM");
-}
-
-/// Dumps both workers' logs when a test fails, to say what happened.
-struct Logs<'a>(&'a Run, [&'a str; 2]);
-
-impl Drop for Logs<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for id in self.1 {
-                eprintln!("----- {id} -----\n{}", self.0.log(id));
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_in_the_grace_period_with_leases_released() {
     // Long leases: a lease the worker failed to release could not be hidden by a steal.
-    let run = Run::new("term", 60_000, sim()).await;
-    let _logs = Logs(&run, ["w-a", "w-b"]);
+    let mut run = Run::new("term", 60_000, sim()).await;
     // The test plays the coordinator leader: opening a version is a fenced leader write.
     let lead = run
         .state
@@ -409,7 +307,7 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
         .await
         .unwrap();
     let ids = run.send_prompts(4, 2).await;
-    let (a, _) = run.spawn("w-a");
+    run.spawn("w-a");
     wait_for("w-a holding leases with committed segments", || async {
         let held = run.held_by(&ids, "w-a").await;
         let mut with_segments = 0;
@@ -430,13 +328,13 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
         with_segments >= 2
     })
     .await;
-    let (b, b_addr) = run.spawn("w-b");
-    sigterm(&a);
-    let status = wait_exit(a).await;
+    let b_addr = run.spawn("w-b");
+    run.procs.sigterm("w-a");
+    let status = run.wait_exit("w-a").await;
     assert!(
         status.success(),
         "w-a must exit cleanly within its grace period: {status}\n{}",
-        run.log("w-a")
+        run.procs.log("w-a")
     );
     assert!(
         run.held_by(&ids, "w-a").await.is_empty(),
@@ -454,15 +352,18 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
         .count();
     assert!(resumed >= 1, "some trajectory moved from w-a to w-b");
     assert!(metric(&b_addr, "flywheel_worker_trajectories_finished_total").await >= 1.0);
-    sigterm(&b);
-    assert!(wait_exit(b).await.success(), "{}", run.log("w-b"));
+    run.procs.sigterm("w-b");
+    assert!(
+        run.wait_exit("w-b").await.success(),
+        "{}",
+        run.procs.log("w-b")
+    );
     run.state.delete_run().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commit() {
-    let run = Run::new("kill", 2_000, sim()).await;
-    let _logs = Logs(&run, ["w-a", "w-b"]);
+    let mut run = Run::new("kill", 2_000, sim()).await;
     // The test plays the coordinator leader: opening a version is a fenced leader write.
     let lead = run
         .state
@@ -475,7 +376,7 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
         .await
         .unwrap();
     let ids = run.send_prompts(4, 2).await;
-    let (mut a, _) = run.spawn("w-a");
+    run.spawn("w-a");
     wait_for("w-a holding leases with committed segments", || async {
         let held = run.held_by(&ids, "w-a").await;
         let mut with_segments = 0;
@@ -496,8 +397,7 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
         with_segments >= 2
     })
     .await;
-    a.kill().unwrap(); // SIGKILL
-    let _ = wait_exit(a).await;
+    run.procs.kill("w-a");
     // What w-a had committed when it died, for the trajectories it held.
     let held = run.held_by(&ids, "w-a").await;
     assert!(!held.is_empty());
@@ -505,7 +405,7 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
     for id in &held {
         prefixes.insert(id.clone(), run.segments(id).await);
     }
-    let (b, b_addr) = run.spawn("w-b");
+    let b_addr = run.spawn("w-b");
     wait_for("all 8 trajectories finished by w-b", || async {
         run.finished().await == ids.len() as u64
     })
@@ -532,7 +432,11 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
         metric(&b_addr, "flywheel_worker_lease_steals_total").await >= held.len() as f64,
         "w-b stole every lease w-a held"
     );
-    sigterm(&b);
-    assert!(wait_exit(b).await.success(), "{}", run.log("w-b"));
+    run.procs.sigterm("w-b");
+    assert!(
+        run.wait_exit("w-b").await.success(),
+        "{}",
+        run.procs.log("w-b")
+    );
     run.state.delete_run().await.unwrap();
 }

@@ -13,8 +13,8 @@
 //! [`plan_step`] runs 2 and 3 together.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
+use flywheel_storage::ledger::DropReason;
 use flywheel_storage::{
     BatchEntry, BatchManifest, Group, MicroBatch, PolicyVersion, PromptId, StepId, TrajectoryId,
     TrajectoryState, TrajectoryStatus,
@@ -143,46 +143,6 @@ pub enum GroupError {
     },
 }
 
-/// Why a complete group is not trained. The caller records it in the ledger as the prompt's
-/// drop reason ([`DropReason::code`] is a stable label for metrics and the ledger).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-pub enum DropReason {
-    /// All K rewards are equal: every advantage is zero, no learning signal.
-    ZeroVariance {
-        /// The common reward.
-        reward: f32,
-    },
-    /// Every member's response is empty: there are no tokens to train.
-    EmptyResponses,
-}
-
-impl DropReason {
-    /// A stable, short label (metrics label value, ledger reason code).
-    pub fn code(&self) -> &'static str {
-        match self {
-            DropReason::ZeroVariance { .. } => "zero_variance",
-            DropReason::EmptyResponses => "empty_responses",
-        }
-    }
-}
-
-impl fmt::Display for DropReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DropReason::ZeroVariance { reward } => {
-                write!(
-                    f,
-                    "zero_variance: every reward is {reward}, so every advantage is 0"
-                )
-            }
-            DropReason::EmptyResponses => {
-                f.write_str("empty_responses: no response tokens to train")
-            }
-        }
-    }
-}
-
 /// A complete group that will not be trained, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DroppedGroup {
@@ -190,6 +150,8 @@ pub struct DroppedGroup {
     pub prompt: PromptId,
     /// The reason to record with it.
     pub reason: DropReason,
+    /// What a person reads about it.
+    pub detail: String,
 }
 
 /// The result of [`form_group`].
@@ -293,12 +255,14 @@ pub fn form_group(
         return Ok(GroupOutcome::Dropped(DroppedGroup {
             prompt: prompt.clone(),
             reason: DropReason::EmptyResponses,
+            detail: "no response tokens to train".into(),
         }));
     }
     if config.filter_zero_variance && rewards.iter().all(|&r| r == rewards[0]) {
         return Ok(GroupOutcome::Dropped(DroppedGroup {
             prompt: prompt.clone(),
-            reason: DropReason::ZeroVariance { reward: rewards[0] },
+            reason: DropReason::ZeroVariance,
+            detail: format!("every reward is {}, so every advantage is 0", rewards[0]),
         }));
     }
     let advantages = grpo_advantages(&rewards);
@@ -876,8 +840,9 @@ mod tests {
             panic!("expected a drop, got {dropped:?}")
         };
         assert_eq!(d.prompt, PromptId::from("p"));
-        assert_eq!(d.reason, DropReason::ZeroVariance { reward: 1.0 });
-        assert_eq!(d.reason.code(), "zero_variance");
+        assert_eq!(d.reason, DropReason::ZeroVariance);
+        assert!(d.detail.contains("every reward is 1"), "{}", d.detail);
+        assert_eq!(d.reason.as_str(), "zero_variance");
         assert!(d.reason.to_string().contains("every reward is 1"));
         let kept = ready(form_group(
             &"p".into(),
@@ -906,7 +871,7 @@ mod tests {
                 panic!("expected a drop, got {outcome:?}")
             };
             assert_eq!(d.reason, DropReason::EmptyResponses);
-            assert_eq!(d.reason.code(), "empty_responses");
+            assert_eq!(d.reason.as_str(), "empty_responses");
         }
     }
 

@@ -1,9 +1,10 @@
 //! The coordinator's own configuration section, `[coordinator]` in the run's TOML file (the
 //! binary composes it with the shared [`flywheel_storage::config::RunConfig`]).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use flywheel_service::{ConfigError, admin};
+use flywheel_storage::config::RunConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable that supplies the admin token when the file does not.
@@ -18,7 +19,8 @@ pub struct CoordinatorConfig {
     /// Bearer token of the admin endpoints (`/v1/pause`, `/v1/resume`, `/v1/budget`). Unset:
     /// read from `FLYWHEEL_COORDINATOR_ADMIN_TOKEN`; unset there too: admin calls are refused.
     pub admin_token: Option<String>,
-    /// This candidate's id in the leader election; empty picks `coordinator-<host>-<random>`.
+    /// This candidate's id in the leader election; empty picks a unique one per process
+    /// ([`flywheel_service::member_id`]).
     pub candidate_id: String,
     /// How often the loop runs (leadership renewal, stream reading, step cutting), ms.
     pub tick_ms: u64,
@@ -42,41 +44,26 @@ impl Default for CoordinatorConfig {
     }
 }
 
-/// A coordinator configuration value that cannot work.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: `coordinator.{field}` {problem}")]
-pub struct CoordinatorConfigError {
-    /// The field.
-    pub field: &'static str,
-    /// What is wrong and what to do.
-    pub problem: String,
-}
-
 impl CoordinatorConfig {
     /// Checks the values at start-up.
-    pub fn validate(&self) -> Result<(), CoordinatorConfigError> {
-        let bad = |field, problem: String| Err(CoordinatorConfigError { field, problem });
-        if self.bind.parse::<SocketAddr>().is_err() {
-            return bad(
-                "bind",
-                format!("{:?} is not HOST:PORT (e.g. 0.0.0.0:9464)", self.bind),
-            );
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, problem: String| Err(ConfigError::new(field, problem));
+        admin::check_addr("coordinator.bind", &self.bind, false)?;
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
-            return bad("tick_ms", "must be 1..=60000".into());
+            return bad("coordinator.tick_ms", "must be 1..=60000".into());
         }
         if self.leader_ttl_ms < 3 * self.tick_ms {
             return bad(
-                "leader_ttl_ms",
+                "coordinator.leader_ttl_ms",
                 format!("must be at least 3 × tick_ms ({})", 3 * self.tick_ms),
             );
         }
         if self.read_batch == 0 {
-            return bad("read_batch", "must be at least 1".into());
+            return bad("coordinator.read_batch", "must be at least 1".into());
         }
         if self.admin_token.as_deref() == Some("") {
             return bad(
-                "admin_token",
+                "coordinator.admin_token",
                 "is empty: leave it unset or set a secret".into(),
             );
         }
@@ -103,12 +90,22 @@ impl CoordinatorConfig {
     }
 }
 
-/// The parts of the run's TOML file the coordinator reads beyond `RunConfig`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct CoordinatorFile {
-    /// `[coordinator]`.
+/// What the coordinator service runs with: the sections every service shares and
+/// `[coordinator]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceConfig {
+    /// The sections every service shares (`rollout` and `batch` matter here).
+    pub run: RunConfig,
+    /// This service's section.
     pub coordinator: CoordinatorConfig,
+}
+
+impl ServiceConfig {
+    /// Validates every section the coordinator reads.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        self.coordinator.validate()
+    }
 }
 
 #[cfg(test)]

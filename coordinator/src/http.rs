@@ -1,11 +1,9 @@
-//! The coordinator's HTTP API (axum):
+//! The coordinator's HTTP API (axum), served beside `/metrics`, `/healthz` and `/readyz` by
+//! the admin server of `flywheel_service`:
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 when the state store and the ledger answer, else 503 |
-//! | `GET /metrics` | Prometheus text |
-//! | `GET /v1/status` | [`StatusReport`] as JSON |
+//! | `GET /v1/status` | [`crate::status::StatusReport`] as JSON |
 //! | `POST /v1/pause` | admin: the leader stops opening versions and cutting steps |
 //! | `POST /v1/resume` | admin: undo pause |
 //! | `POST /v1/budget` | admin: `{"version_budget_tokens": N}` sets Φ_r of the versions opened from now on |
@@ -24,7 +22,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
 use crate::service::{Controls, LoopSnapshot};
 use crate::status::StatusSources;
 
@@ -33,8 +30,6 @@ use crate::status::StatusSources;
 pub struct ApiState {
     /// Where reports come from.
     pub sources: StatusSources,
-    /// The loop's metrics.
-    pub metrics: Metrics,
     /// The loop's run-time controls.
     pub controls: Arc<Controls>,
     /// The loop's published summary.
@@ -45,12 +40,9 @@ pub struct ApiState {
     pub min_budget: u64,
 }
 
-/// The router of the API.
+/// The router of the API's `/v1` routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
@@ -69,24 +61,6 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
         Json(Body {
             error: message.into(),
         }),
-    )
-        .into_response()
-}
-
-async fn readyz(State(s): State<ApiState>) -> Response {
-    if let Err(e) = s.sources.state.leader().await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("state store: {e}"));
-    }
-    if let Err(e) = s.sources.ledger.last_step(&s.sources.run).await {
-        return error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger: {e}"));
-    }
-    "ready".into_response()
-}
-
-async fn metrics(State(s): State<ApiState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.encode(),
     )
         .into_response()
 }

@@ -4,10 +4,10 @@
 //!   (pure functions).
 //! - [`service`]: the coordinator loop: leader election, versions and budgets, the finished
 //!   stream, step cuts and the crash-safe commit protocol.
-//! - [`http`]: the HTTP API (health, metrics, status, admin).
+//! - [`http`]: the HTTP API (status, admin).
 //! - [`status`]: the run's status report, for `/v1/status` and `flywheel status`.
-//! - [`config`]: the `[coordinator]` configuration section.
-//! - [`run`]: the `flywheel coordinator` service; [`run_status`]: `flywheel status`.
+//! - [`config`]: the `[coordinator]` section and [`ServiceConfig`].
+//! - [`run_until`]: the coordinator service; [`run_status`]: `flywheel status`.
 
 pub mod batch;
 pub mod config;
@@ -18,7 +18,7 @@ mod run;
 pub mod service;
 pub mod status;
 
-pub use config::{CoordinatorConfig, CoordinatorFile};
-pub use run::{api_state, run, shutdown_signal};
+pub use config::{CoordinatorConfig, ServiceConfig};
+pub use run::run_until;
 pub use service::{Coordinator, CoordinatorError, CrashPoint, TickOutcome};
 pub use status::run_status;

@@ -47,6 +47,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use flywheel_service::admin::AdminError;
+use flywheel_service::{ConfigError, member_id};
+use flywheel_storage::RunStores;
 use flywheel_storage::blob::{BlobError, BlobStore, PutOutcome};
 use flywheel_storage::config::{PurgeAction, RolloutMode, RunConfig};
 use flywheel_storage::keys;
@@ -60,9 +63,11 @@ use flywheel_storage::types::{
 use tracing::{info, warn};
 
 use crate::batch::{self, GroupConfig, GroupOutcome, PlanConfig};
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, ServiceConfig};
+use crate::http::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::partition;
+use crate::status::StatusSources;
 
 /// Where a test makes the coordinator "crash" (return [`CoordinatorError::InjectedCrash`]
 /// without doing the rest) during the commit of a step.
@@ -111,6 +116,12 @@ pub enum CoordinatorError {
     /// A test-injected crash.
     #[error("injected crash at {0:?}")]
     InjectedCrash(CrashPoint),
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP API could not be served.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// What a tick did, for tests and logs.
@@ -188,20 +199,13 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator over the given stores. It writes nothing until it wins the leader lock.
-    pub fn new(
-        run: RunConfig,
-        config: CoordinatorConfig,
-        state: Arc<dyn StateStore>,
-        ledger: Arc<dyn Ledger>,
-        blobs: BlobStore,
-    ) -> Self {
-        let id = if config.candidate_id.is_empty() {
-            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-            format!("coordinator-{host}-{:08x}", rand::random::<u32>())
-        } else {
-            config.candidate_id.clone()
-        };
+    /// A coordinator over the run's stores. It writes nothing until it wins the leader lock.
+    pub fn new(stores: RunStores, config: ServiceConfig) -> Self {
+        let ServiceConfig {
+            run,
+            coordinator: config,
+        } = config;
+        let id = member_id("coordinator", &config.candidate_id);
         let controls = Arc::new(Controls {
             paused: AtomicBool::new(false),
             version_budget: AtomicU64::new(run.rollout.version_budget_tokens),
@@ -210,9 +214,9 @@ impl Coordinator {
             run,
             config,
             id,
-            state,
-            ledger,
-            blobs,
+            state: stores.state,
+            ledger: stores.ledger,
+            blobs: stores.blobs,
             metrics: Metrics::new(),
             controls,
             snapshot: Default::default(),
@@ -220,6 +224,25 @@ impl Coordinator {
             book: Book::default(),
             crash_at: None,
         }
+    }
+
+    /// The `/v1` routes of the HTTP API over this coordinator; `admin_token` guards the
+    /// mutating ones (`None` disables them).
+    pub fn api_router(&self, admin_token: Option<String>) -> axum::Router {
+        let sources = StatusSources {
+            run: self.run_id().to_owned(),
+            state: self.state.clone(),
+            ledger: self.ledger.clone(),
+            blobs: self.blobs.clone(),
+            token_budget: self.run.batch.token_budget,
+        };
+        http::router(ApiState {
+            sources,
+            controls: self.controls(),
+            snapshot: self.snapshot(),
+            admin_token,
+            min_budget: u64::from(self.run.rollout.segment_tokens),
+        })
     }
 
     /// Injects a crash at `point` of the next commit (tests).
@@ -264,9 +287,9 @@ impl Coordinator {
         self.metrics.is_leader.set(0);
     }
 
-    /// Runs until `shutdown` resolves, ticking every `tick_ms`; errors are logged and the
-    /// loop goes on (the next tick retries), so a flaky store never kills the service.
-    pub async fn run_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Ticks every `tick_ms` until `shutdown` resolves, then resigns; errors are logged and
+    /// the loop goes on (the next tick retries), so a flaky store never kills the service.
+    pub async fn tick_until(&mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut interval = tokio::time::interval(self.config.tick());
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -610,13 +633,8 @@ impl Coordinator {
                 self.book.waiting.insert(p.clone(), g);
             }
             Ok(GroupOutcome::Dropped(d)) => {
-                let reason = match d.reason {
-                    batch::DropReason::ZeroVariance { .. } => DropReason::ZeroVariance,
-                    batch::DropReason::EmptyResponses => DropReason::EmptyResponses,
-                };
                 let run = self.run_id().to_owned();
-                self.drop_prompt(&run, p, reason, &d.reason.to_string())
-                    .await?;
+                self.drop_prompt(&run, p, d.reason, &d.detail).await?;
             }
             Err(e) => warn!(prompt = %p, error = %e, "cannot form the group; it waits"),
         }

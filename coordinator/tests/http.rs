@@ -5,27 +5,30 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{World, three_groups, tick_until_settled};
-use flywheel_coordinator::http::{ControlsView, router};
-use flywheel_coordinator::status::{StatusReport, StatusSources, fetch};
-use flywheel_coordinator::{Coordinator, TickOutcome, api_state};
+use flywheel_coordinator::http::ControlsView;
+use flywheel_coordinator::status::{StatusReport, fetch};
+use flywheel_coordinator::{Coordinator, TickOutcome};
+use flywheel_service::{AdminServer, Readiness};
 use reqwest::StatusCode;
 
 const TOKEN: &str = "s3cret-admin";
 
-/// Serves `c`'s API; returns the base URL.
+/// Serves `c`'s API on an admin server as the coordinator service does; returns the base
+/// URL (dropping the handle leaves the server running for the rest of the test).
 async fn serve(w: &World, c: &Coordinator, token: Option<&str>) -> String {
-    let sources = StatusSources {
-        run: w.run.storage.run_id.clone(),
-        state: w.state.clone(),
-        ledger: w.ledger.clone(),
-        blobs: w.blobs.clone(),
-        token_budget: w.run.batch.token_budget,
-    };
-    let app = router(api_state(c, sources, token.map(str::to_owned), 10));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    let readiness = Readiness::new();
+    w.stores().add_readiness_checks(&readiness);
+    readiness.set_serving(true);
+    let routes = c.api_router(token.map(str::to_owned));
+    let server = AdminServer::start(
+        "127.0.0.1:0",
+        c.metrics().registry.clone(),
+        readiness,
+        routes,
+    )
+    .await
+    .unwrap();
+    format!("http://{}", server.local_addr())
 }
 
 #[tokio::test]

@@ -57,7 +57,7 @@ async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
     assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(1));
     assert_eq!(w.state.current_version().await.unwrap(), Some(1));
     assert_eq!(manifest(&w, 1).await.prompts, vec![pid("c")]);
-    let metrics = c.metrics().encode();
+    let metrics = flywheel_service::metrics::render(&c.metrics().registry);
     assert!(
         metrics.contains("flywheel_coordinator_steps_cut_total 2"),
         "{metrics}"
@@ -104,7 +104,7 @@ async fn drops_zero_variance_and_purged_groups_with_reasons() {
             ..
         })
     ));
-    let metrics = c.metrics().encode();
+    let metrics = flywheel_service::metrics::render(&c.metrics().registry);
     assert!(
         metrics
             .contains(r#"flywheel_coordinator_groups_dropped_total{reason="purged_retention"} 1"#),
@@ -329,8 +329,7 @@ async fn purged_trajectories_are_regenerated_when_configured() {
         Some(PromptStatus::Pending)
     );
     assert!(
-        c.metrics()
-            .encode()
+        flywheel_service::metrics::render(&c.metrics().registry)
             .contains(r#"reason="purged_regenerated"} 1"#)
     );
     // It finishes from scratch and its group is formed like any other (K = 1: a single

@@ -18,7 +18,6 @@
 //! binary, so a machine without fontconfig or system fonts renders the same report.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -187,6 +186,9 @@ pub enum ReportError {
         /// What plotters reported.
         message: String,
     },
+    /// The page's template failed to render (a broken build, not bad input).
+    #[error("the report's HTML template failed: {0}; the binary is damaged, rebuild it")]
+    Template(String),
     /// The embedded font could not be loaded (a broken build, not bad input).
     #[error("the report's embedded font could not be loaded; the binary is damaged, rebuild it")]
     Font,
@@ -290,7 +292,7 @@ pub fn write_report(
     }
 
     let html = out_dir.join(REPORT_HTML);
-    write_file(&html, html_page(summary, steps).as_bytes())?;
+    write_file(&html, html_page(summary, steps)?.as_bytes())?;
 
     Ok(ReportFiles {
         dir: out_dir.to_path_buf(),
@@ -935,150 +937,90 @@ fn axis_number(v: f64, span: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+/// The page's template (minijinja, HTML auto-escaping); the values are formatted here.
+const TEMPLATE: &str = include_str!("report.html");
+
+/// The per-step table's columns, one cell each in [`step_row`].
+const COLUMNS: [&str; 19] = [
+    "step",
+    "version",
+    "time",
+    "reward",
+    "held-out acc.",
+    "tokens trained",
+    "tokens generated",
+    "rollout tok/s",
+    "staleness mean",
+    "staleness max",
+    "IcePop masked",
+    "mean |log k|",
+    "grad norm",
+    "entropy",
+    "loss",
+    "rollout wait",
+    "training",
+    "parked",
+    "purged",
+];
+
+/// One row of the per-step table.
+fn step_row(m: &StepMetrics) -> [String; COLUMNS.len()] {
+    [
+        m.step.to_string(),
+        m.policy_version.to_string(),
+        duration(m.elapsed_secs),
+        format!("{:.3}", m.reward_mean),
+        m.held_out_accuracy.map(percent).unwrap_or_default(),
+        m.tokens_trained.to_string(),
+        m.tokens_generated.to_string(),
+        format!("{:.0}", m.rollout_tokens_per_sec),
+        m.mean_staleness()
+            .map(|s| format!("{s:.2}"))
+            .unwrap_or_default(),
+        opt(m.max_staleness()),
+        percent(m.icepop_masked_fraction),
+        format!("{:.4}", m.mean_abs_log_k),
+        format!("{:.3}", m.grad_norm),
+        format!("{:.3}", m.entropy),
+        format!("{:.4}", m.loss),
+        format!("{:.2}s", m.rollout_wait_secs),
+        format!("{:.2}s", m.train_secs),
+        m.parked_trajectories.to_string(),
+        m.purged_trajectories.to_string(),
+    ]
 }
 
-const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;\
-max-width:1100px;padding:0 1rem;color:#222}h1{margin-bottom:.2rem}.sub{color:#666;margin-top:0}\
-.headline{display:flex;gap:1rem;margin:1.5rem 0}.num{flex:1;border:1px solid #ddd;border-radius:8px;\
-padding:1rem 1.2rem;background:#fafafa}.num .label{display:block;color:#555;font-size:.95rem}\
-.num .value{display:block;font-size:2.6rem;font-weight:700}.up{color:#1a7f37}.down{color:#c62828}\
-figure{margin:1.5rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555}\
-table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ddd;\
-padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}td.key,th.key{text-align:left}\
-.steps{display:block;overflow-x:auto;max-height:40rem}";
-
-fn html_page(summary: &DemoSummary, steps: &[StepMetrics]) -> String {
-    let mut h = String::new();
+fn html_page(summary: &DemoSummary, steps: &[StepMetrics]) -> Result<String, ReportError> {
     let gain = summary.gain_points();
-    let gain_class = if gain >= 0.0 { "up" } else { "down" };
-    // Writing into a String cannot fail.
-    let _ = write!(
-        h,
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <title>Flywheel demo report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
-         <h1>Flywheel demo report</h1>\n\
-         <p class=\"sub\">{} RL steps in {} of wall time.</p>\n\
-         <div class=\"headline\">\n\
-         <div class=\"num\"><span class=\"label\">Held-out accuracy after warm-start</span>\
-         <span class=\"value\" id=\"warm-start-accuracy\">{}</span></div>\n\
-         <div class=\"num\"><span class=\"label\">Held-out accuracy after RL</span>\
-         <span class=\"value\" id=\"final-accuracy\">{}</span></div>\n\
-         <div class=\"num\"><span class=\"label\">Gain from RL</span>\
-         <span class=\"value {gain_class}\">{gain:+.1} points</span></div>\n\
-         </div>\n",
-        steps.len(),
-        escape(&duration(summary.total_wall_secs)),
-        percent(summary.warm_start_accuracy),
-        percent(summary.final_accuracy),
-    );
-
-    h.push_str("<h2>Plots</h2>\n");
-    if steps.is_empty() {
-        h.push_str("<p>No RL step was recorded, so there is nothing to plot.</p>\n");
-    } else {
-        for (file, caption) in PLOTS {
-            let _ = writeln!(
-                h,
-                "<figure><img src=\"{file}\" alt=\"{caption}\"><figcaption>{caption}\
-                 </figcaption></figure>"
-            );
-        }
-    }
-
-    h.push_str("<h2>Run</h2>\n<table>\n");
-    let _ = writeln!(
-        h,
-        "<tr><th class=\"key\">total wall time</th><td>{}</td></tr>",
-        escape(&duration(summary.total_wall_secs))
-    );
-    for (key, value) in &summary.config {
-        let _ = writeln!(
-            h,
-            "<tr><th class=\"key\">{}</th><td class=\"key\">{}</td></tr>",
-            escape(key),
-            escape(value)
-        );
-    }
-    h.push_str("</table>\n");
-    if !summary.phases.is_empty() {
-        h.push_str(
-            "<h3>Phases</h3>\n<table>\n<tr><th class=\"key\">phase</th><th>time</th></tr>\n",
-        );
-        for phase in &summary.phases {
-            let _ = writeln!(
-                h,
-                "<tr><td class=\"key\">{}</td><td>{}</td></tr>",
-                escape(&phase.name),
-                escape(&duration(phase.secs))
-            );
-        }
-        h.push_str("</table>\n");
-    }
-
-    h.push_str("<h2>Per-step metrics</h2>\n");
-    let _ = writeln!(
-        h,
-        "<p>Also as <a href=\"{METRICS_CSV}\">{METRICS_CSV}</a> and \
-         <a href=\"{METRICS_JSON}\">{METRICS_JSON}</a>.</p>"
-    );
-    if steps.is_empty() {
-        h.push_str("<p>No RL step was recorded.</p>\n");
-    } else {
-        h.push_str(
-            "<table class=\"steps\">\n<tr><th>step</th><th>version</th><th>time</th>\
-             <th>reward</th><th>held-out acc.</th><th>tokens trained</th>\
-             <th>tokens generated</th><th>rollout tok/s</th><th>staleness mean</th>\
-             <th>staleness max</th><th>IcePop masked</th><th>mean |log k|</th>\
-             <th>grad norm</th><th>entropy</th><th>loss</th><th>rollout wait</th>\
-             <th>training</th><th>parked</th><th>purged</th></tr>\n",
-        );
-        for m in steps {
-            let _ = writeln!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.3}</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td>\
-                 <td>{:.3}</td><td>{:.3}</td><td>{:.4}</td><td>{:.2}s</td><td>{:.2}s</td>\
-                 <td>{}</td><td>{}</td></tr>",
-                m.step,
-                m.policy_version,
-                escape(&duration(m.elapsed_secs)),
-                m.reward_mean,
-                m.held_out_accuracy.map(percent).unwrap_or_default(),
-                m.tokens_trained,
-                m.tokens_generated,
-                m.rollout_tokens_per_sec,
-                m.mean_staleness()
-                    .map(|s| format!("{s:.2}"))
-                    .unwrap_or_default(),
-                opt(m.max_staleness()),
-                percent(m.icepop_masked_fraction),
-                m.mean_abs_log_k,
-                m.grad_norm,
-                m.entropy,
-                m.loss,
-                m.rollout_wait_secs,
-                m.train_secs,
-                m.parked_trajectories,
-                m.purged_trajectories,
-            );
-        }
-        h.push_str("</table>\n");
-    }
-    h.push_str("</body>\n</html>\n");
-    h
+    let plots: Vec<_> = PLOTS
+        .iter()
+        .map(|(file, caption)| minijinja::context! { file, caption })
+        .collect();
+    let phases: Vec<_> = summary
+        .phases
+        .iter()
+        .map(|p| minijinja::context! { name => p.name, time => duration(p.secs) })
+        .collect();
+    let rows: Vec<_> = steps.iter().map(step_row).collect();
+    let context = minijinja::context! {
+        wall_time => duration(summary.total_wall_secs),
+        warm_start_accuracy => percent(summary.warm_start_accuracy),
+        final_accuracy => percent(summary.final_accuracy),
+        gain => format!("{gain:+.1}"),
+        gain_up => gain >= 0.0,
+        plots,
+        config => summary.config,
+        phases,
+        metrics_csv => METRICS_CSV,
+        metrics_json => METRICS_JSON,
+        columns => COLUMNS,
+        steps => rows,
+    };
+    let mut env = minijinja::Environment::new();
+    env.add_template("report.html", TEMPLATE)
+        .and_then(|()| env.get_template("report.html"))
+        .and_then(|t| t.render(context))
+        .map_err(|e| ReportError::Template(e.to_string()))
 }
 
 #[cfg(test)]
@@ -1368,9 +1310,16 @@ mod tests {
         assert_eq!(duration(42.04), "42.0s");
         assert_eq!(duration(492.0), "8m 12s");
         assert_eq!(duration(3720.0), "1h 02m");
-        assert_eq!(
-            escape("<a href='x'>&\""),
-            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
-        );
+    }
+
+    #[test]
+    fn the_page_escapes_what_it_shows() {
+        let (mut summary, steps) = synthetic(3);
+        summary.config.insert("<script>".into(), "a & \"b\"".into());
+        let page = html_page(&summary, &steps).unwrap();
+        assert!(page.contains("&lt;script&gt;"), "{page}");
+        assert!(!page.contains("<script>"));
+        assert!(page.contains("reward_accuracy.png"));
+        assert_eq!(page.matches("<tr><td>").count(), 3, "one row per step");
     }
 }

@@ -58,6 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flywheel_service::{Backoff, redact_url};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
@@ -204,12 +205,9 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait before retry number `retry` (1-based).
-    fn backoff(&self, retry: u32) -> Duration {
-        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-        self.initial_backoff
-            .saturating_mul(factor)
-            .min(self.max_backoff)
+    /// The waits between attempts.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.initial_backoff, self.max_backoff)
     }
 
     /// The same policy for object_store's HTTP client.
@@ -284,17 +282,6 @@ impl fmt::Display for BlobStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.display)
     }
-}
-
-/// `url` without query string or fragment, for messages.
-fn redact(url: &Url) -> String {
-    let mut u = url.clone();
-    // Credentials may ride in the query string or the userinfo; neither belongs in a log.
-    let _ = u.set_password(None);
-    let _ = u.set_username("");
-    u.set_query(None);
-    u.set_fragment(None);
-    u.to_string()
 }
 
 /// Checks a key and turns it into an object path. The rules are the strictest of the
@@ -383,7 +370,7 @@ where
         match op().await {
             Err(e) if is_transient(&e) && attempt < max => {
                 tracing::debug!(error = %e, attempt, "transient blob store error; retrying");
-                tokio::time::sleep(policy.backoff(attempt)).await;
+                tokio::time::sleep(policy.backoff().delay(attempt)).await;
                 attempt += 1;
             }
             result => return (result, attempt),
@@ -403,7 +390,7 @@ impl BlobStore {
             url: url.split('?').next().unwrap_or_default().to_owned(),
             reason: format!("{e}; expected one of {SUPPORTED_SCHEMES}"),
         })?;
-        let display = redact(&parsed);
+        let display = redact_url(url);
         let (inner, backend, atomic_create): (Arc<dyn ObjectStore>, Backend, bool) =
             match parsed.scheme() {
                 "memory" => (Arc::new(InMemory::new()), Backend::Memory, true),
@@ -731,6 +718,7 @@ fn open_s3(
     Ok((store, atomic))
 }
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 
 #[cfg(test)]
@@ -794,17 +782,5 @@ mod tests {
         .await;
         assert!(matches!(r, Err(object_store::Error::NotFound { .. })));
         assert_eq!((attempts, calls.load(Ordering::SeqCst)), (1, 1));
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let p = RetryPolicy {
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(350),
-            ..RetryPolicy::default()
-        };
-        let waits: Vec<_> = (1..=4).map(|r| p.backoff(r).as_millis()).collect();
-        assert_eq!(waits, [100, 200, 350, 350]);
-        assert_eq!(p.backoff(u32::MAX), Duration::from_millis(350));
     }
 }

@@ -247,20 +247,58 @@ pub fn encode(segment: &Segment) -> Result<Bytes, CodecError> {
     Ok(Bytes::from(out))
 }
 
-/// A bounds-checked little-endian reader: every read either succeeds or reports how many
-/// bytes it needed, so no slice index can go out of range.
-struct Reader<'a> {
+/// The input ended before a read: `needed` bytes were wanted up to that point,
+/// `available` were there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("truncated: needs {needed} bytes, has {available}")]
+pub struct Truncated {
+    /// Bytes the read needed, counted from the start of the input.
+    pub needed: usize,
+    /// Bytes in the input.
+    pub available: usize,
+}
+
+impl From<Truncated> for CodecError {
+    fn from(t: Truncated) -> Self {
+        CodecError::Truncated {
+            needed: t.needed,
+            available: t.available,
+        }
+    }
+}
+
+/// A bounds-checked little-endian reader over a byte buffer: every read either succeeds or
+/// says how many bytes it needed, so no slice index can go out of range. Every binary format
+/// of the workspace (segments, gradients, optimizer state) is read through it.
+#[derive(Debug, Clone)]
+pub struct ByteReader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, len: usize) -> Result<&'a [u8], CodecError> {
+impl<'a> ByteReader<'a> {
+    /// A reader at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        ByteReader { buf, pos: 0 }
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// The next `len` bytes.
+    pub fn take(&mut self, len: usize) -> Result<&'a [u8], Truncated> {
         let end = self
             .pos
             .checked_add(len)
             .filter(|&end| end <= self.buf.len())
-            .ok_or(CodecError::Truncated {
+            .ok_or(Truncated {
                 needed: self.pos.saturating_add(len),
                 available: self.buf.len(),
             })?;
@@ -269,26 +307,36 @@ impl<'a> Reader<'a> {
         Ok(bytes)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+    /// The next `N` bytes as an array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], Truncated> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, CodecError> {
+    /// A byte.
+    pub fn u8(&mut self) -> Result<u8, Truncated> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, CodecError> {
+    /// A little-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16, Truncated> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, CodecError> {
+    /// A little-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32, Truncated> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, CodecError> {
+    /// A little-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, Truncated> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A little-endian IEEE `f64`.
+    pub fn f64(&mut self) -> Result<f64, Truncated> {
+        Ok(f64::from_bits(self.u64()?))
     }
 }
 
@@ -298,7 +346,7 @@ impl<'a> Reader<'a> {
 /// then the length fields against the limits and the input's length, then the checksum, and
 /// only then the meaning of the fields. Never panics, whatever `input` holds.
 pub fn decode(input: &[u8]) -> Result<Segment, CodecError> {
-    let mut r = Reader { buf: input, pos: 0 };
+    let mut r = ByteReader::new(input);
 
     // A short input that is not even a prefix of the magic is "not a segment", not "truncated".
     let head = &input[..input.len().min(MAGIC.len())];
@@ -341,7 +389,7 @@ pub fn decode(input: &[u8]) -> Result<Segment, CodecError> {
     }
 
     // Bounded by the limits above, so this cannot overflow.
-    let body_end = r.pos + n * BYTES_PER_TOKEN;
+    let body_end = r.position() + n * BYTES_PER_TOKEN;
     let total = body_end + CRC_LEN;
     if input.len() < total {
         return Err(CodecError::Truncated {

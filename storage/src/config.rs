@@ -5,27 +5,10 @@
 //! [`validate`](RunConfig::validate) rejects inconsistent values at start-up with a message
 //! that names the field and says what to do.
 
+use flywheel_service::ConfigError;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use crate::queue::KafkaConfig;
-
-/// A configuration value that cannot work. The message names the field and the fix.
-#[derive(Debug, Error)]
-#[error("invalid configuration: `{field}` {problem}")]
-pub struct ConfigError {
-    /// Dotted path of the offending field, e.g. `rollout.segment_tokens`.
-    pub field: &'static str,
-    /// What is wrong and what to do about it.
-    pub problem: String,
-}
-
-fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        problem: problem.into(),
-    }
-}
 
 /// Where the run's state lives (DESIGN.md §5).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,7 +45,7 @@ impl StorageConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !id_ok {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "storage.run_id",
                 "must be 1–64 characters of [A-Za-z0-9_-] (it prefixes keys and object paths)",
             ));
@@ -73,7 +56,7 @@ impl StorageConfig {
             ("storage.ledger_url", &self.ledger_url),
         ] {
             if value.trim().is_empty() {
-                return Err(invalid(
+                return Err(ConfigError::new(
                     field,
                     "is empty: set it in the config file or environment",
                 ));
@@ -145,10 +128,13 @@ impl Default for RolloutConfig {
 impl RolloutConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.segment_tokens == 0 {
-            return Err(invalid("rollout.segment_tokens", "must be at least 1"));
+            return Err(ConfigError::new(
+                "rollout.segment_tokens",
+                "must be at least 1",
+            ));
         }
         if self.max_response_tokens < self.segment_tokens {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "rollout.max_response_tokens",
                 format!(
                     "must be at least rollout.segment_tokens ({})",
@@ -157,7 +143,7 @@ impl RolloutConfig {
             ));
         }
         if self.version_budget_tokens < u64::from(self.segment_tokens) {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "rollout.version_budget_tokens",
                 format!(
                     "must be at least rollout.segment_tokens ({}) or no segment fits in a version",
@@ -166,7 +152,10 @@ impl RolloutConfig {
             ));
         }
         if self.lease_ms < 100 {
-            return Err(invalid("rollout.lease_ms", "must be at least 100 ms"));
+            return Err(ConfigError::new(
+                "rollout.lease_ms",
+                "must be at least 100 ms",
+            ));
         }
         Ok(())
     }
@@ -197,10 +186,13 @@ impl Default for BatchConfig {
 impl BatchConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.token_budget == 0 {
-            return Err(invalid("batch.token_budget", "must be at least 1"));
+            return Err(ConfigError::new("batch.token_budget", "must be at least 1"));
         }
         if self.micro_batch_tokens == 0 {
-            return Err(invalid("batch.micro_batch_tokens", "must be at least 1"));
+            return Err(ConfigError::new(
+                "batch.micro_batch_tokens",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -222,7 +214,7 @@ impl RunConfig {
         self.storage.validate()?;
         self.kafka
             .validate()
-            .map_err(|e| invalid("kafka", format!("is not usable: {e}")))?;
+            .map_err(|e| ConfigError::new("kafka", format!("is not usable: {e}")))?;
         self.rollout.validate()?;
         self.batch.validate()
     }

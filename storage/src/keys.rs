@@ -1,4 +1,4 @@
-//! Object-store keys of a run, in one place (wave-2 protocol).
+//! Object-store keys of a run, in one place.
 //!
 //! Every object of a run lives under the run id: `{run}/…`. Numbers are zero-padded so that a
 //! lexicographic listing is also numeric order (the newest version or step sorts last).

@@ -12,6 +12,9 @@
 //! - [`codec`]: the binary segment codec (versioned, checksummed, panic-free decoder).
 //! - [`ledger`]: the durable record of runs, prompts, steps and checkpoints (PostgreSQL or
 //!   SQLite).
+//! - [`stores`]: [`RunStores`], all of a run's stores opened from its configuration.
+//! - `testkit` (feature `testsuite`): where the tests' real services are, bounded waits,
+//!   builders; the backends' conformance suites are behind the same feature.
 
 pub mod blob;
 pub mod codec;
@@ -20,7 +23,11 @@ pub mod keys;
 pub mod ledger;
 pub mod queue;
 pub mod state;
+pub mod stores;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testkit;
 pub mod types;
 pub mod weights;
 
+pub use stores::RunStores;
 pub use types::*;

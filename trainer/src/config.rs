@@ -23,28 +23,20 @@
 //! ```
 
 use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_service::{ConfigError, admin};
+use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use crate::loss::{LossConfig, LossMode};
 use crate::optim::AdamWConfig;
-
-/// A configuration value that cannot be used; names the field.
-#[derive(Debug, Error)]
-#[error("invalid [trainer] config: {field} {problem}")]
-pub struct TrainerConfigError {
-    /// The field, e.g. `trainer.checkpoint_every`.
-    pub field: &'static str,
-    /// What is wrong and what to write instead.
-    pub problem: String,
-}
 
 /// The trainer's own configuration (the shared parts are in `flywheel_storage::config`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
-    /// This trainer's member id (heartbeats, rank claims). Empty: `trainer-<pid>-<random>`.
+    /// This trainer's member id (heartbeats, rank claims). Empty picks a unique one per
+    /// process ([`flywheel_service::member_id`]).
     pub id: String,
     /// Seed of the deterministic initialisation of version 0.
     pub seed: u64,
@@ -102,26 +94,37 @@ impl Default for TrainerConfig {
     }
 }
 
-/// What the binary reads from the TOML file: the `[trainer]` table, the rest ignored.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainerSection {
-    /// The `[trainer]` table.
-    #[serde(default)]
+/// What the trainer service runs with: the sections every service shares, `[trainer]`, and
+/// whether to restore the ledger's latest checkpoint first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceConfig {
+    /// The sections every service shares.
+    pub run: RunConfig,
+    /// This service's section.
     pub trainer: TrainerConfig,
+    /// Restore the ledger's latest checkpoint (weights and optimizer state) first
+    /// (`flywheel trainer --resume`).
+    pub resume: bool,
+}
+
+impl ServiceConfig {
+    /// Validates every section the trainer reads.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        self.trainer.validate()
+    }
 }
 
 impl TrainerConfig {
     /// The tokenizer of text prompts.
-    pub fn tokenizer(&self) -> Result<Tokenizer, TrainerConfigError> {
-        Tokenizer::new(&self.charset).map_err(|e| TrainerConfigError {
-            field: "trainer.charset",
-            problem: e.to_string(),
-        })
+    pub fn tokenizer(&self) -> Result<Tokenizer, ConfigError> {
+        Tokenizer::new(&self.charset)
+            .map_err(|e| ConfigError::new("trainer.charset", e.to_string()))
     }
 
     /// Checks every field; the error names the one to fix.
-    pub fn validate(&self) -> Result<(), TrainerConfigError> {
-        let err = |field: &'static str, problem: String| TrainerConfigError { field, problem };
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: &'static str, problem: String| ConfigError::new(field, problem);
         self.model
             .validate()
             .map_err(|e| err("trainer.model", e.to_string()))?;
@@ -171,17 +174,7 @@ impl TrainerConfig {
                 return Err(err(field, format!("= {ms} must be between 1 ms and 24 h")));
             }
         }
-        if !self.metrics_addr.is_empty()
-            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(err(
-                "trainer.metrics_addr",
-                format!(
-                    "= {:?} is not HOST:PORT (e.g. 0.0.0.0:9102); empty turns the server off",
-                    self.metrics_addr
-                ),
-            ));
-        }
+        admin::check_addr("trainer.metrics_addr", &self.metrics_addr, true)?;
         if self.fetch_concurrency == 0 {
             return Err(err(
                 "trainer.fetch_concurrency",
@@ -199,14 +192,11 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_parse_from_toml() {
         TrainerConfig::default().validate().unwrap();
-        let s: TrainerSection = toml::from_str(
-            "[trainer]\nseed = 3\ncheckpoint_every = 2\n[trainer.optimizer]\nlr = 0.001\n\
-             [other]\nx = 1\n",
-        )
-        .unwrap();
-        assert_eq!(s.trainer.seed, 3);
-        assert_eq!(s.trainer.optimizer.lr, 0.001);
-        assert!(toml::from_str::<TrainerSection>("[trainer]\nsede = 3\n").is_err());
+        let t: TrainerConfig =
+            toml::from_str("seed = 3\ncheckpoint_every = 2\n[optimizer]\nlr = 0.001\n").unwrap();
+        assert_eq!(t.seed, 3);
+        assert_eq!(t.optimizer.lr, 0.001);
+        assert!(toml::from_str::<TrainerConfig>("sede = 3\n").is_err());
     }
 
     #[test]

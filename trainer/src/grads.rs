@@ -11,6 +11,7 @@
 
 use flywheel_model::{ModelConfig, Params};
 use flywheel_storage::StepId;
+use flywheel_storage::codec::{ByteReader, Truncated};
 use thiserror::Error;
 
 use crate::loss::LossStats;
@@ -79,7 +80,7 @@ impl RankGradient {
         if crc32c::crc32c(body).to_le_bytes() != crc {
             return Err(bad("checksum mismatch"));
         }
-        let mut r = Reader(body);
+        let mut r = ByteReader::new(body);
         if r.take(8)? != MAGIC {
             return Err(bad("not a gradient object (bad magic)"));
         }
@@ -126,7 +127,7 @@ impl RankGradient {
                 *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        if !r.0.is_empty() {
+        if r.remaining() > 0 {
             return Err(bad("trailing bytes"));
         }
         Ok(RankGradient {
@@ -138,29 +139,9 @@ impl RankGradient {
     }
 }
 
-/// A bounds-checked little-endian reader.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], GradError> {
-        if n > self.0.len() {
-            return Err(GradError("truncated".into()));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn u32(&mut self) -> Result<u32, GradError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, GradError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn f64(&mut self) -> Result<f64, GradError> {
-        Ok(f64::from_bits(self.u64()?))
+impl From<Truncated> for GradError {
+    fn from(t: Truncated) -> Self {
+        GradError(t.to_string())
     }
 }
 

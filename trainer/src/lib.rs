@@ -21,8 +21,9 @@
 //! - [`service`]: the trainer service (`flywheel trainer`): the step-board loop, the finisher
 //!   (rank-ordered gradient sum, AdamW, incremental weight publication, optimizer state,
 //!   checkpoints and their retention) and `--resume` ([`service::Trainer::restore`]).
-//! - [`config`]: the `[trainer]` section; [`grads`]: the per-rank gradient object;
-//!   [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
+//! - [`warm_start`]: the supervised warm start and the publication of version 0.
+//! - [`config`]: the `[trainer]` section and [`ServiceConfig`]; [`grads`]: the per-rank
+//!   gradient object; [`metrics`]: the trainer's Prometheus metrics.
 //!
 //! Because the loss is divided by the constant Φ rather than the batch's token count, the
 //! gradients of micro-batches and ranks are summed (not averaged) before [`optim::AdamW::step`].
@@ -36,11 +37,12 @@ pub mod metrics;
 pub mod optim;
 pub mod service;
 pub mod step;
+pub mod warm_start;
 
-pub use config::{TrainerConfig, TrainerSection};
+pub use config::{ServiceConfig, TrainerConfig};
 pub use loss::{
     LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
     SupervisedTokens, supervised_loss,
 };
 pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
-pub use service::{Services, StepOutcome, Trainer, TrainerError, run, run_until};
+pub use service::{StepObserver, StepOutcome, Trainer, TrainerError, run_observed, run_until};

@@ -1,19 +1,8 @@
-//! The trainer's Prometheus metrics (`flywheel_trainer_<what>_<unit>`) and its small HTTP
-//! server: `/metrics`, `/healthz` (the process is up) and `/readyz` (weights loaded and on the
-//! step board; 503 before that and once shutdown began).
+//! The trainer's Prometheus metrics, `flywheel_trainer_<what>_<unit>` (served by the admin
+//! server of `flywheel_service`).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder,
-};
+use flywheel_service::metrics::{counter, exponential_buckets, float_gauge, gauge, histogram};
+use prometheus::{Gauge, Histogram, IntCounter, IntGauge, Registry};
 
 use crate::service::StepOutcome;
 
@@ -53,77 +42,75 @@ pub struct TrainerMetrics {
 impl TrainerMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            r.register(Box::new(m.clone()))
-                .expect("metric names are unique and valid");
-            m
-        }
-        let counter =
-            |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid"));
-        let gauge = |name: &str, help: &str| reg(&registry, Gauge::new(name, help).expect("valid"));
+        let r = Registry::new();
         TrainerMetrics {
             ranks_computed: counter(
+                &r,
                 "flywheel_trainer_ranks_computed_total",
                 "Ranks computed and written by this trainer.",
             ),
             errors: counter(
+                &r,
                 "flywheel_trainer_errors_total",
                 "Rank or finish attempts that failed (retried later).",
             ),
             steps_finished: counter(
+                &r,
                 "flywheel_trainer_steps_finished_total",
                 "Steps this trainer finished as the finisher.",
             ),
-            loss: gauge("flywheel_trainer_loss", "Loss of the last finished step."),
-            grad_norm: gauge(
+            loss: float_gauge(
+                &r,
+                "flywheel_trainer_loss",
+                "Loss of the last finished step.",
+            ),
+            grad_norm: float_gauge(
+                &r,
                 "flywheel_trainer_grad_norm",
                 "Global gradient norm before clipping of the last finished step.",
             ),
-            entropy: gauge(
+            entropy: float_gauge(
+                &r,
                 "flywheel_trainer_entropy_nats",
                 "Mean entropy over the trained tokens of the last finished step.",
             ),
-            masked_ratio: gauge(
+            masked_ratio: float_gauge(
+                &r,
                 "flywheel_trainer_masked_token_ratio",
                 "Fraction of trained tokens IcePop masked in the last finished step.",
             ),
-            abs_log_k: gauge(
+            abs_log_k: float_gauge(
+                &r,
                 "flywheel_trainer_abs_log_k_mean",
                 "Mean |log k| (training/inference discrepancy) in the last finished step.",
             ),
             tokens_trained: counter(
+                &r,
                 "flywheel_trainer_tokens_trained_total",
                 "Tokens trained in the steps this trainer finished.",
             ),
-            step_seconds: reg(
-                &registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "flywheel_trainer_step_seconds",
-                        "Seconds per finished step.",
-                    )
-                    .buckets(prometheus::exponential_buckets(0.01, 2.0, 18).expect("valid")),
-                )
-                .expect("valid"),
+            step_seconds: histogram(
+                &r,
+                "flywheel_trainer_step_seconds",
+                "Seconds per finished step.",
+                exponential_buckets(0.01, 2.0, 18),
             ),
             weights_bytes_written: counter(
+                &r,
                 "flywheel_trainer_weights_bytes_written_total",
                 "Bytes uploaded publishing weights versions.",
             ),
             weights_bytes_published: counter(
+                &r,
                 "flywheel_trainer_weights_bytes_published_total",
                 "Full size of the weights versions published.",
             ),
-            version: reg(
-                &registry,
-                IntGauge::new(
-                    "flywheel_trainer_weights_version",
-                    "The weights version this trainer holds.",
-                )
-                .expect("valid"),
+            version: gauge(
+                &r,
+                "flywheel_trainer_weights_version",
+                "The weights version this trainer holds.",
             ),
-            registry,
+            registry: r,
         }
     }
 
@@ -142,68 +129,12 @@ impl TrainerMetrics {
         self.weights_bytes_published.inc_by(o.publish.bytes_total);
         self.version.set(o.version as i64);
     }
-
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
-    }
 }
 
 impl Default for TrainerMetrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// What the HTTP handlers read.
-#[derive(Clone)]
-struct Http {
-    metrics: TrainerMetrics,
-    ready: Arc<AtomicBool>,
-}
-
-async fn render_metrics(State(http): State<Http>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        http.metrics.render(),
-    )
-}
-
-async fn healthz() -> &'static str {
-    "ok"
-}
-
-async fn readyz(State(http): State<Http>) -> (StatusCode, &'static str) {
-    if http.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
-}
-
-/// Binds `addr` and serves the endpoints until the returned task is aborted. Returns the
-/// bound address (port 0 picks a free one) and the server task.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: TrainerMetrics,
-    ready: Arc<AtomicBool>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let app = Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(Http { metrics, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok((bound, task))
 }
 
 #[cfg(test)]
@@ -232,7 +163,7 @@ mod tests {
             },
             checkpointed: false,
         });
-        let text = m.render();
+        let text = flywheel_service::metrics::render(&m.registry);
         for line in [
             "flywheel_trainer_loss -0.5",
             "flywheel_trainer_grad_norm 2",

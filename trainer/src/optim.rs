@@ -7,6 +7,7 @@
 //! every restored state, must present the same names and sizes in the same order, so a
 //! checkpoint can never silently be applied to the wrong tensors.
 
+use flywheel_storage::codec::{ByteReader, Truncated};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of AdamW (a table of the trainer's config).
@@ -381,7 +382,7 @@ impl AdamW {
             .checked_sub(4)
             .ok_or(OptimError::CorruptState("shorter than its checksum"))?;
         let (body, crc) = bytes.split_at(body_len);
-        let mut r = Reader { bytes: body };
+        let mut r = ByteReader::new(body);
         if r.take(MAGIC.len())? != MAGIC {
             return Err(OptimError::CorruptState(
                 "not AdamW optimizer state (bad magic)",
@@ -399,14 +400,14 @@ impl AdamW {
         let count = r.u64()?;
         let mut moments: Vec<Moments> = Vec::new();
         for _ in 0..count {
-            let name_len = r.len()?;
+            let name_len = read_len(&mut r)?;
             let name = std::str::from_utf8(r.take(name_len)?)
                 .map_err(|_| OptimError::CorruptState("tensor name is not UTF-8"))?
                 .to_string();
             if moments.iter().any(|s| s.name == name) {
                 return Err(OptimError::DuplicateName(name));
             }
-            let n = r.len()?;
+            let n = read_len(&mut r)?;
             // Check the size against what is left before allocating anything.
             let floats = r.take(
                 n.checked_mul(8)
@@ -419,7 +420,7 @@ impl AdamW {
             let v: Vec<f32> = values.collect();
             moments.push(Moments { name, m, v });
         }
-        if !r.bytes.is_empty() {
+        if r.remaining() > 0 {
             return Err(OptimError::CorruptState(
                 "trailing bytes after the last tensor",
             ));
@@ -452,37 +453,15 @@ fn global_norm(params: &[Param<'_>]) -> Result<f64, OptimError> {
     Ok(sum.sqrt())
 }
 
-/// A bounds-checked little-endian reader over serialised state.
-struct Reader<'a> {
-    bytes: &'a [u8],
+impl From<Truncated> for OptimError {
+    fn from(_: Truncated) -> Self {
+        OptimError::CorruptState("truncated")
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], OptimError> {
-        if n > self.bytes.len() {
-            return Err(OptimError::CorruptState("truncated"));
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, OptimError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, OptimError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    /// A u64 length that must fit in memory.
-    fn len(&mut self) -> Result<usize, OptimError> {
-        usize::try_from(self.u64()?).map_err(|_| OptimError::CorruptState("length overflows"))
-    }
+/// A u64 length that must fit in memory.
+fn read_len(r: &mut ByteReader<'_>) -> Result<usize, OptimError> {
+    usize::try_from(r.u64()?).map_err(|_| OptimError::CorruptState("length overflows"))
 }
 
 #[cfg(test)]

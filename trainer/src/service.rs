@@ -1,5 +1,5 @@
-//! The trainer service (`flywheel trainer`): the step-board loop of the wave-2 protocol, the
-//! finisher's update, weight publication and checkpoints (DESIGN.md §6.4, §6.5).
+//! The trainer service (`flywheel trainer`): the step-board loop, the finisher's update,
+//! weight publication and checkpoints (DESIGN.md §6.4, §6.5).
 //!
 //! # Loop
 //!
@@ -46,24 +46,27 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use flywheel_model::{Model, ModelError, Params, Tokenizer};
+use flywheel_service::admin::AdminError;
+use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
+use flywheel_storage::RunStores;
 use flywheel_storage::blob::{BlobError, BlobStore};
-use flywheel_storage::config::RunConfig;
 use flywheel_storage::keys;
-use flywheel_storage::ledger::{self, Checkpoint, Ledger, LedgerError};
-use flywheel_storage::state::{
-    self, MemberRole, RankClaim, StateError, StateStore, StepAnnouncement,
+use flywheel_storage::ledger::{Checkpoint, LedgerError};
+use flywheel_storage::state::{MemberRole, RankClaim, StateError, StateStore, StepAnnouncement};
+use flywheel_storage::weights::{
+    self, Dtype, MODEL_CONFIG_KEY, TensorBytes, WeightsError, WeightsManifest,
 };
-use flywheel_storage::weights::{self, Dtype, TensorBytes, WeightsError, WeightsManifest};
 use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
 use futures::{StreamExt, TryStreamExt};
 use thiserror::Error;
 
-use crate::config::{TrainerConfig, TrainerConfigError};
+use crate::config::{ServiceConfig, TrainerConfig};
 use crate::grads::{GradError, RankGradient};
 use crate::loss::{LossConfig, PolicyLoss};
-use crate::metrics::{self, TrainerMetrics};
+use crate::metrics::TrainerMetrics;
 use crate::optim::{AdamW, OptimError};
 use crate::step::{
     StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update, load_rank,
@@ -75,7 +78,7 @@ use crate::step::{
 pub enum TrainerError {
     /// The configuration is unusable.
     #[error(transparent)]
-    Config(#[from] TrainerConfigError),
+    Config(#[from] ConfigError),
     /// Weight publication or loading failed.
     #[error(transparent)]
     Weights(#[from] WeightsError),
@@ -123,44 +126,12 @@ pub enum TrainerError {
         /// The run.
         run: String,
     },
-    /// The metrics server could not bind its address.
-    #[error("cannot serve metrics on {addr}: {source}; set trainer.metrics_addr to a free port")]
-    Metrics {
-        /// The address.
-        addr: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The admin server could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     /// Stored state contradicts itself (e.g. an optimizer state of the wrong step).
     #[error("inconsistent trainer state: {0}")]
     Inconsistent(String),
-}
-
-/// The stores a trainer works with, opened.
-#[derive(Clone)]
-pub struct Services {
-    /// The run id (object keys, ledger rows).
-    pub run_id: String,
-    /// The run's state store (step board, prompts, heartbeats).
-    pub state: Arc<dyn StateStore>,
-    /// The object store (segments, manifests, gradients, weights, optimizer state).
-    pub blob: BlobStore,
-    /// The ledger (checkpoint records).
-    pub ledger: Arc<dyn Ledger>,
-}
-
-impl Services {
-    /// Opens the stores named by `config.storage`.
-    pub async fn open(config: &RunConfig) -> Result<Self, TrainerError> {
-        let s = &config.storage;
-        Ok(Services {
-            run_id: s.run_id.clone(),
-            state: state::open(&s.state_url, &s.run_id).await?,
-            blob: BlobStore::open(&s.blob_url)?,
-            ledger: ledger::open(&s.ledger_url).await?,
-        })
-    }
 }
 
 /// What publishing a version cost, against its full size.
@@ -191,8 +162,6 @@ pub struct StepOutcome {
     pub checkpointed: bool,
 }
 
-pub use flywheel_storage::weights::MODEL_CONFIG_KEY;
-
 /// The key of the optimizer state after step `step`.
 fn optimizer_key(run: &str, step: StepId) -> String {
     keys::checkpoint_object(run, step, "optimizer")
@@ -200,7 +169,7 @@ fn optimizer_key(run: &str, step: StepId) -> String {
 
 /// One trainer process's model, weights and optimizer.
 pub struct Trainer {
-    services: Services,
+    stores: RunStores,
     config: TrainerConfig,
     tokenizer: Tokenizer,
     /// The host copy of the weights of `version`.
@@ -224,8 +193,8 @@ pub struct Trainer {
 impl Trainer {
     /// Joins the run at its newest published version, publishing version 0 from
     /// `config.seed` if no version exists yet.
-    pub async fn start(services: Services, config: TrainerConfig) -> Result<Self, TrainerError> {
-        Self::start_with(services, config, None).await
+    pub async fn start(stores: RunStores, config: TrainerConfig) -> Result<Self, TrainerError> {
+        Self::start_with(stores, config, None).await
     }
 
     /// Like [`Trainer::start`], with `initial` as version 0 instead of the seeded
@@ -233,17 +202,17 @@ impl Trainer {
     /// `initial` must have the shape of `config.model`. If version 0 already exists with other
     /// weights, this is a [`WeightsError::VersionConflict`].
     pub async fn start_with(
-        services: Services,
+        stores: RunStores,
         config: TrainerConfig,
         initial: Option<Params>,
     ) -> Result<Self, TrainerError> {
         config.validate()?;
-        let run = services.run_id.clone();
+        let run = stores.run_id.clone();
         if let Some(p) = &initial {
             Params::zeros(&config.model)?.check_same_layout(p)?;
         }
-        let fresh = !weights::exists(&services.blob, &run, 0).await?
-            && weights::latest_version(&services.blob, &run)
+        let fresh = !weights::exists(&stores.blobs, &run, 0).await?
+            && weights::latest_version(&stores.blobs, &run)
                 .await?
                 .is_none();
         if initial.is_some() || fresh {
@@ -251,7 +220,7 @@ impl Trainer {
                 Some(p) => p,
                 None => Params::init(&config.model, config.seed)?,
             };
-            let report = publish_params(&services.blob, &run, 0, &params, None, &config).await?;
+            let report = publish_params(&stores.blobs, &run, 0, &params, None, &config).await?;
             tracing::info!(
                 run = %run,
                 bytes = report.bytes_total,
@@ -259,21 +228,21 @@ impl Trainer {
                 "published initial weights (version 0)"
             );
         }
-        let version = weights::latest_version(&services.blob, &run)
+        let version = weights::latest_version(&stores.blobs, &run)
             .await?
             .unwrap_or(0);
-        Self::at_version(services, config, version, None).await
+        Self::at_version(stores, config, version, None).await
     }
 
     /// Restores the ledger's latest checkpoint (`--resume`): weights and optimizer state.
     /// Returns the trainer and the checkpoint.
     pub async fn restore(
-        services: Services,
+        stores: RunStores,
         config: TrainerConfig,
     ) -> Result<(Self, Checkpoint), TrainerError> {
         config.validate()?;
-        let run = services.run_id.clone();
-        let checkpoint = services
+        let run = stores.run_id.clone();
+        let checkpoint = stores
             .ledger
             .latest_checkpoint(&run)
             .await?
@@ -292,7 +261,7 @@ impl Trainer {
                 checkpoint.step
             )));
         }
-        let state = services.blob.get(&checkpoint.optimizer_key).await?;
+        let state = stores.blobs.get(&checkpoint.optimizer_key).await?;
         let optimizer = AdamW::from_state_bytes(config.optimizer.clone(), &state)?;
         if optimizer.step_count() != version {
             return Err(TrainerError::Inconsistent(format!(
@@ -302,20 +271,20 @@ impl Trainer {
                 checkpoint.step
             )));
         }
-        let trainer = Self::at_version(services, config, version, Some(optimizer)).await?;
+        let trainer = Self::at_version(stores, config, version, Some(optimizer)).await?;
         tracing::info!(run = %run, step = checkpoint.step, version, "restored checkpoint");
         Ok((trainer, checkpoint))
     }
 
     async fn at_version(
-        services: Services,
+        stores: RunStores,
         config: TrainerConfig,
         version: PolicyVersion,
         optimizer: Option<AdamW>,
     ) -> Result<Self, TrainerError> {
         let fetched = weights::fetch(
-            &services.blob,
-            &services.run_id,
+            &stores.blobs,
+            &stores.run_id,
             version,
             None,
             &config.weights,
@@ -325,7 +294,7 @@ impl Trainer {
         let model = Model::cpu(&params)?;
         Ok(Trainer {
             tokenizer: config.tokenizer()?,
-            services,
+            stores,
             config,
             params,
             model: Some(model),
@@ -358,8 +327,8 @@ impl Trainer {
             return Ok(());
         }
         let fetched = weights::fetch(
-            &self.services.blob,
-            &self.services.run_id,
+            &self.stores.blobs,
+            &self.stores.run_id,
             version,
             Some((&self.manifest, &self.bytes)),
             &self.config.weights,
@@ -406,15 +375,15 @@ impl Trainer {
             if self.prompts.contains_key(&id) {
                 continue;
             }
-            let prompt =
-                self.services
-                    .state
-                    .prompt(&id)
-                    .await?
-                    .ok_or_else(|| StepError::Prompt {
-                        prompt: id.clone(),
-                        reason: "not registered in the state store".into(),
-                    })?;
+            let prompt = self
+                .stores
+                .state
+                .prompt(&id)
+                .await?
+                .ok_or_else(|| StepError::Prompt {
+                    prompt: id.clone(),
+                    reason: "not registered in the state store".into(),
+                })?;
             let tokens = prompt_tokens(&prompt, &self.tokenizer)?;
             self.prompts.insert(id, tokens);
         }
@@ -434,7 +403,7 @@ impl Trainer {
         self.sync_to(manifest.step).await?;
         self.resolve_prompts(manifest, rank).await?;
         let batch = load_rank(
-            &self.services.blob,
+            &self.stores.blobs,
             manifest,
             rank,
             &self.prompts,
@@ -482,9 +451,9 @@ impl Trainer {
 
     /// Writes a rank's gradient object (deterministic content: a redone rank writes the same).
     pub async fn put_rank(&self, gradient: &RankGradient) -> Result<(), TrainerError> {
-        let key = keys::step_grads(&self.services.run_id, gradient.step, gradient.rank);
-        self.services
-            .blob
+        let key = keys::step_grads(&self.stores.run_id, gradient.step, gradient.rank);
+        self.stores
+            .blobs
             .put(&key, Bytes::from(gradient.to_bytes()))
             .await?;
         Ok(())
@@ -522,9 +491,9 @@ impl Trainer {
         let mut params = self.params.clone();
         let report = apply_update(self.model_mut()?, &mut params, &mut optimizer, &grads)?;
         let version = step + 1;
-        let run = self.services.run_id.clone();
+        let run = self.stores.run_id.clone();
         let published = publish_params(
-            &self.services.blob,
+            &self.stores.blobs,
             &run,
             version,
             &params,
@@ -532,8 +501,8 @@ impl Trainer {
             &self.config,
         )
         .await?;
-        self.services
-            .blob
+        self.stores
+            .blobs
             .put(
                 &optimizer_key(&run, step),
                 Bytes::from(optimizer.state_bytes()),
@@ -541,7 +510,7 @@ impl Trainer {
             .await?;
         let checkpointed = version.is_multiple_of(self.config.checkpoint_every);
         if checkpointed {
-            self.services
+            self.stores
                 .ledger
                 .record_checkpoint(
                     &run,
@@ -587,8 +556,8 @@ impl Trainer {
         // use so they are `Send` for any caller (rust-lang/rust#102211).
         let ranks: Vec<RankGradient> = futures::stream::iter(0..manifest.world_size)
             .map(|rank| {
-                let blob = self.services.blob.clone();
-                let key = keys::step_grads(&self.services.run_id, step, rank);
+                let blob = self.stores.blobs.clone();
+                let key = keys::step_grads(&self.stores.run_id, step, rank);
                 let model_cfg = model_cfg.clone();
                 async move {
                     let bytes = blob.get(&key).await?;
@@ -630,8 +599,8 @@ impl Trainer {
         if step == 0 {
             return Ok(AdamW::new(self.config.optimizer.clone())?);
         }
-        let key = optimizer_key(&self.services.run_id, step - 1);
-        let bytes = self.services.blob.get(&key).await?;
+        let key = optimizer_key(&self.stores.run_id, step - 1);
+        let bytes = self.stores.blobs.get(&key).await?;
         let optimizer = AdamW::from_state_bytes(self.config.optimizer.clone(), &bytes)?;
         if optimizer.step_count() != step {
             return Err(TrainerError::Inconsistent(format!(
@@ -645,9 +614,9 @@ impl Trainer {
     /// Keeps the last `keep_checkpoints` checkpoints, the optimizer state after `step`, and
     /// the last `keep_versions` weight versions plus the checkpointed ones; deletes the rest.
     async fn collect(&self, step: StepId) -> Result<(), TrainerError> {
-        let run = &self.services.run_id;
-        let blob = &self.services.blob;
-        let ledger = &self.services.ledger;
+        let run = &self.stores.run_id;
+        let blob = &self.stores.blobs;
+        let ledger = &self.stores.ledger;
         let checkpoints = ledger.checkpoints(run).await?; // newest first
         let (kept, dropped) =
             checkpoints.split_at(checkpoints.len().min(self.config.keep_checkpoints));
@@ -760,87 +729,71 @@ async fn load_batch_manifest(
     Ok(manifest)
 }
 
-/// A default member id: `trainer-<pid>-<nanos>`.
-fn default_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("trainer-{}-{nanos:08x}", std::process::id())
+/// Told of every step this trainer finishes, before the loop goes on (it waits for the
+/// observer). The embedded demo builds its report this way.
+#[async_trait]
+pub trait StepObserver: Send {
+    /// Step `outcome.step` of `manifest` is finished; `trainer` holds the weights it published.
+    async fn step_finished(
+        &mut self,
+        outcome: &StepOutcome,
+        manifest: &BatchManifest,
+        trainer: &Trainer,
+    );
 }
 
-/// `flywheel trainer`: opens the stores and runs the loop until SIGINT or SIGTERM.
-pub async fn run(
-    run_config: &RunConfig,
-    config: TrainerConfig,
-    resume: bool,
-) -> Result<(), TrainerError> {
-    config.validate()?;
-    let services = Services::open(run_config).await?;
-    run_until(services, config, resume, shutdown_signal()).await
+/// Observes nothing.
+struct NoObserver;
+
+#[async_trait]
+impl StepObserver for NoObserver {
+    async fn step_finished(&mut self, _: &StepOutcome, _: &BatchManifest, _: &Trainer) {}
 }
 
-/// Resolves on SIGINT or (on Unix) SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// The trainer loop over opened stores, until `shutdown` resolves (the embedded demo and the
-/// tests call this directly).
+/// The trainer service: trains and finishes the steps the coordinator announces until
+/// `shutdown` resolves.
 pub async fn run_until(
-    services: Services,
-    mut config: TrainerConfig,
-    resume: bool,
+    stores: RunStores,
+    config: ServiceConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrainerError> {
-    if config.id.is_empty() {
-        config.id = default_id();
-    }
+    run_observed(stores, config, shutdown, &mut NoObserver).await
+}
+
+/// [`run_until`], telling `observer` of every step this trainer finishes.
+pub async fn run_observed(
+    stores: RunStores,
+    config: ServiceConfig,
+    shutdown: impl Future<Output = ()>,
+    observer: &mut dyn StepObserver,
+) -> Result<(), TrainerError> {
+    config.validate()?;
+    let ServiceConfig {
+        trainer: mut config,
+        resume,
+        ..
+    } = config;
+    config.id = member_id("trainer", &config.id);
     let id = config.id.clone();
     let poll = Duration::from_millis(config.poll_ms);
     let heartbeat_ttl = Duration::from_millis(config.heartbeat_ms);
     let claim_ttl = Duration::from_millis(config.rank_claim_ms);
-    let state = services.state.clone();
-    let blob = services.blob.clone();
-    let mut trainer = if resume {
-        Trainer::restore(services, config).await?.0
-    } else {
-        Trainer::start(services, config).await?
-    };
+    let state = stores.state.clone();
     let metrics = TrainerMetrics::new();
-    metrics.version.set(trainer.version() as i64);
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = if trainer.config.metrics_addr.is_empty() {
-        None
+    let readiness = Readiness::new();
+    stores.add_readiness_checks(&readiness);
+    let admin = AdminServer::start_unless_empty(
+        &config.metrics_addr,
+        metrics.registry.clone(),
+        readiness.clone(),
+    )
+    .await?;
+    let trainer = if resume {
+        Trainer::restore(stores, config).await?.0
     } else {
-        let addr = trainer.config.metrics_addr.clone();
-        let parsed = addr.parse().map_err(|_| TrainerError::Metrics {
-            addr: addr.clone(),
-            source: std::io::Error::other("not HOST:PORT"),
-        })?;
-        let (bound, task) = metrics::serve(parsed, metrics.clone(), ready.clone())
-            .await
-            .map_err(|source| TrainerError::Metrics { addr, source })?;
-        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
-        Some(task)
+        Trainer::start(stores, config).await?
     };
+    metrics.version.set(trainer.version() as i64);
     tracing::info!(trainer = %id, version = trainer.version(), "trainer started");
     state
         .heartbeat(MemberRole::Trainer, &id, heartbeat_ttl)
@@ -860,28 +813,27 @@ pub async fn run_until(
             }
         })
     };
-    let mut stall: Option<(StepId, Instant)> = None;
+    readiness.set_serving(true);
+    let mut board = Board {
+        trainer,
+        state: state.clone(),
+        id: id.clone(),
+        claim_ttl,
+        stall: None,
+        metrics,
+        observer,
+    };
     tokio::pin!(shutdown);
-
     loop {
-        let worked = work_once(
-            &mut trainer,
-            &state,
-            &blob,
-            &id,
-            claim_ttl,
-            &mut stall,
-            &metrics,
-        );
-        let did_work = match worked.await {
+        let did_work = match board.work_once().await {
             Ok(did) => did,
             Err(e) => {
-                metrics.errors.inc();
+                board.metrics.errors.inc();
                 tracing::error!(trainer = %id, error = %e, "step work failed; will retry");
                 false
             }
         };
-        metrics.version.set(trainer.version() as i64);
+        board.metrics.version.set(board.trainer.version() as i64);
         // Busy: look for more work at once; idle: poll. Shutdown is checked first either way.
         let pause = if did_work { Duration::ZERO } else { poll };
         tokio::select! {
@@ -891,145 +843,155 @@ pub async fn run_until(
         }
     }
     heartbeats.abort();
-    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    readiness.set_serving(false);
     state.leave(MemberRole::Trainer, &id).await?;
-    if let Some(task) = server {
-        task.abort();
+    if let Some(admin) = admin {
+        admin.stop().await;
     }
     tracing::info!(trainer = %id, "trainer stopped");
     Ok(())
 }
 
-/// One pass over the step board: claims and computes a rank if one is free, and finishes the
-/// step if it completed the last rank (or if the finisher is gone, see [`take_over`]).
-/// Returns whether it did any work.
-async fn work_once(
-    trainer: &mut Trainer,
-    state: &Arc<dyn StateStore>,
-    blob: &BlobStore,
-    id: &str,
+/// One trainer's work on the step board.
+struct Board<'a> {
+    trainer: Trainer,
+    state: Arc<dyn StateStore>,
+    id: String,
     claim_ttl: Duration,
-    stall: &mut Option<(StepId, Instant)>,
-    metrics: &TrainerMetrics,
-) -> Result<bool, TrainerError> {
-    let Some(ann) = state.announced_step().await? else {
-        return Ok(false);
-    };
-    if state.finished_step().await?.is_some_and(|f| f >= ann.step) {
-        // Nothing to train: prefetch the newest weights while idle.
-        if trainer.version() < ann.step + 1
-            && weights::exists(blob, &trainer.services.run_id, ann.step + 1).await?
+    /// The step whose ranks are all written but which stays unfinished, and since when.
+    stall: Option<(StepId, Instant)>,
+    metrics: TrainerMetrics,
+    observer: &'a mut dyn StepObserver,
+}
+
+impl Board<'_> {
+    /// One pass over the step board: claims and computes a rank if one is free, and finishes
+    /// the step if it completed the last rank (or if the finisher is gone, see
+    /// [`Board::take_over`]). Returns whether it did any work.
+    async fn work_once(&mut self) -> Result<bool, TrainerError> {
+        let Some(ann) = self.state.announced_step().await? else {
+            return Ok(false);
+        };
+        let run = self.trainer.stores.run_id.clone();
+        let blobs = self.trainer.stores.blobs.clone();
+        if self
+            .state
+            .finished_step()
+            .await?
+            .is_some_and(|f| f >= ann.step)
         {
-            trainer.sync_to(ann.step + 1).await?;
+            // Nothing to train: prefetch the newest weights while idle.
+            if self.trainer.version() < ann.step + 1
+                && weights::exists(&blobs, &run, ann.step + 1).await?
+            {
+                self.trainer.sync_to(ann.step + 1).await?;
+            }
+            return Ok(false);
         }
-        return Ok(false);
-    }
-    if !weights::exists(blob, &trainer.services.run_id, ann.step).await? {
-        return Ok(false); // θ_old not published yet
-    }
-    let Some(claim) = state.claim_rank(ann.step, id, claim_ttl).await? else {
-        return take_over(trainer, state, blob, &ann, claim_ttl, stall, metrics).await;
-    };
-    let manifest = load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
-    let renewal = spawn_renewal(state.clone(), claim, id.to_owned(), claim_ttl);
-    let computed = trainer.train_rank(&manifest, claim.rank).await;
-    renewal.abort();
-    let gradient = computed?;
-    trainer.put_rank(&gradient).await?;
-    metrics.ranks_computed.inc();
-    let done = match state.complete_rank(&claim, id).await {
-        Ok(done) => done,
-        Err(e @ StateError::RankFenced { .. }) => {
-            tracing::warn!(step = ann.step, rank = claim.rank, error = %e, "rank taken over; dropping it");
-            return Ok(true);
+        if !weights::exists(&blobs, &run, ann.step).await? {
+            return Ok(false); // θ_old not published yet
         }
-        Err(e) => return Err(e.into()),
-    };
-    if done.all_done {
-        finish_step(trainer, state, blob, &manifest, metrics).await?;
+        let Some(claim) = self
+            .state
+            .claim_rank(ann.step, &self.id, self.claim_ttl)
+            .await?
+        else {
+            return self.take_over(&ann).await;
+        };
+        let manifest =
+            load_batch_manifest(&blobs, &ann.manifest_key, ann.step, ann.world_size).await?;
+        let renewal = spawn_renewal(self.state.clone(), claim, self.id.clone(), self.claim_ttl);
+        let computed = self.trainer.train_rank(&manifest, claim.rank).await;
+        renewal.abort();
+        let gradient = computed?;
+        self.trainer.put_rank(&gradient).await?;
+        self.metrics.ranks_computed.inc();
+        let done = match self.state.complete_rank(&claim, &self.id).await {
+            Ok(done) => done,
+            Err(e @ StateError::RankFenced { .. }) => {
+                tracing::warn!(step = ann.step, rank = claim.rank, error = %e, "rank taken over; dropping it");
+                return Ok(true);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if done.all_done {
+            self.finish_step(&manifest).await?;
+        }
+        Ok(true)
     }
-    Ok(true)
-}
 
-/// The finisher's part: [`Trainer::finish`], then the board's `finish_step`, then the step's
-/// gradient objects are deleted.
-async fn finish_step(
-    trainer: &mut Trainer,
-    state: &Arc<dyn StateStore>,
-    blob: &BlobStore,
-    manifest: &BatchManifest,
-    metrics: &TrainerMetrics,
-) -> Result<(), TrainerError> {
-    let outcome = trainer.finish(manifest).await?;
-    state.finish_step(outcome.step, outcome.version).await?;
-    for rank in 0..manifest.world_size {
-        blob.delete(&keys::step_grads(
-            &trainer.services.run_id,
-            outcome.step,
-            rank,
-        ))
-        .await?;
-    }
-    metrics.observe_step(&outcome);
-    let m = &outcome.metrics;
-    tracing::info!(
-        step = outcome.step,
-        version = outcome.version,
-        loss = m.loss,
-        grad_norm = m.grad_norm,
-        entropy = m.entropy,
-        masked_fraction = m.masked_fraction,
-        mean_abs_log_k = m.mean_abs_log_k,
-        tokens_trained = m.tokens_trained,
-        step_ms = m.step_time.as_millis() as u64,
-        bytes_written = outcome.publish.bytes_written,
-        bytes_total = outcome.publish.bytes_total,
-        checkpointed = outcome.checkpointed,
-        "step finished"
-    );
-    Ok(())
-}
-
-/// No rank is free. If every rank's gradient is written and the step stays unfinished for
-/// longer than a rank claim lasts, the finisher died after completing the last rank (the
-/// board gives `all_done` to it alone): finish the step here. Finishing is deterministic and
-/// idempotent (same sums, same published bytes, idempotent `finish_step`), so a slow but
-/// living finisher racing this one does no harm. If a rank is in fact not completed,
-/// `finish_step` refuses and the rank is redone first.
-async fn take_over(
-    trainer: &mut Trainer,
-    state: &Arc<dyn StateStore>,
-    blob: &BlobStore,
-    ann: &StepAnnouncement,
-    claim_ttl: Duration,
-    stall: &mut Option<(StepId, Instant)>,
-    metrics: &TrainerMetrics,
-) -> Result<bool, TrainerError> {
-    let run = trainer.services.run_id.clone();
-    let written = blob
-        .list(&keys::step_grads_prefix(&run, ann.step))
-        .await?
-        .len();
-    if written < ann.world_size as usize {
-        *stall = None;
-        return Ok(false);
-    }
-    match *stall {
-        Some((step, since)) if step == ann.step && since.elapsed() >= claim_ttl => {
-            *stall = None;
-            tracing::warn!(
-                step = ann.step,
-                "the step's finisher is gone; finishing it here"
-            );
-            let manifest =
-                load_batch_manifest(blob, &ann.manifest_key, ann.step, ann.world_size).await?;
-            finish_step(trainer, state, blob, &manifest, metrics).await?;
-            Ok(true)
+    /// The finisher's part: [`Trainer::finish`], then the board's `finish_step`, then the
+    /// step's gradient objects are deleted and the observer is told.
+    async fn finish_step(&mut self, manifest: &BatchManifest) -> Result<(), TrainerError> {
+        let outcome = self.trainer.finish(manifest).await?;
+        self.state
+            .finish_step(outcome.step, outcome.version)
+            .await?;
+        let stores = &self.trainer.stores;
+        for rank in 0..manifest.world_size {
+            stores
+                .blobs
+                .delete(&keys::step_grads(&stores.run_id, outcome.step, rank))
+                .await?;
         }
-        Some((step, _)) if step == ann.step => Ok(false),
-        _ => {
-            *stall = Some((ann.step, Instant::now()));
-            Ok(false)
+        self.metrics.observe_step(&outcome);
+        let m = &outcome.metrics;
+        tracing::info!(
+            step = outcome.step,
+            version = outcome.version,
+            loss = m.loss,
+            grad_norm = m.grad_norm,
+            entropy = m.entropy,
+            masked_fraction = m.masked_fraction,
+            mean_abs_log_k = m.mean_abs_log_k,
+            tokens_trained = m.tokens_trained,
+            step_ms = m.step_time.as_millis() as u64,
+            bytes_written = outcome.publish.bytes_written,
+            bytes_total = outcome.publish.bytes_total,
+            checkpointed = outcome.checkpointed,
+            "step finished"
+        );
+        self.observer
+            .step_finished(&outcome, manifest, &self.trainer)
+            .await;
+        Ok(())
+    }
+
+    /// No rank is free. If every rank's gradient is written and the step stays unfinished
+    /// for longer than a rank claim lasts, the finisher died after completing the last rank
+    /// (the board gives `all_done` to it alone): finish the step here. Finishing is
+    /// deterministic and idempotent (same sums, same published bytes, idempotent
+    /// `finish_step`), so a slow but living finisher racing this one does no harm. If a rank
+    /// is in fact not completed, `finish_step` refuses and the rank is redone first.
+    async fn take_over(&mut self, ann: &StepAnnouncement) -> Result<bool, TrainerError> {
+        let stores = &self.trainer.stores;
+        let written = stores
+            .blobs
+            .list(&keys::step_grads_prefix(&stores.run_id, ann.step))
+            .await?
+            .len();
+        if written < ann.world_size as usize {
+            self.stall = None;
+            return Ok(false);
+        }
+        match self.stall {
+            Some((step, since)) if step == ann.step && since.elapsed() >= self.claim_ttl => {
+                self.stall = None;
+                tracing::warn!(
+                    step = ann.step,
+                    "the step's finisher is gone; finishing it here"
+                );
+                let manifest =
+                    load_batch_manifest(&stores.blobs, &ann.manifest_key, ann.step, ann.world_size)
+                        .await?;
+                self.finish_step(&manifest).await?;
+                Ok(true)
+            }
+            Some((step, _)) if step == ann.step => Ok(false),
+            _ => {
+                self.stall = Some((ann.step, Instant::now()));
+                Ok(false)
+            }
         }
     }
 }

@@ -28,7 +28,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use flywheel_model::{Backend, Gradients, Model, ModelError, Params, Sequence, Tokenizer};
+use flywheel_model::{
+    Backend, Gradients, Model, ModelError, Params, Sequence, Tokenizer, TokenizerError,
+};
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::codec::{self, CodecError};
 use flywheel_storage::{
@@ -394,6 +396,24 @@ pub struct SupervisedExample {
     pub response_start: usize,
 }
 
+impl SupervisedExample {
+    /// `prompt` as the model sees prompts (BOS first), then `response` and EOS.
+    pub fn from_text(
+        tokenizer: &Tokenizer,
+        prompt: &str,
+        response: &str,
+    ) -> Result<SupervisedExample, TokenizerError> {
+        let mut tokens = tokenizer.encode_prompt(prompt)?;
+        let response_start = tokens.len();
+        tokenizer.encode_into(response, &mut tokens)?;
+        tokens.push(Tokenizer::EOS);
+        Ok(SupervisedExample {
+            tokens,
+            response_start,
+        })
+    }
+}
+
 /// Runs one micro-batch of the supervised loss (cross-entropy on every response token),
 /// normalised by `normalizer` (the step's total response tokens), adding to `grads`.
 pub fn accumulate_supervised<B: Backend>(
@@ -453,7 +473,7 @@ pub fn apply_update<B: Backend>(
     Ok(report)
 }
 
-/// What one optimizer step did, for logs and metrics (issue 5 item 3).
+/// What one optimizer step did, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepMetrics {
     /// The step's loss (sum over ranks and micro-batches; already normalised).

@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_storage::RunStores;
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::{self, StepRecord};
 use flywheel_storage::state::{self, StepAnnouncement};
+use flywheel_storage::testkit::redis_url;
 use flywheel_storage::{
     BatchEntry, BatchManifest, FinishReason, MicroBatch, Prompt, PromptId, PromptInput, Segment,
     SegmentRef, TrajectoryId, VerifierSpec, codec, keys, weights,
 };
-use flywheel_trainer::{AdamWConfig, Services, Trainer, TrainerConfig, run_until};
+use flywheel_trainer::{AdamWConfig, ServiceConfig, Trainer, TrainerConfig, run_until};
 
 fn config() -> TrainerConfig {
     let tok = Tokenizer::arithmetic();
@@ -40,16 +42,19 @@ fn config() -> TrainerConfig {
     c
 }
 
-async fn services(run: &str, blob: &BlobStore) -> Services {
+/// The trainer service's config around `trainer`.
+fn service(trainer: TrainerConfig) -> ServiceConfig {
+    ServiceConfig {
+        trainer,
+        ..ServiceConfig::default()
+    }
+}
+
+async fn services(run: &str, blob: &BlobStore) -> RunStores {
     services_on("memory://", run, blob).await
 }
 
-/// The Redis URL of the tests (`FLYWHEEL_TEST_REDIS_URL`, default the loopback server).
-fn redis_url() -> String {
-    std::env::var("FLYWHEEL_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> Services {
+async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> RunStores {
     let state = match state::open(state_url, run).await {
         Ok(s) => s,
         Err(e) => panic!(
@@ -62,17 +67,18 @@ async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> Services {
         .create_run(run, &serde_json::json!({"test": true}))
         .await
         .unwrap();
-    Services {
+    RunStores {
         run_id: run.to_owned(),
         state,
-        blob: blob.clone(),
+        blobs: blob.clone(),
         ledger,
+        queue: None,
     }
 }
 
 /// Registers the prompts of `steps` steps (2 prompts × 2 samples each), writes their segments
 /// and batch manifests (world size `world`), and records the steps in the ledger.
-async fn fixture(s: &Services, steps: u64, world: u32) -> Vec<BatchManifest> {
+async fn fixture(s: &RunStores, steps: u64, world: u32) -> Vec<BatchManifest> {
     let mut manifests = Vec::new();
     for step in 0..steps {
         let mut entries = Vec::new();
@@ -122,7 +128,7 @@ async fn fixture(s: &Services, steps: u64, world: u32) -> Vec<BatchManifest> {
                         },
                     };
                     let key = keys::segment(&s.run_id, &id, k, seq as u32, 1);
-                    s.blob
+                    s.blobs
                         .put(&key, codec::encode(&seg).unwrap())
                         .await
                         .unwrap();
@@ -167,7 +173,7 @@ async fn fixture(s: &Services, steps: u64, world: u32) -> Vec<BatchManifest> {
             max_version: step,
         };
         let key = keys::step_manifest(&s.run_id, step);
-        s.blob
+        s.blobs
             .put_if_absent(&key, Bytes::from(serde_json::to_vec(&manifest).unwrap()))
             .await
             .unwrap();
@@ -359,7 +365,7 @@ async fn two_trainers_on_the_board(state_url: &str, run: &str) {
             ..config()
         };
         handles.push(tokio::spawn(async move {
-            run_until(s, cfg, false, async move {
+            run_until(s, service(cfg), async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
@@ -435,7 +441,7 @@ async fn published_weights_carry_the_model_config() {
     Trainer::start(s, config()).await.unwrap();
     let m = weights::load_manifest(&blob, "meta", 0).await.unwrap();
     let model: ModelConfig =
-        serde_json::from_str(&m.metadata[flywheel_trainer::service::MODEL_CONFIG_KEY]).unwrap();
+        serde_json::from_str(&m.metadata[flywheel_storage::weights::MODEL_CONFIG_KEY]).unwrap();
     assert_eq!(model, config().model);
 }
 
@@ -492,7 +498,7 @@ async fn a_step_whose_finisher_died_is_finished_by_another_trainer() {
         rank_claim_ms: 50,
         ..config()
     };
-    let rescuer = tokio::spawn(run_until(s.clone(), cfg, false, async move {
+    let rescuer = tokio::spawn(run_until(s.clone(), service(cfg), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
     let mut waited = 0;

@@ -1,9 +1,10 @@
-//! The worker's own configuration section (`[worker]`), and the whole file the `flywheel
-//! worker` subcommand reads: the shared [`RunConfig`] sections plus `[worker]`.
+//! The worker's own configuration section (`[worker]`), and [`ServiceConfig`]: what the
+//! worker service runs with (the shared [`RunConfig`] sections plus `[worker]`).
 
 use std::time::Duration;
 
-use flywheel_storage::config::{ConfigError, RunConfig};
+use flywheel_service::{ConfigError, admin, member_id};
+use flywheel_storage::config::RunConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineConfig, SamplingConfig};
@@ -14,9 +15,8 @@ use crate::verify::RewardServicesConfig;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// This worker's id: the lease owner and heartbeat member name. Empty means
-    /// `<hostname>-<pid>`, unique per process (two processes must never share one, or one
-    /// could write under the other's lease).
+    /// This worker's id: the lease owner and heartbeat member name. Empty picks a unique one
+    /// per process ([`member_id`]).
     pub id: String,
     /// The inference engine (`kind = "sim" | "openai"`).
     pub engine: EngineConfig,
@@ -59,60 +59,33 @@ impl Default for WorkerConfig {
     }
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field,
-        problem: problem.into(),
-    }
-}
-
 impl WorkerConfig {
     /// Checks what can be checked without connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id.len() > 200 {
-            return Err(invalid("worker.id", "must be at most 200 bytes"));
+            return Err(ConfigError::new("worker.id", "must be at most 200 bytes"));
         }
         if self.grace_period_ms < 100 {
-            return Err(invalid(
+            return Err(ConfigError::new(
                 "worker.grace_period_ms",
                 "must be at least 100 ms (the worker needs time to release its leases)",
             ));
         }
         if self.poll_interval_ms == 0 || self.poll_interval_ms > 60_000 {
-            return Err(invalid("worker.poll_interval_ms", "must be 1..=60000"));
-        }
-        if !self.metrics_addr.is_empty()
-            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "worker.metrics_addr",
-                format!(
-                    "{:?} is not host:port (e.g. 0.0.0.0:9101); empty disables the server",
-                    self.metrics_addr
-                ),
+            return Err(ConfigError::new(
+                "worker.poll_interval_ms",
+                "must be 1..=60000",
             ));
         }
+        admin::check_addr("worker.metrics_addr", &self.metrics_addr, true)?;
         self.sampling
             .validate()
-            .map_err(|e| invalid("worker.sampling", e.to_string()))
+            .map_err(|e| ConfigError::new("worker.sampling", e.to_string()))
     }
 
-    /// The worker id: the configured one, else `<hostname>-<pid>`.
+    /// The worker id: the configured one, else a unique one per process.
     pub fn worker_id(&self) -> String {
-        if !self.id.is_empty() {
-            return self.id.clone();
-        }
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-            })
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "worker".to_owned());
-        format!("{host}-{}", std::process::id())
+        member_id("worker", &self.id)
     }
 
     /// The grace period as a duration.
@@ -126,21 +99,17 @@ impl WorkerConfig {
     }
 }
 
-/// The file `flywheel worker --config FILE` reads: the shared sections (`[storage]`,
-/// `[kafka]`, `[rollout]`, `[batch]`) and `[worker]`. Other services' sections in the same
-/// file are ignored, so one file serves the whole run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct WorkerFileConfig {
-    /// The sections every service shares.
-    #[serde(flatten)]
+/// What the worker service runs with: the sections every service shares and `[worker]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceConfig {
+    /// The sections every service shares (`rollout` matters here).
     pub run: RunConfig,
     /// This service's section.
     pub worker: WorkerConfig,
 }
 
-impl WorkerFileConfig {
-    /// Validates every section this worker reads.
+impl ServiceConfig {
+    /// Validates every section the worker reads.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.run.validate()?;
         self.worker.validate()
@@ -152,28 +121,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_id_is_per_process() {
-        let config = WorkerFileConfig::default();
-        config.validate().unwrap();
-        let id = config.worker.worker_id();
-        assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
-    }
-
-    #[test]
-    fn sections_compose_and_typos_are_errors() {
-        let config: WorkerFileConfig = serde_json::from_value(serde_json::json!({
-            "storage": {"run_id": "r1"},
-            "rollout": {"segment_tokens": 32},
-            "worker": {"id": "w1", "grace_period_ms": 5000, "engine": {"kind": "sim", "slots": 3}},
-            "coordinator": {"anything": 1},
+    fn defaults_are_valid_and_typos_are_errors() {
+        ServiceConfig::default().validate().unwrap();
+        let config: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "id": "w1", "grace_period_ms": 5000, "engine": {"kind": "sim", "slots": 3},
         }))
         .unwrap();
-        assert_eq!(config.run.storage.run_id, "r1");
-        assert_eq!(config.run.rollout.segment_tokens, 32);
-        assert_eq!(config.worker.worker_id(), "w1");
-        assert_eq!(config.worker.grace_period(), Duration::from_secs(5));
-        let typo = serde_json::from_value::<WorkerFileConfig>(serde_json::json!({
-            "worker": {"grace_period": 5000},
+        assert_eq!(config.worker_id(), "w1");
+        assert_eq!(config.grace_period(), Duration::from_secs(5));
+        let typo = serde_json::from_value::<WorkerConfig>(serde_json::json!({
+            "grace_period": 5000,
         }));
         assert!(typo.is_err());
     }

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use flywheel_service::Backoff;
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
@@ -63,13 +63,12 @@ impl HttpConfig {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))
     }
 
-    /// The wait before retry number `retry` (1-based), with jitter in [50%, 100%].
-    fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .backoff_initial_ms
-            .saturating_mul(1u64 << retry.saturating_sub(1).min(20));
-        let ms = exp.min(self.backoff_max_ms) as f64 * rand::rng().random_range(0.5..=1.0);
-        Duration::from_secs_f64(ms / 1000.0)
+    /// The waits between attempts.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(self.backoff_initial_ms),
+            Duration::from_millis(self.backoff_max_ms),
+        )
     }
 }
 
@@ -124,7 +123,7 @@ pub(crate) async fn post_json(
                 "POST {url}: {last_error} (gave up after {attempt} attempt(s))"
             )));
         }
-        let wait = config.backoff(attempt);
+        let wait = config.backoff().delay(attempt);
         tracing::debug!(url, attempt, error = %last_error, ?wait, "retrying HTTP request");
         tokio::time::sleep(wait).await;
         attempt += 1;

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flywheel_service::Backoff;
 use flywheel_storage::Prompt;
 use flywheel_storage::ledger::{Ledger, LedgerError};
 use flywheel_storage::queue::{PromptConsumer, QueueError};
@@ -66,7 +67,8 @@ impl Intake {
 
     /// The intake loop; returns itself once `stop` fires.
     async fn take_prompts(self) -> Self {
-        let mut backoff = self.poll;
+        let backoff = Backoff::new(self.poll, Duration::from_secs(10));
+        let mut receive_failures = 0;
         loop {
             if self.stop.is_cancelled() {
                 return self;
@@ -92,15 +94,15 @@ impl Intake {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(error = %e, "kafka receive failed; retrying");
-                    self.sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    receive_failures += 1;
+                    self.sleep(backoff.delay(receive_failures)).await;
                     continue;
                 }
             };
-            backoff = self.poll;
+            receive_failures = 0;
             // Keep trying this prompt: giving up would leave its offset unstored and block
             // the partition's later acks until a restart redelivers it anyway.
-            let mut retry = self.poll;
+            let mut failures = 0;
             loop {
                 let registered = register_prompt(
                     self.state.as_ref(),
@@ -116,8 +118,8 @@ impl Intake {
                             // Not acknowledged: redelivered to the group later.
                             return self;
                         }
-                        self.sleep(retry).await;
-                        retry = (retry * 2).min(Duration::from_secs(10));
+                        failures += 1;
+                        self.sleep(backoff.delay(failures)).await;
                     }
                 }
             }

@@ -1,16 +1,16 @@
 //! flywheel-worker: the rollout worker (DESIGN.md §3, §6.1, §6.2).
 //!
 //! - [`engine`]: the [`engine::Engine`] trait that generates one segment of one trajectory,
-//!   and its implementations (`sim`, `openai`);
+//!   and its implementations (`sim`, `openai`, `builtin`);
 //! - [`verify`]: rewards for finished trajectories ([`verify::Verifier`]);
 //! - [`http`]: JSON over HTTP with bounded timeouts and retries, shared by both;
 //! - [`intake`]: Kafka prompts → ledger + state registration → ack;
 //! - [`service`]: the segment loop (slots, budgets, leases, parking, resume, shutdown);
-//! - [`metrics`]: Prometheus metrics and `/metrics`, `/healthz`, `/readyz`;
-//! - [`config`]: the `[worker]` section and the file `flywheel worker` reads.
+//! - [`metrics`]: the worker's Prometheus metrics;
+//! - [`config`]: the `[worker]` section and [`ServiceConfig`].
 //!
-//! [`run`] is the `flywheel worker` service; [`Worker::start`] starts the same thing on
-//! stores the caller opened (tests, the embedded demo).
+//! [`run_until`] is the worker service; [`Worker::start`] starts the same thing with an engine
+//! the caller built (tests).
 
 #![warn(missing_docs)]
 
@@ -22,41 +22,32 @@ pub mod metrics;
 pub mod service;
 pub mod verify;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use flywheel_storage::blob::{BlobError, BlobStore};
-use flywheel_storage::config::{ConfigError, RunConfig};
-use flywheel_storage::ledger::{Ledger, LedgerError};
+use flywheel_service::admin::AdminError;
+use flywheel_service::{AdminServer, ConfigError, Readiness};
+use flywheel_storage::RunStores;
 use flywheel_storage::queue::{PromptConsumer, QueueError};
-use flywheel_storage::state::{MemberRole, StateError, StateStore};
+use flywheel_storage::state::MemberRole;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use config::{WorkerConfig, WorkerFileConfig};
+pub use config::{ServiceConfig, WorkerConfig};
 
 use crate::engine::{Engine, EngineError};
 use crate::metrics::WorkerMetrics;
 use crate::service::{SegmentLoop, SegmentLoopParts, Shutdown};
 use crate::verify::{VerifierFactory, VerifyError};
 
-/// Why the worker could not start (or stopped).
+/// Why the worker could not start (or stopped badly).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The state store could not be opened.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// The object store could not be opened.
-    #[error(transparent)]
-    Blob(#[from] BlobError),
-    /// The ledger could not be opened.
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
     /// The Kafka consumer could not be created.
     #[error(transparent)]
     Queue(#[from] QueueError),
@@ -66,41 +57,12 @@ pub enum WorkerError {
     /// The reward services are misconfigured.
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    /// The metrics server could not bind its address.
-    #[error(
-        "cannot serve metrics on {addr}: {source} (set worker.metrics_addr, or empty to disable)"
-    )]
-    Metrics {
-        /// The address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// The admin server could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     /// Work was still running when the grace period ran out; its leases will expire.
     #[error("shutdown overran the grace period of {0:?}; unreleased leases will expire")]
     ShutdownOverdue(Duration),
-    /// Installing the signal handler failed.
-    #[error("cannot install the SIGTERM handler: {0}")]
-    Signal(std::io::Error),
-}
-
-/// What [`Worker::start`] runs on: the stores and engine, opened by the caller.
-pub struct WorkerParts {
-    /// The shared run configuration (`rollout` matters here).
-    pub run: RunConfig,
-    /// The worker section.
-    pub worker: WorkerConfig,
-    /// Run state.
-    pub state: Arc<dyn StateStore>,
-    /// Object store.
-    pub blobs: BlobStore,
-    /// The ledger (prompt acceptance).
-    pub ledger: Arc<dyn Ledger>,
-    /// The engine.
-    pub engine: Arc<dyn Engine>,
-    /// The consumer of the prompt topic; `None` runs the segment loop only (prompts are
-    /// registered by someone else).
-    pub consumer: Option<PromptConsumer>,
 }
 
 /// A started worker.
@@ -109,58 +71,51 @@ pub struct Worker {
     pub id: String,
     /// Its metrics.
     pub metrics: WorkerMetrics,
-    /// Where `/metrics` is served, if enabled.
-    pub metrics_addr: Option<SocketAddr>,
+    /// Where the admin server listens, if it is on.
+    pub admin_addr: Option<SocketAddr>,
     /// The shutdown signals (tests may fire them directly).
     pub shutdown: Shutdown,
-    state: Arc<dyn StateStore>,
+    stores: RunStores,
     grace: Duration,
-    ready: Arc<AtomicBool>,
+    readiness: Readiness,
     tasks: Vec<JoinHandle<()>>,
-    server: Option<JoinHandle<()>>,
-    server_stop: tokio_util::sync::CancellationToken,
+    admin: Option<AdminServer>,
 }
 
 impl Worker {
-    /// Starts the intake, the slots and the metrics server.
-    pub async fn start(parts: WorkerParts) -> Result<Worker, WorkerError> {
-        parts.worker.validate()?;
-        parts.run.rollout.validate()?;
-        let id = parts.worker.worker_id();
+    /// Starts the intake (when the stores have a queue), the slots and the admin server.
+    pub async fn start(
+        stores: RunStores,
+        config: ServiceConfig,
+        engine: Arc<dyn Engine>,
+    ) -> Result<Worker, WorkerError> {
+        config.validate()?;
+        let ServiceConfig { run, worker } = config;
+        let id = worker.worker_id();
         let metrics = WorkerMetrics::new();
         let shutdown = Shutdown::default();
-        let ready = Arc::new(AtomicBool::new(false));
-        let server_stop = tokio_util::sync::CancellationToken::new();
-        let (metrics_addr, server) = if parts.worker.metrics_addr.is_empty() {
-            (None, None)
+        let readiness = Readiness::new();
+        stores.add_readiness_checks(&readiness);
+        let admin = AdminServer::start_unless_empty(
+            &worker.metrics_addr,
+            metrics.registry.clone(),
+            readiness.clone(),
+        )
+        .await?;
+        let slots = if worker.slots == 0 {
+            engine.slots()
         } else {
-            let addr: SocketAddr = parts.worker.metrics_addr.parse().map_err(|_| ConfigError {
-                field: "worker.metrics_addr",
-                problem: "is not host:port".into(),
-            })?;
-            let (bound, task) =
-                metrics::serve(addr, metrics.clone(), ready.clone(), server_stop.clone())
-                    .await
-                    .map_err(|source| WorkerError::Metrics {
-                        addr: parts.worker.metrics_addr.clone(),
-                        source,
-                    })?;
-            (Some(bound), Some(task))
-        };
-        let slots = if parts.worker.slots == 0 {
-            parts.engine.slots()
-        } else {
-            parts.worker.slots
+            worker.slots
         };
         let (segments, poller) = SegmentLoop::new(SegmentLoopParts {
             worker_id: id.clone(),
-            state: parts.state.clone(),
-            blobs: parts.blobs,
-            engine: parts.engine,
-            verifiers: VerifierFactory::new(&parts.worker.rewards)?,
-            rollout: parts.run.rollout.clone(),
-            sampling: parts.worker.sampling.clone(),
-            poll: parts.worker.poll_interval(),
+            state: stores.state.clone(),
+            blobs: stores.blobs.clone(),
+            engine,
+            verifiers: VerifierFactory::new(&worker.rewards)?,
+            rollout: run.rollout.clone(),
+            sampling: worker.sampling.clone(),
+            poll: worker.poll_interval(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
@@ -168,31 +123,30 @@ impl Worker {
         for slot in 0..slots {
             tasks.push(tokio::spawn(segments.clone().run_slot(slot)));
         }
-        if let Some(consumer) = parts.consumer {
+        if let Some(queue) = &stores.queue {
             let intake = intake::Intake {
-                consumer,
-                state: parts.state.clone(),
-                ledger: parts.ledger,
+                consumer: PromptConsumer::new(queue)?,
+                state: stores.state.clone(),
+                ledger: stores.ledger.clone(),
                 metrics: metrics.clone(),
-                max_pending: parts.worker.max_pending_trajectories,
-                poll: parts.worker.poll_interval(),
+                max_pending: worker.max_pending_trajectories,
+                poll: worker.poll_interval(),
                 stop: shutdown.stop.clone(),
             };
             tasks.push(tokio::spawn(intake.run()));
         }
-        ready.store(true, Ordering::Relaxed);
-        info!(worker = %id, slots, mode = ?parts.run.rollout.mode, "worker started");
+        readiness.set_serving(true);
+        info!(worker = %id, slots, mode = ?run.rollout.mode, "worker started");
         Ok(Worker {
             id,
             metrics,
-            metrics_addr,
+            admin_addr: admin.as_ref().map(AdminServer::local_addr),
             shutdown,
-            state: parts.state,
-            grace: parts.worker.grace_period(),
-            ready,
+            stores,
+            grace: worker.grace_period(),
+            readiness,
             tasks,
-            server,
-            server_stop,
+            admin,
         })
     }
 
@@ -201,7 +155,7 @@ impl Worker {
     /// released; leave the membership. Returns whether everything stopped in time.
     pub async fn shutdown(self) -> bool {
         let started = tokio::time::Instant::now();
-        self.ready.store(false, Ordering::Relaxed);
+        self.readiness.set_serving(false);
         self.shutdown.stop.cancel();
         let abort = self.shutdown.abort.clone();
         let abort_at = started + self.grace.mul_f64(0.8);
@@ -217,51 +171,33 @@ impl Worker {
             }
         }
         aborter.abort();
-        if let Err(e) = self.state.leave(MemberRole::Worker, &self.id).await {
+        if let Err(e) = self.stores.state.leave(MemberRole::Worker, &self.id).await {
             warn!(error = %e, "could not leave the membership; the heartbeat will lapse");
         }
-        self.server_stop.cancel();
-        if let Some(server) = self.server {
-            let _ = tokio::time::timeout_at(deadline, server).await;
+        if let Some(admin) = self.admin {
+            admin.stop().await;
         }
         info!(worker = %self.id, clean, elapsed_ms = started.elapsed().as_millis() as u64, "worker stopped");
         clean
     }
 }
 
-/// `flywheel worker`: opens the stores named by `config`, joins the consumer group, runs
-/// until SIGTERM or SIGINT, then shuts down within the grace period.
-pub async fn run(config: WorkerFileConfig) -> Result<(), WorkerError> {
+/// The worker service: builds the configured engine, joins the consumer group (when the
+/// stores have a queue), generates until `shutdown` resolves, then shuts down within the
+/// grace period.
+pub async fn run_until(
+    stores: RunStores,
+    config: ServiceConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     config.validate()?;
-    let run = &config.run;
-    let state = flywheel_storage::state::open(&run.storage.state_url, &run.storage.run_id).await?;
-    let blobs = BlobStore::open(&run.storage.blob_url)?;
-    let engine_blobs = blobs.clone();
-    let ledger = flywheel_storage::ledger::open(&run.storage.ledger_url).await?;
-    let run_json = serde_json::to_value(run).unwrap_or(serde_json::Value::Null);
-    ledger.create_run(&run.storage.run_id, &run_json).await?;
     let engine = config
         .worker
         .engine
-        .build_for_run(&engine_blobs, &run.storage.run_id)?;
-    let consumer = PromptConsumer::new(&run.kafka)?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(WorkerError::Signal)?;
-    let worker = Worker::start(WorkerParts {
-        run: config.run.clone(),
-        worker: config.worker.clone(),
-        state,
-        blobs,
-        ledger,
-        engine,
-        consumer: Some(consumer),
-    })
-    .await?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-    }
+        .build_for_run(&stores.blobs, &stores.run_id)?;
     let grace = config.worker.grace_period();
+    let worker = Worker::start(stores, config, engine).await?;
+    shutdown.await;
     if !worker.shutdown().await {
         return Err(WorkerError::ShutdownOverdue(grace));
     }

@@ -20,12 +20,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flywheel_storage::RunStores;
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::codec;
 use flywheel_storage::config::{RolloutConfig, RolloutMode, RunConfig};
 use flywheel_storage::ledger::{self, Ledger};
 use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig, PromptConsumer, PromptProducer};
 use flywheel_storage::state::{MemoryStateStore, StateStore};
+use flywheel_storage::testkit;
 use flywheel_storage::{
     FinishReason, Prompt, PromptId, PromptInput, Segment, SegmentRef, TrajectoryId,
     TrajectoryStatus, VerifierSpec, keys,
@@ -34,24 +36,17 @@ use flywheel_worker::engine::sim::{LengthDistribution, SimConfig, SimEngine};
 use flywheel_worker::engine::{Engine, EngineConfig, SamplingConfig, SegmentRequest};
 use flywheel_worker::intake::{Registered, register_prompt};
 use flywheel_worker::metrics::WorkerMetrics;
-use flywheel_worker::{Worker, WorkerConfig, WorkerParts};
+use flywheel_worker::{ServiceConfig, Worker, WorkerConfig};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls `check` until it holds; panics naming `what` after [`DEADLINE`].
-async fn wait_for<F, Fut>(what: &str, mut check: F)
+async fn wait_for<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = tokio::time::Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::wait_for(what, DEADLINE, check).await
 }
 
 /// The stores of one test run.
@@ -123,23 +118,27 @@ impl Env {
         }
     }
 
-    async fn start(&self, id: &str, consumer: Option<PromptConsumer>) -> Worker {
-        self.start_with(self.worker_config(id), consumer).await
+    async fn start(&self, id: &str, queue: Option<KafkaConfig>) -> Worker {
+        self.start_with(self.worker_config(id), queue).await
     }
 
-    async fn start_with(&self, worker: WorkerConfig, consumer: Option<PromptConsumer>) -> Worker {
+    /// A worker on the run's stores; with `queue` its intake consumes that topic.
+    async fn start_with(&self, worker: WorkerConfig, queue: Option<KafkaConfig>) -> Worker {
         let engine = worker.engine.build().unwrap();
-        Worker::start(WorkerParts {
+        let stores = RunStores {
+            run_id: self.run.storage.run_id.clone(),
+            state: self.state.clone(),
+            ledger: self.ledger.clone(),
+            blobs: self.blobs.clone(),
+            queue,
+        };
+        let config = ServiceConfig {
             run: self.run.clone(),
             worker,
-            state: self.state.clone(),
-            blobs: self.blobs.clone(),
-            ledger: self.ledger.clone(),
-            engine,
-            consumer,
-        })
-        .await
-        .expect("worker starts")
+        };
+        Worker::start(stores, config, engine)
+            .await
+            .expect("worker starts")
     }
 
     async fn register(&self, id: &str, k: u32) {
@@ -283,13 +282,13 @@ async fn every_trajectory_is_generated_to_its_end_in_segments() {
     // Metrics agree, and the server renders them.
     assert_eq!(worker.metrics.tokens_generated.get(), total as u64);
     assert_eq!(worker.metrics.finished.get(), 9);
-    let url = format!("http://{}/metrics", worker.metrics_addr.unwrap());
+    let url = format!("http://{}/metrics", worker.admin_addr.unwrap());
     let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
     assert!(
         text.contains(&format!("flywheel_worker_tokens_generated_total {total}")),
         "{text}"
     );
-    let ready = format!("http://{}/readyz", worker.metrics_addr.unwrap());
+    let ready = format!("http://{}/readyz", worker.admin_addr.unwrap());
     assert_eq!(reqwest::get(&ready).await.unwrap().status(), 200);
     assert!(worker.shutdown().await);
     assert_eq!(env.state.counts().await.unwrap().generating, 0);
@@ -576,8 +575,7 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     // The worker's intake gets p1 again (registered nothing twice) and p2; the malformed and
     // oversized messages go to the DLQ while it keeps running.
     env.open_version(0, 100_000, 4).await;
-    let consumer = PromptConsumer::new(&config).unwrap();
-    let worker = env.start("w1", Some(consumer)).await;
+    let worker = env.start("w1", Some(config.clone())).await;
     let metrics = worker.metrics.clone();
     wait_for("p1 redelivered and p2 registered", || {
         let m = metrics.clone();

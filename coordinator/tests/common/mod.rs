@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use flywheel_coordinator::batch::{self, GroupConfig, GroupOutcome, PlanConfig};
 use flywheel_coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorError, CrashPoint, TickOutcome,
+    Coordinator, CoordinatorConfig, CoordinatorError, CrashPoint, ServiceConfig, TickOutcome,
 };
+use flywheel_storage::RunStores;
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::config::{RolloutMode, RunConfig};
 use flywheel_storage::keys;
@@ -81,12 +82,23 @@ impl World {
             ..Default::default()
         };
         Coordinator::new(
-            self.run.clone(),
-            config,
-            self.state.clone(),
-            self.ledger.clone(),
-            self.blobs.clone(),
+            self.stores(),
+            ServiceConfig {
+                run: self.run.clone(),
+                coordinator: config,
+            },
         )
+    }
+
+    /// The run's stores, as a service gets them.
+    pub fn stores(&self) -> RunStores {
+        RunStores {
+            run_id: self.run.storage.run_id.clone(),
+            state: self.state.clone(),
+            ledger: self.ledger.clone(),
+            blobs: self.blobs.clone(),
+            queue: None,
+        }
     }
 
     /// A worker's whole job for one prompt: accept, register, and finish each sample with

@@ -1,85 +1,113 @@
 //! The one conformance suite every [`BlobStore`] backend must pass (DESIGN.md §9).
 //!
-//! Integration tests run [`run_all`] against `memory://`, `file://` and a real S3-compatible
-//! server. Each call works under a fresh, unique key namespace, so runs against a shared
-//! bucket do not see each other, and removes what it wrote when it passes. Failures panic
-//! with a message naming the check, as a test suite does.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+//! Each `pub async fn` is one case; [`crate::blob_store_conformance!`] turns all of them into
+//! `#[tokio::test]`s for a [`Fixture`]. Each case works under a fresh, unique key namespace,
+//! so runs against a shared bucket do not see each other, and removes what it wrote when it
+//! passes. Failures panic with a message naming the check, as a test does.
 
 use bytes::Bytes;
+use tempfile::TempDir;
 
 use super::{BlobError, BlobStore, PutOutcome};
 use crate::codec::{self, CodecError};
+use crate::testkit::unique_id;
 use crate::types::{FinishReason, PromptId, Segment, TrajectoryId};
 
-/// A namespace no other run (process, or call in this process) uses.
-pub fn unique_namespace(label: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{label}-{}-{nanos}-{n}", std::process::id())
-}
-
-/// What a backend guarantees beyond what [`BlobStore`] itself can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Guarantees {
+/// A store under test and what it promises beyond what [`BlobStore`] itself can tell.
+pub struct Fixture {
+    /// The store.
+    pub store: BlobStore,
     /// Concurrent [`BlobStore::put_if_absent`] calls on one key: exactly one is `Created`.
     /// True of the memory and local stores and of S3 proper (If-None-Match is atomic there);
     /// false of a server that checks existence and then writes (s3s-fs 0.14.1).
     pub atomic_create: bool,
+    /// The directory of a `file://` store, removed after the test.
+    _dir: Option<TempDir>,
 }
 
-impl Guarantees {
-    /// What `store` promises by its configuration.
-    pub fn of(store: &BlobStore) -> Guarantees {
-        Guarantees {
+impl Fixture {
+    /// `store`, expecting what its configuration promises.
+    pub fn new(store: BlobStore) -> Fixture {
+        Fixture {
             atomic_create: store.atomic_create(),
+            store,
+            _dir: None,
         }
     }
-}
 
-/// Runs every check against `store`, expecting what its configuration promises.
-pub async fn run_all(store: &BlobStore) {
-    run_all_with(store, Guarantees::of(store)).await
-}
-
-/// Runs every check against `store`, each in its own namespace, then deletes what they wrote.
-pub async fn run_all_with(store: &BlobStore, guarantees: Guarantees) {
-    let ns = unique_namespace("conformance");
-    put_get_overwrite(store, &format!("{ns}/put")).await;
-    missing_objects(store, &format!("{ns}/missing")).await;
-    head_and_ranges(store, &format!("{ns}/range")).await;
-    list_by_prefix(store, &format!("{ns}/list")).await;
-    delete_is_idempotent(store, &format!("{ns}/delete")).await;
-    put_if_absent(store, &format!("{ns}/create")).await;
-    put_if_absent_race(store, &format!("{ns}/race"), guarantees.atomic_create).await;
-    invalid_keys(store).await;
-    large_object(store, &format!("{ns}/large")).await;
-    segment_through_store(store, &format!("{ns}/segment")).await;
-
-    for meta in store
-        .list(&ns)
-        .await
-        .expect("list the conformance namespace for cleanup")
-    {
-        store
-            .delete(&meta.key)
-            .await
-            .expect("clean up the conformance namespace");
+    /// A `file://` store in a fresh temporary directory, the URL ending in `query`.
+    pub fn temp_dir(query: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("file://{}{query}", dir.path().display());
+        Fixture {
+            _dir: Some(dir),
+            ..Fixture::new(BlobStore::open(&url).expect("a file:// store"))
+        }
     }
-    assert!(
-        store.list(&ns).await.unwrap().is_empty(),
-        "cleanup left objects behind"
-    );
+
+    /// Runs `case` in a namespace of its own, then deletes what it wrote.
+    pub async fn run<'a, F, Fut>(&'a self, case: F)
+    where
+        F: FnOnce(&'a Fixture, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let ns = unique_id("conformance");
+        case(self, ns.clone()).await;
+        let store = &self.store;
+        for meta in store
+            .list(&ns)
+            .await
+            .expect("list the namespace for cleanup")
+        {
+            store
+                .delete(&meta.key)
+                .await
+                .expect("clean up the namespace");
+        }
+        assert!(
+            store.list(&ns).await.unwrap().is_empty(),
+            "cleanup left objects behind"
+        );
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance case on the [`Fixture`] `$fixture` makes.
+///
+/// ```text
+/// flywheel_storage::blob_store_conformance!(Fixture::new(BlobStore::open("memory://").unwrap()));
+/// ```
+#[macro_export]
+macro_rules! blob_store_conformance {
+    ($fixture:expr) => {
+        $crate::blob_store_conformance!(@cases $fixture;
+            put_get_overwrite,
+            missing_objects,
+            head_and_ranges,
+            list_by_prefix,
+            delete_is_idempotent,
+            put_if_absent,
+            put_if_absent_race,
+            invalid_keys,
+            large_object,
+            segment_through_store,
+        );
+    };
+    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $fixture;
+                fixture
+                    .run($crate::blob::conformance::$case)
+                    .await;
+            }
+        )*
+    };
 }
 
 /// Put, get back the same bytes; a second put replaces the first.
-pub async fn put_get_overwrite(store: &BlobStore, ns: &str) {
+pub async fn put_get_overwrite(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/a/object.bin");
     store.put(&key, Bytes::from_static(b"first")).await.unwrap();
     assert_eq!(store.get(&key).await.unwrap(), Bytes::from_static(b"first"));
@@ -99,7 +127,8 @@ pub async fn put_get_overwrite(store: &BlobStore, ns: &str) {
 }
 
 /// Reading, heading or range-reading a missing key is `NotFound`, never another error.
-pub async fn missing_objects(store: &BlobStore, ns: &str) {
+pub async fn missing_objects(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/never-written");
     assert!(
         matches!(store.get(&key).await, Err(BlobError::NotFound { .. })),
@@ -125,7 +154,8 @@ pub async fn missing_objects(store: &BlobStore, ns: &str) {
 }
 
 /// `head` reports the size; `get_range` returns exactly the asked bytes.
-pub async fn head_and_ranges(store: &BlobStore, ns: &str) {
+pub async fn head_and_ranges(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/digits");
     let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
     store.put(&key, Bytes::from(data.clone())).await.unwrap();
@@ -142,7 +172,8 @@ pub async fn head_and_ranges(store: &BlobStore, ns: &str) {
 }
 
 /// Listing matches whole path segments, recurses, and returns keys relative to the store.
-pub async fn list_by_prefix(store: &BlobStore, ns: &str) {
+pub async fn list_by_prefix(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     for (key, len) in [
         ("a/1", 1),
         ("a/2", 2),
@@ -168,7 +199,7 @@ pub async fn list_by_prefix(store: &BlobStore, ns: &str) {
     );
     // A trailing slash means the same directory.
     assert_eq!(keys(store.list(&format!("{ns}/a/")).await.unwrap()), a);
-    assert_eq!(keys(store.list(ns).await.unwrap()).len(), 5);
+    assert_eq!(keys(store.list(&ns).await.unwrap()).len(), 5);
     assert!(
         store
             .list(&format!("{ns}/nothing-here"))
@@ -185,7 +216,8 @@ pub async fn list_by_prefix(store: &BlobStore, ns: &str) {
 }
 
 /// Delete removes; deleting again (or a never-written key) succeeds.
-pub async fn delete_is_idempotent(store: &BlobStore, ns: &str) {
+pub async fn delete_is_idempotent(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/doomed");
     store.put(&key, Bytes::from_static(b"x")).await.unwrap();
     store.delete(&key).await.unwrap();
@@ -195,7 +227,8 @@ pub async fn delete_is_idempotent(store: &BlobStore, ns: &str) {
 }
 
 /// Create-if-absent creates once, then reports `AlreadyExists` and leaves the object alone.
-pub async fn put_if_absent(store: &BlobStore, ns: &str) {
+pub async fn put_if_absent(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/manifest.json");
     let first = Bytes::from_static(b"{\"step\":1}");
     assert_eq!(
@@ -228,8 +261,9 @@ pub async fn put_if_absent(store: &BlobStore, ns: &str) {
 }
 
 /// Concurrent creators of one key: each gets an answer, the stored bytes are a winner's, and
-/// where create is `atomic`, exactly one wins.
-pub async fn put_if_absent_race(store: &BlobStore, ns: &str, atomic: bool) {
+/// where the fixture promises atomic creates, exactly one wins.
+pub async fn put_if_absent_race(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     const RACERS: usize = 8;
     for round in 0..5 {
         let key = format!("{ns}/round-{round}");
@@ -252,7 +286,7 @@ pub async fn put_if_absent_race(store: &BlobStore, ns: &str, atomic: bool) {
             }
         }
         let stored = store.get(&key).await.unwrap();
-        if atomic {
+        if fixture.atomic_create {
             assert_eq!(
                 winners.len(),
                 1,
@@ -276,7 +310,8 @@ pub async fn put_if_absent_race(store: &BlobStore, ns: &str, atomic: bool) {
 }
 
 /// Keys that are not relative object paths are refused before reaching the backend.
-pub async fn invalid_keys(store: &BlobStore) {
+pub async fn invalid_keys(fixture: &Fixture, _ns: String) {
+    let store = &fixture.store;
     for key in [
         "",
         "/abs",
@@ -302,7 +337,8 @@ pub async fn invalid_keys(store: &BlobStore) {
 }
 
 /// A multi-megabyte object (a weights chunk) round-trips intact.
-pub async fn large_object(store: &BlobStore, ns: &str) {
+pub async fn large_object(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let key = format!("{ns}/chunk");
     let data: Vec<u8> = (0..6 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -314,7 +350,8 @@ pub async fn large_object(store: &BlobStore, ns: &str) {
 }
 
 /// An encoded segment survives the store; a truncated read of it is caught by the codec.
-pub async fn segment_through_store(store: &BlobStore, ns: &str) {
+pub async fn segment_through_store(fixture: &Fixture, ns: String) {
+    let store = &fixture.store;
     let segment = Segment {
         trajectory: TrajectoryId {
             prompt: PromptId::from("conformance/prompt"),

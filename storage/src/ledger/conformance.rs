@@ -23,17 +23,8 @@ use super::{
     Checkpoint, DropReason, Ledger, LedgerError, PromptCounts, PromptStatus, Recorded, StepRecord,
     open,
 };
+use crate::testkit::{POSTGRES_URL_ENV, postgres_url};
 use crate::types::{Prompt, PromptId, PromptInput, StepId, VerifierSpec};
-
-/// The environment variable naming the PostgreSQL server the tests use.
-pub const POSTGRES_URL_ENV: &str = "FLYWHEEL_TEST_POSTGRES_URL";
-/// The PostgreSQL server the tests use when [`POSTGRES_URL_ENV`] is unset.
-pub const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-/// The PostgreSQL URL for tests: [`POSTGRES_URL_ENV`] or [`DEFAULT_POSTGRES_URL`].
-pub fn postgres_url() -> String {
-    std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
-}
 
 /// An isolated ledger for one test, and what to clean up after it.
 pub struct TestLedger {
@@ -105,7 +96,7 @@ impl TestLedger {
             panic!(
                 "PostgreSQL is unreachable at {} ({e}): start it with scripts/services.sh or \
                  point {POSTGRES_URL_ENV} at a running server",
-                super::sql::redact(&url)
+                flywheel_service::redact_url(&url)
             )
         });
         let schema = format!("flywheel_test_{}", uuid::Uuid::new_v4().simple());

@@ -13,6 +13,7 @@
 //!
 //! [`conformance`] is the test suite every backend must pass.
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 mod error;
 mod sql;

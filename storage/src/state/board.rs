@@ -1,4 +1,4 @@
-//! The step board (protocol of the wave-2 contract): the leader announces each step's manifest
+//! The step board: the leader announces each step's manifest
 //! and world size; trainers claim ranks of it under leases with fencing epochs, complete them,
 //! and the one trainer that completes the last rank (the *finisher*) publishes the weights and
 //! marks the step finished.

@@ -30,6 +30,7 @@
 //! handed back are on that clock (milliseconds since the Unix epoch).
 
 mod board;
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 mod memory;
 mod redis;

@@ -25,7 +25,7 @@ use flywheel_model::{
     CpuBackend, Model, ModelConfig, Params, SampleConfig, Sampler, StopReason, Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
+use flywheel_storage::weights::{self, MODEL_CONFIG_KEY, WeightsConfig, WeightsManifest};
 use flywheel_storage::{FinishReason, PolicyVersion};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -36,9 +36,6 @@ use super::{Engine, EngineError, SegmentOutput, SegmentRequest, splitmix64, traj
 
 /// The name this engine reports.
 const NAME: &str = "builtin";
-
-/// The manifest metadata key holding the model's config as JSON (written by the trainer).
-pub const MODEL_CONFIG_KEY: &str = "model_config";
 
 /// Settings of the built-in engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

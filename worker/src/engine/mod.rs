@@ -9,11 +9,14 @@
 //! Engines batch internally (continuous batching is the engine's job). The worker keeps
 //! [`Engine::slots`] calls in flight so that batching has something to work with.
 //!
-//! Implementations: [`sim::SimEngine`] (a seedable load generator) and
-//! [`openai::OpenAiEngine`] (any OpenAI-compatible completions server). The built-in model
-//! engine implements the same trait.
+//! Implementations: [`sim::SimEngine`] (a seedable load generator),
+//! [`openai::OpenAiEngine`] (any OpenAI-compatible completions server) and
+//! [`builtin::BuiltinEngine`] (the run's own policy on the CPU); `conformance` (feature
+//! `testsuite`) is the suite all of them pass.
 
 pub mod builtin;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod conformance;
 pub mod openai;
 pub mod sim;
 

@@ -1,4 +1,4 @@
-//! The demo's built-in task: add a list of small numbers, writing the running total after
+//! The built-in task: add a list of small numbers, writing the running total after
 //! each term, then the answer.
 //!
 //! A prompt is the terms joined by `+`, padded with spaces to a fixed width and closed by `=`;

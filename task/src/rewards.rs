@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use flywheel_storage::{Prompt, PromptInput, VerifierSpec};
 use serde::Deserialize;
 
-use super::task::{Problem, TaskConfig};
+use crate::problems::{Problem, TaskConfig};
 
 /// The name prompts of the task give their verifier (`VerifierSpec::Service`).
 pub const SERVICE_NAME: &str = "addition";

@@ -1,0 +1,202 @@
+//! The harness of the tests that run `flywheel` processes on the real services: start them
+//! with a config and environment, read their logs, signal and kill them, wait on them (every
+//! wait bounded, failing with the logs), and scrape their metrics.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `flywheel` processes of a test, each logging to `<dir>/<name>.log`; SIGKILLed if the
+/// test ends early.
+pub struct Processes {
+    /// Where the logs go.
+    pub dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    /// No process yet; logs in `dir`.
+    pub fn new(dir: &Path) -> Processes {
+        std::fs::create_dir_all(dir).unwrap();
+        Processes {
+            dir: dir.to_path_buf(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts `flywheel <args>` as `name`, with `env` set.
+    pub fn spawn(&mut self, name: &str, args: &[&str], env: &[(&str, String)]) {
+        let log = std::fs::File::create(self.log_path(name)).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flywheel"));
+        cmd.args(args)
+            .env("FLYWHEEL_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start flywheel {name}: {e}"));
+        self.children.push((name.to_owned(), child));
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    /// What `name` has logged.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// The last lines of every process's log.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text = self.log(name);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(25)..];
+            out.push_str(&format!(
+                "---- {name} (last lines) ----\n{}\n",
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Panics, with the logs, if a process other than `except` has exited.
+    pub fn check_alive(&mut self, except: &[&str]) {
+        let mut dead = Vec::new();
+        for (name, child) in &mut self.children {
+            if except.contains(&name.as_str()) {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push(format!("{name} exited early ({status})"));
+            }
+        }
+        if !dead.is_empty() {
+            panic!("{}\n{}", dead.join("; "), self.logs());
+        }
+    }
+
+    fn child(&mut self, name: &str) -> &mut Child {
+        &mut self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name} was started"))
+            .1
+    }
+
+    /// SIGKILL: no shutdown, leases left to expire.
+    pub fn kill(&mut self, name: &str) {
+        let child = self.child(name);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, the notice Kubernetes and spot reclaims give.
+    pub fn sigterm(&mut self, name: &str) {
+        let pid = self.child(name).id();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {name}");
+    }
+
+    /// Waits for `name` to exit, bounded by `deadline`.
+    pub async fn wait_exit(&mut self, name: &str, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child(name).try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "{name} did not exit within {deadline:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM to every live process, then wait for them.
+    pub fn stop(&mut self) {
+        for (_, child) in &mut self.children {
+            if let Ok(None) = child.try_wait() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.wait();
+        }
+    }
+
+    /// Polls `check` until it holds, failing with `what` and the logs at `deadline` or as
+    /// soon as a process other than `except` exits.
+    pub async fn wait_until<F, Fut>(
+        &mut self,
+        except: &[&str],
+        what: &str,
+        deadline: Duration,
+        mut check: F,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !check().await {
+            self.check_alive(except);
+            if start.elapsed() > deadline {
+                panic!(
+                    "timed out waiting for {what} (logs in {})\n{}",
+                    self.dir.display(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The value of metric `name` (no labels) served at `http://addr/metrics`.
+pub async fn metric(addr: &str, name: &str) -> f64 {
+    let body = http_get(&format!("http://{addr}/metrics")).await;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .filter(|rest| rest.starts_with(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("metric {name} missing from {addr}: {body}"))
+}
+
+/// The body of `GET url`.
+pub async fn http_get(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}

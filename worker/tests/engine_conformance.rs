@@ -1,0 +1,182 @@
+//! The engine conformance suite on every engine: `sim`, `builtin` (the run's own policy from
+//! weights published in an object store) and `openai` (against a local OpenAI-compatible
+//! server that generates, tokenizes and detokenizes like vLLM's).
+
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use flywheel_worker::engine::Engine;
+use flywheel_worker::engine::conformance::EngineFactory;
+
+mod sim {
+    use super::*;
+    use flywheel_worker::engine::sim::{LengthDistribution, SimConfig, SimEngine};
+
+    struct Sim;
+
+    #[async_trait]
+    impl EngineFactory for Sim {
+        async fn engine(&self) -> Arc<dyn Engine> {
+            Arc::new(
+                SimEngine::new(SimConfig {
+                    seed: 3,
+                    slots: 4,
+                    decode_tokens_per_s: 0.0,
+                    lengths: LengthDistribution::Uniform { lo: 1, hi: 40 },
+                    ..SimConfig::default()
+                })
+                .unwrap(),
+            )
+        }
+
+        fn prompt(&self) -> &str {
+            "What is 6 times 7?"
+        }
+    }
+
+    flywheel_worker::engine_conformance!(Sim);
+}
+
+mod builtin {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    use flywheel_model::{ModelConfig, Params, Tokenizer};
+    use flywheel_storage::blob::BlobStore;
+    use flywheel_storage::weights::{self, Dtype, MODEL_CONFIG_KEY, TensorBytes, WeightsConfig};
+    use flywheel_worker::engine::builtin::{BuiltinConfig, BuiltinEngine};
+
+    struct Builtin;
+
+    #[async_trait]
+    impl EngineFactory for Builtin {
+        async fn engine(&self) -> Arc<dyn Engine> {
+            let blobs = BlobStore::open("memory://").unwrap();
+            let model = ModelConfig {
+                d_model: 16,
+                n_layers: 1,
+                n_heads: 2,
+                d_ff: 32,
+                max_seq_len: 64,
+                ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
+            };
+            let params = Params::init(&model, 1).unwrap();
+            let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
+            let views: Vec<TensorBytes<'_>> = params
+                .tensors()
+                .iter()
+                .zip(&bytes)
+                .map(|(t, b)| TensorBytes {
+                    name: &t.name,
+                    shape: &t.shape,
+                    dtype: Dtype::F32,
+                    bytes: b,
+                })
+                .collect();
+            let metadata = BTreeMap::from([(
+                MODEL_CONFIG_KEY.to_owned(),
+                serde_json::to_string(&model).unwrap(),
+            )]);
+            let config = WeightsConfig::default();
+            weights::publish_with_metadata(&blobs, "run", 0, &views, None, &metadata, &config)
+                .await
+                .unwrap();
+            let config = BuiltinConfig {
+                slots: 2,
+                ..BuiltinConfig::default()
+            };
+            Arc::new(BuiltinEngine::new(blobs, "run", config).unwrap())
+        }
+
+        fn prompt(&self) -> &str {
+            "3+4+5="
+        }
+    }
+
+    flywheel_worker::engine_conformance!(Builtin);
+}
+
+mod openai {
+    use super::*;
+    use axum::Router;
+    use axum::routing::post;
+    use flywheel_worker::engine::openai::{OpenAiConfig, OpenAiEngine};
+    use serde_json::{Value, json};
+
+    /// The server's end-of-sequence token.
+    const EOS: u32 = 0;
+
+    /// Byte tokens; the continuation of a context is a fixed function of it: the next byte
+    /// after the last, EOS once the context holds 60 tokens.
+    fn continuation(context: &[u32], max_tokens: usize) -> (Vec<u32>, &'static str) {
+        let mut out = Vec::new();
+        let mut last = context.last().copied().unwrap_or(b'a'.into());
+        while out.len() < max_tokens {
+            if context.len() + out.len() + 1 == 60 {
+                out.push(EOS);
+                return (out, "stop");
+            }
+            last = b'a' as u32 + (last + 1) % 26;
+            out.push(last);
+        }
+        (out, "length")
+    }
+
+    async fn completions(axum::Json(req): axum::Json<Value>) -> axum::Json<Value> {
+        let prompt: Vec<u32> = serde_json::from_value(req["prompt"].clone()).unwrap();
+        let max_tokens = req["max_tokens"].as_u64().unwrap() as usize;
+        let (tokens, finish) = continuation(&prompt, max_tokens);
+        let logprobs: Vec<f64> = tokens.iter().map(|&t| -0.001 * f64::from(t)).collect();
+        let strings: Vec<String> = tokens.iter().map(|t| format!("token_id:{t}")).collect();
+        axum::Json(json!({"choices": [{
+            "index": 0,
+            "text": "",
+            "token_ids": tokens,
+            "logprobs": {"tokens": strings, "token_logprobs": logprobs},
+            "finish_reason": finish,
+        }]}))
+    }
+
+    async fn tokenize(axum::Json(req): axum::Json<Value>) -> axum::Json<Value> {
+        let text = req["prompt"].as_str().unwrap();
+        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+        axum::Json(json!({"count": tokens.len(), "max_model_len": 4096, "tokens": tokens}))
+    }
+
+    async fn detokenize(axum::Json(req): axum::Json<Value>) -> axum::Json<Value> {
+        let tokens: Vec<u8> = serde_json::from_value::<Vec<u32>>(req["tokens"].clone())
+            .unwrap()
+            .into_iter()
+            .filter(|&t| t != EOS)
+            .map(|t| t as u8)
+            .collect();
+        axum::Json(json!({"prompt": String::from_utf8_lossy(&tokens)}))
+    }
+
+    struct OpenAi;
+
+    #[async_trait]
+    impl EngineFactory for OpenAi {
+        async fn engine(&self) -> Arc<dyn Engine> {
+            let router = Router::new()
+                .route("/v1/completions", post(completions))
+                .route("/tokenize", post(tokenize))
+                .route("/detokenize", post(detokenize));
+            let base_url = common::serve(router).await;
+            let config = OpenAiConfig {
+                base_url,
+                slots: 4,
+                ..OpenAiConfig::default()
+            };
+            Arc::new(OpenAiEngine::new(config).unwrap())
+        }
+
+        fn prompt(&self) -> &str {
+            "What is 6 times 7?"
+        }
+    }
+
+    flywheel_worker::engine_conformance!(OpenAi);
+}
