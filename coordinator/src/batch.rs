@@ -843,7 +843,6 @@ mod tests {
         assert_eq!(d.reason, DropReason::ZeroVariance);
         assert!(d.detail.contains("every reward is 1"), "{}", d.detail);
         assert_eq!(d.reason.as_str(), "zero_variance");
-        assert!(d.reason.to_string().contains("every reward is 1"));
         let kept = ready(form_group(
             &"p".into(),
             2,

@@ -806,22 +806,26 @@ struct Stored {
     read: u64,
 }
 
-/// [`publish_with_metadata`] given the bytes of `previous` too: `previous_tensors` holds
-/// (some of) its tensors, by name, and the bases of deltas are taken from them instead of
-/// read from the store. A base whose bytes do not hash to what `previous` says is read from
-/// the store instead, so wrong bytes cost reads, never a wrong delta.
-#[allow(clippy::too_many_arguments)] // mirrors publish_with_metadata plus one argument
-pub async fn publish_with_base(
-    blob: &BlobStore,
-    run: &str,
-    version: PolicyVersion,
-    tensors: &[TensorBytes<'_>],
+/// What a publication has to do: the new version's tensor entries (chunk references, those
+/// of new chunks still without their delta) and the distinct new chunks to store.
+struct Plan<'a> {
+    entries: Vec<TensorEntry>,
+    /// Distinct new hashes → what to store.
+    new_chunks: BTreeMap<String, NewChunk<'a>>,
+    /// Chunk references of the version.
+    refs: u64,
+    /// Bytes of the version.
+    total: u64,
+}
+
+/// Splits `tensors` into chunks and finds, for each, a known object of `previous` or a
+/// delta base in it.
+fn plan<'a>(
+    tensors: &[TensorBytes<'a>],
     previous: Option<&WeightsManifest>,
-    previous_tensors: &[TensorBytes<'_>],
-    metadata: &BTreeMap<String, String>,
+    previous_tensors: &[TensorBytes<'a>],
     config: &WeightsConfig,
-) -> Result<PublishReport, WeightsError> {
-    config.validate()?;
+) -> Result<Plan<'a>, WeightsError> {
     // Content hash → how `previous` stores it: reusing that costs nothing.
     let mut recipes: HashMap<&str, &ChunkRef> = HashMap::new();
     let mut previous_entries: HashMap<&str, &TensorEntry> = HashMap::new();
@@ -835,12 +839,13 @@ pub async fn publish_with_base(
     }
     let previous_bytes: HashMap<&str, &[u8]> =
         previous_tensors.iter().map(|t| (t.name, t.bytes)).collect();
-
     let mut seen_names = BTreeSet::new();
-    let mut entries = Vec::with_capacity(tensors.len());
-    // Distinct new hashes → what to store.
-    let mut new_chunks: BTreeMap<String, NewChunk<'_>> = BTreeMap::new();
-    let (mut refs, mut total) = (0u64, 0u64);
+    let mut plan = Plan {
+        entries: Vec::with_capacity(tensors.len()),
+        new_chunks: BTreeMap::new(),
+        refs: 0,
+        total: 0,
+    };
     for t in tensors {
         if !seen_names.insert(t.name) {
             return Err(WeightsError::InvalidInput(format!(
@@ -873,7 +878,7 @@ pub async fn publish_with_base(
                 chunks.push((*known).clone());
                 continue;
             }
-            if !new_chunks.contains_key(&hash) {
+            if !plan.new_chunks.contains_key(&hash) {
                 // Same position, same length, chain not at its bound: a delta candidate.
                 let base = base_entry
                     .and_then(|e| e.chunks.get(i))
@@ -883,14 +888,12 @@ pub async fn publish_with_base(
                         let bytes = base_bytes.and_then(|d| d.get(off..off + c.len()));
                         (b.clone(), bytes)
                     });
-                new_chunks.insert(
-                    hash.clone(),
-                    NewChunk {
-                        data: c,
-                        width: t.dtype.size() as usize,
-                        base,
-                    },
-                );
+                let new = NewChunk {
+                    data: c,
+                    width: t.dtype.size() as usize,
+                    base,
+                };
+                plan.new_chunks.insert(hash.clone(), new);
             }
             // Filled in once stored.
             chunks.push(ChunkRef {
@@ -899,9 +902,9 @@ pub async fn publish_with_base(
                 delta: None,
             });
         }
-        refs += chunks.len() as u64;
-        total += t.bytes.len() as u64;
-        entries.push(TensorEntry {
+        plan.refs += chunks.len() as u64;
+        plan.total += t.bytes.len() as u64;
+        plan.entries.push(TensorEntry {
             name: t.name.to_owned(),
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             dtype: t.dtype,
@@ -909,9 +912,18 @@ pub async fn publish_with_base(
             chunks,
         });
     }
+    Ok(plan)
+}
 
+/// Stores the new chunks, `config.concurrency` at a time; returns how each was stored.
+async fn store_new_chunks(
+    blob: &BlobStore,
+    run: &str,
+    new_chunks: BTreeMap<String, NewChunk<'_>>,
+    config: &WeightsConfig,
+) -> Result<HashMap<String, Stored>, WeightsError> {
     // Owned inputs: the futures borrow nothing (they stay `Send` for any caller, see
-    // rust-lang/rust#102211). Encoding runs inside them, `concurrency` chunks at a time.
+    // rust-lang/rust#102211). Encoding runs inside them.
     let jobs: Vec<(String, Bytes, usize, DeltaBase)> = new_chunks
         .into_iter()
         .map(|(hash, n)| {
@@ -920,7 +932,7 @@ pub async fn publish_with_base(
         })
         .collect();
     let delta_max_percent = u64::from(config.delta_max_percent);
-    let stored: HashMap<String, Stored> = futures::stream::iter(jobs)
+    futures::stream::iter(jobs)
         .map(|(hash, data, width, base)| {
             let blob = blob.clone();
             let run = run.to_owned();
@@ -932,7 +944,58 @@ pub async fn publish_with_base(
         })
         .buffer_unordered(config.concurrency)
         .try_collect()
-        .await?;
+        .await
+}
+
+/// Writes `manifest` create-if-absent; an existing manifest of the same content stands (a
+/// redone publish), one of other content is a [`WeightsError::VersionConflict`]. Returns the
+/// manifest in the store and whether this call created it.
+async fn write_manifest(
+    blob: &BlobStore,
+    run: &str,
+    manifest: WeightsManifest,
+) -> Result<(WeightsManifest, bool), WeightsError> {
+    let version = manifest.version;
+    let key = keys::weights_manifest(run, version);
+    let body = serde_json::to_vec(&manifest)
+        .map_err(|e| WeightsError::InvalidInput(format!("cannot encode the manifest: {e}")))?;
+    match blob.put_if_absent(&key, Bytes::from(body)).await? {
+        PutOutcome::Created => Ok((manifest, true)),
+        PutOutcome::AlreadyExists => {
+            // A redone publish may have stored the same bytes differently: what counts is the
+            // content, and the stored manifest is the one later versions build on.
+            let existing = load_manifest(blob, run, version).await?;
+            if !existing.same_content(&manifest) {
+                return Err(WeightsError::VersionConflict { key });
+            }
+            Ok((existing, false))
+        }
+    }
+}
+
+/// [`publish_with_metadata`] given the bytes of `previous` too: `previous_tensors` holds
+/// (some of) its tensors, by name, and the bases of deltas are taken from them instead of
+/// read from the store. A base whose bytes do not hash to what `previous` says is read from
+/// the store instead, so wrong bytes cost reads, never a wrong delta.
+#[allow(clippy::too_many_arguments)] // mirrors publish_with_metadata plus one argument
+pub async fn publish_with_base(
+    blob: &BlobStore,
+    run: &str,
+    version: PolicyVersion,
+    tensors: &[TensorBytes<'_>],
+    previous: Option<&WeightsManifest>,
+    previous_tensors: &[TensorBytes<'_>],
+    metadata: &BTreeMap<String, String>,
+    config: &WeightsConfig,
+) -> Result<PublishReport, WeightsError> {
+    config.validate()?;
+    let Plan {
+        mut entries,
+        new_chunks,
+        refs,
+        total,
+    } = plan(tensors, previous, previous_tensors, config)?;
+    let stored = store_new_chunks(blob, run, new_chunks, config).await?;
     let (mut chunks_written, mut bytes_written, mut deltas_written, mut bytes_read) =
         (0u64, 0u64, 0u64, 0u64);
     for s in stored.values() {
@@ -963,22 +1026,7 @@ pub async fn publish_with_base(
         tensors: entries,
         metadata: metadata.clone(),
     };
-
-    let key = keys::weights_manifest(run, version);
-    let body = serde_json::to_vec(&manifest)
-        .map_err(|e| WeightsError::InvalidInput(format!("cannot encode the manifest: {e}")))?;
-    let (manifest, manifest_created) = match blob.put_if_absent(&key, Bytes::from(body)).await? {
-        PutOutcome::Created => (manifest, true),
-        PutOutcome::AlreadyExists => {
-            // A redone publish may have stored the same bytes differently: what counts is the
-            // content, and the stored manifest is the one later versions build on.
-            let existing = load_manifest(blob, run, version).await?;
-            if !existing.same_content(&manifest) {
-                return Err(WeightsError::VersionConflict { key });
-            }
-            (existing, false)
-        }
-    };
+    let (manifest, manifest_created) = write_manifest(blob, run, manifest).await?;
     Ok(PublishReport {
         manifest,
         bytes_written,
