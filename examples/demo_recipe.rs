@@ -36,15 +36,15 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use flywheel_model::{
-    Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, StopReason, Tensor, Tokenizer,
+    Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, Tensor, Tokenizer,
 };
+use flywheel_task::eval::respond;
 use flywheel_task::{Problem, ProblemStream, Split, TaskConfig, held_out_set, mix};
+use flywheel_trainer::step::SupervisedExample;
 use flywheel_trainer::{
     AdamW, AdamWConfig, LossConfig, LossStats, Param, PolicyLoss, PolicyTokens, SupervisedTokens,
     supervised_loss,
 };
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 /// Every setting of the recipe; the defaults are the calibrated demo.
@@ -280,15 +280,13 @@ impl Recipe {
                 let start = ids.len();
                 self.tok.encode_into(&self.task.reference(&p), &mut ids)?;
                 ids.push(Tokenizer::EOS);
-                seqs_owned.push((ids, start));
+                seqs_owned.push(SupervisedExample {
+                    tokens: ids,
+                    response_start: start,
+                });
             }
-            let seqs: Vec<Sequence<'_>> = seqs_owned
-                .iter()
-                .map(|(t, s)| Sequence {
-                    tokens: t,
-                    response_start: *s,
-                })
-                .collect();
+            let seqs: Vec<Sequence<'_>> =
+                seqs_owned.iter().map(SupervisedExample::sequence).collect();
             let cache = self.model.forward(&seqs)?;
             let n = cache.logprobs().len();
             let trained = vec![true; n];
@@ -339,28 +337,11 @@ impl Recipe {
                 || Sampler::new(model),
                 |sampler, &(problem, prompt, seed)| -> Result<Rollout> {
                     let sampler = sampler.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                    sampler.prefill(model, prompt)?;
-                    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
-                    let stop = sampler.generate(
-                        model,
-                        &sample,
-                        max_new,
-                        Some(Tokenizer::EOS),
-                        &mut rng,
-                        &mut tokens,
-                        &mut logprobs,
-                    )?;
-                    // A response cut by the length limit has no final answer: reward 0.
-                    let reward = if stop == StopReason::Eos {
-                        problem.reward(&tok.decode(&tokens)?)
-                    } else {
-                        0.0
-                    };
+                    let r = respond(sampler, model, prompt, &sample, max_new, seed)?;
                     Ok(Rollout {
-                        tokens,
-                        logprobs,
-                        reward,
+                        reward: r.reward(problem, tok),
+                        tokens: r.tokens,
+                        logprobs: r.logprobs,
                     })
                 },
             )
@@ -485,18 +466,15 @@ impl Recipe {
         let (mut infer, mut adv) = (Vec::new(), Vec::new());
         for g in &groups {
             for (r, &a) in g.rollouts.iter().zip(&g.advantages) {
-                seqs_owned.push(([g.prompt.as_slice(), &r.tokens].concat(), g.prompt.len()));
+                seqs_owned.push(SupervisedExample {
+                    tokens: [g.prompt.as_slice(), &r.tokens].concat(),
+                    response_start: g.prompt.len(),
+                });
                 infer.push(r.logprobs.clone());
                 adv.push(vec![a; r.tokens.len()]);
             }
         }
-        let seqs: Vec<Sequence<'_>> = seqs_owned
-            .iter()
-            .map(|(t, s)| Sequence {
-                tokens: t,
-                response_start: *s,
-            })
-            .collect();
+        let seqs: Vec<Sequence<'_>> = seqs_owned.iter().map(SupervisedExample::sequence).collect();
         // Mini-batches: whole sequences, dealt round-robin so they have similar token counts.
         let parts: Vec<Vec<usize>> = (0..m)
             .map(|j| (j..seqs.len()).step_by(m).collect())

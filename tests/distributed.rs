@@ -48,8 +48,8 @@ use flywheel_model::{Model, ModelConfig, Params, Tokenizer};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::PromptStatus;
 use flywheel_storage::ledger::conformance::TestLedger;
-use flywheel_storage::state::{RedisStateStore, StateStore};
-use flywheel_storage::testkit::{self, free_port, require};
+use flywheel_storage::state::StateStore;
+use flywheel_storage::testkit::{self, free_port};
 use flywheel_storage::weights::{self, WeightsConfig};
 use flywheel_task::{TaskSection, held_out_set};
 
@@ -76,21 +76,9 @@ const DEADLINE: Duration = Duration::from_secs(900);
 async fn distributed_run_survives_a_killed_worker() {
     let redis = testkit::redis_url();
     let brokers = testkit::kafka_brokers();
-    require(
-        "Kafka",
-        testkit::KAFKA_BROKERS_ENV,
-        brokers.split(',').next().unwrap(),
-    );
     let s3 = testkit::S3Server::from_env();
     let run_id = format!("dist-{:012x}", rand::random::<u64>() >> 16);
-    let state = RedisStateStore::connect(&redis, &run_id)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "Redis at {redis} (FLYWHEEL_TEST_REDIS_URL) is unreachable: {e}. Start it with \
-                 scripts/services.sh."
-            )
-        });
+    let state = testkit::redis_state(&run_id).await;
     // A fresh schema; panics naming PostgreSQL when it is unreachable.
     let test_ledger = TestLedger::postgres().await;
     let ledger = test_ledger.ledger();

@@ -21,17 +21,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Processes, metric};
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::codec;
 use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, ensure_topics};
 use flywheel_storage::state::{RedisStateStore, StateStore};
-use flywheel_storage::testkit::{self, free_port, require};
+use flywheel_storage::testkit::{self, free_port};
 use flywheel_storage::{
     Prompt, PromptId, PromptInput, Segment, TrajectoryId, TrajectoryStatus, VerifierSpec,
 };
@@ -39,14 +37,6 @@ use flywheel_worker::engine::sim::{LengthDistribution, SimConfig, SimEngine};
 use flywheel_worker::engine::{Engine, SamplingConfig, SegmentRequest};
 
 const DEADLINE: Duration = Duration::from_secs(180);
-
-async fn wait_for<F, Fut>(what: &str, check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    testkit::wait_for(what, DEADLINE, check).await
-}
 
 /// One test run on the real services.
 struct Run {
@@ -68,21 +58,9 @@ impl Run {
         };
         let redis = testkit::redis_url();
         let brokers = testkit::kafka_brokers();
-        require(
-            "Kafka",
-            testkit::KAFKA_BROKERS_ENV,
-            brokers.split(',').next().unwrap(),
-        );
         let s3 = testkit::S3Server::from_env();
         let run_id = format!("wp-{tag}-{:012x}", rand::random::<u64>() >> 16);
-        let state = RedisStateStore::connect(&redis, &run_id)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Redis at {redis} (FLYWHEEL_TEST_REDIS_URL) is unreachable: {e}. \
-                     Start it with scripts/services.sh."
-                )
-            });
+        let state = testkit::redis_state(&run_id).await;
         // A fresh schema (FLYWHEEL_TEST_POSTGRES_URL): the run never depends on, or changes,
         // what other runs migrated. Panics naming PostgreSQL when it is unreachable.
         let test_ledger = TestLedger::postgres().await;
@@ -194,18 +172,19 @@ lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
     }
 
     async fn segments(&self, id: &TrajectoryId) -> Vec<(String, Segment)> {
-        let t = self
-            .state
-            .trajectory(id)
+        testkit::committed_segments(&self.state, &self.blobs, id)
             .await
-            .unwrap()
-            .expect("registered");
-        let mut out = Vec::new();
-        for r in &t.segments {
-            let s = codec::decode(&self.blobs.get(&r.key).await.unwrap()).unwrap();
-            out.push((r.key.clone(), s));
-        }
-        out
+            .into_iter()
+            .map(|(r, s)| (r.key, s))
+            .collect()
+    }
+
+    /// Stops worker `id` with SIGTERM, checks it exits cleanly and deletes the run's state.
+    async fn finish(&mut self, id: &str) {
+        self.procs.sigterm(id);
+        let status = self.wait_exit(id).await;
+        assert!(status.success(), "{id}: {status}\n{}", self.procs.log(id));
+        self.state.delete_run().await.unwrap();
     }
 
     /// The whole trajectory generated in one engine call.
@@ -275,6 +254,39 @@ lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
         out
     }
 
+    /// Opens version 0 as the coordinator leader would (a fenced leader write), sends 4
+    /// prompts of 2 samples and starts worker `w-a`; returns once it holds at least two
+    /// trajectories with two committed segments or more (mid-flight).
+    async fn start_w_a(&mut self) -> Vec<TrajectoryId> {
+        let lead = self
+            .state
+            .acquire_leader("test-leader", Duration::from_secs(600))
+            .await
+            .unwrap()
+            .expect("the leader lock is free");
+        self.state
+            .open_version(0, 10_000_000, 4, lead.token)
+            .await
+            .unwrap();
+        let ids = self.send_prompts(4, 2).await;
+        self.spawn("w-a");
+        let run = &*self;
+        testkit::wait_for(
+            DEADLINE,
+            "w-a holding leases with committed segments",
+            || async {
+                let mut with_segments = 0;
+                for id in run.held_by(&ids, "w-a").await {
+                    let t = run.state.trajectory(&id).await.unwrap().unwrap();
+                    with_segments += usize::from(t.segments.len() >= 2);
+                }
+                with_segments >= 2
+            },
+        )
+        .await;
+        ids
+    }
+
     async fn finished(&self) -> u64 {
         self.state.counts().await.unwrap().finished
     }
@@ -295,39 +307,7 @@ fn sim() -> SimConfig {
 async fn sigterm_exits_in_the_grace_period_with_leases_released() {
     // Long leases: a lease the worker failed to release could not be hidden by a steal.
     let mut run = Run::new("term", 60_000, sim()).await;
-    // The test plays the coordinator leader: opening a version is a fenced leader write.
-    let lead = run
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .expect("the leader lock is free");
-    run.state
-        .open_version(0, 10_000_000, 4, lead.token)
-        .await
-        .unwrap();
-    let ids = run.send_prompts(4, 2).await;
-    run.spawn("w-a");
-    wait_for("w-a holding leases with committed segments", || async {
-        let held = run.held_by(&ids, "w-a").await;
-        let mut with_segments = 0;
-        for id in &held {
-            if run
-                .state
-                .trajectory(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .segments
-                .len()
-                >= 2
-            {
-                with_segments += 1;
-            }
-        }
-        with_segments >= 2
-    })
-    .await;
+    let ids = run.start_w_a().await;
     let b_addr = run.spawn("w-b");
     run.procs.sigterm("w-a");
     let status = run.wait_exit("w-a").await;
@@ -340,7 +320,7 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
         run.held_by(&ids, "w-a").await.is_empty(),
         "w-a released every lease"
     );
-    wait_for("all 8 trajectories finished by w-b", || async {
+    testkit::wait_for(DEADLINE, "all 8 trajectories finished by w-b", || async {
         run.finished().await == ids.len() as u64
     })
     .await;
@@ -352,51 +332,13 @@ async fn sigterm_exits_in_the_grace_period_with_leases_released() {
         .count();
     assert!(resumed >= 1, "some trajectory moved from w-a to w-b");
     assert!(metric(&b_addr, "flywheel_worker_trajectories_finished_total").await >= 1.0);
-    run.procs.sigterm("w-b");
-    assert!(
-        run.wait_exit("w-b").await.success(),
-        "{}",
-        run.procs.log("w-b")
-    );
-    run.state.delete_run().await.unwrap();
+    run.finish("w-b").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commit() {
     let mut run = Run::new("kill", 2_000, sim()).await;
-    // The test plays the coordinator leader: opening a version is a fenced leader write.
-    let lead = run
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .expect("the leader lock is free");
-    run.state
-        .open_version(0, 10_000_000, 4, lead.token)
-        .await
-        .unwrap();
-    let ids = run.send_prompts(4, 2).await;
-    run.spawn("w-a");
-    wait_for("w-a holding leases with committed segments", || async {
-        let held = run.held_by(&ids, "w-a").await;
-        let mut with_segments = 0;
-        for id in &held {
-            if run
-                .state
-                .trajectory(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .segments
-                .len()
-                >= 2
-            {
-                with_segments += 1;
-            }
-        }
-        with_segments >= 2
-    })
-    .await;
+    let ids = run.start_w_a().await;
     run.procs.kill("w-a");
     // What w-a had committed when it died, for the trajectories it held.
     let held = run.held_by(&ids, "w-a").await;
@@ -406,7 +348,7 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
         prefixes.insert(id.clone(), run.segments(id).await);
     }
     let b_addr = run.spawn("w-b");
-    wait_for("all 8 trajectories finished by w-b", || async {
+    testkit::wait_for(DEADLINE, "all 8 trajectories finished by w-b", || async {
         run.finished().await == ids.len() as u64
     })
     .await;
@@ -432,11 +374,5 @@ async fn kill_9_leases_expire_and_the_other_worker_continues_from_the_last_commi
         metric(&b_addr, "flywheel_worker_lease_steals_total").await >= held.len() as f64,
         "w-b stole every lease w-a held"
     );
-    run.procs.sigterm("w-b");
-    assert!(
-        run.wait_exit("w-b").await.success(),
-        "{}",
-        run.procs.log("w-b")
-    );
-    run.state.delete_run().await.unwrap();
+    run.finish("w-b").await;
 }

@@ -75,13 +75,7 @@ async fn drops_zero_variance_and_purged_groups_with_reasons() {
     // z: every reward equal → dropped (zero variance).
     w.finish_prompt("z", &[10, 10], &[1.0, 1.0]).await;
     // p: one sample parked with a segment under version 0 → purged when version 1 opens.
-    let p = w.accept("p", 1).await;
-    let tid = TrajectoryId {
-        prompt: p.id.clone(),
-        sample: 0,
-    };
-    let epoch = w.generate(&tid, 5).await;
-    w.state.release(&tid, "w", epoch).await.unwrap();
+    w.park("p").await;
     // a + b make step 0.
     for q in ["a", "b"] {
         w.finish_prompt(q, &[30, 30], &[1.0, 0.0]).await;
@@ -224,13 +218,7 @@ async fn a_spent_budget_cuts_a_short_step_when_nothing_generates() {
     tick_until_settled(&mut c).await;
     // One complete group (60 < Φ = 100) and a parked trajectory: not drained.
     w.finish_prompt("a", &[20, 40], &[1.0, 0.0]).await;
-    let p = w.accept("p", 1).await;
-    let tid = TrajectoryId {
-        prompt: p.id.clone(),
-        sample: 0,
-    };
-    let epoch = w.generate(&tid, 5).await;
-    w.state.release(&tid, "w", epoch).await.unwrap();
+    w.park("p").await;
     assert_eq!(
         c.tick().await.unwrap(),
         TickOutcome::Idle,
@@ -282,16 +270,7 @@ async fn async_mode_drops_groups_past_the_lag_bound() {
     let e = w.generate(&second, 30).await;
     w.state.finish(&second, "w", e, 0.0).await.unwrap();
     c.tick().await.unwrap();
-    assert!(matches!(
-        w.ledger
-            .prompt_status(&w.run.storage.run_id, &pid("old"))
-            .await
-            .unwrap(),
-        Some(PromptStatus::Dropped {
-            reason: DropReason::LagExceeded,
-            ..
-        })
-    ));
+    assert_eq!(w.drop_reason("old").await, Some(DropReason::LagExceeded));
 }
 
 #[tokio::test]
@@ -303,13 +282,7 @@ async fn purged_trajectories_are_regenerated_when_configured() {
     let w = World { run, ..w };
     let mut c = w.coordinator("c");
     tick_until_settled(&mut c).await;
-    let p = w.accept("p", 1).await;
-    let tid = TrajectoryId {
-        prompt: p.id.clone(),
-        sample: 0,
-    };
-    let epoch = w.generate(&tid, 5).await;
-    w.state.release(&tid, "w", epoch).await.unwrap();
+    let tid = w.park("p").await;
     for q in ["a", "b"] {
         w.finish_prompt(q, &[30, 30], &[1.0, 0.0]).await;
     }
@@ -337,16 +310,7 @@ async fn purged_trajectories_are_regenerated_when_configured() {
     let e = w.generate(&tid, 7).await;
     w.state.finish(&tid, "w", e, 1.0).await.unwrap();
     c.tick().await.unwrap();
-    assert!(matches!(
-        w.ledger
-            .prompt_status(&w.run.storage.run_id, &pid("p"))
-            .await
-            .unwrap(),
-        Some(PromptStatus::Dropped {
-            reason: DropReason::ZeroVariance,
-            ..
-        })
-    ));
+    assert_eq!(w.drop_reason("p").await, Some(DropReason::ZeroVariance));
 }
 
 #[tokio::test]

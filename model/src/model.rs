@@ -360,6 +360,60 @@ impl<B: Backend> Model<B> {
         &self.index
     }
 
+    /// `out ← norm(x)` over `rows` rows of width `d_model`, with the norm whose scale (and
+    /// bias) are the weights `(scale, bias)`; saves the row statistics in `stats`.
+    pub(crate) fn norm(
+        &self,
+        (scale, bias): (usize, Option<usize>),
+        x: &B::Buf,
+        out: &mut B::Buf,
+        stats: &mut B::Buf,
+        rows: usize,
+    ) -> Result<()> {
+        let (cfg, w) = (&self.config, &self.weights);
+        let bias = bias.map(|b| &w[b]);
+        self.backend.norm(
+            cfg.norm,
+            cfg.norm_eps,
+            x,
+            &w[scale],
+            bias,
+            out,
+            stats,
+            rows,
+            cfg.d_model,
+        )
+    }
+
+    /// Backward of [`Model::norm`]: adds the input gradient to `dx` and accumulates the
+    /// norm's weight gradients in `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward(
+        &self,
+        (scale, bias): (usize, Option<usize>),
+        x: &B::Buf,
+        stats: &B::Buf,
+        d_out: &B::Buf,
+        dx: &mut B::Buf,
+        grads: &mut [B::Buf],
+        rows: usize,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (d_scale, d_bias) = two_grads(grads, scale, bias);
+        self.backend.norm_backward(
+            cfg.norm,
+            x,
+            &self.weights[scale],
+            stats,
+            d_out,
+            dx,
+            d_scale,
+            d_bias,
+            rows,
+            cfg.d_model,
+        )
+    }
+
     /// Zeroed gradient accumulators for this model.
     pub fn new_gradients(&self) -> Result<Gradients<B>> {
         let bufs = self
@@ -476,17 +530,7 @@ impl<B: Backend> Model<B> {
         for li in &ix.layers {
             let mut stats1 = be.alloc(2 * rows)?;
             let mut h1 = be.alloc(rows * d)?;
-            be.norm(
-                cfg.norm,
-                cfg.norm_eps,
-                &x,
-                &w[li.norm1_w],
-                li.norm1_b.map(|b| &w[b]),
-                &mut h1,
-                &mut stats1,
-                rows,
-                d,
-            )?;
+            self.norm(li.norm1(), &x, &mut h1, &mut stats1, rows)?;
             let mut qkv = be.alloc(rows * 3 * d)?;
             matmul(
                 be,
@@ -533,17 +577,7 @@ impl<B: Backend> Model<B> {
 
             let mut stats2 = be.alloc(2 * rows)?;
             let mut h2 = be.alloc(rows * d)?;
-            be.norm(
-                cfg.norm,
-                cfg.norm_eps,
-                &x_mid,
-                &w[li.norm2_w],
-                li.norm2_b.map(|b| &w[b]),
-                &mut h2,
-                &mut stats2,
-                rows,
-                d,
-            )?;
+            self.norm(li.norm2(), &x_mid, &mut h2, &mut stats2, rows)?;
             let mut f1 = be.alloc(rows * ff)?;
             matmul(be, rows, d, ff, &h2, false, &w[li.w1], false, 0.0, &mut f1)?;
             let mut g = be.alloc(rows * ff)?;
@@ -576,17 +610,7 @@ impl<B: Backend> Model<B> {
         }
         let mut stats_f = be.alloc(2 * rows)?;
         let mut hf = be.alloc(rows * d)?;
-        be.norm(
-            cfg.norm,
-            cfg.norm_eps,
-            &x,
-            &w[ix.final_w],
-            ix.final_b.map(|b| &w[b]),
-            &mut hf,
-            &mut stats_f,
-            rows,
-            d,
-        )?;
+        self.norm(ix.final_norm(), &x, &mut hf, &mut stats_f, rows)?;
         let mut logits = be.alloc(rows * v)?;
         matmul(
             be,
@@ -709,18 +733,14 @@ impl<B: Backend> Model<B> {
         drop(dlogits);
         // dx: gradient w.r.t. the residual stream, walked back through the blocks.
         let mut dx = be.alloc(rows * d)?;
-        let (dgw, dgb) = two_grads(gr, ix.final_w, ix.final_b);
-        be.norm_backward(
-            cfg.norm,
+        self.norm_backward(
+            ix.final_norm(),
             &cache.x_final,
-            &w[ix.final_w],
             &cache.stats_f,
             &dh,
             &mut dx,
-            dgw,
-            dgb,
+            gr,
             rows,
-            d,
         )?;
 
         let mut dg = be.alloc(rows * ff)?;
@@ -757,18 +777,14 @@ impl<B: Backend> Model<B> {
                 &mut gr[li.w1],
             )?;
             matmul(be, rows, ff, d, &dg, false, &w[li.w1], true, 0.0, &mut dh)?;
-            let (dgw, dgb) = two_grads(gr, li.norm2_w, li.norm2_b);
-            be.norm_backward(
-                cfg.norm,
+            self.norm_backward(
+                li.norm2(),
                 &acts.x_mid,
-                &w[li.norm2_w],
                 &acts.stats2,
                 &dh,
                 &mut dx,
-                dgw,
-                dgb,
+                gr,
                 rows,
-                d,
             )?;
 
             // Attention: x_mid = x_in + attn(h1) · Wo.
@@ -857,19 +873,7 @@ impl<B: Backend> Model<B> {
                 0.0,
                 &mut dh,
             )?;
-            let (dgw, dgb) = two_grads(gr, li.norm1_w, li.norm1_b);
-            be.norm_backward(
-                cfg.norm,
-                &acts.x_in,
-                &w[li.norm1_w],
-                &acts.stats1,
-                &dh,
-                &mut dx,
-                dgw,
-                dgb,
-                rows,
-                d,
-            )?;
+            self.norm_backward(li.norm1(), &acts.x_in, &acts.stats1, &dh, &mut dx, gr, rows)?;
         }
         let (dtok, dpos) = two_mut(gr, ix.tok_emb, ix.pos_emb);
         be.embed_backward(&dx, &cache.tokens, &cache.positions, dtok, dpos, d)

@@ -82,6 +82,18 @@ pub(crate) struct LayerIndex {
     pub w2: usize,
 }
 
+impl LayerIndex {
+    /// The attention pre-norm's scale and bias.
+    pub fn norm1(&self) -> (usize, Option<usize>) {
+        (self.norm1_w, self.norm1_b)
+    }
+
+    /// The MLP pre-norm's scale and bias.
+    pub fn norm2(&self) -> (usize, Option<usize>) {
+        (self.norm2_w, self.norm2_b)
+    }
+}
+
 /// Where each parameter sits in the ordered list; built together with the list itself so the
 /// order is defined in exactly one place ([`param_specs`]).
 #[derive(Clone, Debug)]
@@ -98,6 +110,13 @@ pub(crate) struct ParamIndex {
     pub final_b: Option<usize>,
     /// LM head (untied), `d × vocab`.
     pub lm_head: usize,
+}
+
+impl ParamIndex {
+    /// The final norm's scale and bias.
+    pub fn final_norm(&self) -> (usize, Option<usize>) {
+        (self.final_w, self.final_b)
+    }
 }
 
 /// How a tensor is initialised.

@@ -346,17 +346,7 @@ impl<B: Backend> Sampler<B> {
             d,
         )?;
         for (l, li) in ix.layers.iter().enumerate() {
-            be.norm(
-                cfg.norm,
-                cfg.norm_eps,
-                &self.x,
-                &w[li.norm1_w],
-                li.norm1_b.map(|b| &w[b]),
-                &mut self.h,
-                &mut self.stats,
-                n,
-                d,
-            )?;
+            model.norm(li.norm1(), &self.x, &mut self.h, &mut self.stats, n)?;
             matmul(
                 be,
                 n,
@@ -411,17 +401,7 @@ impl<B: Backend> Sampler<B> {
                 1.0,
                 &mut self.x,
             )?;
-            be.norm(
-                cfg.norm,
-                cfg.norm_eps,
-                &self.x,
-                &w[li.norm2_w],
-                li.norm2_b.map(|b| &w[b]),
-                &mut self.h,
-                &mut self.stats,
-                n,
-                d,
-            )?;
+            model.norm(li.norm2(), &self.x, &mut self.h, &mut self.stats, n)?;
             matmul(
                 be,
                 n,
@@ -448,17 +428,7 @@ impl<B: Backend> Sampler<B> {
                 &mut self.x,
             )?;
         }
-        be.norm(
-            cfg.norm,
-            cfg.norm_eps,
-            &self.x,
-            &w[ix.final_w],
-            ix.final_b.map(|b| &w[b]),
-            &mut self.h,
-            &mut self.stats,
-            n,
-            d,
-        )?;
+        model.norm(ix.final_norm(), &self.x, &mut self.h, &mut self.stats, n)?;
         // Only the last position's logits are needed.
         be.gemm(
             &crate::backend::Gemm {

@@ -196,16 +196,7 @@ fn backward_accumulates_across_calls() {
 /// parallel paths).
 #[test]
 fn forward_and_backward_are_deterministic() {
-    let cfg = ModelConfig {
-        vocab_size: 30,
-        d_model: 64,
-        n_layers: 2,
-        n_heads: 4,
-        d_ff: 256,
-        max_seq_len: 128,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-    };
+    let cfg = ModelConfig::tiny(30);
     let model = Model::cpu(&Params::init(&cfg, 5).unwrap()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let seqs: Vec<Vec<u32>> = (0..6)

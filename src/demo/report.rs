@@ -281,10 +281,14 @@ pub fn write_report(
         for (name, _) in PLOTS {
             let path = out_dir.join(name);
             match name {
-                "reward_accuracy.png" => plot_reward_accuracy(&path, summary, steps)?,
-                "tokens_per_second.png" => plot_tokens_per_second(&path, steps)?,
-                "staleness.png" => plot_staleness(&path, steps)?,
-                "icepop_masked.png" => plot_icepop(&path, steps)?,
+                "reward_accuracy.png" => {
+                    line_chart(&path, steps, reward_accuracy_chart(summary, steps))?
+                }
+                "tokens_per_second.png" => {
+                    line_chart(&path, steps, tokens_per_second_chart(steps))?
+                }
+                "staleness.png" => line_chart(&path, steps, staleness_chart(steps))?,
+                "icepop_masked.png" => line_chart(&path, steps, icepop_chart(steps))?,
                 _ => plot_step_time(&path, steps)?,
             }
             plots.push(path);
@@ -538,6 +542,19 @@ struct Line {
     markers: bool,
 }
 
+impl Line {
+    /// A solid line without markers: a measurement of every step.
+    fn solid(label: &str, color: RGBColor, points: Vec<(f64, f64)>) -> Line {
+        Line {
+            label: label.into(),
+            color,
+            points,
+            dashed: false,
+            markers: false,
+        }
+    }
+}
+
 /// How a chart's y axis is bounded and labelled.
 struct YAxis {
     desc: &'static str,
@@ -547,6 +564,34 @@ struct YAxis {
     to_one: bool,
     /// Show values as percentages.
     percent: bool,
+}
+
+impl YAxis {
+    /// An axis from 0 for `desc`: counts, rates, fractions.
+    fn from_zero(desc: &'static str) -> YAxis {
+        YAxis {
+            desc,
+            from_zero: true,
+            to_one: false,
+            percent: false,
+        }
+    }
+
+    /// The same axis, always reaching 1.
+    fn to_one(self) -> YAxis {
+        YAxis {
+            to_one: true,
+            ..self
+        }
+    }
+
+    /// The same axis, labelled in percent.
+    fn percent(self) -> YAxis {
+        YAxis {
+            percent: true,
+            ..self
+        }
+    }
 }
 
 /// The x range over the steps, padded so a single step still has a visible axis.
@@ -589,14 +634,44 @@ fn value_range(
     (if from_zero && lo >= 0.0 { lo } else { lo - pad }, hi + top)
 }
 
-fn line_chart(
-    path: &Path,
-    title: &str,
-    steps: &[StepMetrics],
+/// Draws the legend of `chart`'s series at `at`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    at: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .label_font((FONT_FAMILY, LABEL_SIZE))
+        .background_style(WHITE.mix(0.85))
+        .border_style(C_GREY)
+        .draw()
+}
+
+/// The points (step, value) of the steps that have a value.
+fn series(steps: &[StepMetrics], value: impl Fn(&StepMetrics) -> Option<f64>) -> Vec<(f64, f64)> {
+    steps
+        .iter()
+        .filter_map(|m| value(m).map(|v| (m.step as f64, v)))
+        .collect()
+}
+
+/// What a line chart shows.
+struct LineChart {
+    title: &'static str,
     y: YAxis,
-    lines: &[Line],
+    /// Where the legend goes.
     legend: SeriesLabelPosition,
-) -> Result<(), ReportError> {
+    lines: Vec<Line>,
+}
+
+fn line_chart(path: &Path, steps: &[StepMetrics], chart: LineChart) -> Result<(), ReportError> {
+    let LineChart {
+        title,
+        y,
+        legend,
+        lines,
+    } = chart;
     let err = plot_error(path);
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -661,179 +736,100 @@ fn line_chart(
                 .map_err(|e| err(&e))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(legend)
-        .label_font((FONT_FAMILY, LABEL_SIZE))
-        .background_style(WHITE.mix(0.85))
-        .border_style(C_GREY)
-        .draw()
-        .map_err(|e| err(&e))?;
+    draw_legend(&mut chart, legend).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
 
-fn plot_reward_accuracy(
-    path: &Path,
-    summary: &DemoSummary,
-    steps: &[StepMetrics],
-) -> Result<(), ReportError> {
+fn reward_accuracy_chart(summary: &DemoSummary, steps: &[StepMetrics]) -> LineChart {
     let (x0, x1) = step_range(steps);
-    let lines = [
-        Line {
-            label: "reward mean".into(),
-            color: C_BLUE,
-            points: steps
-                .iter()
-                .map(|m| (m.step as f64, m.reward_mean))
-                .collect(),
-            dashed: false,
-            markers: false,
-        },
-        Line {
-            label: "held-out accuracy".into(),
-            color: C_RED,
-            points: steps
-                .iter()
-                .filter_map(|m| m.held_out_accuracy.map(|a| (m.step as f64, a)))
-                .collect(),
-            dashed: false,
-            markers: true,
-        },
-        Line {
-            label: format!(
-                "warm-start accuracy ({})",
-                percent(summary.warm_start_accuracy)
+    LineChart {
+        title: "Reward and held-out accuracy",
+        y: YAxis::from_zero("reward / accuracy").to_one(),
+        legend: SeriesLabelPosition::LowerRight,
+        lines: vec![
+            Line::solid(
+                "reward mean",
+                C_BLUE,
+                series(steps, |m| Some(m.reward_mean)),
             ),
-            color: C_GREY,
-            points: vec![
-                (x0, summary.warm_start_accuracy),
-                (x1, summary.warm_start_accuracy),
-            ],
-            dashed: true,
-            markers: false,
-        },
-    ];
-    let y = YAxis {
-        desc: "reward / accuracy",
-        from_zero: true,
-        to_one: true,
-        percent: false,
-    };
-    line_chart(
-        path,
-        "Reward and held-out accuracy",
-        steps,
-        y,
-        &lines,
-        SeriesLabelPosition::LowerRight,
-    )
+            Line {
+                label: "held-out accuracy".into(),
+                color: C_RED,
+                points: series(steps, |m| m.held_out_accuracy),
+                dashed: false,
+                markers: true,
+            },
+            Line {
+                label: format!(
+                    "warm-start accuracy ({})",
+                    percent(summary.warm_start_accuracy)
+                ),
+                color: C_GREY,
+                points: vec![
+                    (x0, summary.warm_start_accuracy),
+                    (x1, summary.warm_start_accuracy),
+                ],
+                dashed: true,
+                markers: false,
+            },
+        ],
+    }
 }
 
-fn plot_tokens_per_second(path: &Path, steps: &[StepMetrics]) -> Result<(), ReportError> {
-    let lines = [
-        Line {
-            label: "rollout: generated tokens/s".into(),
-            color: C_BLUE,
-            points: steps
-                .iter()
-                .map(|m| (m.step as f64, m.rollout_tokens_per_sec))
-                .collect(),
-            dashed: false,
-            markers: false,
-        },
-        Line {
-            label: "training: trained tokens/s of step time".into(),
-            color: C_ORANGE,
-            points: steps
-                .iter()
-                .filter(|m| m.step_secs() > 0.0)
-                .map(|m| (m.step as f64, m.tokens_trained as f64 / m.step_secs()))
-                .collect(),
-            dashed: false,
-            markers: false,
-        },
-    ];
-    let y = YAxis {
-        desc: "tokens per second",
-        from_zero: true,
-        to_one: false,
-        percent: false,
-    };
-    line_chart(
-        path,
-        "Tokens per second",
-        steps,
-        y,
-        &lines,
-        SeriesLabelPosition::UpperRight,
-    )
+fn tokens_per_second_chart(steps: &[StepMetrics]) -> LineChart {
+    LineChart {
+        title: "Tokens per second",
+        y: YAxis::from_zero("tokens per second"),
+        legend: SeriesLabelPosition::UpperRight,
+        lines: vec![
+            Line::solid(
+                "rollout: generated tokens/s",
+                C_BLUE,
+                series(steps, |m| Some(m.rollout_tokens_per_sec)),
+            ),
+            Line::solid(
+                "training: trained tokens/s of step time",
+                C_ORANGE,
+                series(steps, |m| {
+                    (m.step_secs() > 0.0).then(|| m.tokens_trained as f64 / m.step_secs())
+                }),
+            ),
+        ],
+    }
 }
 
-fn plot_staleness(path: &Path, steps: &[StepMetrics]) -> Result<(), ReportError> {
-    let lines = [
-        Line {
-            label: "mean (token-weighted)".into(),
-            color: C_BLUE,
-            points: steps
-                .iter()
-                .filter_map(|m| m.mean_staleness().map(|s| (m.step as f64, s)))
-                .collect(),
-            dashed: false,
-            markers: false,
-        },
-        Line {
-            label: "max".into(),
-            color: C_RED,
-            points: steps
-                .iter()
-                .filter_map(|m| m.max_staleness().map(|s| (m.step as f64, s as f64)))
-                .collect(),
-            dashed: false,
-            markers: false,
-        },
-    ];
-    let y = YAxis {
-        desc: "policy versions behind",
-        from_zero: true,
-        to_one: true,
-        percent: false,
-    };
-    line_chart(
-        path,
-        "Staleness of trained tokens",
-        steps,
-        y,
-        &lines,
-        SeriesLabelPosition::UpperRight,
-    )
+fn staleness_chart(steps: &[StepMetrics]) -> LineChart {
+    LineChart {
+        title: "Staleness of trained tokens",
+        y: YAxis::from_zero("policy versions behind").to_one(),
+        legend: SeriesLabelPosition::UpperRight,
+        lines: vec![
+            Line::solid(
+                "mean (token-weighted)",
+                C_BLUE,
+                series(steps, |m| m.mean_staleness().map(|s| s)),
+            ),
+            Line::solid(
+                "max",
+                C_RED,
+                series(steps, |m| m.max_staleness().map(|s| s as f64)),
+            ),
+        ],
+    }
 }
 
-fn plot_icepop(path: &Path, steps: &[StepMetrics]) -> Result<(), ReportError> {
-    let lines = [Line {
-        label: "masked fraction of trained tokens".into(),
-        color: C_GREEN,
-        points: steps
-            .iter()
-            .map(|m| (m.step as f64, m.icepop_masked_fraction))
-            .collect(),
-        dashed: false,
-        markers: false,
-    }];
-    let y = YAxis {
-        desc: "masked tokens",
-        from_zero: true,
-        to_one: false,
-        percent: true,
-    };
-    line_chart(
-        path,
-        "IcePop masked fraction",
-        steps,
-        y,
-        &lines,
-        SeriesLabelPosition::UpperRight,
-    )
+fn icepop_chart(steps: &[StepMetrics]) -> LineChart {
+    LineChart {
+        title: "IcePop masked fraction",
+        y: YAxis::from_zero("masked tokens").percent(),
+        legend: SeriesLabelPosition::UpperRight,
+        lines: vec![Line::solid(
+            "masked fraction of trained tokens",
+            C_GREEN,
+            series(steps, |m| Some(m.icepop_masked_fraction)),
+        )],
+    }
 }
 
 /// Stacked bars: rollout wait at the bottom, training on top, one bar per step.
@@ -889,14 +885,7 @@ fn plot_step_time(path: &Path, steps: &[StepMetrics]) -> Result<(), ReportError>
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT_FAMILY, LABEL_SIZE))
-        .background_style(WHITE.mix(0.85))
-        .border_style(C_GREY)
-        .draw()
-        .map_err(|e| err(&e))?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

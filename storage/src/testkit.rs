@@ -41,9 +41,26 @@ pub fn postgres_url() -> String {
     )
 }
 
-/// The Kafka bootstrap servers of the tests.
+/// A state store of run `run` on the tests' Redis; fails the test, naming Redis, when it is
+/// unreachable.
+pub async fn redis_state(run: &str) -> crate::state::RedisStateStore {
+    let url = redis_url();
+    crate::state::RedisStateStore::connect(&url, run)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis at {url} ({REDIS_URL_ENV}) is unreachable: {e}. Start it with \
+                 scripts/services.sh."
+            )
+        })
+}
+
+/// The Kafka bootstrap servers of the tests, after checking the first one answers.
 pub fn kafka_brokers() -> String {
-    env_or(KAFKA_BROKERS_ENV, "127.0.0.1:9092")
+    let brokers = env_or(KAFKA_BROKERS_ENV, "127.0.0.1:9092");
+    let first = brokers.split(',').next().unwrap_or_default();
+    require("Kafka", KAFKA_BROKERS_ENV, first);
+    brokers
 }
 
 /// The S3-compatible server of the tests and its credentials.
@@ -114,7 +131,7 @@ pub fn require_url(service: &str, var: &str, url: &str) {
 }
 
 /// Polls `check` every 20 ms until it holds; panics naming `what` once `deadline` passed.
-pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut check: F)
+pub async fn wait_for<F, Fut>(deadline: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -127,6 +144,27 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The committed segments of trajectory `id`, read back from `blobs` and checked against
+/// their index entries.
+pub async fn committed_segments(
+    state: &dyn crate::state::StateStore,
+    blobs: &crate::blob::BlobStore,
+    id: &TrajectoryId,
+) -> Vec<(crate::SegmentRef, crate::Segment)> {
+    let t = state
+        .trajectory(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{id} is registered"));
+    let mut out = Vec::new();
+    for r in t.segments {
+        let s = crate::codec::decode(&blobs.get(&r.key).await.unwrap()).unwrap();
+        assert_eq!((s.seq, s.tokens.len()), (r.seq, r.tokens as usize), "{id}");
+        out.push((r, s));
+    }
+    out
 }
 
 /// A run id no other test (process, or call in this process) uses, starting with `label`.
@@ -157,7 +195,7 @@ pub fn prompt(id: &str, k: u32) -> Prompt {
             answer: "42".into(),
         },
         group_size: k,
-        metadata: Default::default(),
+        metadata: [("source".to_owned(), "test".to_owned())].into(),
     }
 }
 

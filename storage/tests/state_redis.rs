@@ -11,8 +11,6 @@ use flywheel_storage::state::{RedisStateStore, StateStore};
 
 /// Opens stores on the test Redis, one random run per `fresh`.
 struct Redis {
-    /// The server URL.
-    url: String,
     /// Runs this test created, deleted on drop of the factory when the test passed.
     runs: std::sync::Mutex<Vec<RedisStateStore>>,
 }
@@ -20,21 +18,12 @@ struct Redis {
 impl Redis {
     fn from_env() -> Self {
         Redis {
-            url: std::env::var("FLYWHEEL_TEST_REDIS_URL")
-                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
             runs: Default::default(),
         }
     }
 
     async fn open(&self, run: &str) -> RedisStateStore {
-        match RedisStateStore::connect(&self.url, run).await {
-            Ok(s) => s,
-            Err(e) => panic!(
-                "Redis at {} (FLYWHEEL_TEST_REDIS_URL) is unreachable: {e}. \
-                 Start it with scripts/services.sh.",
-                self.url
-            ),
-        }
+        flywheel_storage::testkit::redis_state(run).await
     }
 }
 

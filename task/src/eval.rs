@@ -1,12 +1,63 @@
-//! Held-out accuracy: how often one temperature-1 sample of a model solves a problem.
+//! Sampling responses to the task's prompts, and held-out accuracy: how often one
+//! temperature-1 sample of a model solves a problem.
 
-use flywheel_model::{Model, ModelError, SampleConfig, Sampler, StopReason, Tokenizer};
+use flywheel_model::{CpuBackend, Model, ModelError, SampleConfig, Sampler, StopReason, Tokenizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::mix;
 use crate::problems::{Problem, TaskConfig};
+
+/// One sampled response: its tokens (EOS included when it stopped there) and their log-probs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response {
+    /// The sampled tokens.
+    pub tokens: Vec<u32>,
+    /// The sampler's log-prob of each.
+    pub logprobs: Vec<f32>,
+    /// Whether it ended at EOS (a response cut by the length limit has no final answer).
+    pub finished: bool,
+}
+
+impl Response {
+    /// The task's reward of the response to `problem`: 0 unless it finished.
+    pub fn reward(&self, problem: &Problem, tok: &Tokenizer) -> f32 {
+        match tok.decode(&self.tokens) {
+            Ok(text) if self.finished => problem.reward(&text),
+            _ => 0.0,
+        }
+    }
+}
+
+/// Samples one response of `model` to the token ids `prompt`, at most `max_new` tokens, from
+/// the random stream `seed`.
+pub fn respond(
+    sampler: &mut Sampler<CpuBackend>,
+    model: &Model,
+    prompt: &[u32],
+    sample: &SampleConfig,
+    max_new: usize,
+    seed: u64,
+) -> Result<Response, ModelError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    sampler.prefill(model, prompt)?;
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+    let stop = sampler.generate(
+        model,
+        sample,
+        max_new,
+        Some(Tokenizer::EOS),
+        &mut rng,
+        &mut tokens,
+        &mut logprobs,
+    )?;
+    Ok(Response {
+        tokens,
+        logprobs,
+        finished: stop == StopReason::Eos,
+    })
+}
 
 /// The fraction of `problems` of `task` one temperature-1 sample of `model` solves (the
 /// task's exact reward; a response longer than `max_new` tokens or cut by the model's context
@@ -28,26 +79,19 @@ pub fn accuracy(
             || Sampler::new(model),
             |sampler, (i, p)| -> Result<f32, ModelError> {
                 let sampler = sampler.as_mut().map_err(|e| invalid(&*e))?;
-                let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, 2, i as u64]));
                 let prompt = tok
                     .encode_prompt(&task.prompt(p))
                     .map_err(|e| invalid(&e))?;
-                sampler.prefill(model, &prompt)?;
-                let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
-                let stop = sampler.generate(
+                let seed = mix(&[seed, 2, i as u64]);
+                let r = respond(
+                    sampler,
                     model,
+                    &prompt,
                     &SampleConfig::default(),
                     max_new,
-                    Some(Tokenizer::EOS),
-                    &mut rng,
-                    &mut tokens,
-                    &mut logprobs,
+                    seed,
                 )?;
-                if stop != StopReason::Eos {
-                    return Ok(0.0);
-                }
-                let text = tok.decode(&tokens).map_err(|e| invalid(&e))?;
-                Ok(p.reward(&text))
+                Ok(r.reward(p, &tok))
             },
         )
         .sum::<Result<f32, ModelError>>()?;

@@ -29,7 +29,8 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use flywheel_model::{
-    Backend, Gradients, Model, ModelError, Params, Sequence, Tokenizer, TokenizerError,
+    Backend, ForwardCache, Gradients, Model, ModelError, Params, Sequence, Tokenizer,
+    TokenizerError,
 };
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::codec::{self, CodecError};
@@ -129,6 +130,14 @@ impl Stitched {
     /// Number of response tokens in `tokens`.
     pub fn response_len(&self) -> usize {
         self.tokens.len() - self.response_start
+    }
+
+    /// The sequence the model scores.
+    pub fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            tokens: &self.tokens,
+            response_start: self.response_start,
+        }
     }
 }
 
@@ -329,6 +338,19 @@ impl TrainStats {
     }
 }
 
+/// The forward pass over the sequences of `items`; `None` for an empty micro-batch.
+fn forward<'a, B: Backend, T>(
+    model: &Model<B>,
+    items: &'a [T],
+    sequence: impl Fn(&'a T) -> Sequence<'a>,
+) -> Result<Option<ForwardCache<B>>, StepError> {
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let seqs: Vec<Sequence<'a>> = items.iter().map(sequence).collect();
+    Ok(Some(model.forward(&seqs)?))
+}
+
 /// Runs one micro-batch of the policy loss: forward under the model's weights (θ_old), IcePop
 /// loss on the trained ranges, backward *adding* to `grads`.
 pub fn accumulate_policy<B: Backend>(
@@ -337,17 +359,9 @@ pub fn accumulate_policy<B: Backend>(
     micro: &[Stitched],
     grads: &mut Gradients<B>,
 ) -> Result<TrainStats, StepError> {
-    if micro.is_empty() {
+    let Some(cache) = forward(model, micro, Stitched::sequence)? else {
         return Ok(TrainStats::default());
-    }
-    let seqs: Vec<Sequence<'_>> = micro
-        .iter()
-        .map(|s| Sequence {
-            tokens: &s.tokens,
-            response_start: s.response_start,
-        })
-        .collect();
-    let cache = model.forward(&seqs)?;
+    };
     let n = cache.logprobs().len();
     let (mut infer, mut adv, mut trained) = (
         Vec::with_capacity(n),
@@ -397,6 +411,14 @@ pub struct SupervisedExample {
 }
 
 impl SupervisedExample {
+    /// The sequence the model scores.
+    pub fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            tokens: &self.tokens,
+            response_start: self.response_start,
+        }
+    }
+
     /// `prompt` as the model sees prompts (BOS first), then `response` and EOS.
     pub fn from_text(
         tokenizer: &Tokenizer,
@@ -422,17 +444,9 @@ pub fn accumulate_supervised<B: Backend>(
     normalizer: u64,
     grads: &mut Gradients<B>,
 ) -> Result<TrainStats, StepError> {
-    if examples.is_empty() {
+    let Some(cache) = forward(model, examples, SupervisedExample::sequence)? else {
         return Ok(TrainStats::default());
-    }
-    let seqs: Vec<Sequence<'_>> = examples
-        .iter()
-        .map(|e| Sequence {
-            tokens: &e.tokens,
-            response_start: e.response_start,
-        })
-        .collect();
-    let cache = model.forward(&seqs)?;
+    };
     let trained = vec![true; cache.logprobs().len()];
     let out = supervised_loss(
         &SupervisedTokens {
@@ -844,14 +858,14 @@ mod tests {
         let mut model = Model::cpu(&params).unwrap();
         let prompt = vec![1u32, 6];
         let full = [prompt.clone(), resp.clone()].concat();
-        let before = model
-            .forward(&[Sequence {
+        let score = |model: &Model| {
+            let seq = Sequence {
                 tokens: &full,
                 response_start: 2,
-            }])
-            .unwrap()
-            .logprobs()
-            .to_vec();
+            };
+            model.forward(&[seq]).unwrap().logprobs().to_vec()
+        };
+        let before = score(&model);
         // π_infer = π_train: k = 1, nothing masked.
         let refs = put_segments(&blob, &t, &resp, &before, 2).await;
         let m = manifest(vec![vec![MicroBatch {
@@ -877,14 +891,7 @@ mod tests {
         .unwrap();
         let report = apply_update(&mut model, &mut params, &mut opt, &g).unwrap();
         assert!(report.grad_norm > 0.0);
-        let after = model
-            .forward(&[Sequence {
-                tokens: &full,
-                response_start: 2,
-            }])
-            .unwrap()
-            .logprobs()
-            .to_vec();
+        let after = score(&model);
         let (sb, sa): (f32, f32) = (before.iter().sum(), after.iter().sum());
         assert!(
             sa > sb,

@@ -41,19 +41,26 @@ mod sim {
 
 mod builtin {
     use super::*;
-    use std::collections::BTreeMap;
 
     use flywheel_model::{ModelConfig, Params, Tokenizer};
-    use flywheel_storage::blob::BlobStore;
-    use flywheel_storage::weights::{self, Dtype, MODEL_CONFIG_KEY, TensorBytes, WeightsConfig};
+    use flywheel_storage::RunStores;
+    use flywheel_storage::config::RunConfig;
+    use flywheel_trainer::TrainerConfig;
+    use flywheel_trainer::warm_start::publish_initial;
     use flywheel_worker::engine::builtin::{BuiltinConfig, BuiltinEngine};
 
     struct Builtin;
 
     #[async_trait]
     impl EngineFactory for Builtin {
+        /// Version 0 published by the trainer's own publication, on embedded stores.
         async fn engine(&self) -> Arc<dyn Engine> {
-            let blobs = BlobStore::open("memory://").unwrap();
+            let mut run = RunConfig::default();
+            run.storage.run_id = "run".into();
+            run.storage.state_url = "memory://".into();
+            run.storage.blob_url = "memory://".into();
+            run.storage.ledger_url = "sqlite::memory:".into();
+            let stores = RunStores::open(&run).await.unwrap();
             let model = ModelConfig {
                 d_model: 16,
                 n_layers: 1,
@@ -62,32 +69,18 @@ mod builtin {
                 max_seq_len: 64,
                 ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
             };
+            let trainer = TrainerConfig {
+                model: model.clone(),
+                metrics_addr: String::new(),
+                ..TrainerConfig::default()
+            };
             let params = Params::init(&model, 1).unwrap();
-            let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
-            let views: Vec<TensorBytes<'_>> = params
-                .tensors()
-                .iter()
-                .zip(&bytes)
-                .map(|(t, b)| TensorBytes {
-                    name: &t.name,
-                    shape: &t.shape,
-                    dtype: Dtype::F32,
-                    bytes: b,
-                })
-                .collect();
-            let metadata = BTreeMap::from([(
-                MODEL_CONFIG_KEY.to_owned(),
-                serde_json::to_string(&model).unwrap(),
-            )]);
-            let config = WeightsConfig::default();
-            weights::publish_with_metadata(&blobs, "run", 0, &views, None, &metadata, &config)
-                .await
-                .unwrap();
+            assert!(publish_initial(&stores, &trainer, params).await.unwrap());
             let config = BuiltinConfig {
                 slots: 2,
                 ..BuiltinConfig::default()
             };
-            Arc::new(BuiltinEngine::new(blobs, "run", config).unwrap())
+            Arc::new(BuiltinEngine::new(stores.blobs, "run", config).unwrap())
         }
 
         fn prompt(&self) -> &str {

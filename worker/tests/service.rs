@@ -16,7 +16,6 @@
 //! Waits are bounded by a generous deadline (a hang fails, naming what it waited for); no
 //! assertion is on durations.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,15 +38,6 @@ use flywheel_worker::metrics::WorkerMetrics;
 use flywheel_worker::{ServiceConfig, Worker, WorkerConfig};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Polls `check` until it holds; panics naming `what` after [`DEADLINE`].
-async fn wait_for<F, Fut>(what: &str, check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    testkit::wait_for(what, DEADLINE, check).await
-}
 
 /// The stores of one test run.
 struct Env {
@@ -154,22 +144,22 @@ impl Env {
         assert_eq!(r, Registered::New);
     }
 
+    /// Waits (bounded) until `check` holds of the run's state, naming `what` on a timeout.
+    async fn wait_for<F, Fut>(&self, what: &str, check: F)
+    where
+        F: Fn(Arc<dyn StateStore>) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        testkit::wait_for(DEADLINE, what, || check(self.state.clone())).await
+    }
+
     /// The trajectory's committed segments, decoded from the object store.
     async fn segments(&self, id: &TrajectoryId) -> Vec<Segment> {
-        let t = self
-            .state
-            .trajectory(id)
+        testkit::committed_segments(self.state.as_ref(), &self.blobs, id)
             .await
-            .unwrap()
-            .expect("registered");
-        let mut out = Vec::new();
-        for r in &t.segments {
-            let s = codec::decode(&self.blobs.get(&r.key).await.unwrap()).unwrap();
-            assert_eq!(s.seq, r.seq);
-            assert_eq!(s.tokens.len(), r.tokens as usize);
-            out.push(s);
-        }
-        out
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
     }
 
     /// What the engine generates for the whole trajectory in one call.
@@ -254,10 +244,8 @@ async fn every_trajectory_is_generated_to_its_end_in_segments() {
     }
     env.open_version(0, 100_000, 4).await;
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    wait_for("9 finished trajectories", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 9 }
+    env.wait_for("9 finished trajectories", |state| async move {
+        state.counts().await.unwrap().finished == 9
     })
     .await;
     let mut total = 0;
@@ -305,15 +293,14 @@ async fn partial_parks_on_a_spent_budget_and_resumes_first_under_the_next_versio
     env.register("p", 2).await;
     env.open_version(0, 10, 4).await;
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    wait_for("the budget spent with nothing generating", || {
-        let state = state.clone();
-        async move {
+    env.wait_for(
+        "the budget spent with nothing generating",
+        |state| async move {
             let c = state.counts().await.unwrap();
             let b = state.budget().await.unwrap().unwrap();
             b.remaining == 0 && c.generating == 0 && c.parked + c.pending == 2
-        }
-    })
+        },
+    )
     .await;
     let c = env.state.counts().await.unwrap();
     assert_eq!(c.finished, 0);
@@ -332,9 +319,8 @@ async fn partial_parks_on_a_spent_budget_and_resumes_first_under_the_next_versio
     // A new prompt registered now must wait behind the parked ones.
     env.register("q", 1).await;
     env.open_version(1, 100, 4).await;
-    wait_for("3 finished trajectories", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 3 }
+    env.wait_for("3 finished trajectories", |state| async move {
+        state.counts().await.unwrap().finished == 3
     })
     .await;
     for k in 0..2 {
@@ -359,21 +345,16 @@ async fn sync_runs_a_started_trajectory_to_its_end_and_holds_back_new_ones() {
     env.register("p", 2).await;
     env.open_version(0, 4, 4).await;
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    wait_for("one finished and one waiting", || {
-        let state = state.clone();
-        async move {
-            let c = state.counts().await.unwrap();
-            c.finished == 1 && c.pending == 1 && c.generating == 0
-        }
+    env.wait_for("one finished and one waiting", |state| async move {
+        let c = state.counts().await.unwrap();
+        c.finished == 1 && c.pending == 1 && c.generating == 0
     })
     .await;
     let c = env.state.counts().await.unwrap();
     assert_eq!(c.parked, 0, "sync never parks");
     env.open_version(1, 4, 4).await;
-    wait_for("both finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 2 }
+    env.wait_for("both finished", |state| async move {
+        state.counts().await.unwrap().finished == 2
     })
     .await;
     // Each trajectory ran entirely under the version it started with.
@@ -399,10 +380,8 @@ async fn async_never_waits_for_the_budget() {
     env.register("p", 3).await;
     env.open_version(0, 4, 4).await;
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    wait_for("3 finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 3 }
+    env.wait_for("3 finished", |state| async move {
+        state.counts().await.unwrap().finished == 3
     })
     .await;
     for k in 0..3 {
@@ -456,10 +435,8 @@ async fn a_stolen_trajectory_resumes_from_its_last_committed_segment_and_fences_
         .unwrap();
     // The ghost dies; its lease expires; the worker steals and finishes it.
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    wait_for("the stolen trajectory finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 1 }
+    env.wait_for("the stolen trajectory finished", |state| async move {
+        state.counts().await.unwrap().finished == 1
     })
     .await;
     let segments = env.check_complete(&id).await;
@@ -495,7 +472,7 @@ async fn shutdown_releases_every_lease_and_parks_what_has_segments() {
     env.open_version(0, 100_000, 4).await;
     let worker = env.start("w1", None).await;
     let metrics = worker.metrics.clone();
-    wait_for("a few committed segments", || {
+    testkit::wait_for(DEADLINE, "a few committed segments", || {
         let n = metrics.segments_committed.get();
         async move { n >= 6 }
     })
@@ -507,10 +484,8 @@ async fn shutdown_releases_every_lease_and_parks_what_has_segments() {
     // Another worker finishes everything from where the first stopped.
     env.sim.decode_tokens_per_s = 0.0;
     let second = env.start("w2", None).await;
-    let state = env.state.clone();
-    wait_for("4 finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 4 }
+    env.wait_for("4 finished", |state| async move {
+        state.counts().await.unwrap().finished == 4
     })
     .await;
     for k in 0..4 {
@@ -577,15 +552,13 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     env.open_version(0, 100_000, 4).await;
     let worker = env.start("w1", Some(config.clone())).await;
     let metrics = worker.metrics.clone();
-    wait_for("p1 redelivered and p2 registered", || {
+    testkit::wait_for(DEADLINE, "p1 redelivered and p2 registered", || {
         let m = metrics.clone();
         async move { m.prompts_redelivered.get() == 1 && m.prompts_registered.get() == 1 }
     })
     .await;
-    let state = env.state.clone();
-    wait_for("5 finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 5 }
+    env.wait_for("5 finished", |state| async move {
+        state.counts().await.unwrap().finished == 5
     })
     .await;
     let c = env.state.counts().await.unwrap();
@@ -599,30 +572,34 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     let dlq = config.dlq_topic();
     let topic = config.topic.clone();
     let group = config.group_id.clone();
-    wait_for("the DLQ holds 2 messages and offset 4 is committed", || {
-        let (brokers, dlq, topic, group) =
-            (brokers.clone(), dlq.clone(), topic.clone(), group.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                use rdkafka::consumer::{BaseConsumer, Consumer};
-                let c: BaseConsumer = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", &brokers)
-                    .set("group.id", &group)
-                    .create()
-                    .unwrap();
-                let (_, high) = c
-                    .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
-                    .unwrap();
-                let mut tpl = rdkafka::TopicPartitionList::new();
-                tpl.add_partition(&topic, 0);
-                let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-                let offset = committed.elements()[0].offset();
-                high == 2 && offset == rdkafka::Offset::Offset(4)
-            })
-            .await
-            .unwrap()
-        }
-    })
+    testkit::wait_for(
+        DEADLINE,
+        "the DLQ holds 2 messages and offset 4 is committed",
+        || {
+            let (brokers, dlq, topic, group) =
+                (brokers.clone(), dlq.clone(), topic.clone(), group.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    use rdkafka::consumer::{BaseConsumer, Consumer};
+                    let c: BaseConsumer = rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", &brokers)
+                        .set("group.id", &group)
+                        .create()
+                        .unwrap();
+                    let (_, high) = c
+                        .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
+                        .unwrap();
+                    let mut tpl = rdkafka::TopicPartitionList::new();
+                    tpl.add_partition(&topic, 0);
+                    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+                    let offset = committed.elements()[0].offset();
+                    high == 2 && offset == rdkafka::Offset::Offset(4)
+                })
+                .await
+                .unwrap()
+            }
+        },
+    )
     .await;
     assert!(worker.shutdown().await);
 }
@@ -646,18 +623,21 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
         .unwrap();
     let worker = env.start("w1", None).await;
     let state = env.state.clone();
-    wait_for("the budget spent", || {
-        let state = state.clone();
-        async move { state.budget().await.unwrap().unwrap().remaining == 0 }
+    env.wait_for("the budget spent", |state| async move {
+        state.budget().await.unwrap().unwrap().remaining == 0
     })
     .await;
-    wait_for("nothing generating, no expired lease left", || {
-        let state = state.clone();
-        async move {
-            let c = state.counts().await.unwrap();
-            c.generating == 0 && c.lease_expired == 0
-        }
-    })
+    testkit::wait_for(
+        DEADLINE,
+        "nothing generating, no expired lease left",
+        || {
+            let state = state.clone();
+            async move {
+                let c = state.counts().await.unwrap();
+                c.generating == 0 && c.lease_expired == 0
+            }
+        },
+    )
     .await;
     let t = env.state.trajectory(&tid("p", 0)).await.unwrap().unwrap();
     assert!(
@@ -666,9 +646,8 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
     );
     assert!(worker.metrics.lease_steals.get() >= 1);
     env.open_version(1, 1000, 4).await;
-    wait_for("3 finished", || {
-        let state = state.clone();
-        async move { state.counts().await.unwrap().finished == 3 }
+    env.wait_for("3 finished", |state| async move {
+        state.counts().await.unwrap().finished == 3
     })
     .await;
     for k in 0..3 {

@@ -90,6 +90,19 @@ impl World {
         )
     }
 
+    /// Why the ledger dropped prompt `id`, if it did.
+    pub async fn drop_reason(&self, id: &str) -> Option<ledger::DropReason> {
+        let status = self
+            .ledger
+            .prompt_status(&self.run.storage.run_id, &PromptId(id.to_owned()))
+            .await
+            .unwrap();
+        match status {
+            Some(ledger::PromptStatus::Dropped { reason, .. }) => Some(reason),
+            _ => None,
+        }
+    }
+
     /// The run's stores, as a service gets them.
     pub fn stores(&self) -> RunStores {
         RunStores {
@@ -113,6 +126,19 @@ impl World {
             let epoch = self.generate(&tid, n).await;
             self.state.finish(&tid, "w", epoch, r).await.unwrap();
         }
+    }
+
+    /// Accepts prompt `id` with one sample, generates a 5-token segment of it and releases
+    /// it: parked under the current version. Returns the trajectory.
+    pub async fn park(&self, id: &str) -> TrajectoryId {
+        let p = self.accept(id, 1).await;
+        let tid = TrajectoryId {
+            prompt: p.id,
+            sample: 0,
+        };
+        let epoch = self.generate(&tid, 5).await;
+        self.state.release(&tid, "w", epoch).await.unwrap();
+        tid
     }
 
     /// Accepts and registers a prompt with K samples.

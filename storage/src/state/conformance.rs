@@ -16,9 +16,8 @@ use super::{
     ClaimSource, FenceReason, MAX_TOKENS, MemberRole, NotClaimable, RankFenceReason, Registration,
     StateError, StateStore, StepAnnouncement, StreamCursor,
 };
-use crate::types::{
-    Prompt, PromptId, PromptInput, SegmentRef, TrajectoryId, TrajectoryStatus, VerifierSpec,
-};
+use crate::testkit::{prompt, trajectory as tid};
+use crate::types::{PromptId, SegmentRef, TrajectoryId, TrajectoryStatus};
 
 /// Makes stores for the suite.
 #[async_trait]
@@ -41,25 +40,6 @@ const PAST_SHORT: Duration = Duration::from_millis(700);
 
 /// Racers in the concurrency tests.
 const RACERS: usize = 16;
-
-fn prompt(id: &str, k: u32) -> Prompt {
-    Prompt {
-        id: PromptId(id.to_owned()),
-        input: PromptInput::Text(format!("What is {id}?")),
-        verifier: VerifierSpec::ExactMatch {
-            answer: "42".into(),
-        },
-        group_size: k,
-        metadata: [("source".to_owned(), "conformance".to_owned())].into(),
-    }
-}
-
-fn tid(prompt: &str, sample: u32) -> TrajectoryId {
-    TrajectoryId {
-        prompt: PromptId(prompt.to_owned()),
-        sample,
-    }
-}
 
 fn seg(id: &TrajectoryId, seq: u32, tokens: u32, version: u64) -> SegmentRef {
     SegmentRef {

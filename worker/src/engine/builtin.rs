@@ -32,7 +32,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{Engine, EngineError, SegmentOutput, SegmentRequest, splitmix64, trajectory_key};
+use super::{
+    Engine, EngineError, SegmentOutput, SegmentRequest, acquire_slot, splitmix64, trajectory_key,
+};
 
 /// The name this engine reports.
 const NAME: &str = "builtin";
@@ -204,11 +206,7 @@ impl Engine for BuiltinEngine {
     async fn generate(&self, req: SegmentRequest) -> Result<SegmentOutput, EngineError> {
         req.validate()?;
         let loaded = self.model(req.version).await?;
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Self::unavailable("the engine is shutting down".into()))?;
+        let _permit = acquire_slot(NAME, &self.permits).await?;
         let model = loaded.model.clone();
         let samplers = self.samplers.clone();
         let seed = trajectory_key(self.config.seed, &req.trajectory)

@@ -317,6 +317,18 @@ impl EngineConfig {
     }
 }
 
+/// Waits for one of an engine's `slots` (a segment call in flight); an error once the engine
+/// is closing.
+pub(crate) async fn acquire_slot<'a>(
+    engine: &str,
+    slots: &'a tokio::sync::Semaphore,
+) -> Result<tokio::sync::SemaphorePermit<'a>, EngineError> {
+    slots.acquire().await.map_err(|_| EngineError::Unavailable {
+        engine: engine.to_owned(),
+        message: "the engine is shutting down".into(),
+    })
+}
+
 /// The prompt's token ids: given ones as they are, text through the engine's tokenizer.
 pub async fn prompt_tokens(
     engine: &dyn Engine,

@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
-use super::{Engine, EngineError, SegmentOutput, SegmentRequest, splitmix64, trajectory_key};
+use super::{
+    Engine, EngineError, SegmentOutput, SegmentRequest, acquire_slot, splitmix64, trajectory_key,
+};
 use crate::http::{HttpConfig, HttpFailure, post_json};
 
 /// The response header through which a server may report the policy version it used.
@@ -306,14 +308,7 @@ impl Engine for OpenAiEngine {
 
     async fn generate(&self, req: SegmentRequest) -> Result<SegmentOutput, EngineError> {
         req.validate()?;
-        let _permit = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| EngineError::Unavailable {
-                engine: "openai".into(),
-                message: "engine closed".into(),
-            })?;
+        let _permit = acquire_slot("openai", &self.slots).await?;
         let body = self.completion_body(&req);
         let (headers, response): (_, CompletionResponse) =
             self.call("/v1/completions", &body).await?;

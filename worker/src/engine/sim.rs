@@ -22,7 +22,9 @@ use rand_distr::{Distribution, LogNormal};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{Engine, EngineError, SegmentOutput, SegmentRequest, splitmix64, trajectory_key};
+use super::{
+    Engine, EngineError, SegmentOutput, SegmentRequest, acquire_slot, splitmix64, trajectory_key,
+};
 
 /// How long a trajectory's response is (in tokens, the final end-of-sequence token included).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -290,14 +292,7 @@ impl Engine for SimEngine {
 
     async fn generate(&self, req: SegmentRequest) -> Result<SegmentOutput, EngineError> {
         req.validate()?;
-        let _permit = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| EngineError::Unavailable {
-                engine: "sim".into(),
-                message: "closed".into(),
-            })?;
+        let _permit = acquire_slot("sim", &self.slots).await?;
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let _guard = InFlight(&self.in_flight);
         self.peak_in_flight.fetch_max(now, Ordering::Relaxed);
