@@ -95,7 +95,12 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
 }
 
 /// Parse `path` (or an empty document), apply the `FLYWHEEL_*` pairs of `env`, deserialise.
-pub fn load_with_env<T: DeserializeOwned>(
+///
+/// An override keeps its text as a string where the field is a string (so a numeric-looking
+/// secret stays a secret), and is parsed as a TOML scalar where the field is a number or a
+/// boolean; a field the defaults do not show (an unset option, a map entry) is tried as a
+/// string first, then as a scalar.
+pub fn load_with_env<T: DeserializeOwned + Serialize + Default>(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> anyhow::Result<T> {
@@ -108,7 +113,9 @@ pub fn load_with_env<T: DeserializeOwned>(
         }
         None => Table::new(),
     };
-    for (key, value) in env {
+    let defaults = Table::try_from(T::default()).context("the default configuration")?;
+    let mut untyped = Vec::new();
+    for (key, raw) in env {
         let Some(field) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
@@ -117,13 +124,42 @@ pub fn load_with_env<T: DeserializeOwned>(
             continue;
         }
         let path: Vec<String> = field.split("__").map(str::to_ascii_lowercase).collect();
-        set_path(&mut table, &path, parse_scalar(&value))
+        let value = match lookup(&defaults, &path) {
+            Some(Value::String(_)) => Value::String(raw.clone()),
+            Some(_) => parse_scalar(&raw),
+            None => {
+                untyped.push((path.clone(), raw.clone()));
+                Value::String(raw.clone())
+            }
+        };
+        set_path(&mut table, &path, value)
             .with_context(|| format!("environment override {key}"))?;
     }
     let origin = path.map_or("defaults".to_owned(), |p| p.display().to_string());
-    Value::Table(table).try_into().with_context(|| {
+    let first = Value::Table(table.clone()).try_into::<T>();
+    let parsed = match first {
+        Err(_) if !untyped.is_empty() => {
+            for (path, raw) in &untyped {
+                set_path(&mut table, path, parse_scalar(raw))?;
+            }
+            Value::Table(table).try_into::<T>().or(first)
+        }
+        other => other,
+    };
+    parsed.with_context(|| {
         format!("invalid configuration ({origin} plus {ENV_PREFIX}* overrides): fix the field named above")
     })
+}
+
+/// The value at `path` in `table`, if there is one.
+fn lookup<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let value = table.get(first)?;
+    match (rest.is_empty(), value) {
+        (true, v) => Some(v),
+        (false, Value::Table(t)) => lookup(t, rest),
+        (false, _) => None,
+    }
 }
 
 fn parse_scalar(raw: &str) -> Value {
@@ -196,6 +232,26 @@ mod tests {
     }
 
     #[test]
+    fn numeric_looking_strings_stay_strings() {
+        let config: FileConfig = load_with_env(
+            None,
+            env(&[
+                ("FLYWHEEL_WORKER__ID", "12345"),
+                ("FLYWHEEL_COORDINATOR__ADMIN_TOKEN", "007"),
+                ("FLYWHEEL_STORAGE__RUN_ID", "2026"),
+                ("FLYWHEEL_WORKER__SAMPLING__SEED", "42"),
+                ("FLYWHEEL_WORKER__SLOTS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.worker.id, "12345");
+        assert_eq!(config.coordinator.admin_token.as_deref(), Some("007"));
+        assert_eq!(config.storage.run_id, "2026");
+        assert_eq!(config.worker.sampling.seed, Some(42));
+        assert_eq!(config.worker.slots, 3);
+    }
+
+    #[test]
     fn bad_input_says_what_is_wrong() {
         let err =
             load_with_env::<FileConfig>(None, env(&[("FLYWHEEL_ROLLOUT__SEGMENT_TOKENS", "many")]))
@@ -206,6 +262,13 @@ mod tests {
             load_with_env::<FileConfig>(None, env(&[("FLYWHEEL_ROLLOUT__NO_SUCH_FIELD", "1")]))
                 .unwrap_err();
         assert!(format!("{err:#}").contains("no_such_field"), "{err:#}");
+
+        let err =
+            load_with_env::<FileConfig>(None, env(&[("FLYWHEEL_WOKRER__ID", "w")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("wokrer"),
+            "an unknown section is named: {err:#}"
+        );
 
         let err =
             load_with_env::<FileConfig>(Some(Path::new("/nonexistent/flywheel.toml")), env(&[]))

@@ -63,6 +63,11 @@ async fn quick_demo_writes_its_report_and_accounts_for_every_prompt() {
         (0.0..=1.0).contains(&doc.summary.warm_start_accuracy)
             && (0.0..=1.0).contains(&doc.summary.final_accuracy)
     );
+    // The run's objects are gone: the folder keeps what the report needs and the ledger.
+    assert!(
+        !out.join("blobs").exists(),
+        "the run's objects are left behind"
+    );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("reward_accuracy.png"));
 

@@ -22,11 +22,9 @@
 //! version as a step trains once zero-variance groups are dropped, so complete groups do not
 //! pile up and go stale.
 //!
-//! KNOWN BUG, worked around here with `max_pending_trajectories = 0`: while a worker's intake
-//! pauses (its pending trajectories at `max_pending_trajectories`) it does not poll Kafka, so
-//! the rebalance after another worker dies never completes for it (seen with tansu: the
-//! survivor's partitions were revoked and never assigned again, and 400 of 1,000 prompts
-//! were never consumed). The intake should keep polling with its partitions paused.
+//! The workers run with the default `max_pending_trajectories`: the survivor's intake pauses
+//! its partitions when its backlog is full and keeps polling, so it completes the rebalance
+//! after the SIGKILL and takes the dead worker's partitions.
 //!
 //! Services (an unreachable one fails the test, naming it; `scripts/services.sh` starts them):
 //! Redis `FLYWHEEL_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), PostgreSQL
@@ -141,9 +139,6 @@ tick_ms = 100
 slots = 2
 poll_interval_ms = 50
 grace_period_ms = 10000
-# Unbounded: a worker that stops polling Kafka because its backlog is full never completes
-# the rebalance after the SIGKILL (see KNOWN BUG in the module doc).
-max_pending_trajectories = 0
 
 [worker.engine]
 kind = "builtin"

@@ -25,7 +25,9 @@
 //!
 //! # Cut rule
 //! Step s is cut when the waiting complete groups hold ≥ Φ tokens; or, in `sync`/`partial`,
-//! when the version's budget is spent and nothing is generating; or when the input is drained
+//! when the version's budget is spent and nothing is generating (in `partial`, a trajectory
+//! whose lease expired does not count: it resumes under the next version); or when the input
+//! is drained
 //! (nothing pending, generating or parked). The world size is the number of live trainers
 //! (at least 1) at the cut.
 //!
@@ -55,7 +57,8 @@ use flywheel_storage::config::{PurgeAction, RolloutMode, RunConfig};
 use flywheel_storage::keys;
 use flywheel_storage::ledger::{DropReason, Ledger, LedgerError, PromptStatus, StepRecord};
 use flywheel_storage::state::{
-    LeaderLease, MAX_TOKENS, MemberRole, StateError, StateStore, StepAnnouncement, StreamCursor,
+    LeaderLease, MAX_TOKENS, MemberRole, StateCounts, StateError, StateStore, StepAnnouncement,
+    StreamCursor,
 };
 use flywheel_storage::types::{
     BatchManifest, Group, PolicyVersion, PromptId, StepId, TrajectoryId, TrajectoryStatus,
@@ -533,6 +536,9 @@ impl Coordinator {
                     .groups_dropped
                     .with_label_values(&[reason.as_str()])
                     .inc();
+                if reason != DropReason::PurgedRetention {
+                    self.delete_segments(prompt).await;
+                }
             }
             // Already closed another way: the ledger's record stands.
             Err(
@@ -543,6 +549,25 @@ impl Coordinator {
         }
         self.close(prompt);
         Ok(())
+    }
+
+    /// Deletes the segments of a dropped group whose trajectories are all finished: nothing
+    /// will read them again, and storage stays bounded. (A purged group's siblings may still
+    /// be generating, so their segments are left.) Best effort: a failure only leaves garbage.
+    async fn delete_segments(&self, prompt: &PromptId) {
+        let Ok(Some(p)) = self.state.prompt(prompt).await else {
+            return;
+        };
+        for id in p.trajectory_ids() {
+            let Ok(Some(t)) = self.state.trajectory(&id).await else {
+                continue;
+            };
+            for segment in &t.segments {
+                if let Err(e) = self.blobs.delete(&segment.key).await {
+                    warn!(key = %segment.key, error = %e, "cannot delete a dropped segment");
+                }
+            }
+        }
     }
 
     fn close(&mut self, prompt: &PromptId) {
@@ -688,6 +713,17 @@ impl Coordinator {
             .sum()
     }
 
+    /// Trajectories a spent version's step waits for. In `partial` mode a trajectory whose
+    /// lease expired is not among them: its worker is gone, and nobody claims it while the
+    /// budget is spent; it resumes under the next version, before any pending work. In `sync`
+    /// mode workers claim and finish it under this version, so the step waits.
+    fn generating(&self, c: &StateCounts) -> u64 {
+        match self.run.rollout.mode {
+            RolloutMode::Partial => c.generating - c.lease_expired,
+            RolloutMode::Sync | RolloutMode::Async => c.generating,
+        }
+    }
+
     /// Cuts and commits a step when the rule says so.
     async fn maybe_cut(&mut self) -> Result<TickOutcome, CoordinatorError> {
         if self.book.waiting.is_empty() {
@@ -703,7 +739,7 @@ impl Coordinator {
             let counts = self.state.counts().await?;
             let drained = counts.pending == 0 && counts.generating == 0 && counts.parked == 0;
             let spent = self.run.rollout.mode != RolloutMode::Async
-                && counts.generating == 0
+                && self.generating(&counts) == 0
                 && self.state.budget().await?.is_some_and(|b| b.remaining == 0);
             due = drained || spent;
         }
@@ -745,7 +781,7 @@ impl Coordinator {
             return Ok(());
         }
         let c = self.state.counts().await?;
-        if c.generating == 0 && c.parked > 0 && self.previous_step_finished().await? {
+        if self.generating(&c) == 0 && c.parked > 0 && self.previous_step_finished().await? {
             self.book.stall_warned = true;
             warn!(
                 version = b.version,

@@ -89,6 +89,15 @@ async fn drops_zero_variance_and_purged_groups_with_reasons() {
             ..
         })
     ));
+    // The dropped group's segments are deleted (nothing reads them again); the trained
+    // groups' stay for the trainers, and the parked one's for its resume.
+    let segments = |prefix: String| {
+        let blobs = w.blobs.clone();
+        async move { blobs.list(&prefix).await.unwrap().len() }
+    };
+    assert_eq!(segments(format!("{run_id}/segments/z/")).await, 0);
+    assert_eq!(segments(format!("{run_id}/segments/a/")).await, 2);
+    assert_eq!(segments(format!("{run_id}/segments/p/")).await, 1);
     w.train_announced().await;
     c.tick().await.unwrap();
     assert!(matches!(

@@ -7,7 +7,7 @@ use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::error::{ModelError, Result};
-use crate::params::{ParamIndex, Params, param_index};
+use crate::params::{LayerIndex, ParamIndex, Params, param_index};
 
 /// The model's weights, resident on a backend, ready for forward, backward and sampling.
 ///
@@ -479,7 +479,7 @@ impl<B: Backend> Model<B> {
     pub fn forward(&self, seqs: &[Sequence<'_>]) -> Result<ForwardCache<B>> {
         let be = &self.backend;
         let cfg = &self.config;
-        let (d, ff, v, heads) = (cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads);
+        let (d, v, heads) = (cfg.d_model, cfg.vocab_size, cfg.n_heads);
         let w = &self.weights;
         let ix = &self.index;
 
@@ -528,85 +528,9 @@ impl<B: Backend> Model<B> {
         )?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for li in &ix.layers {
-            let mut stats1 = be.alloc(2 * rows)?;
-            let mut h1 = be.alloc(rows * d)?;
-            self.norm(li.norm1(), &x, &mut h1, &mut stats1, rows)?;
-            let mut qkv = be.alloc(rows * 3 * d)?;
-            matmul(
-                be,
-                rows,
-                d,
-                3 * d,
-                &h1,
-                false,
-                &w[li.wqkv],
-                false,
-                0.0,
-                &mut qkv,
-            )?;
-            let mut probs = be.alloc(p_len)?;
-            let mut att = be.alloc(rows * d)?;
-            for m in &metas {
-                let base = m.row0 * 3 * d;
-                attention_forward(
-                    be,
-                    cfg,
-                    (&qkv, MatLayout::at(base, 3 * d)),
-                    (&qkv, MatLayout::at(base + d, 3 * d)),
-                    (&qkv, MatLayout::at(base + 2 * d, 3 * d)),
-                    &mut probs,
-                    m.p_off,
-                    &mut att,
-                    MatLayout::at(m.row0 * d, d),
-                    m.len,
-                    0,
-                )?;
-            }
-            let mut x_mid = be.alloc(rows * d)?;
-            be.copy(
-                &x,
-                MatLayout::row_major(d),
-                &mut x_mid,
-                MatLayout::row_major(d),
-                rows,
-                d,
-            )?;
-            matmul(
-                be, rows, d, d, &att, false, &w[li.wo], false, 1.0, &mut x_mid,
-            )?;
-
-            let mut stats2 = be.alloc(2 * rows)?;
-            let mut h2 = be.alloc(rows * d)?;
-            self.norm(li.norm2(), &x_mid, &mut h2, &mut stats2, rows)?;
-            let mut f1 = be.alloc(rows * ff)?;
-            matmul(be, rows, d, ff, &h2, false, &w[li.w1], false, 0.0, &mut f1)?;
-            let mut g = be.alloc(rows * ff)?;
-            be.gelu(&f1, &mut g, rows * ff)?;
-            let mut x_out = be.alloc(rows * d)?;
-            be.copy(
-                &x_mid,
-                MatLayout::row_major(d),
-                &mut x_out,
-                MatLayout::row_major(d),
-                rows,
-                d,
-            )?;
-            matmul(
-                be, rows, ff, d, &g, false, &w[li.w2], false, 1.0, &mut x_out,
-            )?;
-            layers.push(LayerActs {
-                x_in: std::mem::replace(&mut x, x_out),
-                stats1,
-                h1,
-                qkv,
-                probs,
-                att,
-                x_mid,
-                stats2,
-                h2,
-                f1,
-                g,
-            });
+            let (acts, x_out) = self.block_forward(li, x, &metas, rows, p_len)?;
+            layers.push(acts);
+            x = x_out;
         }
         let mut stats_f = be.alloc(2 * rows)?;
         let mut hf = be.alloc(rows * d)?;
@@ -646,50 +570,129 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// The backward pass: given dL/d(logprob) for every response token of `cache` (same flat
-    /// layout as [`ForwardCache::logprobs`]) and optionally dL/d(entropy), *adds* dL/dθ to
-    /// `grads`.
-    pub fn backward(
+    /// Backward of one block's MLP (x_out = x_mid + gelu(h2 · W1) · W2) and its pre-norm:
+    /// adds to `dx` (the residual stream's gradient) and to the weights' gradients; `dg` and
+    /// `dh` are scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        li: &LayerIndex,
+        acts: &LayerActs<B>,
+        dx: &mut B::Buf,
+        dg: &mut B::Buf,
+        dh: &mut B::Buf,
+        gr: &mut [B::Buf],
+        rows: usize,
+    ) -> Result<()> {
+        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
+        let (d, ff) = (cfg.d_model, cfg.d_ff);
+        // MLP: x_out = x_mid + gelu(h2 · W1) · W2.
+        matmul(be, rows, d, ff, dx, false, &w[li.w2], true, 0.0, dg)?;
+        matmul(
+            be,
+            ff,
+            rows,
+            d,
+            &acts.g,
+            true,
+            dx,
+            false,
+            1.0,
+            &mut gr[li.w2],
+        )?;
+        be.gelu_backward(&acts.f1, dg, rows * ff)?;
+        matmul(
+            be,
+            d,
+            rows,
+            ff,
+            &acts.h2,
+            true,
+            dg,
+            false,
+            1.0,
+            &mut gr[li.w1],
+        )?;
+        matmul(be, rows, ff, d, dg, false, &w[li.w1], true, 0.0, dh)?;
+        self.norm_backward(li.norm2(), &acts.x_mid, &acts.stats2, dh, dx, gr, rows)?;
+        Ok(())
+    }
+
+    /// Backward of the attention of every sequence of one block: from `datt` (the gradient
+    /// of the heads' outputs, side by side) into `dqkv`; `dp` is scratch for one sequence's
+    /// attention probabilities.
+    fn attention_backward(
+        &self,
+        acts: &LayerActs<B>,
+        seqs: &[SeqMeta],
+        datt: &B::Buf,
+        dqkv: &mut B::Buf,
+        dp: &mut B::Buf,
+    ) -> Result<()> {
+        let (be, cfg) = (&self.backend, &self.config);
+        let (d, heads, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
+        for m in seqs {
+            let (n, base) = (m.len, m.row0 * 3 * d);
+            let q_at = MatLayout::at(base, 3 * d).batched(hd);
+            let k_at = MatLayout::at(base + d, 3 * d).batched(hd);
+            let v_at = MatLayout::at(base + 2 * d, 3 * d).batched(hd);
+            let o_at = MatLayout::at(m.row0 * d, d).batched(hd);
+            let p_at = MatLayout::at(m.p_off, n).batched(n * n);
+            let dp_at = MatLayout::at(0, n).batched(n * n);
+            let gemm = |m_, k_, n_, alpha, a, b, c| Gemm {
+                m: m_,
+                k: k_,
+                n: n_,
+                batch: heads,
+                alpha,
+                beta: 0.0,
+                a,
+                b,
+                c,
+            };
+            // dP = dO · Vᵀ;  dV = Pᵀ · dO.
+            be.gemm(
+                &gemm(n, hd, n, 1.0, o_at, v_at.t(), dp_at),
+                datt,
+                &acts.qkv,
+                dp,
+            )?;
+            be.gemm(
+                &gemm(n, n, hd, 1.0, p_at.t(), o_at, v_at),
+                &acts.probs,
+                datt,
+                dqkv,
+            )?;
+            // dS = softmax'(dP), then dQ = s·dS·K and dK = s·dSᵀ·Q.
+            be.softmax_backward(&acts.probs, m.p_off, dp, 0, heads * n, n)?;
+            be.gemm(
+                &gemm(n, n, hd, scale, dp_at, k_at, q_at),
+                &dp,
+                &acts.qkv,
+                dqkv,
+            )?;
+            be.gemm(
+                &gemm(n, n, hd, scale, dp_at.t(), q_at, k_at),
+                &dp,
+                &acts.qkv,
+                dqkv,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Backward of the LM head and the final norm: the gradients of the residual stream
+    /// after the last block (`dx`) and a scratch buffer of the same shape (`dh`).
+    fn head_backward(
         &self,
         cache: &ForwardCache<B>,
         d_logprob: &[f32],
         d_entropy: Option<&[f32]>,
-        grads: &mut Gradients<B>,
-    ) -> Result<()> {
-        let be = &self.backend;
-        let cfg = &self.config;
-        let (d, ff, v, heads, hd) = (
-            cfg.d_model,
-            cfg.d_ff,
-            cfg.vocab_size,
-            cfg.n_heads,
-            cfg.head_dim(),
-        );
-        let w = &self.weights;
-        let ix = &self.index;
-        let rows = cache.rows;
-        let n_out = cache.out_rows.len();
-        if d_logprob.len() != n_out {
-            return Err(ModelError::InvalidInput(format!(
-                "d_logprob has {} values; the forward pass scored {n_out} response tokens",
-                d_logprob.len()
-            )));
-        }
-        if let Some(de) = d_entropy
-            && de.len() != n_out
-        {
-            return Err(ModelError::InvalidInput(format!(
-                "d_entropy has {} values; the forward pass scored {n_out} response tokens",
-                de.len()
-            )));
-        }
-        if grads.bufs.len() != w.len() || cache.layers.len() != cfg.n_layers {
-            return Err(ModelError::InvalidInput(
-                "gradients or forward cache belong to a model of another config".into(),
-            ));
-        }
-        let gr = &mut grads.bufs;
-
+        gr: &mut [B::Buf],
+    ) -> Result<(B::Buf, B::Buf)> {
+        let (be, cfg, w, ix) = (&self.backend, &self.config, &self.weights, &self.index);
+        let (d, v, rows) = (cfg.d_model, cfg.vocab_size, cache.rows);
         let mut row_dlp = vec![0.0; rows];
         let mut row_dent = vec![0.0; rows];
         for (k, &r) in cache.out_rows.iter().enumerate() {
@@ -743,50 +746,150 @@ impl<B: Backend> Model<B> {
             rows,
         )?;
 
+        Ok((dx, dh))
+    }
+
+    /// One pre-norm block over the packed rows: returns its saved activations (the input
+    /// `x` among them) and the residual stream after it.
+    fn block_forward(
+        &self,
+        li: &LayerIndex,
+        x: B::Buf,
+        metas: &[SeqMeta],
+        rows: usize,
+        p_len: usize,
+    ) -> Result<(LayerActs<B>, B::Buf)> {
+        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
+        let (d, ff) = (cfg.d_model, cfg.d_ff);
+        let mut stats1 = be.alloc(2 * rows)?;
+        let mut h1 = be.alloc(rows * d)?;
+        self.norm(li.norm1(), &x, &mut h1, &mut stats1, rows)?;
+        let mut qkv = be.alloc(rows * 3 * d)?;
+        matmul(
+            be,
+            rows,
+            d,
+            3 * d,
+            &h1,
+            false,
+            &w[li.wqkv],
+            false,
+            0.0,
+            &mut qkv,
+        )?;
+        let mut probs = be.alloc(p_len)?;
+        let mut att = be.alloc(rows * d)?;
+        for m in metas {
+            let base = m.row0 * 3 * d;
+            attention_forward(
+                be,
+                cfg,
+                (&qkv, MatLayout::at(base, 3 * d)),
+                (&qkv, MatLayout::at(base + d, 3 * d)),
+                (&qkv, MatLayout::at(base + 2 * d, 3 * d)),
+                &mut probs,
+                m.p_off,
+                &mut att,
+                MatLayout::at(m.row0 * d, d),
+                m.len,
+                0,
+            )?;
+        }
+        let mut x_mid = be.alloc(rows * d)?;
+        be.copy(
+            &x,
+            MatLayout::row_major(d),
+            &mut x_mid,
+            MatLayout::row_major(d),
+            rows,
+            d,
+        )?;
+        matmul(
+            be, rows, d, d, &att, false, &w[li.wo], false, 1.0, &mut x_mid,
+        )?;
+
+        let mut stats2 = be.alloc(2 * rows)?;
+        let mut h2 = be.alloc(rows * d)?;
+        self.norm(li.norm2(), &x_mid, &mut h2, &mut stats2, rows)?;
+        let mut f1 = be.alloc(rows * ff)?;
+        matmul(be, rows, d, ff, &h2, false, &w[li.w1], false, 0.0, &mut f1)?;
+        let mut g = be.alloc(rows * ff)?;
+        be.gelu(&f1, &mut g, rows * ff)?;
+        let mut x_out = be.alloc(rows * d)?;
+        be.copy(
+            &x_mid,
+            MatLayout::row_major(d),
+            &mut x_out,
+            MatLayout::row_major(d),
+            rows,
+            d,
+        )?;
+        matmul(
+            be, rows, ff, d, &g, false, &w[li.w2], false, 1.0, &mut x_out,
+        )?;
+        let acts = LayerActs {
+            x_in: x,
+            stats1,
+            h1,
+            qkv,
+            probs,
+            att,
+            x_mid,
+            stats2,
+            h2,
+            f1,
+            g,
+        };
+        Ok((acts, x_out))
+    }
+
+    /// The backward pass: given dL/d(logprob) for every response token of `cache` (same flat
+    /// layout as [`ForwardCache::logprobs`]) and optionally dL/d(entropy), *adds* dL/dθ to
+    /// `grads`.
+    pub fn backward(
+        &self,
+        cache: &ForwardCache<B>,
+        d_logprob: &[f32],
+        d_entropy: Option<&[f32]>,
+        grads: &mut Gradients<B>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.config;
+        let (d, ff, heads) = (cfg.d_model, cfg.d_ff, cfg.n_heads);
+        let w = &self.weights;
+        let ix = &self.index;
+        let rows = cache.rows;
+        let n_out = cache.out_rows.len();
+        if d_logprob.len() != n_out {
+            return Err(ModelError::InvalidInput(format!(
+                "d_logprob has {} values; the forward pass scored {n_out} response tokens",
+                d_logprob.len()
+            )));
+        }
+        if let Some(de) = d_entropy
+            && de.len() != n_out
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "d_entropy has {} values; the forward pass scored {n_out} response tokens",
+                de.len()
+            )));
+        }
+        if grads.bufs.len() != w.len() || cache.layers.len() != cfg.n_layers {
+            return Err(ModelError::InvalidInput(
+                "gradients or forward cache belong to a model of another config".into(),
+            ));
+        }
+        let gr = &mut grads.bufs;
+
+        let (mut dx, mut dh) = self.head_backward(cache, d_logprob, d_entropy, gr)?;
+
         let mut dg = be.alloc(rows * ff)?;
         let mut datt = be.alloc(rows * d)?;
         let mut dqkv = be.alloc(rows * 3 * d)?;
         let max_len = cache.seqs.iter().map(|m| m.len).max().unwrap_or(0);
         let mut dp = be.alloc(heads * max_len * max_len)?;
         for (li, acts) in ix.layers.iter().zip(&cache.layers).rev() {
-            // MLP: x_out = x_mid + gelu(h2 · W1) · W2.
-            matmul(be, rows, d, ff, &dx, false, &w[li.w2], true, 0.0, &mut dg)?;
-            matmul(
-                be,
-                ff,
-                rows,
-                d,
-                &acts.g,
-                true,
-                &dx,
-                false,
-                1.0,
-                &mut gr[li.w2],
-            )?;
-            be.gelu_backward(&acts.f1, &mut dg, rows * ff)?;
-            matmul(
-                be,
-                d,
-                rows,
-                ff,
-                &acts.h2,
-                true,
-                &dg,
-                false,
-                1.0,
-                &mut gr[li.w1],
-            )?;
-            matmul(be, rows, ff, d, &dg, false, &w[li.w1], true, 0.0, &mut dh)?;
-            self.norm_backward(
-                li.norm2(),
-                &acts.x_mid,
-                &acts.stats2,
-                &dh,
-                &mut dx,
-                gr,
-                rows,
-            )?;
-
+            self.mlp_backward(li, acts, &mut dx, &mut dg, &mut dh, gr, rows)?;
             // Attention: x_mid = x_in + attn(h1) · Wo.
             matmul(be, rows, d, d, &dx, false, &w[li.wo], true, 0.0, &mut datt)?;
             matmul(
@@ -801,54 +904,7 @@ impl<B: Backend> Model<B> {
                 1.0,
                 &mut gr[li.wo],
             )?;
-            let scale = 1.0 / (hd as f32).sqrt();
-            for m in &cache.seqs {
-                let (n, base) = (m.len, m.row0 * 3 * d);
-                let q_at = MatLayout::at(base, 3 * d).batched(hd);
-                let k_at = MatLayout::at(base + d, 3 * d).batched(hd);
-                let v_at = MatLayout::at(base + 2 * d, 3 * d).batched(hd);
-                let o_at = MatLayout::at(m.row0 * d, d).batched(hd);
-                let p_at = MatLayout::at(m.p_off, n).batched(n * n);
-                let dp_at = MatLayout::at(0, n).batched(n * n);
-                let gemm = |m_, k_, n_, alpha, a, b, c| Gemm {
-                    m: m_,
-                    k: k_,
-                    n: n_,
-                    batch: heads,
-                    alpha,
-                    beta: 0.0,
-                    a,
-                    b,
-                    c,
-                };
-                // dP = dO · Vᵀ;  dV = Pᵀ · dO.
-                be.gemm(
-                    &gemm(n, hd, n, 1.0, o_at, v_at.t(), dp_at),
-                    &datt,
-                    &acts.qkv,
-                    &mut dp,
-                )?;
-                be.gemm(
-                    &gemm(n, n, hd, 1.0, p_at.t(), o_at, v_at),
-                    &acts.probs,
-                    &datt,
-                    &mut dqkv,
-                )?;
-                // dS = softmax'(dP), then dQ = s·dS·K and dK = s·dSᵀ·Q.
-                be.softmax_backward(&acts.probs, m.p_off, &mut dp, 0, heads * n, n)?;
-                be.gemm(
-                    &gemm(n, n, hd, scale, dp_at, k_at, q_at),
-                    &dp,
-                    &acts.qkv,
-                    &mut dqkv,
-                )?;
-                be.gemm(
-                    &gemm(n, n, hd, scale, dp_at.t(), q_at, k_at),
-                    &dp,
-                    &acts.qkv,
-                    &mut dqkv,
-                )?;
-            }
+            self.attention_backward(acts, &cache.seqs, &datt, &mut dqkv, &mut dp)?;
             matmul(
                 be,
                 d,

@@ -140,6 +140,13 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
         phases: phases.timings,
     };
     let files = write_report(&out, &summary, &rl.steps)?;
+    // The run's objects (segments, weights, checkpoints) served the run; the report folder
+    // keeps the report and the ledger.
+    let run_id = stores.run_id.clone();
+    drop(stores);
+    let blobs = out.join("blobs");
+    std::fs::remove_dir_all(&blobs)
+        .with_context(|| format!("removing the run's objects in {}", blobs.display()))?;
     progress.finish(&summary);
     println!(
         "held-out accuracy ({} problems): warm start {:.1}%  →  after RL {:.1}%  ({:+.1} points); \
@@ -162,7 +169,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
         out,
         summary,
         steps: rl.steps,
-        run_id: stores.run_id.clone(),
+        run_id,
         ledger_url: run.storage.ledger_url.clone(),
         prompts_sent: rl.sent,
     })

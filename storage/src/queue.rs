@@ -798,6 +798,22 @@ impl PromptConsumer {
         produce(&self.dlq, record).await.map(|_| ())
     }
 
+    /// Stops fetching from every partition assigned now (the intake's backlog is full). Keep
+    /// calling [`PromptConsumer::recv`]: rebalances are served inside it, and a partition
+    /// assigned later fetches until it is paused too.
+    pub fn pause(&self) -> Result<(), QueueError> {
+        let consumer = &self.shared.consumer;
+        let assigned = consumer.assignment().map_err(QueueError::Consume)?;
+        consumer.pause(&assigned).map_err(QueueError::Consume)
+    }
+
+    /// Fetches again from every partition assigned now.
+    pub fn resume(&self) -> Result<(), QueueError> {
+        let consumer = &self.shared.consumer;
+        let assigned = consumer.assignment().map_err(QueueError::Consume)?;
+        consumer.resume(&assigned).map_err(QueueError::Consume)
+    }
+
     /// The partitions of the prompt topic currently assigned to this member, sorted.
     pub fn assigned_partitions(&self) -> Result<Vec<i32>, QueueError> {
         let tpl = self

@@ -7,6 +7,7 @@
 //! checkpoint_every = 10     # a ledger checkpoint every N steps
 //! keep_checkpoints = 3
 //! keep_versions = 4         # recent weight versions kept for the workers
+//! keep_segment_steps = 8    # trained steps whose segments are kept for audit
 //! metrics_addr = "0.0.0.0:9102"  # /metrics, /healthz, /readyz; "" turns it off
 //!
 //! [trainer.model]           # default: the tiny model of the arithmetic task
@@ -59,6 +60,10 @@ pub struct TrainerConfig {
     /// Most recent weight versions kept besides checkpointed ones (workers may still be
     /// fetching them); older versions' manifests and unreferenced chunks are collected.
     pub keep_versions: u64,
+    /// Trained steps whose segments are kept for audit; at each checkpoint the segments of
+    /// older steps (trained, and covered by the checkpoint) are deleted, so storage stays
+    /// bounded.
+    pub keep_segment_steps: u64,
     /// Lease of a claimed rank, in ms; renewed at a third of it while the rank is computed.
     pub rank_claim_ms: u64,
     /// Heartbeat lease of the trainer's membership, in ms.
@@ -85,6 +90,7 @@ impl Default for TrainerConfig {
             checkpoint_every: 10,
             keep_checkpoints: 3,
             keep_versions: 4,
+            keep_segment_steps: 8,
             rank_claim_ms: 60_000,
             heartbeat_ms: 10_000,
             poll_ms: 200,

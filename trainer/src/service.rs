@@ -523,6 +523,9 @@ impl Trainer {
                 .await?;
         }
         self.collect(step).await?;
+        if checkpointed {
+            self.collect_segments(step).await?;
+        }
 
         let metrics = StepMetrics::new(&stats, &report, started.elapsed());
         let publish = PublishStats {
@@ -611,7 +614,8 @@ impl Trainer {
         Ok(optimizer)
     }
 
-    /// Keeps the last `keep_checkpoints` checkpoints, the optimizer state after `step`, and
+    /// Keeps the last `keep_checkpoints` checkpoints, the optimizer states after `step` and
+    /// after the step before it, and
     /// the last `keep_versions` weight versions plus the checkpointed ones; deletes the rest.
     async fn collect(&self, step: StepId) -> Result<(), TrainerError> {
         let run = &self.stores.run_id;
@@ -624,6 +628,10 @@ impl Trainer {
             ledger.delete_checkpoint(run, c.step).await?;
         }
         let mut keep_steps: Vec<StepId> = kept.iter().map(|c| c.step).collect();
+        // The state before this step stays until the board marks this step finished (the next
+        // step's collection): a finisher that dies in between leaves it for the trainer that
+        // redoes the step.
+        keep_steps.extend(step.checked_sub(1));
         keep_steps.push(step);
         for meta in blob.list(&keys::checkpoints_prefix(run)).await? {
             match keys::parse_checkpoint_step(run, &meta.key) {
@@ -645,6 +653,41 @@ impl Trainer {
             );
         }
         Ok(())
+    }
+}
+
+impl Trainer {
+    /// Deletes the segments of the trained steps the checkpoint after `step` newly covers,
+    /// beyond the last `keep_segment_steps` (the window of `checkpoint_every` steps ending
+    /// there; a step of an earlier window was collected at an earlier checkpoint). Returns the
+    /// segments deleted.
+    async fn collect_segments(&self, step: StepId) -> Result<u64, TrainerError> {
+        let Some(last) = step.checked_sub(self.config.keep_segment_steps) else {
+            return Ok(0);
+        };
+        let first = last.saturating_sub(self.config.checkpoint_every - 1);
+        let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
+        let mut deleted = 0;
+        for s in first..=last {
+            let key = keys::step_manifest(run, s);
+            let body = match blobs.get(&key).await {
+                Ok(body) => body,
+                Err(BlobError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let manifest: BatchManifest =
+                serde_json::from_slice(&body).map_err(|e| TrainerError::Manifest {
+                    key: key.clone(),
+                    reason: format!("not a batch manifest: {e}"),
+                })?;
+            let entries = manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries);
+            for segment in entries.flat_map(|e| &e.segments) {
+                blobs.delete(&segment.key).await?;
+                deleted += 1;
+            }
+        }
+        tracing::debug!(steps = ?(first..=last), deleted, "collected trained segments");
+        Ok(deleted)
     }
 }
 
@@ -788,9 +831,13 @@ pub async fn run_observed(
         readiness.clone(),
     )
     .await?;
-    let trainer = if resume {
+    let checkpoint = stores.ledger.latest_checkpoint(&stores.run_id).await?;
+    let trainer = if resume && checkpoint.is_some() {
         Trainer::restore(stores, config).await?.0
     } else {
+        if resume {
+            tracing::info!("no checkpoint yet: joining the run at its newest version");
+        }
         Trainer::start(stores, config).await?
     };
     metrics.version.set(trainer.version() as i64);

@@ -325,6 +325,74 @@ async fn resume_without_a_checkpoint_is_a_clear_error() {
     assert!(err.to_string().contains("no checkpoint"), "{err}");
 }
 
+/// A finisher that dies after publishing step 1's weights, writing its optimizer state and
+/// collecting, but before the board marks the step finished, leaves a state from which a
+/// fresh trainer redoes step 1 to the same bits (the optimizer state before the step is kept
+/// until then).
+#[tokio::test]
+async fn a_step_whose_finisher_died_mid_finish_is_redone_to_the_same_bits() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("redo", &blob).await;
+    let manifests = fixture(&s, 2, 1).await;
+    let mut first = Trainer::start(s.clone(), config()).await.unwrap();
+    train_step(&mut first, &manifests[0]).await;
+    let done = train_step(&mut first, &manifests[1]).await;
+    let want = weight_bits(&first);
+    drop(first);
+    let mut again = Trainer::start(s.clone(), config()).await.unwrap();
+    let redone = train_step(&mut again, &manifests[1]).await;
+    assert_eq!(redone.version, done.version);
+    assert_eq!(weight_bits(&again), want);
+}
+
+/// At each checkpoint the segments of the trained steps it covers, beyond the last
+/// `keep_segment_steps`, are deleted; the kept steps' segments stay.
+#[tokio::test]
+async fn trained_segments_beyond_the_audit_window_are_deleted_at_a_checkpoint() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("segments-gc", &blob).await;
+    let manifests = fixture(&s, 3, 1).await;
+    let config = TrainerConfig {
+        checkpoint_every: 1,
+        keep_segment_steps: 1,
+        ..config()
+    };
+    let mut t = Trainer::start(s.clone(), config).await.unwrap();
+    let segments_of = |step: usize| -> Vec<String> {
+        let entries = manifests[step]
+            .ranks
+            .iter()
+            .flatten()
+            .flat_map(|mb| &mb.entries);
+        entries
+            .flat_map(|e| &e.segments)
+            .map(|r| r.key.clone())
+            .collect()
+    };
+    for m in &manifests {
+        assert!(train_step(&mut t, m).await.checkpointed);
+    }
+    for (step, kept) in [(0, false), (1, false), (2, true)] {
+        for key in segments_of(step) {
+            assert_eq!(blob.exists(&key).await.unwrap(), kept, "step {step}: {key}");
+        }
+    }
+}
+
+/// `--resume` before the first checkpoint joins the run instead of refusing to start.
+#[tokio::test]
+async fn resume_before_the_first_checkpoint_joins_the_run() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("resume-early", &blob).await;
+    let config = ServiceConfig {
+        resume: true,
+        ..service(config())
+    };
+    let ran = run_until(s.clone(), config, async {}).await;
+    ran.unwrap();
+    assert!(weights::exists(&blob, "resume-early", 0).await.unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainers_on_the_step_board_match_a_single_trainer_bit_for_bit() {
     two_trainers_on_the_board("memory://", "board").await;

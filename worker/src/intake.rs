@@ -65,27 +65,51 @@ impl Intake {
         }
     }
 
+    /// Whether the backlog of pending trajectories is at the bound.
+    async fn backlog_full(&self) -> bool {
+        if self.max_pending == 0 {
+            return false;
+        }
+        match self.state.counts().await {
+            Ok(c) => c.pending >= self.max_pending,
+            Err(e) => {
+                warn!(error = %e, "cannot read trajectory counts");
+                false
+            }
+        }
+    }
+
     /// The intake loop; returns itself once `stop` fires.
+    ///
+    /// While the backlog is full the partitions are paused, not left unpolled: `recv` keeps
+    /// running (librdkafka serves rebalances inside it), so this member still hands over and
+    /// takes partitions when another member joins or dies. A partition assigned meanwhile
+    /// starts fetching until the next pass pauses it, so the backlog overshoots by at most a
+    /// message per new partition.
     async fn take_prompts(self) -> Self {
         let backoff = Backoff::new(self.poll, Duration::from_secs(10));
         let mut receive_failures = 0;
+        let mut paused = false;
         loop {
             if self.stop.is_cancelled() {
                 return self;
             }
-            if self.max_pending > 0 {
-                match self.state.counts().await {
-                    Ok(c) if c.pending >= self.max_pending => {
-                        self.sleep(self.poll).await;
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "cannot read trajectory counts"),
-                }
+            let full = self.backlog_full().await;
+            let flow = if full {
+                self.consumer.pause()
+            } else if paused {
+                self.consumer.resume()
+            } else {
+                Ok(())
+            };
+            match flow {
+                Ok(()) => paused = full,
+                Err(e) => warn!(error = %e, "cannot pause or resume the prompt partitions"),
             }
             let delivery = tokio::select! {
                 _ = self.stop.cancelled() => None,
                 d = self.consumer.recv() => Some(d),
+                _ = tokio::time::sleep(self.poll), if full => continue,
             };
             let Some(delivery) = delivery else {
                 return self;

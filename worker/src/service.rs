@@ -135,8 +135,6 @@ pub struct SegmentLoop {
     held: Mutex<BTreeMap<TrajectoryId, PolicyVersion>>,
     /// The run's expired leases, as last counted by the poller.
     expired: AtomicU64,
-    /// Held by the slot sweeping expired leases (one sweep at a time).
-    sweeping: tokio::sync::Mutex<()>,
 }
 
 /// A budget read and the poll generation it started in.
@@ -212,7 +210,6 @@ impl SegmentLoop {
             spent_at: AtomicU64::new(0),
             held: Mutex::new(BTreeMap::new()),
             expired: AtomicU64::new(0),
-            sweeping: tokio::sync::Mutex::new(()),
         });
         let poller = tokio::spawn(this.clone().poll_state(tx));
         (this, poller)
@@ -313,26 +310,24 @@ impl SegmentLoop {
                 return false;
             }
             let current = *budget.borrow_and_update();
+            let budget_open = |p: &Polled| {
+                p.budget.remaining > 0 && p.generation > self.spent_at.load(Ordering::SeqCst)
+            };
             let ok = match current {
                 None => false,
                 Some(p) => match self.rollout.mode {
                     RolloutMode::Async => !self.lagging(p.budget.version),
-                    RolloutMode::Sync | RolloutMode::Partial => {
-                        p.budget.remaining > 0
-                            && p.generation > self.spent_at.load(Ordering::SeqCst)
+                    RolloutMode::Partial => budget_open(&p),
+                    // A dead worker's started trajectory must end under the version it began
+                    // in: it is claimed (expired leases come before pending work) and run to
+                    // its end even when the budget is spent.
+                    RolloutMode::Sync => {
+                        budget_open(&p) || self.expired.load(Ordering::Relaxed) > 0
                     }
                 },
             };
             if ok {
                 return true;
-            }
-            let spent = current.is_some_and(|p| p.budget.remaining == 0);
-            if spent
-                && self.rollout.mode != RolloutMode::Async
-                && self.expired.load(Ordering::Relaxed) > 0
-                && let Err(e) = self.sweep_expired().await
-            {
-                warn!(error = %e, "sweeping expired leases failed");
             }
             tokio::select! {
                 _ = self.shutdown.stop.cancelled() => return false,
@@ -340,67 +335,6 @@ impl SegmentLoop {
                 _ = tokio::time::sleep(self.poll) => {}
             }
         }
-    }
-
-    /// Takes over the trajectories of dead workers while the budget is spent.
-    ///
-    /// Their leases expired, but they still count as generating, and the coordinator cuts a
-    /// spent version's step only when nothing is generating; yet no slot claims while the
-    /// budget is spent. So one slot at a time claims until it reaches the expired ones
-    /// (`claim_next` hands out parked and pending trajectories first: those are held for the
-    /// moment and released unchanged, keeping their places), then runs each stolen one as
-    /// usual: in `partial` it finds no budget and parks; in `sync` a started one runs to its
-    /// end. Rare (a crash while the budget runs out) and bounded by the run's counts.
-    async fn sweep_expired(&self) -> Result<(), StateError> {
-        let Ok(_sweeping) = self.sweeping.try_lock() else {
-            return Ok(());
-        };
-        let counts = self.state.counts().await?;
-        self.expired.store(counts.lease_expired, Ordering::Relaxed);
-        if counts.lease_expired == 0 {
-            return Ok(());
-        }
-        let mut passed_over = Vec::new();
-        let mut stolen = Vec::new();
-        let most = counts.parked + counts.pending + counts.lease_expired;
-        for _ in 0..most {
-            if self.shutdown.stop.is_cancelled() {
-                break;
-            }
-            match self.state.claim_next(&self.worker_id, self.ttl()).await {
-                Ok(Some(c)) if c.source == ClaimSource::Expired => {
-                    stolen.push(c);
-                    if stolen.len() as u64 >= counts.lease_expired {
-                        break;
-                    }
-                }
-                Ok(Some(c)) => passed_over.push(c),
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(error = %e, "claim failed during the sweep");
-                    break;
-                }
-            }
-        }
-        for c in passed_over {
-            let (id, epoch) = (c.state.id.clone(), c.lease().epoch);
-            if let Err(e) = self.state.release(&id, &self.worker_id, epoch).await {
-                warn!(trajectory = %id, error = %e, "release after the sweep failed; the lease will expire");
-            }
-        }
-        info!(
-            stolen = stolen.len(),
-            "swept expired leases while the budget is spent"
-        );
-        // Concurrently: each renews its own lease while it runs.
-        let runs = stolen.into_iter().map(|c| async move {
-            let id = c.state.id.clone();
-            if let Err(e) = self.run_claim(c).await {
-                warn!(trajectory = %id, error = %e, "stolen trajectory failed");
-            }
-        });
-        futures::future::join_all(runs).await;
-        Ok(())
     }
 
     /// Async admission: whether a held trajectory started more than η versions ago.
@@ -621,48 +555,60 @@ impl SegmentLoop {
                 logprobs: out.logprobs,
                 finish: out.finish,
             };
-            let key = keys::segment(self.state.run_id(), &id.prompt, id.sample, seq, epoch);
-            let encoded = codec::encode(&segment)?;
-            match self
-                .under_lease(id, epoch, self.blobs.put(&key, encoded))
-                .await
-            {
-                Ok(put) => put?,
-                Err(Interrupted::Aborted) => {
-                    self.release(id, epoch).await;
-                    return Ok(());
-                }
-                Err(Interrupted::Lost(e)) => {
-                    self.metrics.fenced_writes.inc();
-                    warn!(trajectory = %id, error = %e, "lease lost while writing; segment dropped");
-                    return Ok(());
-                }
+            if !self.store_segment(&segment).await? {
+                return Ok(());
             }
-            let reference = SegmentRef {
-                seq,
-                key,
-                tokens: segment.tokens.len() as u32,
-                version: segment.version,
-            };
-            match self
-                .state
-                .commit_segment(id, &self.worker_id, epoch, &reference, self.ttl())
-                .await
-            {
-                Ok(_) => {}
-                Err(e @ StateError::Fenced { .. }) => {
-                    // Another worker owns the trajectory now; its segments win. Our object is
-                    // under our epoch's key, so it never overwrote theirs.
-                    self.metrics.fenced_writes.inc();
-                    warn!(trajectory = %id, seq, error = %e, "segment commit fenced; work dropped");
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-            self.metrics.segments_committed.inc();
             committed.extend_from_slice(&segment.tokens);
             last_finish = Some(segment.finish);
             seq += 1;
+        }
+    }
+
+    /// Writes `segment` to the object store and commits it to the index, both under the
+    /// lease. Returns whether it is committed; `false` when the turn ended instead (aborted
+    /// by shutdown: the lease is released; the lease lost: the work is dropped).
+    async fn store_segment(&self, segment: &Segment) -> Result<bool, SlotError> {
+        let (id, seq, epoch) = (&segment.trajectory, segment.seq, segment.lease_epoch);
+        let key = keys::segment(self.state.run_id(), &id.prompt, id.sample, seq, epoch);
+        let encoded = codec::encode(segment)?;
+        match self
+            .under_lease(id, epoch, self.blobs.put(&key, encoded))
+            .await
+        {
+            Ok(put) => put?,
+            Err(Interrupted::Aborted) => {
+                self.release(id, epoch).await;
+                return Ok(false);
+            }
+            Err(Interrupted::Lost(e)) => {
+                self.metrics.fenced_writes.inc();
+                warn!(trajectory = %id, error = %e, "lease lost while writing; segment dropped");
+                return Ok(false);
+            }
+        }
+        let reference = SegmentRef {
+            seq,
+            key,
+            tokens: segment.tokens.len() as u32,
+            version: segment.version,
+        };
+        match self
+            .state
+            .commit_segment(id, &self.worker_id, epoch, &reference, self.ttl())
+            .await
+        {
+            Ok(_) => {
+                self.metrics.segments_committed.inc();
+                Ok(true)
+            }
+            Err(e @ StateError::Fenced { .. }) => {
+                // Another worker owns the trajectory now; its segments win. Our object is
+                // under our epoch's key, so it never overwrote theirs.
+                self.metrics.fenced_writes.inc();
+                warn!(trajectory = %id, seq, error = %e, "segment commit fenced; work dropped");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -604,11 +604,11 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     assert!(worker.shutdown().await);
 }
 
+/// A dead worker's trajectory is not taken while the version's budget is spent (the
+/// coordinator does not wait for it); it resumes under the next version, and every
+/// trajectory ends.
 #[tokio::test]
-async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
-    // The budget runs out while a dead worker's lease is still live; once it expires, nothing
-    // may stay "generating" (the coordinator's step cut waits for that), although every slot
-    // is waiting for the next version.
+async fn a_dead_workers_trajectory_resumes_under_the_next_version() {
     let env = Env::new(
         rollout(RolloutMode::Partial, 4, 4),
         LengthDistribution::Fixed { tokens: 12 },
@@ -622,22 +622,19 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
         .await
         .unwrap();
     let worker = env.start("w1", None).await;
-    let state = env.state.clone();
-    env.wait_for("the budget spent", |state| async move {
-        state.budget().await.unwrap().unwrap().remaining == 0
-    })
-    .await;
-    testkit::wait_for(
-        DEADLINE,
-        "nothing generating, no expired lease left",
-        || {
-            let state = state.clone();
-            async move {
-                let c = state.counts().await.unwrap();
-                c.generating == 0 && c.lease_expired == 0
-            }
+    env.wait_for(
+        "the budget spent and the ghost's lease expired",
+        |state| async move {
+            let c = state.counts().await.unwrap();
+            let b = state.budget().await.unwrap().unwrap();
+            b.remaining == 0 && c.lease_expired == 1
         },
     )
+    .await;
+    env.open_version(1, 1000, 4).await;
+    env.wait_for("3 finished", |state| async move {
+        state.counts().await.unwrap().finished == 3
+    })
     .await;
     let t = env.state.trajectory(&tid("p", 0)).await.unwrap().unwrap();
     assert!(
@@ -645,11 +642,6 @@ async fn a_dead_workers_trajectories_are_swept_while_the_budget_is_spent() {
         "taken from the ghost"
     );
     assert!(worker.metrics.lease_steals.get() >= 1);
-    env.open_version(1, 1000, 4).await;
-    env.wait_for("3 finished", |state| async move {
-        state.counts().await.unwrap().finished == 3
-    })
-    .await;
     for k in 0..3 {
         env.check_complete(&tid("p", k)).await;
     }

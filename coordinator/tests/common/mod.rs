@@ -174,6 +174,11 @@ impl World {
             tokens: n,
             version,
         };
+        // The object's content does not matter to the coordinator: it only deletes it.
+        self.blobs
+            .put(&seg.key, bytes::Bytes::from_static(b"segment"))
+            .await
+            .unwrap();
         self.state
             .commit_segment(id, "w", epoch, &seg, LONG)
             .await

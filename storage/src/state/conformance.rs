@@ -406,19 +406,19 @@ pub async fn expired_lease_is_stolen_with_higher_epoch(f: &dyn StoreFactory) {
     store.renew(&tid("live", 0), "a", 1, LONG).await.unwrap();
 
     tokio::time::sleep(PAST_SHORT).await;
-    // Pending work comes before expired leases.
+    // A dead holder's trajectory resumes before any new pending work.
     store.register_prompt(&prompt("fresh", 1)).await.unwrap();
-    let c = store.claim_next("b", LONG).await.unwrap().unwrap();
-    assert_eq!(
-        (c.state.id, c.source),
-        (tid("fresh", 0), ClaimSource::Pending)
-    );
     let c = store.claim_next("b", LONG).await.unwrap().unwrap();
     assert_eq!(
         (c.state.id.clone(), c.source),
         (tid("dies", 0), ClaimSource::Expired)
     );
     assert_eq!(c.lease().epoch, 2);
+    let fresh = store.claim_next("b", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (fresh.state.id, fresh.source),
+        (tid("fresh", 0), ClaimSource::Pending)
+    );
     assert!(
         store.claim_next("b", LONG).await.unwrap().is_none(),
         "'live' is still held"

@@ -255,15 +255,19 @@ impl StateStore for MemoryStateStore {
         let ttl_ms = check::ttl(ttl)?;
         let mut g = self.lock();
         let now = now_ms();
+        let expired = g
+            .leases
+            .first()
+            .filter(|(exp, _)| *exp <= now)
+            .map(|(_, key)| (g.members[key].clone(), ClaimSource::Expired));
         let next = if let Some((_, key)) = g.parked.first() {
             Some((g.members[key].clone(), ClaimSource::Parked))
-        } else if let Some((_, id)) = g.pending.first_key_value() {
-            Some((id.clone(), ClaimSource::Pending))
+        } else if expired.is_some() {
+            expired
         } else {
-            g.leases
-                .first()
-                .filter(|(exp, _)| *exp <= now)
-                .map(|(_, key)| (g.members[key].clone(), ClaimSource::Expired))
+            g.pending
+                .first_key_value()
+                .map(|(_, id)| (id.clone(), ClaimSource::Pending))
         };
         Ok(next.map(|(id, source)| g.take(&id, owner, ttl_ms, now, source)))
     }

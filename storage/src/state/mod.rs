@@ -10,8 +10,8 @@
 //! - A prompt is registered once; its K trajectories start `pending`, in registration order.
 //! - A worker *claims* a trajectory and gets a [`Lease`] (owner, epoch, expiry). Each claim of a
 //!   trajectory gets a strictly higher epoch. Claim order: parked trajectories first (oldest
-//!   first version first), then pending ones (registration order), then those whose lease
-//!   expired (earliest expiry first).
+//!   first version first), then those whose lease expired (earliest expiry first: a dead
+//!   worker's trajectories resume before new work), then pending ones (registration order).
 //! - Every write for a trajectory (segment commit, renew, finish, release) carries the
 //!   writer's `(owner, epoch)` and is rejected with [`StateError::Fenced`] unless that lease is
 //!   the current one and has not expired. An expired lease cannot be renewed: its owner must
@@ -423,8 +423,8 @@ pub trait StateStore: Send + Sync + 'static {
     // --- leases ---
 
     /// Claims the next claimable trajectory for `owner` with a lease of `ttl`: parked first
-    /// (oldest first version first), then pending (registration order), then expired leases
-    /// (earliest expiry first). `None` when there is nothing to claim.
+    /// (oldest first version first), then expired leases (earliest expiry first), then pending
+    /// (registration order). `None` when there is nothing to claim.
     async fn claim_next(&self, owner: &str, ttl: Duration) -> Result<Option<Claim>, StateError>;
 
     /// Claims one specific trajectory (pending, parked, or with an expired lease).
