@@ -160,7 +160,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate { config } => {
             let config = flywheel::config::load(config.as_deref())?;
-            RunStores::open(&config.run()).await?;
+            let run = config.run();
+            let ledger = flywheel_storage::ledger::open(&run.storage.ledger_url).await?;
+            ledger
+                .create_run(&run.storage.run_id, &run.redacted_json())
+                .await?;
             eprintln!(
                 "ledger at {} is migrated",
                 redact_url(&config.storage.ledger_url)

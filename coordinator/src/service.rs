@@ -719,7 +719,7 @@ impl Coordinator {
     /// mode workers claim and finish it under this version, so the step waits.
     fn generating(&self, c: &StateCounts) -> u64 {
         match self.run.rollout.mode {
-            RolloutMode::Partial => c.generating - c.lease_expired,
+            RolloutMode::Partial => c.generating.saturating_sub(c.lease_expired),
             RolloutMode::Sync | RolloutMode::Async => c.generating,
         }
     }

@@ -244,6 +244,36 @@ async fn a_spent_budget_cuts_a_short_step_when_nothing_generates() {
     );
 }
 
+/// In `partial` mode a trajectory whose worker died (its lease expired) does not hold up a
+/// spent version's step: nobody claims it while the budget is spent, and it resumes first
+/// under the next version.
+#[tokio::test]
+async fn a_spent_budget_does_not_wait_for_a_dead_workers_trajectory() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    w.finish_prompt("a", &[20, 40], &[1.0, 0.0]).await;
+    // A worker claims `d` for a moment and dies.
+    let d = w.accept("d", 1).await;
+    let dead = TrajectoryId {
+        prompt: d.id,
+        sample: 0,
+    };
+    w.state
+        .claim(&dead, "dead-worker", Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(w.state.reserve(0, 5000).await.unwrap(), 1000);
+    assert_eq!(
+        c.tick().await.unwrap(),
+        TickOutcome::Idle,
+        "a live lease: the step waits for it"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.state.counts().await.unwrap().lease_expired, 1);
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+}
+
 #[tokio::test]
 async fn async_mode_drops_groups_past_the_lag_bound() {
     let w = World::memory().await;

@@ -8,6 +8,7 @@
 //! | segment                  | `{run}/segments/{prompt}/{sample}/{seq:08}-e{epoch}`     |
 //! | step manifest            | `{run}/steps/{step:010}/manifest.json`                   |
 //! | per-rank gradient        | `{run}/steps/{step:010}/grads/rank-{r:04}`               |
+//! | entries left out of step | `{run}/steps/{step:010}/dropped/rank-{r:04}`             |
 //! | weights manifest         | `{run}/weights/v{version:010}/manifest.json`             |
 //! | weights chunk            | `{run}/chunks/{hash}`                                    |
 //! | checkpoint object        | `{run}/checkpoints/step-{step:010}/{name}`               |
@@ -33,6 +34,12 @@ pub fn step_grads_prefix(run: &str, step: StepId) -> String {
 /// `{run}/steps/{step:010}/grads/rank-{r:04}`: rank `rank`'s gradient sum for step `step`.
 pub fn step_grads(run: &str, step: StepId, rank: u32) -> String {
     format!("{run}/steps/{step:010}/grads/rank-{rank:04}")
+}
+
+/// `{run}/steps/{step:010}/dropped/rank-{r:04}`: the entries rank `rank` left out of step
+/// `step` because their data is unusable, and why (JSON).
+pub fn step_dropped(run: &str, step: StepId, rank: u32) -> String {
+    format!("{run}/steps/{step:010}/dropped/rank-{rank:04}")
 }
 
 /// `{run}/weights/`: the prefix under which every version's weights manifest lives.

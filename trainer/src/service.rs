@@ -69,8 +69,8 @@ use crate::loss::{LossConfig, PolicyLoss};
 use crate::metrics::TrainerMetrics;
 use crate::optim::{AdamW, OptimError};
 use crate::step::{
-    StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update, load_rank,
-    prompt_tokens,
+    DroppedEntry, StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update,
+    load_rank, prompt_tokens,
 };
 
 /// Errors of the trainer service.
@@ -402,7 +402,7 @@ impl Trainer {
         }
         self.sync_to(manifest.step).await?;
         self.resolve_prompts(manifest, rank).await?;
-        let batch = load_rank(
+        let loaded = load_rank(
             &self.stores.blobs,
             manifest,
             rank,
@@ -410,6 +410,11 @@ impl Trainer {
             self.config.fetch_concurrency,
         )
         .await?;
+        if !loaded.dropped.is_empty() {
+            self.record_dropped(manifest.step, rank, &loaded.dropped)
+                .await?;
+        }
+        let batch = loaded.micro_batches;
         let loss = PolicyLoss::new(LossConfig {
             token_budget: manifest.token_budget,
             ..self.config.loss.clone()
@@ -447,6 +452,25 @@ impl Trainer {
             stats,
             grads,
         })
+    }
+
+    /// Records the entries of a rank left out of its step (their data is unusable) at
+    /// [`keys::step_dropped`]: deterministic, so a redone rank writes the same record.
+    async fn record_dropped(
+        &self,
+        step: StepId,
+        rank: u32,
+        dropped: &[DroppedEntry],
+    ) -> Result<(), TrainerError> {
+        for d in dropped {
+            tracing::warn!(step, rank, trajectory = %d.trajectory, reason = %d.reason, "entry dropped from its step: its data is unusable");
+        }
+        let key = keys::step_dropped(&self.stores.run_id, step, rank);
+        let body = serde_json::to_vec(dropped).map_err(|e| {
+            TrainerError::Inconsistent(format!("cannot encode the dropped entries: {e}"))
+        })?;
+        self.stores.blobs.put(&key, Bytes::from(body)).await?;
+        Ok(())
     }
 
     /// Writes a rank's gradient object (deterministic content: a redone rank writes the same).

@@ -162,6 +162,39 @@ pub fn prompt_tokens(prompt: &Prompt, tokenizer: &Tokenizer) -> Result<Vec<u32>,
     Ok(tokens)
 }
 
+impl StepError {
+    /// Whether the error is in the data itself (a segment corrupt, missing or not the one the
+    /// manifest names; a trajectory that cannot be stitched): trying again cannot help, so the
+    /// entry is dropped from its step instead.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StepError::Fetch { source, .. } => matches!(source, BlobError::NotFound { .. }),
+            StepError::CorruptSegment { .. }
+            | StepError::SegmentMismatch { .. }
+            | StepError::Trajectory { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A step's entry that could not be trained, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DroppedEntry {
+    /// The trajectory.
+    pub trajectory: TrajectoryId,
+    /// Why its data is unusable.
+    pub reason: String,
+}
+
+/// One rank's share of a step, fetched and stitched.
+#[derive(Debug, Default)]
+pub struct RankBatch {
+    /// The micro-batches of the trajectories that could be stitched.
+    pub micro_batches: Vec<Vec<Stitched>>,
+    /// The entries dropped because their data is unusable ([`StepError::is_data_error`]).
+    pub dropped: Vec<DroppedEntry>,
+}
+
 /// Downloads and decodes every segment referenced by `entries`, `concurrency` at a time.
 /// Returns them by key. Any failure names the segment's key.
 pub async fn fetch_segments<'a>(
@@ -192,6 +225,55 @@ pub async fn fetch_segments<'a>(
         .buffer_unordered(concurrency.max(1))
         .try_collect()
         .await
+}
+
+/// [`fetch_segments`] that tells unusable segments (see [`StepError::is_data_error`]) from
+/// failures of the store: returns the decoded segments and, for the others, why each is
+/// unusable; a failure of the store is an error.
+async fn fetch_usable_segments<'a>(
+    blob: &BlobStore,
+    entries: impl IntoIterator<Item = &'a BatchEntry>,
+    concurrency: usize,
+) -> Result<(HashMap<String, Segment>, HashMap<String, String>), StepError> {
+    let keys: Vec<String> = entries
+        .into_iter()
+        .flat_map(|e| e.segments.iter().map(|s| s.key.clone()))
+        .collect();
+    let fetched: Vec<(String, Result<Segment, StepError>)> = futures::stream::iter(keys)
+        .map(|key| {
+            let blob = blob.clone();
+            async move {
+                let segment = match blob.get(&key).await {
+                    Ok(bytes) => {
+                        codec::decode(&bytes).map_err(|source| StepError::CorruptSegment {
+                            key: key.clone(),
+                            source,
+                        })
+                    }
+                    Err(source) => Err(StepError::Fetch {
+                        key: key.clone(),
+                        source,
+                    }),
+                };
+                (key, segment)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let (mut usable, mut unusable) = (HashMap::new(), HashMap::new());
+    for (key, segment) in fetched {
+        match segment {
+            Ok(s) => {
+                usable.insert(key, s);
+            }
+            Err(e) if e.is_data_error() => {
+                unusable.insert(key, e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((usable, unusable))
 }
 
 /// Rebuilds one trajectory from its prompt tokens and its (fetched) segments, checking each
@@ -272,14 +354,17 @@ pub fn stitch(
 }
 
 /// Fetches and stitches rank `rank`'s micro-batches of `manifest`. `prompts` maps each prompt
-/// of the rank to its tokens ([`prompt_tokens`]).
+/// of the rank to its tokens ([`prompt_tokens`]). An entry whose data is unusable (a segment
+/// corrupt, missing or not the manifest's; see [`StepError::is_data_error`]) is left out and
+/// listed in [`RankBatch::dropped`]: it is never trained, and the rest of the step is. Any
+/// other failure (the store unreachable) fails the rank, which is tried again.
 pub async fn load_rank(
     blob: &BlobStore,
     manifest: &BatchManifest,
     rank: u32,
     prompts: &BTreeMap<PromptId, Vec<u32>>,
     concurrency: usize,
-) -> Result<Vec<Vec<Stitched>>, StepError> {
+) -> Result<RankBatch, StepError> {
     let micro = manifest
         .ranks
         .get(rank as usize)
@@ -288,25 +373,39 @@ pub async fn load_rank(
             rank,
             world_size: manifest.world_size,
         })?;
-    let segments = fetch_segments(blob, micro.iter().flat_map(|m| &m.entries), concurrency).await?;
-    micro
-        .iter()
-        .map(|mb| {
-            mb.entries
-                .iter()
-                .map(|e| {
-                    let prompt =
-                        prompts
-                            .get(&e.trajectory.prompt)
-                            .ok_or_else(|| StepError::Prompt {
-                                prompt: e.trajectory.prompt.clone(),
-                                reason: "unknown to the trainer (not registered?)".into(),
-                            })?;
-                    stitch(e, prompt, &segments)
-                })
-                .collect()
-        })
-        .collect()
+    let entries = micro.iter().flat_map(|m| &m.entries);
+    let (segments, unusable) = fetch_usable_segments(blob, entries, concurrency).await?;
+    let mut batch = RankBatch::default();
+    for mb in micro {
+        let mut stitched = Vec::with_capacity(mb.entries.len());
+        for e in &mb.entries {
+            let prompt = prompts
+                .get(&e.trajectory.prompt)
+                .ok_or_else(|| StepError::Prompt {
+                    prompt: e.trajectory.prompt.clone(),
+                    reason: "unknown to the trainer (not registered?)".into(),
+                })?;
+            let unusable_reason = match e.segments.iter().find_map(|r| unusable.get(&r.key)) {
+                Some(reason) => Some(reason.clone()),
+                None => match stitch(e, prompt, &segments) {
+                    Ok(trajectory) => {
+                        stitched.push(trajectory);
+                        None
+                    }
+                    Err(err) if err.is_data_error() => Some(err.to_string()),
+                    Err(err) => return Err(err),
+                },
+            };
+            if let Some(reason) = unusable_reason {
+                batch.dropped.push(DroppedEntry {
+                    trajectory: e.trajectory.clone(),
+                    reason,
+                });
+            }
+        }
+        batch.micro_batches.push(stitched);
+    }
+    Ok(batch)
 }
 
 /// Additive statistics of micro-batches, ranks and steps.
@@ -800,8 +899,9 @@ mod tests {
         let mut summed = Params::zeros(params.config()).unwrap();
         for r in 0..2 {
             let rank = load_rank(&blob, &m, r, &prompts, 3).await.unwrap();
+            assert!(rank.dropped.is_empty());
             let mut g = model.new_gradients().unwrap();
-            for mb in &rank {
+            for mb in &rank.micro_batches {
                 total.merge(&accumulate_policy(&model, &loss, mb, &mut g).unwrap());
             }
             let g = model.gradients_to_params(&g).unwrap();
@@ -821,7 +921,11 @@ mod tests {
         // Everything in one micro-batch gives the same loss and gradient.
         let mut all: Vec<Stitched> = Vec::new();
         for r in 0..2 {
-            for mb in load_rank(&blob, &m, r, &prompts, 3).await.unwrap() {
+            for mb in load_rank(&blob, &m, r, &prompts, 3)
+                .await
+                .unwrap()
+                .micro_batches
+            {
                 all.extend(mb);
             }
         }
@@ -872,7 +976,10 @@ mod tests {
             entries: vec![entry(t, refs, 0..4, 1.0)],
         }]]);
         let prompts = [(PromptId::from("a"), prompt)].into_iter().collect();
-        let rank = load_rank(&blob, &m, 0, &prompts, 2).await.unwrap();
+        let rank = load_rank(&blob, &m, 0, &prompts, 2)
+            .await
+            .unwrap()
+            .micro_batches;
         let loss = PolicyLoss::new(LossConfig {
             token_budget: 4,
             ..LossConfig::default()

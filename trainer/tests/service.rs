@@ -379,6 +379,44 @@ async fn trained_segments_beyond_the_audit_window_are_deleted_at_a_checkpoint() 
     }
 }
 
+/// A corrupt segment named by a committed step is never trained: its entry is left out with
+/// the reason recorded, and the rest of the step trains.
+#[tokio::test]
+async fn a_corrupt_segment_drops_its_entry_and_the_step_trains_the_rest() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let s = services("corrupt", &blob).await;
+    let manifests = fixture(&s, 1, 1).await;
+    let m = &manifests[0];
+    let entries: Vec<_> = m.ranks[0].iter().flat_map(|mb| &mb.entries).collect();
+    let victim = entries[0];
+    let total: u64 = entries.iter().map(|e| e.trained_tokens()).sum();
+    blob.put(
+        &victim.segments[0].key,
+        Bytes::from_static(b"not a segment"),
+    )
+    .await
+    .unwrap();
+    let mut t = Trainer::start(s.clone(), config()).await.unwrap();
+    let g = t
+        .train_rank(m, 0)
+        .await
+        .expect("the rank trains without it");
+    assert_eq!(
+        g.stats.loss.tokens_trained,
+        total - victim.trained_tokens(),
+        "everything but the corrupt entry is trained"
+    );
+    let record = blob
+        .get(&keys::step_dropped("corrupt", 0, 0))
+        .await
+        .unwrap();
+    let dropped: Vec<flywheel_trainer::step::DroppedEntry> =
+        serde_json::from_slice(&record).unwrap();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].trajectory, victim.trajectory);
+    assert!(dropped[0].reason.contains("corrupt segment"), "{dropped:?}");
+}
+
 /// `--resume` before the first checkpoint joins the run instead of refusing to start.
 #[tokio::test]
 async fn resume_before_the_first_checkpoint_joins_the_run() {
