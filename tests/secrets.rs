@@ -70,9 +70,14 @@ metrics_addr = "127.0.0.1:{worker_port}"
             "the coordinator to lead and answer",
             DEADLINE,
             || async {
-                let ready = reqwest::get(format!("{base}/readyz")).await;
-                let status = http_get(&format!("{base}/v1/status")).await;
-                ready.is_ok_and(|r| r.status().is_success()) && status.contains("\"leader\":\"")
+                // Not listening yet is "not yet", not a failure.
+                let Ok(ready) = reqwest::get(format!("{base}/readyz")).await else {
+                    return false;
+                };
+                ready.status().is_success()
+                    && http_get(&format!("{base}/v1/status"))
+                        .await
+                        .contains("\"leader\":\"")
             },
         )
         .await;

@@ -668,13 +668,13 @@ impl<B: Backend> Model<B> {
             be.softmax_backward(&acts.probs, m.p_off, dp, 0, heads * n, n)?;
             be.gemm(
                 &gemm(n, n, hd, scale, dp_at, k_at, q_at),
-                &dp,
+                dp,
                 &acts.qkv,
                 dqkv,
             )?;
             be.gemm(
                 &gemm(n, n, hd, scale, dp_at.t(), q_at, k_at),
-                &dp,
+                dp,
                 &acts.qkv,
                 dqkv,
             )?;

@@ -578,7 +578,7 @@ impl YAxis {
     }
 
     /// The same axis, always reaching 1.
-    fn to_one(self) -> YAxis {
+    fn reaching_one(self) -> YAxis {
         YAxis {
             to_one: true,
             ..self
@@ -745,7 +745,7 @@ fn reward_accuracy_chart(summary: &DemoSummary, steps: &[StepMetrics]) -> LineCh
     let (x0, x1) = step_range(steps);
     LineChart {
         title: "Reward and held-out accuracy",
-        y: YAxis::from_zero("reward / accuracy").to_one(),
+        y: YAxis::from_zero("reward / accuracy").reaching_one(),
         legend: SeriesLabelPosition::LowerRight,
         lines: vec![
             Line::solid(
@@ -802,13 +802,13 @@ fn tokens_per_second_chart(steps: &[StepMetrics]) -> LineChart {
 fn staleness_chart(steps: &[StepMetrics]) -> LineChart {
     LineChart {
         title: "Staleness of trained tokens",
-        y: YAxis::from_zero("policy versions behind").to_one(),
+        y: YAxis::from_zero("policy versions behind").reaching_one(),
         legend: SeriesLabelPosition::UpperRight,
         lines: vec![
             Line::solid(
                 "mean (token-weighted)",
                 C_BLUE,
-                series(steps, |m| m.mean_staleness().map(|s| s)),
+                series(steps, |m| m.mean_staleness()),
             ),
             Line::solid(
                 "max",
