@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Processes;
+use common::{Processes, stores_toml};
 use flywheel_model::{Model, ModelConfig, Params, Tokenizer};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::PromptStatus;
@@ -72,8 +72,6 @@ const DEADLINE: Duration = Duration::from_secs(900);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_run_survives_a_killed_worker() {
-    let redis = testkit::redis_url();
-    let brokers = testkit::kafka_brokers();
     let s3 = testkit::S3Server::from_env();
     let run_id = format!("dist-{:012x}", rand::random::<u64>() >> 16);
     let state = testkit::redis_state(&run_id).await;
@@ -101,20 +99,7 @@ async fn distributed_run_survives_a_killed_worker() {
         ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
     };
     let config = format!(
-        r#"
-[storage]
-run_id = "{run_id}"
-state_url = "{redis}"
-blob_url = "{blob_url}"
-ledger_url = "{ledger_url}"
-
-[kafka]
-brokers = "{brokers}"
-topic = "{run_id}.prompts"
-group_id = "{run_id}.workers"
-session_timeout_ms = 6000
-auto_commit_interval_ms = 200
-
+        r#"{stores}
 [rollout]
 mode = "partial"
 version_budget_tokens = 2560
@@ -162,7 +147,12 @@ weight_decay = 0.0
 decay_steps = 60
 final_lr_fraction = 0.1
 "#,
-        ledger_url = test_ledger.url(),
+        stores = stores_toml(
+            &run_id,
+            &blob_url,
+            test_ledger.url(),
+            "session_timeout_ms = 6000\nauto_commit_interval_ms = 200",
+        ),
         max_terms = task.max_terms,
         group_size = task.group_size,
         trainer_port = free_port(),

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Processes, http_get};
+use common::{Processes, http_get, stores_toml};
 use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::testkit::{self, free_port};
 
@@ -15,7 +15,6 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_ledger_the_logs_or_the_status() {
-    let brokers = testkit::kafka_brokers();
     let s3 = testkit::S3Server::from_env();
     let test_ledger = TestLedger::postgres().await;
     let run_id = testkit::unique_id("secrets");
@@ -27,26 +26,14 @@ async fn secrets_never_reach_the_ledger_the_logs_or_the_status() {
     let secrets = [pg_secret, s3.secret_key.as_str(), admin_token];
     let port = free_port();
     let config = format!(
-        r#"
-[storage]
-run_id = "{run_id}"
-state_url = "{redis}"
-blob_url = "{blob_url}"
-ledger_url = "{ledger_url}"
-
-[kafka]
-brokers = "{brokers}"
-topic = "{run_id}.prompts"
-group_id = "{run_id}.workers"
-
+        r#"{stores}
 [coordinator]
 bind = "127.0.0.1:{port}"
 
 [worker]
 metrics_addr = "127.0.0.1:{worker_port}"
 "#,
-        redis = testkit::redis_url(),
-        blob_url = s3.url(&run_id),
+        stores = stores_toml(&run_id, &s3.url(&run_id), ledger_url.as_str(), ""),
         worker_port = free_port(),
     );
     let dir = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Processes, metric};
+use common::{Processes, metric, stores_toml};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, ensure_topics};
@@ -56,7 +56,6 @@ impl Run {
         let LengthDistribution::Uniform { lo, hi } = sim.lengths else {
             panic!("these tests use uniform lengths");
         };
-        let redis = testkit::redis_url();
         let brokers = testkit::kafka_brokers();
         let s3 = testkit::S3Server::from_env();
         let run_id = format!("wp-{tag}-{:012x}", rand::random::<u64>() >> 16);
@@ -74,8 +73,8 @@ impl Run {
         let blobs = BlobStore::open(&blob_url).unwrap();
         let kafka = KafkaConfig {
             brokers: brokers.clone(),
-            topic: run_id.clone(),
-            group_id: run_id.clone(),
+            topic: format!("{run_id}.prompts"),
+            group_id: format!("{run_id}.workers"),
             session_timeout_ms: 6_000,
             auto_commit_interval_ms: 200,
             ..KafkaConfig::default()
@@ -84,20 +83,7 @@ impl Run {
             .await
             .expect("create the topics");
         let config_base = format!(
-            r#"
-[storage]
-run_id = "{run_id}"
-state_url = "{redis}"
-blob_url = "{blob_url}"
-ledger_url = "{postgres}"
-
-[kafka]
-brokers = "{brokers}"
-topic = "{run_id}"
-group_id = "{run_id}"
-session_timeout_ms = 6000
-auto_commit_interval_ms = 200
-
+            r#"{stores}
 [rollout]
 mode = "partial"
 version_budget_tokens = 10000000
@@ -116,6 +102,12 @@ slots = {slots}
 decode_tokens_per_s = {rate:?}
 lengths = {{ kind = "uniform", lo = {lo}, hi = {hi} }}
 "#,
+            stores = stores_toml(
+                &run_id,
+                &blob_url,
+                &postgres,
+                "session_timeout_ms = 6000\nauto_commit_interval_ms = 200",
+            ),
             seed = sim.seed,
             slots = sim.slots,
             rate = sim.decode_tokens_per_s,

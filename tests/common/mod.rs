@@ -200,3 +200,26 @@ pub async fn http_get(url: &str) -> String {
         .await
         .unwrap()
 }
+
+/// The `[storage]` and `[kafka]` sections of a run on the test services: Redis and Kafka
+/// from the environment, topic `<run_id>.prompts`, group `<run_id>.workers`; `kafka_extra`
+/// holds more `[kafka]` lines.
+pub fn stores_toml(run_id: &str, blob_url: &str, ledger_url: &str, kafka_extra: &str) -> String {
+    format!(
+        r#"
+[storage]
+run_id = "{run_id}"
+state_url = "{redis}"
+blob_url = "{blob_url}"
+ledger_url = "{ledger_url}"
+
+[kafka]
+brokers = "{brokers}"
+topic = "{run_id}.prompts"
+group_id = "{run_id}.workers"
+{kafka_extra}
+"#,
+        redis = flywheel_storage::testkit::redis_url(),
+        brokers = flywheel_storage::testkit::kafka_brokers(),
+    )
+}

@@ -3,9 +3,9 @@
 //! The flow for rank r of step s:
 //!
 //! 1. [`fetch_segments`] downloads every segment the rank's micro-batches reference,
-//!    concurrently, and decodes each with the segment codec (its crc32c is verified). A
-//!    corrupt, truncated, missing or mismatched segment is a [`StepError`] naming its key:
-//!    the step fails and nothing of it is trained (DESIGN.md §7, invariant 3).
+//!    concurrently, and decodes each with the segment codec (its crc32c is verified). An
+//!    entry with a corrupt, truncated, missing or mismatched segment is left out of the step
+//!    and recorded ([`load_rank`]); nothing of it is trained (DESIGN.md §7, invariant 3).
 //! 2. [`stitch`] rebuilds each trajectory: the prompt's tokens ([`prompt_tokens`]) followed by
 //!    the segments' tokens in `seq` order. The segments' log-probs are π_infer. Only the
 //!    response up to `train_end` is kept: the model is causal, so a cut group's tail changes
@@ -37,7 +37,7 @@ use flywheel_storage::codec::{self, CodecError};
 use flywheel_storage::{
     BatchEntry, BatchManifest, Prompt, PromptId, PromptInput, Segment, TrajectoryId,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use thiserror::Error;
 
 use crate::loss::{
@@ -195,46 +195,25 @@ pub struct RankBatch {
     pub dropped: Vec<DroppedEntry>,
 }
 
-/// Downloads and decodes every segment referenced by `entries`, `concurrency` at a time.
-/// Returns them by key. Any failure names the segment's key.
+/// The segments of a rank, fetched and decoded, by key.
+#[derive(Debug, Default)]
+pub struct FetchedSegments {
+    /// The segments that decoded.
+    pub usable: HashMap<String, Segment>,
+    /// The segments whose data is unusable ([`StepError::is_data_error`]), with why.
+    pub unusable: HashMap<String, StepError>,
+}
+
+/// Downloads and decodes every segment referenced by `entries`, `concurrency` at a time,
+/// telling unusable segments (corrupt or missing) from failures of the store: those fail the
+/// fetch, naming the segment's key.
 pub async fn fetch_segments<'a>(
     blob: &BlobStore,
     entries: impl IntoIterator<Item = &'a BatchEntry>,
     concurrency: usize,
-) -> Result<HashMap<String, Segment>, StepError> {
+) -> Result<FetchedSegments, StepError> {
     // Owned keys: the fetch futures borrow nothing, so they are `Send` for any caller
     // (rust-lang/rust#102211).
-    let keys: Vec<String> = entries
-        .into_iter()
-        .flat_map(|e| e.segments.iter().map(|s| s.key.clone()))
-        .collect();
-    futures::stream::iter(keys)
-        .map(|key| {
-            let blob = blob.clone();
-            async move {
-                let bytes = blob.get(&key).await.map_err(|source| StepError::Fetch {
-                    key: key.clone(),
-                    source,
-                })?;
-                match codec::decode(&bytes) {
-                    Ok(segment) => Ok((key, segment)),
-                    Err(source) => Err(StepError::CorruptSegment { key, source }),
-                }
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await
-}
-
-/// [`fetch_segments`] that tells unusable segments (see [`StepError::is_data_error`]) from
-/// failures of the store: returns the decoded segments and, for the others, why each is
-/// unusable; a failure of the store is an error.
-async fn fetch_usable_segments<'a>(
-    blob: &BlobStore,
-    entries: impl IntoIterator<Item = &'a BatchEntry>,
-    concurrency: usize,
-) -> Result<(HashMap<String, Segment>, HashMap<String, String>), StepError> {
     let keys: Vec<String> = entries
         .into_iter()
         .flat_map(|e| e.segments.iter().map(|s| s.key.clone()))
@@ -261,19 +240,19 @@ async fn fetch_usable_segments<'a>(
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
-    let (mut usable, mut unusable) = (HashMap::new(), HashMap::new());
+    let mut segments = FetchedSegments::default();
     for (key, segment) in fetched {
         match segment {
             Ok(s) => {
-                usable.insert(key, s);
+                segments.usable.insert(key, s);
             }
             Err(e) if e.is_data_error() => {
-                unusable.insert(key, e.to_string());
+                segments.unusable.insert(key, e);
             }
             Err(e) => return Err(e),
         }
     }
-    Ok((usable, unusable))
+    Ok(segments)
 }
 
 /// Rebuilds one trajectory from its prompt tokens and its (fetched) segments, checking each
@@ -374,7 +353,7 @@ pub async fn load_rank(
             world_size: manifest.world_size,
         })?;
     let entries = micro.iter().flat_map(|m| &m.entries);
-    let (segments, unusable) = fetch_usable_segments(blob, entries, concurrency).await?;
+    let segments = fetch_segments(blob, entries, concurrency).await?;
     let mut batch = RankBatch::default();
     for mb in micro {
         let mut stitched = Vec::with_capacity(mb.entries.len());
@@ -385,9 +364,13 @@ pub async fn load_rank(
                     prompt: e.trajectory.prompt.clone(),
                     reason: "unknown to the trainer (not registered?)".into(),
                 })?;
-            let unusable_reason = match e.segments.iter().find_map(|r| unusable.get(&r.key)) {
-                Some(reason) => Some(reason.clone()),
-                None => match stitch(e, prompt, &segments) {
+            let unusable = e
+                .segments
+                .iter()
+                .find_map(|r| segments.unusable.get(&r.key));
+            let unusable_reason = match unusable {
+                Some(err) => Some(err.to_string()),
+                None => match stitch(e, prompt, &segments.usable) {
                     Ok(trajectory) => {
                         stitched.push(trajectory);
                         None
@@ -764,7 +747,7 @@ mod tests {
         let mut refs = put_segments(&blob, &t, &resp, &lps, 4).await;
         refs.reverse(); // the manifest order does not matter, seq does
         let e = entry(t, refs, 2..7, 0.5);
-        let segs = fetch_segments(&blob, [&e], 2).await.unwrap();
+        let segs = fetch_segments(&blob, [&e], 2).await.unwrap().usable;
         let s = stitch(&e, &[1, 2, 3], &segs).unwrap();
         assert_eq!(s.tokens, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         assert_eq!(s.response_start, 3);
@@ -780,7 +763,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn corrupt_missing_and_mismatched_segments_are_errors_naming_the_key() {
+    async fn corrupt_missing_and_mismatched_segments_are_unusable_naming_the_key() {
         let blob = BlobStore::open("memory://").unwrap();
         let t = traj("p", 0);
         let refs = put_segments(&blob, &t, &[4, 5, 6, 7], &[-0.5; 4], 2).await;
@@ -790,14 +773,17 @@ mod tests {
         let last = bytes.len() - 6;
         bytes[last] ^= 0x40;
         blob.put(&refs[1].key, Bytes::from(bytes)).await.unwrap();
-        match fetch_segments(&blob, [&e], 4).await {
-            Err(StepError::CorruptSegment { key, .. }) => assert_eq!(key, refs[1].key),
+        let fetched = fetch_segments(&blob, [&e], 4).await.unwrap();
+        match fetched.unusable.get(&refs[1].key) {
+            Some(StepError::CorruptSegment { key, .. }) => assert_eq!(key, &refs[1].key),
             other => panic!("expected a corrupt segment, got {other:?}"),
         }
+        assert_eq!(fetched.usable.len(), 1);
 
         blob.delete(&refs[1].key).await.unwrap();
-        match fetch_segments(&blob, [&e], 4).await {
-            Err(StepError::Fetch { key, .. }) => assert_eq!(key, refs[1].key),
+        let fetched = fetch_segments(&blob, [&e], 4).await.unwrap();
+        match fetched.unusable.get(&refs[1].key) {
+            Some(StepError::Fetch { key, .. }) => assert_eq!(key, &refs[1].key),
             other => panic!("expected a missing segment, got {other:?}"),
         }
 
@@ -809,7 +795,7 @@ mod tests {
             ..refs[0].clone()
         }];
         wrong.train_end = 2;
-        let segs = fetch_segments(&blob, [&wrong], 4).await.unwrap();
+        let segs = fetch_segments(&blob, [&wrong], 4).await.unwrap().usable;
         assert!(matches!(
             stitch(&wrong, &[1], &segs),
             Err(StepError::SegmentMismatch { .. })
