@@ -206,6 +206,21 @@ pub(crate) fn attention_forward<B: Backend>(
 }
 
 /// `C (m × n) ← A (m × k) · B (k × n) + beta·C` for dense row-major operands, with A or B
+/// A residual step: `residual + input · weight` (`residual` is `rows × d`, `input` `rows × k`)
+/// in a new buffer, keeping `residual` for the backward pass.
+fn plus_projection<B: Backend>(
+    be: &B,
+    (residual, rows, d): (&B::Buf, usize, usize),
+    (input, k): (&B::Buf, usize),
+    weight: &B::Buf,
+) -> Result<B::Buf> {
+    let mut out = be.alloc(rows * d)?;
+    let layout = MatLayout::row_major(d);
+    be.copy(residual, layout, &mut out, layout, rows, d)?;
+    matmul(be, rows, k, d, input, false, weight, false, 1.0, &mut out)?;
+    Ok(out)
+}
+
 /// optionally read transposed (their stored shapes then being `k × m` / `n × k`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<B: Backend>(
@@ -795,18 +810,7 @@ impl<B: Backend> Model<B> {
                 0,
             )?;
         }
-        let mut x_mid = be.alloc(rows * d)?;
-        be.copy(
-            &x,
-            MatLayout::row_major(d),
-            &mut x_mid,
-            MatLayout::row_major(d),
-            rows,
-            d,
-        )?;
-        matmul(
-            be, rows, d, d, &att, false, &w[li.wo], false, 1.0, &mut x_mid,
-        )?;
+        let x_mid = plus_projection(be, (&x, rows, d), (&att, d), &w[li.wo])?;
 
         let mut stats2 = be.alloc(2 * rows)?;
         let mut h2 = be.alloc(rows * d)?;
@@ -815,18 +819,7 @@ impl<B: Backend> Model<B> {
         matmul(be, rows, d, ff, &h2, false, &w[li.w1], false, 0.0, &mut f1)?;
         let mut g = be.alloc(rows * ff)?;
         be.gelu(&f1, &mut g, rows * ff)?;
-        let mut x_out = be.alloc(rows * d)?;
-        be.copy(
-            &x_mid,
-            MatLayout::row_major(d),
-            &mut x_out,
-            MatLayout::row_major(d),
-            rows,
-            d,
-        )?;
-        matmul(
-            be, rows, ff, d, &g, false, &w[li.w2], false, 1.0, &mut x_out,
-        )?;
+        let x_out = plus_projection(be, (&x_mid, rows, d), (&g, ff), &w[li.w2])?;
         let acts = LayerActs {
             x_in: x,
             stats1,

@@ -691,7 +691,7 @@ impl Trainer {
         };
         let first = last.saturating_sub(self.config.checkpoint_every - 1);
         let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
-        let mut deleted = 0;
+        let mut keys = Vec::new();
         for s in first..=last {
             let key = keys::step_manifest(run, s);
             let body = match blobs.get(&key).await {
@@ -705,11 +705,15 @@ impl Trainer {
                     reason: format!("not a batch manifest: {e}"),
                 })?;
             let entries = manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries);
-            for segment in entries.flat_map(|e| &e.segments) {
-                blobs.delete(&segment.key).await?;
-                deleted += 1;
-            }
+            keys.extend(entries.flat_map(|e| &e.segments).map(|s| s.key.clone()));
         }
+        // Concurrent: on an object store each delete is a round trip.
+        let deleted = keys.len() as u64;
+        futures::stream::iter(keys)
+            .map(|key| async move { blobs.delete(&key).await })
+            .buffer_unordered(self.config.fetch_concurrency.max(1))
+            .try_collect::<()>()
+            .await?;
         tracing::debug!(steps = ?(first..=last), deleted, "collected trained segments");
         Ok(deleted)
     }
