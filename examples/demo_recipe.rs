@@ -367,6 +367,7 @@ impl Recipe {
         let sample = SampleConfig {
             temperature: if self.args.eval_greedy { 0.0 } else { 1.0 },
             top_p: 1.0,
+            top_k: 0,
         };
         let rollouts = self.sample(&jobs, sample)?;
         if by_length && self.args.eval_by_length {

@@ -78,7 +78,7 @@ fn main() {
                 &model,
                 &SampleConfig::default(),
                 new,
-                None,
+                &[],
                 &mut rng,
                 &mut toks,
                 &mut lps,

@@ -9,7 +9,6 @@
 //! Matrices are described by [`MatLayout`] (offset and strides into a buffer), so transposes,
 //! head slices of a fused QKV matrix and per-head batches are views, not copies.
 
-use crate::config::NormKind;
 use crate::error::Result;
 
 /// Token target meaning "no log-prob wanted for this row" in [`Backend::token_logprobs`].
@@ -55,6 +54,14 @@ impl MatLayout {
         MatLayout {
             row_stride: self.col_stride,
             col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// The same view starting `by` values further.
+    pub fn shifted(self, by: usize) -> Self {
+        MatLayout {
+            offset: self.offset + by,
             ..self
         }
     }
@@ -140,65 +147,100 @@ pub trait Backend: Send + Sync {
     /// The matrix product described by `g`. `c` must be a buffer distinct from `a` and `b`.
     fn gemm(&self, g: &Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
 
-    /// `out[r] = tok_emb[tokens[r]] + pos_emb[positions[r]]`, rows of width `d`.
+    /// `out[r] = tok_emb[tokens[r]]`, rows of width `d`.
     fn embed(
         &self,
         tok_emb: &Self::Buf,
-        pos_emb: &Self::Buf,
         tokens: &[u32],
-        positions: &[u32],
         out: &mut Self::Buf,
         d: usize,
     ) -> Result<()>;
-    /// Accumulates the embedding gradients: `d_tok[tokens[r]] += d_out[r]`,
-    /// `d_pos[positions[r]] += d_out[r]`.
+    /// Accumulates the embedding gradient: `d_tok[tokens[r]] += d_out[r]`.
     fn embed_backward(
         &self,
         d_out: &Self::Buf,
         tokens: &[u32],
-        positions: &[u32],
         d_tok: &mut Self::Buf,
-        d_pos: &mut Self::Buf,
         d: usize,
     ) -> Result<()>;
 
-    /// Normalises each row of `x` into `out` (scale `gamma`, bias `beta` for LayerNorm) and
-    /// saves per-row statistics in `stats` (`2 × rows`: mean, reciprocal std) for backward.
+    /// RMSNorm of each `cols`-wide row of `x` into `out`, as transformers computes it:
+    /// `x · rsqrt(mean(x²) + eps) · gamma`. Saves each row's reciprocal RMS in `rstd` (`rows`
+    /// values) for the backward pass.
     #[allow(clippy::too_many_arguments)]
-    fn norm(
+    fn rms_norm(
         &self,
-        kind: NormKind,
         eps: f32,
         x: &Self::Buf,
         gamma: &Self::Buf,
-        beta: Option<&Self::Buf>,
         out: &mut Self::Buf,
-        stats: &mut Self::Buf,
+        rstd: &mut Self::Buf,
         rows: usize,
         cols: usize,
     ) -> Result<()>;
-    /// Backward of [`Backend::norm`]: *adds* the input gradient to `dx` and accumulates
-    /// `d_gamma` (and `d_beta` for LayerNorm).
+    /// Backward of [`Backend::rms_norm`]: *adds* the input gradient to `dx` and accumulates
+    /// `d_gamma`.
     #[allow(clippy::too_many_arguments)]
-    fn norm_backward(
+    fn rms_norm_backward(
         &self,
-        kind: NormKind,
         x: &Self::Buf,
         gamma: &Self::Buf,
-        stats: &Self::Buf,
+        rstd: &Self::Buf,
         d_out: &Self::Buf,
         dx: &mut Self::Buf,
         d_gamma: &mut Self::Buf,
-        d_beta: Option<&mut Self::Buf>,
         rows: usize,
         cols: usize,
     ) -> Result<()>;
 
-    /// `out[i] = gelu(x[i])` for `i < len` (tanh approximation).
-    fn gelu(&self, x: &Self::Buf, out: &mut Self::Buf, len: usize) -> Result<()>;
-    /// `d[i] = d[i] · gelu'(x[i])`: turns the gradient w.r.t. the GELU output into the gradient
-    /// w.r.t. its input, in place.
-    fn gelu_backward(&self, x: &Self::Buf, d: &mut Self::Buf, len: usize) -> Result<()>;
+    /// `x[r] += bias` for every `cols`-wide row of the dense `rows × cols` block.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize)
+    -> Result<()>;
+    /// Backward of [`Backend::add_bias`]: `d_bias += Σ_r d_out[r]`.
+    fn bias_backward(
+        &self,
+        d_out: &Self::Buf,
+        d_bias: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// The SwiGLU activation: `out[i] = silu(gate[i]) · up[i]` for `i < len`.
+    fn swiglu(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        out: &mut Self::Buf,
+        len: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::swiglu`]: writes (overwrites) the gradients w.r.t. `gate` and
+    /// `up` from the gradient `d_out` w.r.t. its output.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        d_out: &Self::Buf,
+        d_gate: &mut Self::Buf,
+        d_up: &mut Self::Buf,
+        len: usize,
+    ) -> Result<()>;
+
+    /// Rotary position embedding in place, on `positions.len()` rows of `heads` heads of width
+    /// `hd` (dense, `heads · hd` per row), in the half-split layout transformers uses
+    /// (dimension `i` pairs with `i + hd/2`). `cos` and `sin` hold `hd/2` values per position.
+    /// `inverse` rotates by −θ: the backward pass of the forward rotation.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) -> Result<()>;
 
     /// In place on the `batch × rows × cols` block at `offset`: row `i` becomes the softmax of
     /// its first `past + i + 1` entries (a causal mask for queries at positions `past + i`

@@ -4,7 +4,6 @@
 use rayon::prelude::*;
 
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
-use crate::config::NormKind;
 use crate::error::{ModelError, Result};
 
 /// Runs the model on the CPU, on all cores: large matrix products use `matrixmultiply` with
@@ -76,11 +75,8 @@ struct SendPtrs(
 unsafe impl Send for SendPtrs {}
 unsafe impl Sync for SendPtrs {}
 
-/// √(2/π), the constant of the tanh approximation of GELU.
-const GELU_C: f32 = 0.797_884_6;
-
 /// Elementwise ops split their input into chunks of this many values for the thread pool.
-const GELU_CHUNK: usize = 4096;
+const ELEMENTWISE_CHUNK: usize = 4096;
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
@@ -203,25 +199,15 @@ impl Backend for CpuBackend {
     fn embed(
         &self,
         tok_emb: &Vec<f32>,
-        pos_emb: &Vec<f32>,
         tokens: &[u32],
-        positions: &[u32],
         out: &mut Vec<f32>,
         d: usize,
     ) -> Result<()> {
         check("embed out", tokens.len() * d, out.len())?;
-        for (r, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
-            let (t, p) = (t as usize * d, p as usize * d);
+        for (r, &t) in tokens.iter().enumerate() {
+            let t = t as usize * d;
             check("embed token", t + d, tok_emb.len())?;
-            check("embed position", p + d, pos_emb.len())?;
-            let row = &mut out[r * d..(r + 1) * d];
-            for ((o, a), b) in row
-                .iter_mut()
-                .zip(&tok_emb[t..t + d])
-                .zip(&pos_emb[p..p + d])
-            {
-                *o = a + b;
-            }
+            out[r * d..(r + 1) * d].copy_from_slice(&tok_emb[t..t + d]);
         }
         Ok(())
     }
@@ -230,156 +216,190 @@ impl Backend for CpuBackend {
         &self,
         d_out: &Vec<f32>,
         tokens: &[u32],
-        positions: &[u32],
         d_tok: &mut Vec<f32>,
-        d_pos: &mut Vec<f32>,
         d: usize,
     ) -> Result<()> {
         check("embed_backward d_out", tokens.len() * d, d_out.len())?;
-        for (r, (&t, &p)) in tokens.iter().zip(positions).enumerate() {
-            let (t, p) = (t as usize * d, p as usize * d);
+        for (r, &t) in tokens.iter().enumerate() {
+            let t = t as usize * d;
             check("embed_backward token", t + d, d_tok.len())?;
-            check("embed_backward position", p + d, d_pos.len())?;
-            let g = &d_out[r * d..(r + 1) * d];
-            for (o, v) in d_tok[t..t + d].iter_mut().zip(g) {
-                *o += v;
-            }
-            for (o, v) in d_pos[p..p + d].iter_mut().zip(g) {
+            for (o, v) in d_tok[t..t + d].iter_mut().zip(&d_out[r * d..(r + 1) * d]) {
                 *o += v;
             }
         }
         Ok(())
     }
 
-    fn norm(
+    fn rms_norm(
         &self,
-        kind: NormKind,
         eps: f32,
         x: &Vec<f32>,
         gamma: &Vec<f32>,
-        beta: Option<&Vec<f32>>,
         out: &mut Vec<f32>,
-        stats: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("norm x", rows * cols, x.len())?;
-        check("norm out", rows * cols, out.len())?;
-        check("norm stats", 2 * rows, stats.len())?;
-        check("norm gamma", cols, gamma.len())?;
-        if let Some(b) = beta {
-            check("norm beta", cols, b.len())?;
-        }
-        let row_stats = |xr: &[f32]| {
-            let mean = match kind {
-                NormKind::LayerNorm => xr.iter().map(|&v| v as f64).sum::<f64>() / cols as f64,
-                NormKind::RmsNorm => 0.0,
-            };
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-            (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
-        };
+        check("rms_norm x", rows * cols, x.len())?;
+        check("rms_norm out", rows * cols, out.len())?;
+        check("rms_norm rstd", rows, rstd.len())?;
+        check("rms_norm gamma", cols, gamma.len())?;
         // Statistics first (cheap, serial), then the normalised rows (in parallel).
         for r in 0..rows {
-            let (mean, rstd) = row_stats(&x[r * cols..(r + 1) * cols]);
-            stats[2 * r] = mean;
-            stats[2 * r + 1] = rstd;
+            let xr = &x[r * cols..(r + 1) * cols];
+            let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+            rstd[r] = (1.0 / (ms + eps as f64).sqrt()) as f32;
         }
-        let stats = &stats[..];
+        let rstd = &rstd[..];
         for_rows(&mut out[..rows * cols], cols, |r, or| {
             let xr = &x[r * cols..(r + 1) * cols];
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
             for j in 0..cols {
-                let bias = beta.map_or(0.0, |b| b[j]);
-                or[j] = (xr[j] - mean) * rstd * gamma[j] + bias;
+                or[j] = xr[j] * rstd[r] * gamma[j];
             }
         });
         Ok(())
     }
 
-    fn norm_backward(
+    fn rms_norm_backward(
         &self,
-        kind: NormKind,
         x: &Vec<f32>,
         gamma: &Vec<f32>,
-        stats: &Vec<f32>,
+        rstd: &Vec<f32>,
         d_out: &Vec<f32>,
         dx: &mut Vec<f32>,
         d_gamma: &mut Vec<f32>,
-        mut d_beta: Option<&mut Vec<f32>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("norm_backward x", rows * cols, x.len())?;
-        check("norm_backward d_out", rows * cols, d_out.len())?;
-        check("norm_backward dx", rows * cols, dx.len())?;
-        check("norm_backward stats", 2 * rows, stats.len())?;
-        check("norm_backward gamma", cols, gamma.len())?;
-        check("norm_backward d_gamma", cols, d_gamma.len())?;
-        if let Some(b) = d_beta.as_deref() {
-            check("norm_backward d_beta", cols, b.len())?;
-        }
+        check("rms_norm_backward x", rows * cols, x.len())?;
+        check("rms_norm_backward d_out", rows * cols, d_out.len())?;
+        check("rms_norm_backward dx", rows * cols, dx.len())?;
+        check("rms_norm_backward rstd", rows, rstd.len())?;
+        check("rms_norm_backward gamma", cols, gamma.len())?;
+        check("rms_norm_backward d_gamma", cols, d_gamma.len())?;
         // Parameter gradients: a reduction over rows (serial).
         for r in 0..rows {
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
             let xr = &x[r * cols..(r + 1) * cols];
             let gr = &d_out[r * cols..(r + 1) * cols];
             for j in 0..cols {
-                d_gamma[j] += gr[j] * (xr[j] - mean) * rstd;
-            }
-            if let Some(b) = d_beta.as_deref_mut() {
-                for j in 0..cols {
-                    b[j] += gr[j];
-                }
+                d_gamma[j] += gr[j] * xr[j] * rstd[r];
             }
         }
         // Input gradients: independent per row (in parallel).
         for_rows(&mut dx[..rows * cols], cols, |r, dr| {
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
             let xr = &x[r * cols..(r + 1) * cols];
             let gr = &d_out[r * cols..(r + 1) * cols];
-            // Means of dxhat and dxhat·xhat over the row, where dxhat = d_out · gamma.
-            let (mut m1, mut m2) = (0.0f64, 0.0f64);
+            // With xhat = x·rstd and dxhat = d_out·gamma: dx = rstd·(dxhat − xhat·mean(dxhat·xhat)).
+            let m2 = (0..cols)
+                .map(|j| (gr[j] * gamma[j] * xr[j] * rstd[r]) as f64)
+                .sum::<f64>()
+                / cols as f64;
+            let m2 = m2 as f32;
             for j in 0..cols {
-                let xhat = (xr[j] - mean) * rstd;
-                let dxhat = gr[j] * gamma[j];
-                m1 += dxhat as f64;
-                m2 += (dxhat * xhat) as f64;
-            }
-            let m1 = match kind {
-                NormKind::LayerNorm => (m1 / cols as f64) as f32,
-                // RMSNorm does not subtract the mean, so the mean term is absent.
-                NormKind::RmsNorm => 0.0,
-            };
-            let m2 = (m2 / cols as f64) as f32;
-            for j in 0..cols {
-                let xhat = (xr[j] - mean) * rstd;
-                dr[j] += rstd * (gr[j] * gamma[j] - m1 - xhat * m2);
+                let xhat = xr[j] * rstd[r];
+                dr[j] += rstd[r] * (gr[j] * gamma[j] - xhat * m2);
             }
         });
         Ok(())
     }
 
-    fn gelu(&self, x: &Vec<f32>, out: &mut Vec<f32>, len: usize) -> Result<()> {
-        check("gelu x", len, x.len())?;
-        check("gelu out", len, out.len())?;
-        for_rows(&mut out[..len], GELU_CHUNK, |i, o| {
-            let x = &x[i * GELU_CHUNK..];
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = 0.5 * v * (1.0 + tanh(GELU_C * (v + 0.044715 * v * v * v)));
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) -> Result<()> {
+        check("add_bias x", rows * cols, x.len())?;
+        check("add_bias bias", cols, bias.len())?;
+        for_rows(&mut x[..rows * cols], cols, |_, xr| {
+            xr.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        });
+        Ok(())
+    }
+
+    fn bias_backward(
+        &self,
+        d_out: &Vec<f32>,
+        d_bias: &mut Vec<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("bias_backward d_out", rows * cols, d_out.len())?;
+        check("bias_backward d_bias", cols, d_bias.len())?;
+        for gr in d_out[..rows * cols].chunks_exact(cols) {
+            d_bias.iter_mut().zip(gr).for_each(|(b, g)| *b += g);
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, len: usize) -> Result<()> {
+        check("swiglu gate", len, gate.len())?;
+        check("swiglu up", len, up.len())?;
+        check("swiglu out", len, out.len())?;
+        for_rows(&mut out[..len], ELEMENTWISE_CHUNK, |i, o| {
+            let at = i * ELEMENTWISE_CHUNK;
+            for ((o, &g), &u) in o.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+                *o = g * sigmoid(g) * u;
             }
         });
         Ok(())
     }
 
-    fn gelu_backward(&self, x: &Vec<f32>, d: &mut Vec<f32>, len: usize) -> Result<()> {
-        check("gelu_backward x", len, x.len())?;
-        check("gelu_backward d", len, d.len())?;
-        for_rows(&mut d[..len], GELU_CHUNK, |i, d| {
-            let x = &x[i * GELU_CHUNK..];
-            for (g, &v) in d.iter_mut().zip(x) {
-                let t = tanh(GELU_C * (v + 0.044715 * v * v * v));
-                let dt = GELU_C * (1.0 + 3.0 * 0.044715 * v * v);
-                *g *= 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * dt;
+    fn swiglu_backward(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        d_out: &Vec<f32>,
+        d_gate: &mut Vec<f32>,
+        d_up: &mut Vec<f32>,
+        len: usize,
+    ) -> Result<()> {
+        check("swiglu_backward gate", len, gate.len())?;
+        check("swiglu_backward up", len, up.len())?;
+        check("swiglu_backward d_out", len, d_out.len())?;
+        check("swiglu_backward d_gate", len, d_gate.len())?;
+        check("swiglu_backward d_up", len, d_up.len())?;
+        for_rows(&mut d_up[..len], ELEMENTWISE_CHUNK, |i, du| {
+            let at = i * ELEMENTWISE_CHUNK;
+            for ((du, &g), &d) in du.iter_mut().zip(&gate[at..]).zip(&d_out[at..]) {
+                *du = d * g * sigmoid(g);
+            }
+        });
+        for_rows(&mut d_gate[..len], ELEMENTWISE_CHUNK, |i, dg| {
+            let at = i * ELEMENTWISE_CHUNK;
+            for (j, dg) in dg.iter_mut().enumerate() {
+                let (g, u, d) = (gate[at + j], up[at + j], d_out[at + j]);
+                let s = sigmoid(g);
+                // d silu(g)/dg = s·(1 + g·(1 − s)).
+                *dg = d * u * s * (1.0 + g * (1.0 - s));
+            }
+        });
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let (rows, half, width) = (positions.len(), hd / 2, heads * hd);
+        check("rope x", rows * width, x.len())?;
+        if let Some(&p) = positions.iter().max() {
+            check("rope cos", (p as usize + 1) * half, cos.len())?;
+            check("rope sin", (p as usize + 1) * half, sin.len())?;
+        }
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for_rows(&mut x[..rows * width], width, |r, xr| {
+            let at = positions[r] as usize * half;
+            let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+            for head in xr.chunks_exact_mut(hd) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, si) = (lo[i], hi[i], sign * s[i]);
+                    // (a, b) ↦ (a·cos − b·sin, b·cos + a·sin): x·cos + rotate_half(x)·sin.
+                    lo[i] = a * c[i] - b * si;
+                    hi[i] = b * c[i] + a * si;
+                }
             }
         });
         Ok(())
@@ -522,11 +542,10 @@ impl Backend for CpuBackend {
     }
 }
 
-/// tanh through one `exp` (about twice as fast as `f32::tanh`, which dominated the GELU);
-/// saturates cleanly to ±1 for large |y| (exp overflowing to ∞ gives 1, underflowing gives −1).
+/// The logistic function; saturates cleanly to 0 and 1 (exp overflowing to ∞ gives 0).
 #[inline]
-fn tanh(y: f32) -> f32 {
-    1.0 - 2.0 / ((2.0 * y).exp() + 1.0)
+fn sigmoid(y: f32) -> f32 {
+    1.0 / (1.0 + (-y).exp())
 }
 
 /// Products with at most this many rows of A (single-token decoding) use [`gemm_small`]:
@@ -734,7 +753,6 @@ mod tests {
         let x = rand_vec(n, &mut rng);
         let dy = rand_vec(n, &mut rng);
         let gamma = rand_vec(cols, &mut rng);
-        let beta = rand_vec(cols, &mut rng);
         let block = 5; // rows per serial call
         let serial = |f: &mut dyn FnMut(Range<usize>)| {
             let mut r = 0;
@@ -745,92 +763,87 @@ mod tests {
             }
         };
 
-        // GELU and its backward.
+        // SwiGLU and its backward.
+        let up = rand_vec(n, &mut rng);
         let mut par = vec![0.0; n];
-        be.gelu(&x, &mut par, n).unwrap();
-        let mut par_d = dy.clone();
-        be.gelu_backward(&x, &mut par_d, n).unwrap();
-        let (mut ser, mut ser_d) = (vec![0.0; n], dy.clone());
+        be.swiglu(&x, &up, &mut par, n).unwrap();
+        let (mut par_dg, mut par_du) = (vec![0.0; n], vec![0.0; n]);
+        be.swiglu_backward(&x, &up, &dy, &mut par_dg, &mut par_du, n)
+            .unwrap();
+        let (mut ser, mut ser_dg, mut ser_du) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         serial(&mut |r: Range<usize>| {
             let (a, b) = (r.start * cols, r.end * cols);
+            let (xs, us, ds) = (x[a..b].to_vec(), up[a..b].to_vec(), dy[a..b].to_vec());
             let mut o = vec![0.0; b - a];
-            be.gelu(&x[a..b].to_vec(), &mut o, b - a).unwrap();
+            be.swiglu(&xs, &us, &mut o, b - a).unwrap();
             ser[a..b].copy_from_slice(&o);
-            let mut d = dy[a..b].to_vec();
-            be.gelu_backward(&x[a..b].to_vec(), &mut d, b - a).unwrap();
-            ser_d[a..b].copy_from_slice(&d);
+            let (mut dg, mut du) = (vec![0.0; b - a], vec![0.0; b - a]);
+            be.swiglu_backward(&xs, &us, &ds, &mut dg, &mut du, b - a)
+                .unwrap();
+            ser_dg[a..b].copy_from_slice(&dg);
+            ser_du[a..b].copy_from_slice(&du);
         });
         assert_eq!(par, ser);
-        assert_eq!(par_d, ser_d);
+        assert_eq!(par_dg, ser_dg);
+        assert_eq!(par_du, ser_du);
 
-        for kind in [NormKind::LayerNorm, NormKind::RmsNorm] {
-            let (mut out, mut stats) = (vec![0.0; n], vec![0.0; 2 * rows]);
-            be.norm(
-                kind,
-                1e-5,
-                &x,
+        // RMSNorm and its backward.
+        let (mut out, mut rstd) = (vec![0.0; n], vec![0.0; rows]);
+        be.rms_norm(1e-5, &x, &gamma, &mut out, &mut rstd, rows, cols)
+            .unwrap();
+        let (mut dx, mut dg) = (dy.clone(), vec![0.0; cols]);
+        be.rms_norm_backward(&x, &gamma, &rstd, &dy, &mut dx, &mut dg, rows, cols)
+            .unwrap();
+        let (mut s_out, mut s_dx, mut s_dg) = (vec![0.0; n], dy.clone(), vec![0.0; cols]);
+        serial(&mut |r: Range<usize>| {
+            let (a, b, k) = (r.start * cols, r.end * cols, r.len());
+            let (mut o, mut st) = (vec![0.0; b - a], vec![0.0; k]);
+            let xs = x[a..b].to_vec();
+            be.rms_norm(1e-5, &xs, &gamma, &mut o, &mut st, k, cols)
+                .unwrap();
+            s_out[a..b].copy_from_slice(&o);
+            let mut d = dy[a..b].to_vec();
+            be.rms_norm_backward(
+                &xs,
                 &gamma,
-                Some(&beta),
-                &mut out,
-                &mut stats,
-                rows,
+                &st,
+                &dy[a..b].to_vec(),
+                &mut d,
+                &mut s_dg,
+                k,
                 cols,
             )
             .unwrap();
-            let (mut dx, mut dg, mut db) = (dy.clone(), vec![0.0; cols], vec![0.0; cols]);
-            be.norm_backward(
-                kind,
-                &x,
-                &gamma,
-                &stats,
-                &dy,
-                &mut dx,
-                &mut dg,
-                Some(&mut db),
-                rows,
-                cols,
+            s_dx[a..b].copy_from_slice(&d);
+        });
+        assert_eq!(out, s_out);
+        assert_eq!(dx, s_dx);
+        assert_eq!(dg, s_dg);
+
+        // RoPE, and its inverse undoing it.
+        let half = cols / 4;
+        let positions: Vec<u32> = (0..rows as u32).map(|r| r % 7).collect();
+        let (cos, sin) = (rand_vec(7 * half, &mut rng), rand_vec(7 * half, &mut rng));
+        let mut par = x.clone();
+        be.rope(&mut par, &positions, &cos, &sin, 2, cols / 2, false)
+            .unwrap();
+        let mut ser = x.clone();
+        serial(&mut |r: Range<usize>| {
+            let (a, b) = (r.start * cols, r.end * cols);
+            let mut blk = x[a..b].to_vec();
+            be.rope(
+                &mut blk,
+                &positions[r.clone()],
+                &cos,
+                &sin,
+                2,
+                cols / 2,
+                false,
             )
             .unwrap();
-            let (mut s_out, mut s_dx) = (vec![0.0; n], dy.clone());
-            let (mut s_dg, mut s_db) = (vec![0.0; cols], vec![0.0; cols]);
-            serial(&mut |r: Range<usize>| {
-                let (a, b, k) = (r.start * cols, r.end * cols, r.len());
-                let (mut o, mut st) = (vec![0.0; b - a], vec![0.0; 2 * k]);
-                let xs = x[a..b].to_vec();
-                be.norm(
-                    kind,
-                    1e-5,
-                    &xs,
-                    &gamma,
-                    Some(&beta),
-                    &mut o,
-                    &mut st,
-                    k,
-                    cols,
-                )
-                .unwrap();
-                s_out[a..b].copy_from_slice(&o);
-                let mut d = dy[a..b].to_vec();
-                be.norm_backward(
-                    kind,
-                    &xs,
-                    &gamma,
-                    &st,
-                    &dy[a..b].to_vec(),
-                    &mut d,
-                    &mut s_dg,
-                    Some(&mut s_db),
-                    k,
-                    cols,
-                )
-                .unwrap();
-                s_dx[a..b].copy_from_slice(&d);
-            });
-            assert_eq!(out, s_out, "{kind:?}");
-            assert_eq!(dx, s_dx, "{kind:?}");
-            assert_eq!(dg, s_dg, "{kind:?}");
-            assert_eq!(db, s_db, "{kind:?}");
-        }
+            ser[a..b].copy_from_slice(&blk);
+        });
+        assert_eq!(par, ser);
 
         // Causal softmax (as one batch of `rows` queries) and its backward.
         let mut p = x.clone();

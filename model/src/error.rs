@@ -21,6 +21,17 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A checkpoint directory (or one of its files) cannot be read as a model of the family.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The directory or file at fault.
+        path: std::path::PathBuf,
+        /// What is wrong, and what to do about it.
+        reason: String,
+    },
+    /// A tokenizer or chat template cannot be loaded or applied.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// The compute backend failed (an out-of-bounds view is a bug in the caller of the
     /// backend; device errors come from accelerator backends).
     #[error("backend error: {0}")]

@@ -1,12 +1,14 @@
-//! flywheel-model: the built-in policy, a small decoder-only transformer (DESIGN.md §3).
+//! flywheel-model: the policy, a decoder-only transformer of the Llama / Qwen2 / Qwen3 family
+//! (DESIGN.md §3).
 //!
-//! - [`ModelConfig`] sizes it; [`Params`] holds its weights as named tensors in a stable order
-//!   (deterministic init from a seed, serialisation to name → little-endian `f32` bytes).
+//! - [`ModelConfig`] describes one model of the family (the built-in one is a tiny Qwen2);
+//!   [`Params`] holds its weights as named tensors in a stable order, under their Hugging Face
+//!   names (deterministic init from a seed, serialisation to name → little-endian `f32` bytes).
 //! - [`Model`] runs on a [`Backend`] (the CPU now via [`CpuBackend`]; CUDA is another
 //!   implementation of the same trait): [`Model::forward`] scores the response tokens of a
 //!   batch of sequences (log-prob and entropy per token), [`Model::backward`] accumulates
 //!   parameter gradients from dL/d(log-prob) and dL/d(entropy).
-//! - [`Sampler`] generates with a KV cache (temperature, top-p), reporting each sampled
+//! - [`Sampler`] generates with a KV cache (temperature, top-k, top-p, stop tokens), reporting each sampled
 //!   token's log-prob, and can continue a partial response after a prefill.
 //! - [`Tokenizer`] is the character-level tokenizer of the built-in arithmetic task.
 //!
@@ -24,7 +26,7 @@
 //! sampler.prefill(&model, &prompt)?;
 //! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
 //! let (mut response, mut infer_logprobs) = (Vec::new(), Vec::new());
-//! sampler.generate(&model, &SampleConfig::default(), 16, Some(Tokenizer::EOS), &mut rng,
+//! sampler.generate(&model, &SampleConfig::default(), 16, &[Tokenizer::EOS], &mut rng,
 //!                  &mut response, &mut infer_logprobs)?;
 //!
 //! // A trainer: recompute the log-probs and push them up by gradient ascent.
@@ -57,15 +59,17 @@ mod backend;
 mod config;
 mod cpu;
 mod error;
+pub mod hf;
 mod model;
 mod params;
 mod sample;
 mod tokenizer;
 
 pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
-pub use config::{ModelConfig, NormKind};
+pub use config::{Architecture, Llama3Rope, ModelConfig, WeightDtype};
 pub use cpu::CpuBackend;
 pub use error::{ModelError, Result};
+pub use hf::Checkpoint;
 pub use model::{ForwardCache, Gradients, Model, Sequence};
 pub use params::{Params, Tensor};
 pub use sample::{SampleConfig, Sampler, StopReason};

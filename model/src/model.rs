@@ -1,5 +1,10 @@
-//! The decoder-only transformer: weights on a backend, the training forward pass (log-probs and
-//! entropies of response tokens) and its backward pass.
+//! The decoder-only transformer of the Llama / Qwen2 / Qwen3 family: weights on a backend, the
+//! training forward pass (log-probs and entropies of response tokens) and its backward pass.
+//!
+//! One block, for every architecture (the flags of [`ModelConfig`] switch its parts):
+//! `h1 = rms(x)`, `q, k, v = h1·Wᵀ (+b)`, optional per-head RMSNorm of q and k, RoPE on q and k,
+//! causal grouped-query attention, `x += att·Woᵀ (+b)`; `h2 = rms(x)`,
+//! `x += (silu(h2·Wgᵀ) ⊙ h2·Wuᵀ)·Wdᵀ`. Then a final RMSNorm and the LM head.
 
 use std::ops::Range;
 
@@ -7,7 +12,7 @@ use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::error::{ModelError, Result};
-use crate::params::{LayerIndex, ParamIndex, Params, param_index};
+use crate::params::{LayerIndex, Linear, ParamIndex, Params, param_index};
 
 /// The model's weights, resident on a backend, ready for forward, backward and sampling.
 ///
@@ -24,6 +29,10 @@ pub struct Model<B: Backend = CpuBackend> {
     layout: Params,
     /// One backend buffer per tensor, in the stable order.
     weights: Vec<B::Buf>,
+    /// RoPE cosines, `max_seq_len × head_dim/2`, computed once from the config.
+    rope_cos: B::Buf,
+    /// RoPE sines, same layout.
+    rope_sin: B::Buf,
 }
 
 /// Gradient accumulators on the backend, one buffer per parameter tensor (stable order).
@@ -58,30 +67,81 @@ struct SeqMeta {
     p_off: usize,
 }
 
+/// The attention inputs of `rows` positions: queries and keys after their norms and RoPE,
+/// values, and what the QK norms' backward needs. Training keeps one per block; the sampler
+/// reuses one as scratch.
+pub(crate) struct Qkv<B: Backend> {
+    /// Queries, `rows × q_dim`.
+    pub q: B::Buf,
+    /// Keys, `rows × kv_dim`.
+    pub k: B::Buf,
+    /// Values, `rows × kv_dim`.
+    pub v: B::Buf,
+    /// With QK norms: the projections before them and their per-head reciprocal RMS.
+    pub pre_norm: Option<QkPreNorm<B>>,
+}
+
+/// Queries and keys before the per-head RMSNorm (Qwen3), for its backward pass.
+pub(crate) struct QkPreNorm<B: Backend> {
+    /// Query projections, `rows × q_dim`.
+    q: B::Buf,
+    /// Key projections, `rows × kv_dim`.
+    k: B::Buf,
+    /// Reciprocal RMS of every query head (`rows × n_heads`).
+    q_rstd: B::Buf,
+    /// Reciprocal RMS of every key head (`rows × n_kv_heads`).
+    k_rstd: B::Buf,
+}
+
+impl<B: Backend> Qkv<B> {
+    /// Buffers for `rows` positions of `cfg`.
+    pub(crate) fn alloc(be: &B, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let pre_norm = if cfg.qk_norm {
+            Some(QkPreNorm {
+                q: be.alloc(rows * qd)?,
+                k: be.alloc(rows * kvd)?,
+                q_rstd: be.alloc(rows * cfg.n_heads)?,
+                k_rstd: be.alloc(rows * cfg.kv_heads())?,
+            })
+        } else {
+            None
+        };
+        Ok(Qkv {
+            q: be.alloc(rows * qd)?,
+            k: be.alloc(rows * kvd)?,
+            v: be.alloc(rows * kvd)?,
+            pre_norm,
+        })
+    }
+}
+
 /// Activations of one block saved for the backward pass (rows × width, packed over sequences).
 struct LayerActs<B: Backend> {
     /// Residual stream entering the block.
     x_in: B::Buf,
-    /// Statistics of the attention pre-norm.
-    stats1: B::Buf,
+    /// Reciprocal RMS of the attention pre-norm's rows.
+    rstd1: B::Buf,
     /// Normalised input of attention.
     h1: B::Buf,
-    /// Fused query, key, value projections (`rows × 3d`).
-    qkv: B::Buf,
+    /// Queries, keys and values.
+    qkv: Qkv<B>,
     /// Attention probabilities, per sequence `heads × len × len`.
     probs: B::Buf,
-    /// Attention output before the output projection.
+    /// Attention output before the output projection (`rows × q_dim`).
     att: B::Buf,
     /// Residual stream after attention.
     x_mid: B::Buf,
-    /// Statistics of the MLP pre-norm.
-    stats2: B::Buf,
+    /// Reciprocal RMS of the MLP pre-norm's rows.
+    rstd2: B::Buf,
     /// Normalised input of the MLP.
     h2: B::Buf,
-    /// MLP pre-activation (`rows × d_ff`).
-    f1: B::Buf,
-    /// MLP activation, GELU(f1).
-    g: B::Buf,
+    /// Gate projection (`rows × d_ff`).
+    gate: B::Buf,
+    /// Up projection (`rows × d_ff`).
+    up: B::Buf,
+    /// SwiGLU output, silu(gate) ⊙ up.
+    act: B::Buf,
 }
 
 /// The result of [`Model::forward`]: response log-probs and entropies, and everything the
@@ -103,8 +163,8 @@ pub struct ForwardCache<B: Backend = CpuBackend> {
     layers: Vec<LayerActs<B>>,
     /// Residual stream after the last block.
     x_final: B::Buf,
-    /// Statistics of the final norm.
-    stats_f: B::Buf,
+    /// Reciprocal RMS of the final norm's rows.
+    rstd_f: B::Buf,
     /// Normalised final hidden states.
     hf: B::Buf,
     /// LM-head outputs (`rows × vocab`).
@@ -148,12 +208,13 @@ impl<B: Backend> ForwardCache<B> {
     }
 }
 
-/// The (batched over heads) causal attention of `n` queries at positions `past..past + n`
-/// over `past + n` keys: `probs` gets softmax(q·kᵀ/√hd) per head at `p_off`
+/// The causal grouped-query attention of `n` queries at positions `past..past + n` over
+/// `past + n` keys: `probs` gets softmax(q·kᵀ/√hd) per query head at `p_off`
 /// (`heads × n × keys`), `out` gets probs · v with heads side by side.
 ///
 /// `q`, `k`, `v` are the head-0 views (row-major, `hd` columns); head `h` is `h·hd` columns
-/// further. Shared by training and sampling so both compute exactly the same thing.
+/// further, and query head `h` reads key/value head `h / group`. Shared by training and
+/// sampling so both compute exactly the same thing.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_forward<B: Backend>(
     be: &B,
@@ -168,59 +229,52 @@ pub(crate) fn attention_forward<B: Backend>(
     n: usize,
     past: usize,
 ) -> Result<()> {
-    let (heads, hd) = (cfg.n_heads, cfg.head_dim());
+    let (kv_heads, hd) = (cfg.kv_heads(), cfg.head_dim());
+    let group = cfg.n_heads / kv_heads;
     let keys = past + n;
-    be.gemm(
-        &Gemm {
-            m: n,
-            k: hd,
-            n: keys,
-            batch: heads,
-            alpha: 1.0 / (hd as f32).sqrt(),
-            beta: 0.0,
-            a: q.1.batched(hd),
-            b: k.1.t().batched(hd),
-            c: MatLayout::at(p_off, keys).batched(n * keys),
-        },
-        q.0,
-        k.0,
-        probs,
-    )?;
-    be.causal_softmax(probs, p_off, heads, n, keys, past)?;
-    be.gemm(
-        &Gemm {
-            m: n,
-            k: keys,
-            n: hd,
-            batch: heads,
-            alpha: 1.0,
-            beta: 0.0,
-            a: MatLayout::at(p_off, keys).batched(n * keys),
-            b: v.1.batched(hd),
-            c: out_at.batched(hd),
-        },
-        probs,
-        v.0,
-        out,
-    )
+    // One batched product per position within a group: batch entry j is query head
+    // j·group + i, reading key/value head j.
+    for i in 0..group {
+        be.gemm(
+            &Gemm {
+                m: n,
+                k: hd,
+                n: keys,
+                batch: kv_heads,
+                alpha: 1.0 / (hd as f32).sqrt(),
+                beta: 0.0,
+                a: q.1.shifted(i * hd).batched(group * hd),
+                b: k.1.t().batched(hd),
+                c: MatLayout::at(p_off + i * n * keys, keys).batched(group * n * keys),
+            },
+            q.0,
+            k.0,
+            probs,
+        )?;
+    }
+    be.causal_softmax(probs, p_off, cfg.n_heads, n, keys, past)?;
+    for i in 0..group {
+        be.gemm(
+            &Gemm {
+                m: n,
+                k: keys,
+                n: hd,
+                batch: kv_heads,
+                alpha: 1.0,
+                beta: 0.0,
+                a: MatLayout::at(p_off + i * n * keys, keys).batched(group * n * keys),
+                b: v.1.batched(hd),
+                c: out_at.shifted(i * hd).batched(group * hd),
+            },
+            probs,
+            v.0,
+            out,
+        )?;
+    }
+    Ok(())
 }
 
 /// `C (m × n) ← A (m × k) · B (k × n) + beta·C` for dense row-major operands, with A or B
-/// A residual step: `residual + input · weight` (`residual` is `rows × d`, `input` `rows × k`)
-/// in a new buffer, keeping `residual` for the backward pass.
-fn plus_projection<B: Backend>(
-    be: &B,
-    (residual, rows, d): (&B::Buf, usize, usize),
-    (input, k): (&B::Buf, usize),
-    weight: &B::Buf,
-) -> Result<B::Buf> {
-    let mut out = be.alloc(rows * d)?;
-    let layout = MatLayout::row_major(d);
-    be.copy(residual, layout, &mut out, layout, rows, d)?;
-    matmul(be, rows, k, d, input, false, weight, false, 1.0, &mut out)?;
-    Ok(out)
-}
-
 /// optionally read transposed (their stored shapes then being `k × m` / `n × k`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<B: Backend>(
@@ -286,12 +340,19 @@ impl<B: Backend> Model<B> {
                 Ok(buf)
             })
             .collect::<Result<_>>()?;
+        let (cos, sin) = rope_tables(&config);
+        let mut rope_cos = backend.alloc(cos.len())?;
+        backend.upload(&cos, &mut rope_cos)?;
+        let mut rope_sin = backend.alloc(sin.len())?;
+        backend.upload(&sin, &mut rope_sin)?;
         Ok(Model {
             index: param_index(&config),
             config,
             backend,
             layout,
             weights,
+            rope_cos,
+            rope_sin,
         })
     }
 
@@ -375,58 +436,147 @@ impl<B: Backend> Model<B> {
         &self.index
     }
 
-    /// `out ← norm(x)` over `rows` rows of width `d_model`, with the norm whose scale (and
-    /// bias) are the weights `(scale, bias)`; saves the row statistics in `stats`.
+    /// `out ← rms_norm(x)` over `rows` rows of width `d_model` with the scale `weights[scale]`;
+    /// saves the rows' reciprocal RMS in `rstd`.
     pub(crate) fn norm(
         &self,
-        (scale, bias): (usize, Option<usize>),
+        scale: usize,
         x: &B::Buf,
         out: &mut B::Buf,
-        stats: &mut B::Buf,
-        rows: usize,
-    ) -> Result<()> {
-        let (cfg, w) = (&self.config, &self.weights);
-        let bias = bias.map(|b| &w[b]);
-        self.backend.norm(
-            cfg.norm,
-            cfg.norm_eps,
-            x,
-            &w[scale],
-            bias,
-            out,
-            stats,
-            rows,
-            cfg.d_model,
-        )
-    }
-
-    /// Backward of [`Model::norm`]: adds the input gradient to `dx` and accumulates the
-    /// norm's weight gradients in `grads`.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_backward(
-        &self,
-        (scale, bias): (usize, Option<usize>),
-        x: &B::Buf,
-        stats: &B::Buf,
-        d_out: &B::Buf,
-        dx: &mut B::Buf,
-        grads: &mut [B::Buf],
+        rstd: &mut B::Buf,
         rows: usize,
     ) -> Result<()> {
         let cfg = &self.config;
-        let (d_scale, d_bias) = two_grads(grads, scale, bias);
-        self.backend.norm_backward(
-            cfg.norm,
-            x,
-            &self.weights[scale],
-            stats,
-            d_out,
-            dx,
-            d_scale,
-            d_bias,
+        let gamma = &self.weights[scale];
+        self.backend
+            .rms_norm(cfg.norm_eps, x, gamma, out, rstd, rows, cfg.d_model)
+    }
+
+    /// `out ← x·Wᵀ + b + beta·out` for `rows` rows of `x` (`beta = 1` adds a residual).
+    pub(crate) fn linear(
+        &self,
+        lin: &Linear,
+        x: &B::Buf,
+        rows: usize,
+        beta: f32,
+        out: &mut B::Buf,
+    ) -> Result<()> {
+        let (be, w) = (&self.backend, &self.weights);
+        matmul(
+            be, rows, lin.inp, lin.out, x, false, &w[lin.w], true, beta, out,
+        )?;
+        match lin.b {
+            Some(b) => be.add_bias(out, &w[b], rows, lin.out),
+            None => Ok(()),
+        }
+    }
+
+    /// Backward of [`Model::linear`] given `d_out` (`rows × out`): accumulates the weight's
+    /// (and bias's) gradient and, when `d_in` is given, writes `d_out·W + beta·d_in` there.
+    fn linear_backward(
+        &self,
+        lin: &Linear,
+        x: &B::Buf,
+        d_out: &B::Buf,
+        rows: usize,
+        d_in: Option<(&mut B::Buf, f32)>,
+        grads: &mut [B::Buf],
+    ) -> Result<()> {
+        let (be, w) = (&self.backend, &self.weights);
+        let (o, i) = (lin.out, lin.inp);
+        matmul(
+            be,
+            o,
             rows,
-            cfg.d_model,
-        )
+            i,
+            d_out,
+            true,
+            x,
+            false,
+            1.0,
+            &mut grads[lin.w],
+        )?;
+        if let Some(b) = lin.b {
+            be.bias_backward(d_out, &mut grads[b], rows, o)?;
+        }
+        match d_in {
+            Some((d_in, beta)) => {
+                matmul(be, rows, o, i, d_out, false, &w[lin.w], false, beta, d_in)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The attention inputs of `rows` positions from the normalised residual `h`: projections,
+    /// the QK norms (if any) and RoPE at `positions`, into `out`.
+    pub(crate) fn project_qkv(
+        &self,
+        li: &LayerIndex,
+        h: &B::Buf,
+        positions: &[u32],
+        out: &mut Qkv<B>,
+    ) -> Result<()> {
+        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
+        let (rows, hd) = (positions.len(), cfg.head_dim());
+        let (heads, kv_heads) = (cfg.n_heads, cfg.kv_heads());
+        self.linear(&li.v, h, rows, 0.0, &mut out.v)?;
+        match (&mut out.pre_norm, li.qk_norm) {
+            (Some(pre), Some((qn, kn))) => {
+                self.linear(&li.q, h, rows, 0.0, &mut pre.q)?;
+                self.linear(&li.k, h, rows, 0.0, &mut pre.k)?;
+                let eps = cfg.norm_eps;
+                be.rms_norm(
+                    eps,
+                    &pre.q,
+                    &w[qn],
+                    &mut out.q,
+                    &mut pre.q_rstd,
+                    rows * heads,
+                    hd,
+                )?;
+                be.rms_norm(
+                    eps,
+                    &pre.k,
+                    &w[kn],
+                    &mut out.k,
+                    &mut pre.k_rstd,
+                    rows * kv_heads,
+                    hd,
+                )?;
+            }
+            (None, None) => {
+                self.linear(&li.q, h, rows, 0.0, &mut out.q)?;
+                self.linear(&li.k, h, rows, 0.0, &mut out.k)?;
+            }
+            _ => {
+                return Err(ModelError::Backend(
+                    "attention buffers were sized for another config".into(),
+                ));
+            }
+        }
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        be.rope(&mut out.q, positions, cos, sin, heads, hd, false)?;
+        be.rope(&mut out.k, positions, cos, sin, kv_heads, hd, false)
+    }
+
+    /// The MLP of `rows` rows: `x += down(silu(gate(h)) ⊙ up(h))`, with `gate`, `up` and `act`
+    /// (`rows × d_ff`) left holding the intermediate values.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mlp(
+        &self,
+        li: &LayerIndex,
+        h: &B::Buf,
+        rows: usize,
+        gate: &mut B::Buf,
+        up: &mut B::Buf,
+        act: &mut B::Buf,
+        x: &mut B::Buf,
+    ) -> Result<()> {
+        self.linear(&li.gate, h, rows, 0.0, gate)?;
+        self.linear(&li.up, h, rows, 0.0, up)?;
+        self.backend
+            .swiglu(gate, up, act, rows * self.config.d_ff)?;
+        self.linear(&li.down, act, rows, 1.0, x)
     }
 
     /// Zeroed gradient accumulators for this model.
@@ -533,23 +683,16 @@ impl<B: Backend> Model<B> {
         }
 
         let mut x = be.alloc(rows * d)?;
-        be.embed(
-            &w[ix.tok_emb],
-            &w[ix.pos_emb],
-            &tokens,
-            &positions,
-            &mut x,
-            d,
-        )?;
+        be.embed(&w[ix.tok_emb], &tokens, &mut x, d)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for li in &ix.layers {
-            let (acts, x_out) = self.block_forward(li, x, &metas, rows, p_len)?;
+            let (acts, x_out) = self.block_forward(li, x, &metas, &positions, p_len)?;
             layers.push(acts);
             x = x_out;
         }
-        let mut stats_f = be.alloc(2 * rows)?;
+        let mut rstd_f = be.alloc(rows)?;
         let mut hf = be.alloc(rows * d)?;
-        self.norm(ix.final_norm(), &x, &mut hf, &mut stats_f, rows)?;
+        self.norm(ix.final_norm, &x, &mut hf, &mut rstd_f, rows)?;
         let mut logits = be.alloc(rows * v)?;
         matmul(
             be,
@@ -559,7 +702,7 @@ impl<B: Backend> Model<B> {
             &hf,
             false,
             &w[ix.lm_head],
-            false,
+            true,
             0.0,
             &mut logits,
         )?;
@@ -577,7 +720,7 @@ impl<B: Backend> Model<B> {
             out_rows,
             layers,
             x_final: x,
-            stats_f,
+            rstd_f,
             hf,
             logits,
             logprobs,
@@ -585,127 +728,198 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Backward of one block's MLP (x_out = x_mid + gelu(h2 · W1) · W2) and its pre-norm:
-    /// adds to `dx` (the residual stream's gradient) and to the weights' gradients; `dg` and
-    /// `dh` are scratch.
-    #[allow(clippy::too_many_arguments)]
+    /// One pre-norm block over the packed rows: returns its saved activations (the input
+    /// `x` among them) and the residual stream after it.
+    fn block_forward(
+        &self,
+        li: &LayerIndex,
+        x: B::Buf,
+        metas: &[SeqMeta],
+        positions: &[u32],
+        p_len: usize,
+    ) -> Result<(LayerActs<B>, B::Buf)> {
+        let (be, cfg) = (&self.backend, &self.config);
+        let (d, ff, qd, kvd) = (cfg.d_model, cfg.d_ff, cfg.q_dim(), cfg.kv_dim());
+        let rows = positions.len();
+        let mut rstd1 = be.alloc(rows)?;
+        let mut h1 = be.alloc(rows * d)?;
+        self.norm(li.norm1, &x, &mut h1, &mut rstd1, rows)?;
+        let mut qkv = Qkv::alloc(be, cfg, rows)?;
+        self.project_qkv(li, &h1, positions, &mut qkv)?;
+        let mut probs = be.alloc(p_len)?;
+        let mut att = be.alloc(rows * qd)?;
+        for m in metas {
+            attention_forward(
+                be,
+                cfg,
+                (&qkv.q, MatLayout::at(m.row0 * qd, qd)),
+                (&qkv.k, MatLayout::at(m.row0 * kvd, kvd)),
+                (&qkv.v, MatLayout::at(m.row0 * kvd, kvd)),
+                &mut probs,
+                m.p_off,
+                &mut att,
+                MatLayout::at(m.row0 * qd, qd),
+                m.len,
+                0,
+            )?;
+        }
+        // x_mid = x + att·Woᵀ, in a new buffer: x stays saved for the backward pass.
+        let mut x_mid = be.alloc(rows * d)?;
+        let layout = MatLayout::row_major(d);
+        be.copy(&x, layout, &mut x_mid, layout, rows, d)?;
+        self.linear(&li.o, &att, rows, 1.0, &mut x_mid)?;
+
+        let mut rstd2 = be.alloc(rows)?;
+        let mut h2 = be.alloc(rows * d)?;
+        self.norm(li.norm2, &x_mid, &mut h2, &mut rstd2, rows)?;
+        let (mut gate, mut up, mut act) = (
+            be.alloc(rows * ff)?,
+            be.alloc(rows * ff)?,
+            be.alloc(rows * ff)?,
+        );
+        let mut x_out = be.alloc(rows * d)?;
+        be.copy(&x_mid, layout, &mut x_out, layout, rows, d)?;
+        self.mlp(li, &h2, rows, &mut gate, &mut up, &mut act, &mut x_out)?;
+        let acts = LayerActs {
+            x_in: x,
+            rstd1,
+            h1,
+            qkv,
+            probs,
+            att,
+            x_mid,
+            rstd2,
+            h2,
+            gate,
+            up,
+            act,
+        };
+        Ok((acts, x_out))
+    }
+
+    /// Backward of one block's MLP and its pre-norm: adds to `dx` (the residual stream's
+    /// gradient) and to the weights' gradients; `s` holds the scratch buffers.
     fn mlp_backward(
         &self,
         li: &LayerIndex,
         acts: &LayerActs<B>,
         dx: &mut B::Buf,
-        dg: &mut B::Buf,
-        dh: &mut B::Buf,
+        s: &mut Scratch<B>,
         gr: &mut [B::Buf],
         rows: usize,
     ) -> Result<()> {
-        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
-        let (d, ff) = (cfg.d_model, cfg.d_ff);
-        // MLP: x_out = x_mid + gelu(h2 · W1) · W2.
-        matmul(be, rows, d, ff, dx, false, &w[li.w2], true, 0.0, dg)?;
-        matmul(
-            be,
-            ff,
-            rows,
-            d,
-            &acts.g,
-            true,
-            dx,
-            false,
-            1.0,
-            &mut gr[li.w2],
+        let be = &self.backend;
+        let ff = self.config.d_ff;
+        // x_out = x_mid + act·Wdᵀ: d_act = dx·Wd.
+        self.linear_backward(&li.down, &acts.act, dx, rows, Some((&mut s.d_act, 0.0)), gr)?;
+        be.swiglu_backward(
+            &acts.gate,
+            &acts.up,
+            &s.d_act,
+            &mut s.d_gate,
+            &mut s.d_up,
+            rows * ff,
         )?;
-        be.gelu_backward(&acts.f1, dg, rows * ff)?;
-        matmul(
-            be,
-            d,
-            rows,
-            ff,
+        self.linear_backward(
+            &li.gate,
             &acts.h2,
-            true,
-            dg,
-            false,
-            1.0,
-            &mut gr[li.w1],
+            &s.d_gate,
+            rows,
+            Some((&mut s.dh, 0.0)),
+            gr,
         )?;
-        matmul(be, rows, ff, d, dg, false, &w[li.w1], true, 0.0, dh)?;
-        self.norm_backward(li.norm2(), &acts.x_mid, &acts.stats2, dh, dx, gr, rows)?;
-        Ok(())
+        self.linear_backward(&li.up, &acts.h2, &s.d_up, rows, Some((&mut s.dh, 1.0)), gr)?;
+        let gamma = &self.weights[li.norm2];
+        be.rms_norm_backward(
+            &acts.x_mid,
+            gamma,
+            &acts.rstd2,
+            &s.dh,
+            dx,
+            &mut gr[li.norm2],
+            rows,
+            self.config.d_model,
+        )
     }
 
-    /// Backward of the attention of every sequence of one block: from `datt` (the gradient
-    /// of the heads' outputs, side by side) into `dqkv`; `dp` is scratch for one sequence's
-    /// attention probabilities.
+    /// Backward of the attention of every sequence of one block: from `s.datt` (the gradient
+    /// of the heads' outputs, side by side) into `s.dq`, `s.dk`, `s.dv`.
     fn attention_backward(
         &self,
         acts: &LayerActs<B>,
         seqs: &[SeqMeta],
-        datt: &B::Buf,
-        dqkv: &mut B::Buf,
-        dp: &mut B::Buf,
+        s: &mut Scratch<B>,
     ) -> Result<()> {
         let (be, cfg) = (&self.backend, &self.config);
-        let (d, heads, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let (heads, kv_heads, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
+        let (qd, kvd, group) = (cfg.q_dim(), cfg.kv_dim(), heads / kv_heads);
         let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &acts.qkv;
         for m in seqs {
-            let (n, base) = (m.len, m.row0 * 3 * d);
-            let q_at = MatLayout::at(base, 3 * d).batched(hd);
-            let k_at = MatLayout::at(base + d, 3 * d).batched(hd);
-            let v_at = MatLayout::at(base + 2 * d, 3 * d).batched(hd);
-            let o_at = MatLayout::at(m.row0 * d, d).batched(hd);
-            let p_at = MatLayout::at(m.p_off, n).batched(n * n);
-            let dp_at = MatLayout::at(0, n).batched(n * n);
-            let gemm = |m_, k_, n_, alpha, a, b, c| Gemm {
+            let n = m.len;
+            // Batch entry j of the products for group position i is query head j·group + i,
+            // which reads key/value head j; key/value gradients sum over i.
+            let q_at = |i: usize| MatLayout::at(m.row0 * qd + i * hd, qd).batched(group * hd);
+            let kv_at = MatLayout::at(m.row0 * kvd, kvd).batched(hd);
+            let p_at =
+                |off: usize, i: usize| MatLayout::at(off + i * n * n, n).batched(group * n * n);
+            let prod = |m_: usize, k_: usize, n_: usize, alpha, beta, a, b, c| Gemm {
                 m: m_,
                 k: k_,
                 n: n_,
-                batch: heads,
+                batch: kv_heads,
                 alpha,
-                beta: 0.0,
+                beta,
                 a,
                 b,
                 c,
             };
-            // dP = dO · Vᵀ;  dV = Pᵀ · dO.
-            be.gemm(
-                &gemm(n, hd, n, 1.0, o_at, v_at.t(), dp_at),
-                datt,
-                &acts.qkv,
-                dp,
-            )?;
-            be.gemm(
-                &gemm(n, n, hd, 1.0, p_at.t(), o_at, v_at),
-                &acts.probs,
-                datt,
-                dqkv,
-            )?;
-            // dS = softmax'(dP), then dQ = s·dS·K and dK = s·dSᵀ·Q.
-            be.softmax_backward(&acts.probs, m.p_off, dp, 0, heads * n, n)?;
-            be.gemm(
-                &gemm(n, n, hd, scale, dp_at, k_at, q_at),
-                dp,
-                &acts.qkv,
-                dqkv,
-            )?;
-            be.gemm(
-                &gemm(n, n, hd, scale, dp_at.t(), q_at, k_at),
-                dp,
-                &acts.qkv,
-                dqkv,
-            )?;
+            for i in 0..group {
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                // dP = dO · Vᵀ;  dV += Pᵀ · dO.
+                be.gemm(
+                    &prod(n, hd, n, 1.0, 0.0, q_at(i), kv_at.t(), p_at(0, i)),
+                    &s.datt,
+                    &qkv.v,
+                    &mut s.dp,
+                )?;
+                be.gemm(
+                    &prod(n, n, hd, 1.0, beta, p_at(m.p_off, i).t(), q_at(i), kv_at),
+                    &acts.probs,
+                    &s.datt,
+                    &mut s.dv,
+                )?;
+            }
+            // dS = softmax'(dP), then dQ = s·dS·K and dK += s·dSᵀ·Q.
+            be.softmax_backward(&acts.probs, m.p_off, &mut s.dp, 0, heads * n, n)?;
+            for i in 0..group {
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                be.gemm(
+                    &prod(n, n, hd, scale, 0.0, p_at(0, i), kv_at, q_at(i)),
+                    &s.dp,
+                    &qkv.k,
+                    &mut s.dq,
+                )?;
+                be.gemm(
+                    &prod(n, n, hd, scale, beta, p_at(0, i).t(), q_at(i), kv_at),
+                    &s.dp,
+                    &qkv.q,
+                    &mut s.dk,
+                )?;
+            }
         }
         Ok(())
     }
 
-    /// Backward of the LM head and the final norm: the gradients of the residual stream
-    /// after the last block (`dx`) and a scratch buffer of the same shape (`dh`).
+    /// Backward of the LM head and the final norm: the gradient of the residual stream after
+    /// the last block.
     fn head_backward(
         &self,
         cache: &ForwardCache<B>,
         d_logprob: &[f32],
         d_entropy: Option<&[f32]>,
         gr: &mut [B::Buf],
-    ) -> Result<(B::Buf, B::Buf)> {
+    ) -> Result<B::Buf> {
         let (be, cfg, w, ix) = (&self.backend, &self.config, &self.weights, &self.index);
         let (d, v, rows) = (cfg.d_model, cfg.vocab_size, cache.rows);
         let mut row_dlp = vec![0.0; rows];
@@ -723,14 +937,15 @@ impl<B: Backend> Model<B> {
             &row_dent,
             &mut dlogits,
         )?;
+        // logits = hf·Wᵀ with W `vocab × d`.
         matmul(
             be,
-            d,
-            rows,
             v,
-            &cache.hf,
-            true,
+            rows,
+            d,
             &dlogits,
+            true,
+            &cache.hf,
             false,
             1.0,
             &mut gr[ix.lm_head],
@@ -744,96 +959,82 @@ impl<B: Backend> Model<B> {
             &dlogits,
             false,
             &w[ix.lm_head],
-            true,
+            false,
             0.0,
             &mut dh,
         )?;
         drop(dlogits);
-        // dx: gradient w.r.t. the residual stream, walked back through the blocks.
         let mut dx = be.alloc(rows * d)?;
-        self.norm_backward(
-            ix.final_norm(),
+        let gamma = &w[ix.final_norm];
+        be.rms_norm_backward(
             &cache.x_final,
-            &cache.stats_f,
+            gamma,
+            &cache.rstd_f,
             &dh,
             &mut dx,
-            gr,
-            rows,
-        )?;
-
-        Ok((dx, dh))
-    }
-
-    /// One pre-norm block over the packed rows: returns its saved activations (the input
-    /// `x` among them) and the residual stream after it.
-    fn block_forward(
-        &self,
-        li: &LayerIndex,
-        x: B::Buf,
-        metas: &[SeqMeta],
-        rows: usize,
-        p_len: usize,
-    ) -> Result<(LayerActs<B>, B::Buf)> {
-        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
-        let (d, ff) = (cfg.d_model, cfg.d_ff);
-        let mut stats1 = be.alloc(2 * rows)?;
-        let mut h1 = be.alloc(rows * d)?;
-        self.norm(li.norm1(), &x, &mut h1, &mut stats1, rows)?;
-        let mut qkv = be.alloc(rows * 3 * d)?;
-        matmul(
-            be,
+            &mut gr[ix.final_norm],
             rows,
             d,
-            3 * d,
-            &h1,
-            false,
-            &w[li.wqkv],
-            false,
-            0.0,
-            &mut qkv,
         )?;
-        let mut probs = be.alloc(p_len)?;
-        let mut att = be.alloc(rows * d)?;
-        for m in metas {
-            let base = m.row0 * 3 * d;
-            attention_forward(
-                be,
-                cfg,
-                (&qkv, MatLayout::at(base, 3 * d)),
-                (&qkv, MatLayout::at(base + d, 3 * d)),
-                (&qkv, MatLayout::at(base + 2 * d, 3 * d)),
-                &mut probs,
-                m.p_off,
-                &mut att,
-                MatLayout::at(m.row0 * d, d),
-                m.len,
-                0,
-            )?;
-        }
-        let x_mid = plus_projection(be, (&x, rows, d), (&att, d), &w[li.wo])?;
+        Ok(dx)
+    }
 
-        let mut stats2 = be.alloc(2 * rows)?;
-        let mut h2 = be.alloc(rows * d)?;
-        self.norm(li.norm2(), &x_mid, &mut h2, &mut stats2, rows)?;
-        let mut f1 = be.alloc(rows * ff)?;
-        matmul(be, rows, d, ff, &h2, false, &w[li.w1], false, 0.0, &mut f1)?;
-        let mut g = be.alloc(rows * ff)?;
-        be.gelu(&f1, &mut g, rows * ff)?;
-        let x_out = plus_projection(be, (&x_mid, rows, d), (&g, ff), &w[li.w2])?;
-        let acts = LayerActs {
-            x_in: x,
-            stats1,
-            h1,
-            qkv,
-            probs,
-            att,
-            x_mid,
-            stats2,
-            h2,
-            f1,
-            g,
-        };
-        Ok((acts, x_out))
+    /// Backward of [`Model::project_qkv`]: from the gradients w.r.t. the attention inputs
+    /// (`s.dq`, `s.dk`, `s.dv`, consumed) to `s.dh`, the gradient w.r.t. the normalised
+    /// residual, accumulating the projections' (and QK norms') gradients.
+    fn qkv_backward(
+        &self,
+        li: &LayerIndex,
+        acts: &LayerActs<B>,
+        positions: &[u32],
+        s: &mut Scratch<B>,
+        gr: &mut [B::Buf],
+    ) -> Result<()> {
+        let (be, cfg, w) = (&self.backend, &self.config, &self.weights);
+        let (rows, hd) = (positions.len(), cfg.head_dim());
+        let (heads, kv_heads) = (cfg.n_heads, cfg.kv_heads());
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        be.rope(&mut s.dq, positions, cos, sin, heads, hd, true)?;
+        be.rope(&mut s.dk, positions, cos, sin, kv_heads, hd, true)?;
+        let h1 = &acts.h1;
+        self.linear_backward(&li.v, h1, &s.dv, rows, Some((&mut s.dh, 0.0)), gr)?;
+        match (&acts.qkv.pre_norm, li.qk_norm, &mut s.qk_pre) {
+            (Some(pre), Some((qn, kn)), Some((dq_pre, dk_pre))) => {
+                be.fill_zero(dq_pre)?;
+                be.fill_zero(dk_pre)?;
+                let (q_rows, k_rows) = (rows * heads, rows * kv_heads);
+                be.rms_norm_backward(
+                    &pre.q,
+                    &w[qn],
+                    &pre.q_rstd,
+                    &s.dq,
+                    dq_pre,
+                    &mut gr[qn],
+                    q_rows,
+                    hd,
+                )?;
+                be.rms_norm_backward(
+                    &pre.k,
+                    &w[kn],
+                    &pre.k_rstd,
+                    &s.dk,
+                    dk_pre,
+                    &mut gr[kn],
+                    k_rows,
+                    hd,
+                )?;
+                self.linear_backward(&li.q, h1, dq_pre, rows, Some((&mut s.dh, 1.0)), gr)?;
+                self.linear_backward(&li.k, h1, dk_pre, rows, Some((&mut s.dh, 1.0)), gr)?;
+                Ok(())
+            }
+            (None, None, None) => {
+                self.linear_backward(&li.q, h1, &s.dq, rows, Some((&mut s.dh, 1.0)), gr)?;
+                self.linear_backward(&li.k, h1, &s.dk, rows, Some((&mut s.dh, 1.0)), gr)
+            }
+            _ => Err(ModelError::InvalidInput(
+                "forward cache belongs to a model of another config".into(),
+            )),
+        }
     }
 
     /// The backward pass: given dL/d(logprob) for every response token of `cache` (same flat
@@ -848,7 +1049,6 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let be = &self.backend;
         let cfg = &self.config;
-        let (d, ff, heads) = (cfg.d_model, cfg.d_ff, cfg.n_heads);
         let w = &self.weights;
         let ix = &self.index;
         let rows = cache.rows;
@@ -874,80 +1074,89 @@ impl<B: Backend> Model<B> {
         }
         let gr = &mut grads.bufs;
 
-        let (mut dx, mut dh) = self.head_backward(cache, d_logprob, d_entropy, gr)?;
-
-        let mut dg = be.alloc(rows * ff)?;
-        let mut datt = be.alloc(rows * d)?;
-        let mut dqkv = be.alloc(rows * 3 * d)?;
+        let mut dx = self.head_backward(cache, d_logprob, d_entropy, gr)?;
         let max_len = cache.seqs.iter().map(|m| m.len).max().unwrap_or(0);
-        let mut dp = be.alloc(heads * max_len * max_len)?;
+        let mut s = Scratch::alloc(be, cfg, rows, max_len)?;
         for (li, acts) in ix.layers.iter().zip(&cache.layers).rev() {
-            self.mlp_backward(li, acts, &mut dx, &mut dg, &mut dh, gr, rows)?;
-            // Attention: x_mid = x_in + attn(h1) · Wo.
-            matmul(be, rows, d, d, &dx, false, &w[li.wo], true, 0.0, &mut datt)?;
-            matmul(
-                be,
-                d,
+            self.mlp_backward(li, acts, &mut dx, &mut s, gr, rows)?;
+            // x_mid = x_in + att·Woᵀ: d_att = dx·Wo.
+            self.linear_backward(&li.o, &acts.att, &dx, rows, Some((&mut s.datt, 0.0)), gr)?;
+            self.attention_backward(acts, &cache.seqs, &mut s)?;
+            self.qkv_backward(li, acts, &cache.positions, &mut s, gr)?;
+            be.rms_norm_backward(
+                &acts.x_in,
+                &w[li.norm1],
+                &acts.rstd1,
+                &s.dh,
+                &mut dx,
+                &mut gr[li.norm1],
                 rows,
-                d,
-                &acts.att,
-                true,
-                &dx,
-                false,
-                1.0,
-                &mut gr[li.wo],
+                cfg.d_model,
             )?;
-            self.attention_backward(acts, &cache.seqs, &datt, &mut dqkv, &mut dp)?;
-            matmul(
-                be,
-                d,
-                rows,
-                3 * d,
-                &acts.h1,
-                true,
-                &dqkv,
-                false,
-                1.0,
-                &mut gr[li.wqkv],
-            )?;
-            matmul(
-                be,
-                rows,
-                3 * d,
-                d,
-                &dqkv,
-                false,
-                &w[li.wqkv],
-                true,
-                0.0,
-                &mut dh,
-            )?;
-            self.norm_backward(li.norm1(), &acts.x_in, &acts.stats1, &dh, &mut dx, gr, rows)?;
         }
-        let (dtok, dpos) = two_mut(gr, ix.tok_emb, ix.pos_emb);
-        be.embed_backward(&dx, &cache.tokens, &cache.positions, dtok, dpos, d)
+        be.embed_backward(&dx, &cache.tokens, &mut gr[ix.tok_emb], cfg.d_model)
     }
 }
 
-/// Mutable references to two distinct elements of a slice.
-fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
-    assert_ne!(a, b, "two_mut needs distinct indices");
-    if a < b {
-        let (lo, hi) = v.split_at_mut(b);
-        (&mut lo[a], &mut hi[0])
-    } else {
-        let (lo, hi) = v.split_at_mut(a);
-        (&mut hi[0], &mut lo[b])
+/// Scratch buffers of the backward pass, allocated once per call and reused by every block.
+struct Scratch<B: Backend> {
+    /// Gradient w.r.t. a normalised residual (`rows × d`).
+    dh: B::Buf,
+    /// Gradient w.r.t. the attention output (`rows × q_dim`).
+    datt: B::Buf,
+    /// Gradient w.r.t. the attention probabilities of one sequence (`heads × len × len`).
+    dp: B::Buf,
+    /// Gradients w.r.t. queries, keys and values.
+    dq: B::Buf,
+    /// See `dq`.
+    dk: B::Buf,
+    /// See `dq`.
+    dv: B::Buf,
+    /// With QK norms: gradients w.r.t. the query and key projections before them.
+    qk_pre: Option<(B::Buf, B::Buf)>,
+    /// Gradients w.r.t. the SwiGLU output and its two inputs (`rows × d_ff`).
+    d_act: B::Buf,
+    /// See `d_act`.
+    d_gate: B::Buf,
+    /// See `d_act`.
+    d_up: B::Buf,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn alloc(be: &B, cfg: &ModelConfig, rows: usize, max_len: usize) -> Result<Self> {
+        let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
+        let qk_pre = if cfg.qk_norm {
+            Some((be.alloc(rows * qd)?, be.alloc(rows * kvd)?))
+        } else {
+            None
+        };
+        Ok(Scratch {
+            dh: be.alloc(rows * cfg.d_model)?,
+            datt: be.alloc(rows * qd)?,
+            dp: be.alloc(cfg.n_heads * max_len * max_len)?,
+            dq: be.alloc(rows * qd)?,
+            dk: be.alloc(rows * kvd)?,
+            dv: be.alloc(rows * kvd)?,
+            qk_pre,
+            d_act: be.alloc(rows * ff)?,
+            d_gate: be.alloc(rows * ff)?,
+            d_up: be.alloc(rows * ff)?,
+        })
     }
 }
 
-/// The gradient buffers of a norm's scale and (optional) bias.
-fn two_grads<T>(v: &mut [T], w: usize, b: Option<usize>) -> (&mut T, Option<&mut T>) {
-    match b {
-        Some(b) => {
-            let (x, y) = two_mut(v, w, b);
-            (x, Some(y))
+/// RoPE's cosine and sine tables (`max_seq_len × head_dim/2`), computed as transformers does:
+/// f32 inverse frequencies times f32 positions, then cos and sin.
+fn rope_tables(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq: Vec<f32> = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+    let n = cfg.max_seq_len * inv_freq.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for p in 0..cfg.max_seq_len {
+        for &f in &inv_freq {
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
         }
-        None => (&mut v[w], None),
     }
+    (cos, sin)
 }

@@ -7,15 +7,16 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::config::{ModelConfig, NormKind};
+use crate::config::{ModelConfig, WeightDtype};
 use crate::error::{ModelError, Result};
 
 /// One named parameter tensor, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
-    /// Stable name, e.g. `layers.0.attn.wqkv`; the key under which it is published.
+    /// Stable name, e.g. `model.layers.0.self_attn.q_proj.weight` (the Hugging Face name); the
+    /// key under which it is published.
     pub name: String,
-    /// Dimensions, outermost first. Matrices of linear layers are `[in, out]` (y = x · W).
+    /// Dimensions, outermost first. Matrices of linear layers are `[out, in]` (y = x · Wᵀ).
     pub shape: Vec<usize>,
     /// The values, `shape.iter().product()` of them.
     pub data: Vec<f32>,
@@ -64,34 +65,39 @@ impl Tensor {
 /// Where each parameter of one transformer block sits in the ordered list.
 #[derive(Clone, Debug)]
 pub(crate) struct LayerIndex {
-    /// Scale of the attention pre-norm.
-    pub norm1_w: usize,
-    /// Bias of the attention pre-norm (LayerNorm only).
-    pub norm1_b: Option<usize>,
-    /// Fused query/key/value projection, `d × 3d`.
-    pub wqkv: usize,
-    /// Attention output projection, `d × d`.
-    pub wo: usize,
-    /// Scale of the MLP pre-norm.
-    pub norm2_w: usize,
-    /// Bias of the MLP pre-norm (LayerNorm only).
-    pub norm2_b: Option<usize>,
-    /// MLP up projection, `d × d_ff`.
-    pub w1: usize,
-    /// MLP down projection, `d_ff × d`.
-    pub w2: usize,
+    /// Scale of the attention pre-norm (`input_layernorm`).
+    pub norm1: usize,
+    /// Query projection, `q_dim × d`, and its bias.
+    pub q: Linear,
+    /// Key projection, `kv_dim × d`, and its bias.
+    pub k: Linear,
+    /// Value projection, `kv_dim × d`, and its bias.
+    pub v: Linear,
+    /// Output projection, `d × q_dim`, and its bias.
+    pub o: Linear,
+    /// Per-head RMSNorm scales of queries and keys (`head_dim` each), with `qk_norm`.
+    pub qk_norm: Option<(usize, usize)>,
+    /// Scale of the MLP pre-norm (`post_attention_layernorm`).
+    pub norm2: usize,
+    /// MLP gate projection, `d_ff × d`.
+    pub gate: Linear,
+    /// MLP up projection, `d_ff × d`.
+    pub up: Linear,
+    /// MLP down projection, `d × d_ff`.
+    pub down: Linear,
 }
 
-impl LayerIndex {
-    /// The attention pre-norm's scale and bias.
-    pub fn norm1(&self) -> (usize, Option<usize>) {
-        (self.norm1_w, self.norm1_b)
-    }
-
-    /// The MLP pre-norm's scale and bias.
-    pub fn norm2(&self) -> (usize, Option<usize>) {
-        (self.norm2_w, self.norm2_b)
-    }
+/// A linear layer's weight (`[out, in]`, y = x·Wᵀ + b) and optional bias.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Linear {
+    /// Index of the weight.
+    pub w: usize,
+    /// Index of the bias, if the layer has one.
+    pub b: Option<usize>,
+    /// Output width.
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
 }
 
 /// Where each parameter sits in the ordered list; built together with the list itself so the
@@ -100,23 +106,12 @@ impl LayerIndex {
 pub(crate) struct ParamIndex {
     /// Token embeddings, `vocab × d`.
     pub tok_emb: usize,
-    /// Learned position embeddings, `max_seq_len × d`.
-    pub pos_emb: usize,
     /// The blocks, first to last.
     pub layers: Vec<LayerIndex>,
     /// Scale of the final norm.
-    pub final_w: usize,
-    /// Bias of the final norm (LayerNorm only).
-    pub final_b: Option<usize>,
-    /// LM head (untied), `d × vocab`.
+    pub final_norm: usize,
+    /// LM head, `vocab × d`: its own tensor, or `tok_emb` when the embeddings are tied.
     pub lm_head: usize,
-}
-
-impl ParamIndex {
-    /// The final norm's scale and bias.
-    pub fn final_norm(&self) -> (usize, Option<usize>) {
-        (self.final_w, self.final_b)
-    }
 }
 
 /// How a tensor is initialised.
@@ -126,13 +121,15 @@ enum Init {
     Normal(f32),
     /// All ones (norm scales).
     Ones,
-    /// All zeros (norm biases).
+    /// All zeros (biases).
     Zeros,
 }
 
-/// The ordered list of (name, shape, init) and the index into it.
+/// The ordered list of (name, shape, init) and the index into it. Names are those of the
+/// Hugging Face checkpoints of the family, so that publishing and exporting rename nothing.
 fn param_specs(c: &ModelConfig) -> (Vec<(String, Vec<usize>, Init)>, ParamIndex) {
-    let (d, v, ff) = (c.d_model, c.vocab_size, c.d_ff);
+    let (d, v, ff, hd) = (c.d_model, c.vocab_size, c.d_ff, c.head_dim());
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let std = 0.02;
     // GPT-2: residual projections scaled down so the residual stream's variance does not grow
     // with depth.
@@ -142,40 +139,74 @@ fn param_specs(c: &ModelConfig) -> (Vec<(String, Vec<usize>, Init)>, ParamIndex)
         specs.push((name, shape, init));
         specs.len() - 1
     };
-    let tok_emb = push("tok_emb".into(), vec![v, d], Init::Normal(std));
-    let pos_emb = push("pos_emb".into(), vec![c.max_seq_len, d], Init::Normal(std));
-    let has_bias = c.norm == NormKind::LayerNorm;
+    let tok_emb = push(
+        "model.embed_tokens.weight".into(),
+        vec![v, d],
+        Init::Normal(std),
+    );
     let mut layers = Vec::with_capacity(c.n_layers);
     for l in 0..c.n_layers {
-        let p = format!("layers.{l}");
-        let norm1_w = push(format!("{p}.norm1.weight"), vec![d], Init::Ones);
-        let norm1_b = has_bias.then(|| push(format!("{p}.norm1.bias"), vec![d], Init::Zeros));
-        let wqkv = push(format!("{p}.attn.wqkv"), vec![d, 3 * d], Init::Normal(std));
-        let wo = push(format!("{p}.attn.wo"), vec![d, d], Init::Normal(resid_std));
-        let norm2_w = push(format!("{p}.norm2.weight"), vec![d], Init::Ones);
-        let norm2_b = has_bias.then(|| push(format!("{p}.norm2.bias"), vec![d], Init::Zeros));
-        let w1 = push(format!("{p}.mlp.w1"), vec![d, ff], Init::Normal(std));
-        let w2 = push(format!("{p}.mlp.w2"), vec![ff, d], Init::Normal(resid_std));
+        let p = format!("model.layers.{l}");
+        let norm1 = push(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones);
+        let mut linear = |name: String, out: usize, inp: usize, bias: bool, std: f32| Linear {
+            w: push(format!("{name}.weight"), vec![out, inp], Init::Normal(std)),
+            b: bias.then(|| push(format!("{name}.bias"), vec![out], Init::Zeros)),
+            out,
+            inp,
+        };
+        let attn = format!("{p}.self_attn");
+        let q = linear(format!("{attn}.q_proj"), qd, d, c.qkv_bias, std);
+        let k = linear(format!("{attn}.k_proj"), kvd, d, c.qkv_bias, std);
+        let v_ = linear(format!("{attn}.v_proj"), kvd, d, c.qkv_bias, std);
+        let o = linear(format!("{attn}.o_proj"), d, qd, c.o_bias, resid_std);
+        let qk_norm = c.qk_norm.then(|| {
+            (
+                push(format!("{attn}.q_norm.weight"), vec![hd], Init::Ones),
+                push(format!("{attn}.k_norm.weight"), vec![hd], Init::Ones),
+            )
+        });
+        let norm2 = push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            Init::Ones,
+        );
+        let mut linear = |name: String, out: usize, inp: usize, std: f32| Linear {
+            w: push(
+                format!("{p}.mlp.{name}.weight"),
+                vec![out, inp],
+                Init::Normal(std),
+            ),
+            b: c.mlp_bias
+                .then(|| push(format!("{p}.mlp.{name}.bias"), vec![out], Init::Zeros)),
+            out,
+            inp,
+        };
+        let gate = linear("gate_proj".into(), ff, d, std);
+        let up = linear("up_proj".into(), ff, d, std);
+        let down = linear("down_proj".into(), d, ff, resid_std);
         layers.push(LayerIndex {
-            norm1_w,
-            norm1_b,
-            wqkv,
-            wo,
-            norm2_w,
-            norm2_b,
-            w1,
-            w2,
+            norm1,
+            q,
+            k,
+            v: v_,
+            o,
+            qk_norm,
+            norm2,
+            gate,
+            up,
+            down,
         });
     }
-    let final_w = push("final_norm.weight".into(), vec![d], Init::Ones);
-    let final_b = has_bias.then(|| push("final_norm.bias".into(), vec![d], Init::Zeros));
-    let lm_head = push("lm_head".into(), vec![d, v], Init::Normal(std));
+    let final_norm = push("model.norm.weight".into(), vec![d], Init::Ones);
+    let lm_head = if c.tie_embeddings {
+        tok_emb
+    } else {
+        push("lm_head.weight".into(), vec![v, d], Init::Normal(std))
+    };
     let index = ParamIndex {
         tok_emb,
-        pos_emb,
         layers,
-        final_w,
-        final_b,
+        final_norm,
         lm_head,
     };
     (specs, index)
@@ -200,7 +231,7 @@ pub struct Params {
 
 impl Params {
     /// Deterministic initialisation from `seed`: normal(0, 0.02) for embeddings and matrices,
-    /// residual projections (`attn.wo`, `mlp.w2`) scaled by 1/√(2·n_layers), norm scales 1 and
+    /// residual projections (`o_proj`, `down_proj`) scaled by 1/√(2·n_layers), norm scales 1 and
     /// biases 0. The same seed and config give bit-identical tensors on every platform
     /// (ChaCha8 stream).
     pub fn init(config: &ModelConfig, seed: u64) -> Result<Self> {
@@ -252,6 +283,12 @@ impl Params {
             config: config.clone(),
             tensors,
         })
+    }
+
+    /// Records the dtype the weights are stored and published in (the layout does not
+    /// depend on it).
+    pub fn set_dtype(&mut self, dtype: WeightDtype) {
+        self.config.dtype = dtype;
     }
 
     /// The configuration these tensors belong to.

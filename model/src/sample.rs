@@ -1,4 +1,4 @@
-//! KV-cached sampling with temperature and top-p, reporting each sampled token's
+//! KV-cached sampling with temperature, top-k and top-p, reporting each sampled token's
 //! log-probability.
 //!
 //! A [`Sampler`] owns its KV cache and every scratch buffer, sized once for the model's
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, MatLayout};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::model::{Model, attention_forward, matmul};
+use crate::model::{Model, Qkv, attention_forward};
 
 /// How tokens are drawn from the model's next-token distribution.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub struct SampleConfig {
     /// Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches
     /// `top_p`, renormalised. 1.0 (the default) keeps every token.
     pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens (applied before `top_p`). 0 (the default)
+    /// keeps every token.
+    pub top_k: usize,
 }
 
 impl Default for SampleConfig {
@@ -30,6 +33,7 @@ impl Default for SampleConfig {
         SampleConfig {
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
         }
     }
 }
@@ -58,7 +62,7 @@ impl SampleConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
-    /// The EOS token was sampled (it is included in the output).
+    /// A stop token (EOS) was sampled; it is included in the output.
     Eos,
     /// `max_new` tokens were sampled.
     MaxNewTokens,
@@ -81,35 +85,37 @@ const PREFILL_CHUNK: usize = 64;
 pub struct Sampler<B: Backend> {
     /// The config the buffers were sized for; models of any other config are refused.
     config: ModelConfig,
-    /// Keys of every cached position, per layer (`max_seq_len × d_model`).
+    /// Keys of every cached position, per layer (`max_seq_len × kv_dim`).
     k_cache: Vec<B::Buf>,
-    /// Values of every cached position, per layer (`max_seq_len × d_model`).
+    /// Values of every cached position, per layer (`max_seq_len × kv_dim`).
     v_cache: Vec<B::Buf>,
     /// Residual stream of the chunk being processed (`chunk × d`).
     x: B::Buf,
     /// Normalised residual (`chunk × d`).
     h: B::Buf,
-    /// Attention output (`chunk × d`).
+    /// Attention output (`chunk × q_dim`).
     att: B::Buf,
-    /// Fused QKV projections (`chunk × 3d`).
-    qkv: B::Buf,
-    /// MLP pre-activation (`chunk × d_ff`).
-    f1: B::Buf,
+    /// Queries, keys and values of the chunk.
+    qkv: Qkv<B>,
+    /// MLP gate projection (`chunk × d_ff`).
+    gate: B::Buf,
+    /// MLP up projection (`chunk × d_ff`).
+    up: B::Buf,
     /// MLP activation (`chunk × d_ff`).
-    g: B::Buf,
+    act: B::Buf,
     /// Attention probabilities (`heads × chunk × max_seq_len`).
     probs: B::Buf,
-    /// Norm statistics (`2 × chunk`).
-    stats: B::Buf,
+    /// Norm statistics (`chunk`).
+    rstd: B::Buf,
     /// Next-token logits on the backend (`vocab`).
     logits: B::Buf,
     /// Next-token logits on the host.
     host_logits: Vec<f32>,
     /// Unnormalised probabilities while sampling (`vocab`).
     weights: Vec<f64>,
-    /// Token ids sorted by probability, for top-p (`vocab`).
+    /// Token ids sorted by probability, for top-k and top-p (`vocab`).
     order: Vec<u32>,
-    /// `0..max_seq_len`, the position ids fed to the embedding.
+    /// `0..max_seq_len`, the position ids fed to RoPE.
     positions: Vec<u32>,
     /// The whole context: prompt, committed and sampled tokens (capacity `max_seq_len`).
     tokens: Vec<u32>,
@@ -123,20 +129,21 @@ impl<B: Backend> Sampler<B> {
     pub fn new(model: &Model<B>) -> Result<Self> {
         let cfg = model.config().clone();
         let be = model.backend();
-        let (d, s, v) = (cfg.d_model, cfg.max_seq_len, cfg.vocab_size);
+        let (d, s, v, ff) = (cfg.d_model, cfg.max_seq_len, cfg.vocab_size, cfg.d_ff);
         let chunk = PREFILL_CHUNK.min(s);
-        let per_layer = |_| be.alloc(s * d);
+        let per_layer = |_| be.alloc(s * cfg.kv_dim());
         Ok(Sampler {
             k_cache: (0..cfg.n_layers).map(per_layer).collect::<Result<_>>()?,
             v_cache: (0..cfg.n_layers).map(per_layer).collect::<Result<_>>()?,
             x: be.alloc(chunk * d)?,
             h: be.alloc(chunk * d)?,
-            att: be.alloc(chunk * d)?,
-            qkv: be.alloc(chunk * 3 * d)?,
-            f1: be.alloc(chunk * cfg.d_ff)?,
-            g: be.alloc(chunk * cfg.d_ff)?,
+            att: be.alloc(chunk * cfg.q_dim())?,
+            qkv: Qkv::alloc(be, &cfg, chunk)?,
+            gate: be.alloc(chunk * ff)?,
+            up: be.alloc(chunk * ff)?,
+            act: be.alloc(chunk * ff)?,
             probs: be.alloc(cfg.n_heads * chunk * s)?,
-            stats: be.alloc(2 * chunk)?,
+            rstd: be.alloc(chunk)?,
             logits: be.alloc(v)?,
             host_logits: vec![0.0; v],
             weights: vec![0.0; v],
@@ -191,11 +198,11 @@ impl<B: Backend> Sampler<B> {
     }
 
     /// Samples up to `max_new` tokens after the context, appending each to `out_tokens` and
-    /// its log-probability to `out_logprobs`, and stops after sampling `eos` (if given), after
-    /// `max_new` tokens, or when the context is full.
+    /// its log-probability to `out_logprobs`, and stops after sampling one of the `stop`
+    /// tokens (EOS), after `max_new` tokens, or when the context is full.
     ///
     /// The log-probability is that of the distribution actually sampled from: the
-    /// temperature-scaled, top-p-renormalised one. With the defaults (temperature 1, top-p 1)
+    /// temperature-scaled, top-k/top-p-renormalised one. With the defaults (temperature 1, top-p 1)
     /// that is the model's own log π(token), equal to [`Model::forward`]'s up to float
     /// rounding. Greedy (temperature 0) reports 0 (a point mass).
     #[allow(clippy::too_many_arguments)]
@@ -204,7 +211,7 @@ impl<B: Backend> Sampler<B> {
         model: &Model<B>,
         sample: &SampleConfig,
         max_new: usize,
-        eos: Option<u32>,
+        stop: &[u32],
         rng: &mut R,
         out_tokens: &mut Vec<u32>,
         out_logprobs: &mut Vec<f32>,
@@ -237,7 +244,7 @@ impl<B: Backend> Sampler<B> {
             self.tokens.push(token);
             out_tokens.push(token);
             out_logprobs.push(logprob);
-            if Some(token) == eos {
+            if stop.contains(&token) {
                 return Ok(StopReason::Eos);
             }
         }
@@ -269,14 +276,26 @@ impl<B: Backend> Sampler<B> {
             *w = ((v as f64 - max) * inv_t).exp();
             total += *w;
         }
-        let (candidates, mass) = if sample.top_p < 1.0 {
+        let vocab = self.order.len();
+        let top_k = if sample.top_k == 0 {
+            vocab
+        } else {
+            sample.top_k.min(vocab)
+        };
+        let (candidates, mass) = if sample.top_p < 1.0 || top_k < vocab {
             let w = &self.weights;
-            // Sorting a vocab-sized index array in place: no allocation, and the vocab is small.
-            self.order
-                .sort_unstable_by(|&a, &b| w[b as usize].total_cmp(&w[a as usize]).then(a.cmp(&b)));
-            let want = sample.top_p as f64 * total;
+            // Sorting a vocab-sized index array in place: no allocation. Ties go to the
+            // smaller id, so the kept set is deterministic.
+            let by_weight =
+                |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
+            if top_k < vocab {
+                self.order.select_nth_unstable_by(top_k - 1, by_weight);
+            }
+            self.order[..top_k].sort_unstable_by(by_weight);
+            let kept_mass: f64 = self.order[..top_k].iter().map(|&t| w[t as usize]).sum();
+            let want = sample.top_p as f64 * kept_mass;
             let (mut kept, mut mass) = (0, 0.0);
-            for &t in &self.order {
+            for &t in &self.order[..top_k] {
                 mass += w[t as usize];
                 kept += 1;
                 if mass >= want {
@@ -285,7 +304,7 @@ impl<B: Backend> Sampler<B> {
             }
             (&self.order[..kept], mass)
         } else {
-            // Natural order; restore it in case a top-p call sorted it.
+            // Natural order; restore it in case a top-k/top-p call sorted it.
             for (i, o) in self.order.iter_mut().enumerate() {
                 *o = i as u32;
             }
@@ -334,102 +353,51 @@ impl<B: Backend> Sampler<B> {
     fn forward_chunk(&mut self, model: &Model<B>, n: usize) -> Result<()> {
         let be = model.backend();
         let cfg = &self.config;
-        let (d, ff, v) = (cfg.d_model, cfg.d_ff, cfg.vocab_size);
+        let (d, v, qd, kvd) = (cfg.d_model, cfg.vocab_size, cfg.q_dim(), cfg.kv_dim());
         let (w, ix) = (model.weights(), model.index());
         let past = self.cached;
-        be.embed(
-            &w[ix.tok_emb],
-            &w[ix.pos_emb],
-            &self.tokens[past..past + n],
-            &self.positions[past..past + n],
-            &mut self.x,
-            d,
-        )?;
+        be.embed(&w[ix.tok_emb], &self.tokens[past..past + n], &mut self.x, d)?;
+        let positions = &self.positions[past..past + n];
         for (l, li) in ix.layers.iter().enumerate() {
-            model.norm(li.norm1(), &self.x, &mut self.h, &mut self.stats, n)?;
-            matmul(
-                be,
-                n,
-                d,
-                3 * d,
-                &self.h,
-                false,
-                &w[li.wqkv],
-                false,
-                0.0,
-                &mut self.qkv,
-            )?;
-            let cache_at = MatLayout::at(past * d, d);
+            model.norm(li.norm1, &self.x, &mut self.h, &mut self.rstd, n)?;
+            model.project_qkv(li, &self.h, positions, &mut self.qkv)?;
+            let (chunk_at, cache_at) = (MatLayout::row_major(kvd), MatLayout::at(past * kvd, kvd));
             be.copy(
-                &self.qkv,
-                MatLayout::at(d, 3 * d),
+                &self.qkv.k,
+                chunk_at,
                 &mut self.k_cache[l],
                 cache_at,
                 n,
-                d,
+                kvd,
             )?;
             be.copy(
-                &self.qkv,
-                MatLayout::at(2 * d, 3 * d),
+                &self.qkv.v,
+                chunk_at,
                 &mut self.v_cache[l],
                 cache_at,
                 n,
-                d,
+                kvd,
             )?;
             attention_forward(
                 be,
                 cfg,
-                (&self.qkv, MatLayout::at(0, 3 * d)),
-                (&self.k_cache[l], MatLayout::at(0, d)),
-                (&self.v_cache[l], MatLayout::at(0, d)),
+                (&self.qkv.q, MatLayout::row_major(qd)),
+                (&self.k_cache[l], MatLayout::row_major(kvd)),
+                (&self.v_cache[l], MatLayout::row_major(kvd)),
                 &mut self.probs,
                 0,
                 &mut self.att,
-                MatLayout::at(0, d),
+                MatLayout::row_major(qd),
                 n,
                 past,
             )?;
-            matmul(
-                be,
-                n,
-                d,
-                d,
-                &self.att,
-                false,
-                &w[li.wo],
-                false,
-                1.0,
-                &mut self.x,
-            )?;
-            model.norm(li.norm2(), &self.x, &mut self.h, &mut self.stats, n)?;
-            matmul(
-                be,
-                n,
-                d,
-                ff,
-                &self.h,
-                false,
-                &w[li.w1],
-                false,
-                0.0,
-                &mut self.f1,
-            )?;
-            be.gelu(&self.f1, &mut self.g, n * ff)?;
-            matmul(
-                be,
-                n,
-                ff,
-                d,
-                &self.g,
-                false,
-                &w[li.w2],
-                false,
-                1.0,
-                &mut self.x,
-            )?;
+            model.linear(&li.o, &self.att, n, 1.0, &mut self.x)?;
+            model.norm(li.norm2, &self.x, &mut self.h, &mut self.rstd, n)?;
+            let (gate, up, act) = (&mut self.gate, &mut self.up, &mut self.act);
+            model.mlp(li, &self.h, n, gate, up, act, &mut self.x)?;
         }
-        model.norm(ix.final_norm(), &self.x, &mut self.h, &mut self.stats, n)?;
-        // Only the last position's logits are needed.
+        model.norm(ix.final_norm, &self.x, &mut self.h, &mut self.rstd, n)?;
+        // Only the last position's logits are needed; the head is `vocab × d`.
         be.gemm(
             &crate::backend::Gemm {
                 m: 1,
@@ -439,7 +407,7 @@ impl<B: Backend> Sampler<B> {
                 alpha: 1.0,
                 beta: 0.0,
                 a: MatLayout::at((n - 1) * d, d),
-                b: MatLayout::row_major(v),
+                b: MatLayout::row_major(d).t(),
                 c: MatLayout::row_major(v),
             },
             &self.h,

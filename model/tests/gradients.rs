@@ -1,19 +1,51 @@
 //! The backward pass against central finite differences, for every parameter tensor.
 
-use flywheel_model::{Model, ModelConfig, NormKind, Params, Sequence};
+use flywheel_model::{Architecture, Llama3Rope, Model, ModelConfig, Params, Sequence};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn config(norm: NormKind) -> ModelConfig {
-    ModelConfig {
+/// The flags of each architecture of the family, at a size where finite differences are cheap.
+fn config(arch: Architecture) -> ModelConfig {
+    let base = ModelConfig {
         vocab_size: 7,
         d_model: 8,
         n_layers: 2,
-        n_heads: 2,
+        n_heads: 4,
+        n_kv_heads: Some(2),
         d_ff: 12,
         max_seq_len: 8,
-        norm,
         norm_eps: 1e-5,
+        rope_theta: 100.0,
+        ..ModelConfig::tiny(7)
+    };
+    match arch {
+        // Qwen2: q/k/v biases, grouped-query attention.
+        Architecture::Qwen2 => base,
+        // Llama: biases everywhere, Llama 3 RoPE scaling, multi-head attention.
+        Architecture::Llama => ModelConfig {
+            architecture: arch,
+            n_kv_heads: None,
+            n_heads: 2,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            rope_llama3: Some(Llama3Rope {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 16.0,
+            }),
+            ..base
+        },
+        // Qwen3: QK norms, a head width that is not d_model / n_heads, tied embeddings.
+        Architecture::Qwen3 => ModelConfig {
+            architecture: arch,
+            head_dim: Some(6),
+            qkv_bias: false,
+            qk_norm: true,
+            tie_embeddings: true,
+            ..base
+        },
     }
 }
 
@@ -23,7 +55,7 @@ fn params(cfg: &ModelConfig, seed: u64) -> Params {
     let mut p = Params::init_scaled(cfg, seed, 15.0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
     for t in p.tensors_mut() {
-        if t.name.contains("norm") {
+        if t.name.contains("norm") || t.name.ends_with("bias") {
             for v in &mut t.data {
                 *v += rng.random_range(-0.5..0.5);
             }
@@ -48,8 +80,8 @@ fn loss(model: &Model, seqs: &[Sequence<'_>], a: &[f32], b: &[f32]) -> f64 {
             .sum::<f64>()
 }
 
-fn check_gradients(norm: NormKind, with_entropy: bool) {
-    let cfg = config(norm);
+fn check_gradients(arch: Architecture, with_entropy: bool) {
+    let cfg = config(arch);
     let base = params(&cfg, 7);
     let mut model = Model::cpu(&base).unwrap();
     let s1 = [1u32, 3, 4, 5, 6, 2, 3];
@@ -122,7 +154,7 @@ fn check_gradients(norm: NormKind, with_entropy: bool) {
             let tol = 2e-3 + 3e-2 * fd.abs().max(an.abs());
             assert!(
                 (fd - an).abs() <= tol,
-                "{norm:?} entropy={with_entropy}: d/d {}[{i}]: finite difference {fd:.6}, \
+                "{arch:?} entropy={with_entropy}: d/d {}[{i}]: finite difference {fd:.6}, \
                  backward {an:.6}",
                 g.name
             );
@@ -133,23 +165,28 @@ fn check_gradients(norm: NormKind, with_entropy: bool) {
 }
 
 #[test]
-fn layernorm_gradients_match_finite_differences() {
-    check_gradients(NormKind::LayerNorm, false);
+fn qwen2_gradients_match_finite_differences() {
+    check_gradients(Architecture::Qwen2, false);
 }
 
 #[test]
-fn rmsnorm_gradients_match_finite_differences() {
-    check_gradients(NormKind::RmsNorm, false);
+fn llama_gradients_match_finite_differences() {
+    check_gradients(Architecture::Llama, false);
+}
+
+#[test]
+fn qwen3_gradients_match_finite_differences() {
+    check_gradients(Architecture::Qwen3, false);
 }
 
 #[test]
 fn entropy_gradients_match_finite_differences() {
-    check_gradients(NormKind::LayerNorm, true);
+    check_gradients(Architecture::Qwen2, true);
 }
 
 #[test]
 fn backward_accumulates_across_calls() {
-    let cfg = config(NormKind::LayerNorm);
+    let cfg = config(Architecture::Qwen2);
     let model = Model::cpu(&params(&cfg, 3)).unwrap();
     let toks = [1u32, 3, 4, 5];
     let seqs = [Sequence {
@@ -229,7 +266,7 @@ fn forward_and_backward_are_deterministic() {
 
 #[test]
 fn an_empty_batch_scores_nothing() {
-    let cfg = config(NormKind::LayerNorm);
+    let cfg = config(Architecture::Qwen2);
     let model = Model::cpu(&params(&cfg, 1)).unwrap();
     let cache = model.forward(&[]).unwrap();
     assert_eq!(cache.num_sequences(), 0);

@@ -37,24 +37,25 @@ fn generate_allocates_nothing_per_token() {
     let mut sampler = Sampler::new(&model).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (mut toks, mut lps) = (Vec::with_capacity(200), Vec::with_capacity(200));
-    for top_p in [1.0, 0.9] {
+    for (top_p, top_k) in [(1.0, 0), (0.9, 0), (0.9, 5)] {
         let sc = SampleConfig {
             temperature: 0.8,
             top_p,
+            top_k,
         };
         sampler.prefill(&model, &[1, 2, 3]).unwrap();
         toks.clear();
         lps.clear();
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         let stop = sampler
-            .generate(&model, &sc, 150, None, &mut rng, &mut toks, &mut lps)
+            .generate(&model, &sc, 150, &[], &mut rng, &mut toks, &mut lps)
             .unwrap();
         let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
         assert_eq!(stop, StopReason::MaxNewTokens);
         assert_eq!(toks.len(), 150);
         assert_eq!(
             allocated, 0,
-            "top_p {top_p}: {allocated} allocations in 150 tokens"
+            "top_p {top_p} top_k {top_k}: {allocated} allocations in 150 tokens"
         );
     }
 }

@@ -2,9 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use flywheel_model::{
-    Model, ModelConfig, ModelError, NormKind, Params, Sequence, Tokenizer, TokenizerError,
-};
+use flywheel_model::{Model, ModelConfig, ModelError, Params, Sequence, Tokenizer, TokenizerError};
 
 fn config() -> ModelConfig {
     ModelConfig {
@@ -14,8 +12,8 @@ fn config() -> ModelConfig {
         n_heads: 2,
         d_ff: 32,
         max_seq_len: 32,
-        norm: NormKind::RmsNorm,
         norm_eps: 1e-5,
+        ..ModelConfig::tiny(20)
     }
 }
 
@@ -26,24 +24,31 @@ fn init_is_deterministic_and_ordered() {
     assert_eq!(a, Params::init(&cfg, 42).unwrap());
     assert_ne!(a, Params::init(&cfg, 43).unwrap());
     let names: Vec<&str> = a.tensors().iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names[..2], ["tok_emb", "pos_emb"]);
-    assert_eq!(names[2], "layers.0.norm1.weight");
-    assert_eq!(names.last(), Some(&"lm_head"));
-    // RMSNorm has no biases: 2 + 2·6 + 1 + 1 tensors.
-    assert_eq!(names.len(), 16);
-    let (d, v, f, s) = (16, 20, 32, 32);
+    assert_eq!(
+        names[..3],
+        [
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.weight"
+        ]
+    );
+    assert_eq!(names.last(), Some(&"lm_head.weight"));
+    // Qwen2: embedding, per block 2 norms + 4 projections + 3 q/k/v biases + 3 MLP
+    // projections, final norm, untied head.
+    assert_eq!(names.len(), 1 + 2 * 12 + 1 + 1);
+    let (d, v, f) = (16, 20, 32);
     assert_eq!(
         a.num_elements(),
-        v * d + s * d + 2 * (d + 3 * d * d + d * d + d + d * f + f * d) + d + d * v
+        v * d + 2 * (2 * d + 4 * d * d + 3 * d + 3 * d * f) + d + d * v
     );
     for t in a.tensors() {
         assert_eq!(t.data.len(), t.numel(), "{}", t.name);
     }
-    let emb = a.get("tok_emb").unwrap();
+    let emb = a.get("model.embed_tokens.weight").unwrap();
     let std = (emb.data.iter().map(|x| x * x).sum::<f32>() / emb.data.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.005, "std {std}");
     assert!(
-        a.get("layers.1.norm2.weight")
+        a.get("model.layers.1.post_attention_layernorm.weight")
             .unwrap()
             .data
             .iter()
@@ -56,26 +61,26 @@ fn bytes_map_round_trips_and_rejects_mismatches() {
     let cfg = config();
     let p = Params::init(&cfg, 1).unwrap();
     let map = p.to_bytes_map();
-    assert_eq!(map["lm_head"].len(), 16 * 20 * 4);
+    assert_eq!(map["lm_head.weight"].len(), 16 * 20 * 4);
     assert_eq!(Params::from_bytes_map(&cfg, &map).unwrap(), p);
 
     let mut missing = map.clone();
-    missing.remove("layers.1.mlp.w1");
+    missing.remove("model.layers.1.mlp.up_proj.weight");
     let err = Params::from_bytes_map(&cfg, &missing).unwrap_err();
     assert!(
-        matches!(&err, ModelError::BadParameter { name, .. } if name == "layers.1.mlp.w1"),
+        matches!(&err, ModelError::BadParameter { name, .. } if name == "model.layers.1.mlp.up_proj.weight"),
         "{err}"
     );
 
     let mut short = map.clone();
-    short.get_mut("pos_emb").unwrap().pop();
+    short.get_mut("model.norm.weight").unwrap().pop();
     assert!(matches!(
         Params::from_bytes_map(&cfg, &short),
         Err(ModelError::BadParameter { .. })
     ));
 
     let mut extra = map.clone();
-    extra.insert("layers.9.attn.wo".into(), vec![0; 4]);
+    extra.insert("model.layers.9.self_attn.o_proj.weight".into(), vec![0; 4]);
     assert!(matches!(
         Params::from_bytes_map(&cfg, &extra),
         Err(ModelError::BadParameter { .. })
@@ -99,13 +104,15 @@ fn model_round_trips_parameters() {
 
     // Updating one tensor changes exactly that tensor.
     let mut q = p.clone();
-    let t = q.get_mut("layers.1.attn.wo").unwrap();
+    let t = q.get_mut("model.layers.1.self_attn.o_proj.weight").unwrap();
     t.data.iter_mut().for_each(|x| *x += 1.0);
     let new = t.data.clone();
-    model.load_tensor("layers.1.attn.wo", &new).unwrap();
+    model
+        .load_tensor("model.layers.1.self_attn.o_proj.weight", &new)
+        .unwrap();
     assert_eq!(model.to_params().unwrap(), q);
     assert!(matches!(
-        model.load_tensor("layers.1.attn.wo", &new[1..]),
+        model.load_tensor("model.layers.1.self_attn.o_proj.weight", &new[1..]),
         Err(ModelError::BadParameter { .. })
     ));
     assert!(matches!(
@@ -129,7 +136,7 @@ fn invalid_configs_and_inputs_are_typed_errors() {
         r#"{"vocab_size":20,"d_model":16,"n_layers":1,"n_heads":2,"d_ff":8,"max_seq_len":4}"#,
     )
     .unwrap();
-    assert_eq!(cfg.norm, NormKind::LayerNorm);
+    assert_eq!((cfg.head_dim(), cfg.kv_heads()), (8, 2));
     assert!(
         serde_json::from_str::<ModelConfig>(
             r#"{"vocab_size":20,"d_model":16,"n_layers":1,"n_heads":2,"d_ff":8,"max_seq_len":4,"typo":1}"#

@@ -1,7 +1,7 @@
 //! The KV-cached sampler against the training forward pass, and resuming partial responses.
 
 use flywheel_model::{
-    Model, ModelConfig, ModelError, NormKind, Params, SampleConfig, Sampler, Sequence, StopReason,
+    Model, ModelConfig, ModelError, Params, SampleConfig, Sampler, Sequence, StopReason,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -13,9 +13,10 @@ fn config(max_seq_len: usize) -> ModelConfig {
         n_layers: 2,
         n_heads: 4,
         d_ff: 32,
+        n_kv_heads: Some(2),
         max_seq_len,
-        norm: NormKind::LayerNorm,
         norm_eps: 1e-5,
+        ..ModelConfig::tiny(11)
     }
 }
 
@@ -28,7 +29,7 @@ fn generate(
     model: &Model,
     sampler: &mut Sampler<flywheel_model::CpuBackend>,
     max_new: usize,
-    eos: Option<u32>,
+    stop: &[u32],
     rng: &mut ChaCha8Rng,
 ) -> (Vec<u32>, Vec<f32>, StopReason) {
     let (mut toks, mut lps) = (Vec::new(), Vec::new());
@@ -37,7 +38,7 @@ fn generate(
             model,
             &SampleConfig::default(),
             max_new,
-            eos,
+            stop,
             rng,
             &mut toks,
             &mut lps,
@@ -56,7 +57,7 @@ fn sampled_logprobs_equal_training_logprobs() {
         let mut sampler = Sampler::new(&model).unwrap();
         sampler.prefill(&model, &prompt).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let (toks, lps, stop) = generate(&model, &mut sampler, 40, None, &mut rng);
+        let (toks, lps, stop) = generate(&model, &mut sampler, 40, &[], &mut rng);
         assert_eq!(stop, StopReason::MaxNewTokens);
         assert_eq!(toks.len(), 40);
         // The sampled tokens are not all the same (the test would be weak otherwise).
@@ -86,17 +87,17 @@ fn continuing_after_prefill_matches_uninterrupted_generation() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut sampler = Sampler::new(&model).unwrap();
     sampler.prefill(&model, &prompt).unwrap();
-    let (all, all_lp, _) = generate(&model, &mut sampler, 30, None, &mut rng);
+    let (all, all_lp, _) = generate(&model, &mut sampler, 30, &[], &mut rng);
 
     // Another worker: 12 tokens, then a fresh sampler re-prefills prompt + committed tokens.
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut first = Sampler::new(&model).unwrap();
     first.prefill(&model, &prompt).unwrap();
-    let (head, head_lp, _) = generate(&model, &mut first, 12, None, &mut rng);
+    let (head, head_lp, _) = generate(&model, &mut first, 12, &[], &mut rng);
     let mut resumed = Sampler::new(&model).unwrap();
     let committed: Vec<u32> = prompt.iter().chain(&head).copied().collect();
     resumed.prefill(&model, &committed).unwrap();
-    let (tail, tail_lp, _) = generate(&model, &mut resumed, 18, None, &mut rng);
+    let (tail, tail_lp, _) = generate(&model, &mut resumed, 18, &[], &mut rng);
     assert_eq!([head.clone(), tail.clone()].concat(), all);
     for (a, b) in head_lp.iter().chain(&tail_lp).zip(&all_lp) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -106,8 +107,8 @@ fn continuing_after_prefill_matches_uninterrupted_generation() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut same = Sampler::new(&model).unwrap();
     same.prefill(&model, &prompt).unwrap();
-    let (a, _, _) = generate(&model, &mut same, 7, None, &mut rng);
-    let (b, _, _) = generate(&model, &mut same, 23, None, &mut rng);
+    let (a, _, _) = generate(&model, &mut same, 7, &[], &mut rng);
+    let (b, _, _) = generate(&model, &mut same, 23, &[], &mut rng);
     assert_eq!([a, b].concat(), all);
 }
 
@@ -118,7 +119,7 @@ fn stops_at_eos_and_at_full_context() {
     let mut sampler = Sampler::new(&model).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     sampler.prefill(&model, &[1, 2, 3]).unwrap();
-    let (toks, _, stop) = generate(&model, &mut sampler, 100, None, &mut rng);
+    let (toks, _, stop) = generate(&model, &mut sampler, 100, &[], &mut rng);
     assert_eq!(stop, StopReason::ContextFull);
     assert_eq!(toks.len(), 13);
     assert_eq!(sampler.tokens().len(), 16);
@@ -128,7 +129,7 @@ fn stops_at_eos_and_at_full_context() {
     let stop_at = toks.iter().position(|&t| t == eos).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     sampler.prefill(&model, &[1, 2, 3]).unwrap();
-    let (toks2, lps2, stop) = generate(&model, &mut sampler, 100, Some(eos), &mut rng);
+    let (toks2, lps2, stop) = generate(&model, &mut sampler, 100, &[eos], &mut rng);
     assert_eq!(stop, StopReason::Eos);
     assert_eq!(toks2, toks[..=stop_at]);
     assert_eq!(lps2.len(), toks2.len());
@@ -145,7 +146,7 @@ fn sample_frequencies_follow_reported_probabilities() {
     let mut prob = vec![0.0f64; cfg.vocab_size];
     for _ in 0..n {
         sampler.prefill(&model, &[1, 5]).unwrap();
-        let (t, lp, _) = generate(&model, &mut sampler, 1, None, &mut rng);
+        let (t, lp, _) = generate(&model, &mut sampler, 1, &[], &mut rng);
         counts[t[0] as usize] += 1;
         prob[t[0] as usize] = (lp[0] as f64).exp();
     }
@@ -167,25 +168,32 @@ fn temperature_and_top_p() {
     let greedy = SampleConfig {
         temperature: 0.0,
         top_p: 1.0,
+        ..SampleConfig::default()
     };
     let tiny_nucleus = SampleConfig {
         temperature: 1.0,
         top_p: 1e-6,
+        ..SampleConfig::default()
+    };
+    let top_1 = SampleConfig {
+        top_k: 1,
+        ..SampleConfig::default()
     };
     let mut outs = Vec::new();
-    for sc in [greedy, tiny_nucleus] {
+    for sc in [greedy, tiny_nucleus, top_1] {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         sampler.prefill(&model, &[1, 7]).unwrap();
         let (mut t, mut lp) = (Vec::new(), Vec::new());
         sampler
-            .generate(&model, &sc, 10, None, &mut rng, &mut t, &mut lp)
+            .generate(&model, &sc, 10, &[], &mut rng, &mut t, &mut lp)
             .unwrap();
         // A point mass: log-prob 0.
         assert!(lp.iter().all(|&x| x.abs() < 1e-6), "{lp:?}");
         outs.push(t);
     }
-    // top-p → 0 keeps only the most likely token: the greedy choice.
+    // top-p → 0 and top-k = 1 keep only the most likely token: the greedy choice.
     assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0], outs[2]);
     // Greedy decoding picks the argmax: every token's training log-prob is the row maximum,
     // so it is at least log(1/vocab).
     let full: Vec<u32> = [1, 7].iter().chain(&outs[0]).copied().collect();
@@ -203,15 +211,64 @@ fn temperature_and_top_p() {
     let hot = SampleConfig {
         temperature: 1e6,
         top_p: 1.0,
+        ..SampleConfig::default()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     sampler.prefill(&model, &[1, 7]).unwrap();
     let (mut t, mut lp) = (Vec::new(), Vec::new());
     sampler
-        .generate(&model, &hot, 10, None, &mut rng, &mut t, &mut lp)
+        .generate(&model, &hot, 10, &[], &mut rng, &mut t, &mut lp)
         .unwrap();
     for x in lp {
         assert!((x - floor).abs() < 1e-3, "{x} vs uniform {floor}");
+    }
+}
+
+/// With top-k, every sampled token is among the k most likely under the training forward, and
+/// its reported log-prob is renormalised over those k.
+#[test]
+fn top_k_samples_only_the_k_most_likely() {
+    let cfg = config(40);
+    let model = model(&cfg, 8);
+    let mut sampler = Sampler::new(&model).unwrap();
+    let top_3 = SampleConfig {
+        top_k: 3,
+        ..SampleConfig::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    sampler.prefill(&model, &[1, 2]).unwrap();
+    let (mut t, mut lp) = (Vec::new(), Vec::new());
+    sampler
+        .generate(&model, &top_3, 30, &[], &mut rng, &mut t, &mut lp)
+        .unwrap();
+    let mut context = vec![1u32, 2];
+    for (&tok, &reported) in t.iter().zip(&lp) {
+        // Score every candidate next token after the context.
+        let scores: Vec<f32> = (0..cfg.vocab_size as u32)
+            .map(|c| {
+                let seq = [context.as_slice(), &[c]].concat();
+                let cache = model
+                    .forward(&[Sequence {
+                        tokens: &seq,
+                        response_start: seq.len() - 1,
+                    }])
+                    .unwrap();
+                cache.logprobs()[0]
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        assert!(
+            order[..3].contains(&(tok as usize)),
+            "{tok} not in the top 3 {order:?}"
+        );
+        let kept: f64 = order[..3].iter().map(|&i| (scores[i] as f64).exp()).sum();
+        let want = scores[tok as usize] as f64 - kept.ln();
+        assert!(
+            (reported as f64 - want).abs() < 1e-4,
+            "{reported} vs {want}"
+        );
+        context.push(tok);
     }
 }
 
@@ -227,7 +284,7 @@ fn bad_inputs_are_typed_errors() {
             &model,
             &SampleConfig::default(),
             3,
-            None,
+            &[],
             &mut rng,
             &mut t,
             &mut lp,
@@ -247,18 +304,21 @@ fn bad_inputs_are_typed_errors() {
         SampleConfig {
             temperature: -1.0,
             top_p: 1.0,
+            ..SampleConfig::default()
         },
         SampleConfig {
             temperature: 1.0,
             top_p: 0.0,
+            ..SampleConfig::default()
         },
         SampleConfig {
             temperature: f32::NAN,
             top_p: 1.0,
+            ..SampleConfig::default()
         },
     ] {
         let err = sampler
-            .generate(&model, &bad, 3, None, &mut rng, &mut t, &mut lp)
+            .generate(&model, &bad, 3, &[], &mut rng, &mut t, &mut lp)
             .unwrap_err();
         assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
     }

@@ -172,7 +172,7 @@ impl Setup {
             d_model: a.d_model,
             n_layers: a.layers,
             n_heads: a.heads,
-            d_ff: 4 * a.d_model,
+            d_ff: 3 * a.d_model,
             // BOS, the prompt, the response and its EOS.
             max_seq_len: 1 + task.prompt_chars() + max_response as usize,
             ..ModelConfig::tiny(tok.vocab_size())

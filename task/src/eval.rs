@@ -47,7 +47,7 @@ pub fn respond(
         model,
         sample,
         max_new,
-        Some(Tokenizer::EOS),
+        &[Tokenizer::EOS],
         &mut rng,
         &mut tokens,
         &mut logprobs,

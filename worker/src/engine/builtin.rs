@@ -214,6 +214,7 @@ impl Engine for BuiltinEngine {
         let sample = SampleConfig {
             temperature: req.sampling.temperature,
             top_p: req.sampling.top_p,
+            ..SampleConfig::default()
         };
         let job = req.clone();
         let (tokens, logprobs, stop) = tokio::task::spawn_blocking(move || {
@@ -232,7 +233,7 @@ impl Engine for BuiltinEngine {
                     &model,
                     &sample,
                     job.max_new_tokens as usize,
-                    Some(Tokenizer::EOS),
+                    &[Tokenizer::EOS],
                     &mut rng,
                     &mut tokens,
                     &mut logprobs,
