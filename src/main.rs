@@ -99,6 +99,9 @@ enum Command {
     /// IcePop) through the queue, workers, coordinator and trainer in one process, and write
     /// a report with the held-out accuracy before and after.
     Demo(flywheel::demo::args::DemoArgs),
+    /// Score or sample a Hugging Face checkpoint directory (Llama, Qwen2, Qwen3).
+    #[command(subcommand)]
+    Model(flywheel::model_cli::ModelCommand),
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -135,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
     // The demo's progress bars say what happens; its services' per-prompt and per-step info
     // lines would only tear them (FLYWHEEL_LOG=info brings them back).
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Model(_) => "warn",
         _ => "info",
     };
     init_logging(cli.log_json, default_level);
@@ -229,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
+        Command::Model(command) => flywheel::model_cli::run(command),
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
 }

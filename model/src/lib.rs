@@ -63,6 +63,7 @@ pub mod hf;
 mod model;
 mod params;
 mod sample;
+mod text;
 mod tokenizer;
 
 pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
@@ -73,4 +74,5 @@ pub use hf::Checkpoint;
 pub use model::{ForwardCache, Gradients, Model, Sequence};
 pub use params::{Params, Tensor};
 pub use sample::{SampleConfig, Sampler, StopReason};
+pub use text::{ChatMessage, HfTokenizer};
 pub use tokenizer::{Tokenizer, TokenizerError};

@@ -351,3 +351,51 @@ fn save_round_trips() {
         assert!(out.path().join("tokenizer.json").is_file());
     }
 }
+
+/// The tokenizer and chat template against transformers' own rendering and ids.
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    use flywheel_model::{ChatMessage, HfTokenizer};
+    let dir = fixture("tokenizer");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tok = HfTokenizer::open(&dir).unwrap();
+    assert_eq!(tok.vocab_size() as u64, r["vocab"].as_u64().unwrap());
+    for (text, ids) in r["texts"].as_object().unwrap() {
+        let want: Vec<u32> = serde_json::from_value(ids.clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(&tok.decode(&want).unwrap(), text);
+    }
+    let messages: Vec<ChatMessage> = serde_json::from_value(r["messages"].clone()).unwrap();
+    assert_eq!(
+        tok.render_chat(&messages, true).unwrap(),
+        r["chat"].as_str().unwrap()
+    );
+    let want: Vec<u32> = serde_json::from_value(r["chat_ids"].clone()).unwrap();
+    assert_eq!(tok.encode_chat(&messages).unwrap(), want);
+    assert_eq!(tok.eos_id(), tok.token_id("<|im_end|>"));
+
+    // The template inline in tokenizer_config.json (as on the hub), and Python string methods.
+    let inline = copy_fixture("tokenizer");
+    std::fs::remove_file(inline.path().join("chat_template.jinja")).unwrap();
+    let cfg = serde_json::json!({
+        "eos_token": {"content": "<|im_end|>"},
+        "chat_template": "{% for m in messages %}{{ m.role.upper() }}:{{ m.content.strip() }}\n{% endfor %}",
+    });
+    std::fs::write(inline.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let tok = HfTokenizer::open(inline.path()).unwrap();
+    assert_eq!(
+        tok.render_chat(&messages, false).unwrap(),
+        "USER:What is 7 * 6?\nASSISTANT:42\n"
+    );
+    assert_eq!(tok.eos_id(), tok.token_id("<|im_end|>"));
+
+    // No template: a clear error.
+    std::fs::write(inline.path().join("tokenizer_config.json"), "{}").unwrap();
+    let err = HfTokenizer::open(inline.path())
+        .unwrap()
+        .render_chat(&messages, true)
+        .unwrap_err();
+    assert!(err.to_string().contains("no chat template"), "{err}");
+}
