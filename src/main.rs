@@ -102,6 +102,9 @@ enum Command {
     /// Score or sample a Hugging Face checkpoint directory (Llama, Qwen2, Qwen3).
     #[command(subcommand)]
     Model(flywheel::model_cli::ModelCommand),
+    /// Published weights: export a version as a Hugging Face checkpoint directory.
+    #[command(subcommand)]
+    Weights(flywheel::weights_cli::WeightsCommand),
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -233,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Model(command) => flywheel::model_cli::run(command),
+        Command::Weights(command) => flywheel::weights_cli::run(command).await,
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
 }

@@ -41,8 +41,13 @@ pub struct TrainerConfig {
     pub id: String,
     /// Seed of the deterministic initialisation of version 0.
     pub seed: u64,
-    /// The model's shape; every trainer and worker of a run must agree on it.
+    /// The model's shape; every trainer and worker of a run must agree on it. Replaced by the
+    /// checkpoint's when `hf_model` is set.
     pub model: ModelConfig,
+    /// A Hugging Face checkpoint directory (Llama, Qwen2 or Qwen3) to train instead of the
+    /// built-in model: its `config.json` is the model's shape and its weights are version 0.
+    /// Empty trains the built-in model of `model`, initialised from `seed`.
+    pub hf_model: String,
     /// Characters of the built-in character tokenizer (text prompts); BOS, EOS and PAD are
     /// added in front.
     pub charset: String,
@@ -83,6 +88,7 @@ impl Default for TrainerConfig {
             id: String::new(),
             seed: 0,
             model: ModelConfig::tiny(Tokenizer::arithmetic().vocab_size()),
+            hf_model: String::new(),
             charset: Tokenizer::ARITHMETIC_CHARSET.to_owned(),
             loss: LossConfig::default(),
             optimizer: AdamWConfig::default(),
@@ -122,6 +128,18 @@ impl ServiceConfig {
 }
 
 impl TrainerConfig {
+    /// With `hf_model` set: replaces `model` with the checkpoint's architecture (its context
+    /// capped at [`flywheel_model::hf::DEFAULT_MAX_SEQ_LEN`]) and returns the directory.
+    pub fn resolve_hf_model(&mut self) -> Result<Option<&std::path::Path>, ConfigError> {
+        if self.hf_model.is_empty() {
+            return Ok(None);
+        }
+        let dir = std::path::Path::new(&self.hf_model);
+        self.model = flywheel_model::hf::read_config(dir, None)
+            .map_err(|e| ConfigError::new("trainer.hf_model", e.to_string()))?;
+        Ok(Some(dir))
+    }
+
     /// The tokenizer of text prompts.
     pub fn tokenizer(&self) -> Result<Tokenizer, ConfigError> {
         Tokenizer::new(&self.charset)

@@ -43,12 +43,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Model, ModelError, Params, Tokenizer};
+use flywheel_model::{Checkpoint as HfCheckpoint, Model, ModelError, Params, Tokenizer};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
@@ -57,7 +58,8 @@ use flywheel_storage::keys;
 use flywheel_storage::ledger::{Checkpoint, LedgerError};
 use flywheel_storage::state::{MemberRole, RankClaim, StateError, StateStore, StepAnnouncement};
 use flywheel_storage::weights::{
-    self, Dtype, MODEL_CONFIG_KEY, TensorBytes, WeightsError, WeightsManifest,
+    self, Dtype, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsError,
+    WeightsManifest,
 };
 use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
 use futures::{StreamExt, TryStreamExt};
@@ -203,9 +205,10 @@ impl Trainer {
     /// weights, this is a [`WeightsError::VersionConflict`].
     pub async fn start_with(
         stores: RunStores,
-        config: TrainerConfig,
+        mut config: TrainerConfig,
         initial: Option<Params>,
     ) -> Result<Self, TrainerError> {
+        let hf_model = config.resolve_hf_model()?.map(Path::to_owned);
         config.validate()?;
         let run = stores.run_id.clone();
         if let Some(p) = &initial {
@@ -216,11 +219,14 @@ impl Trainer {
                 .await?
                 .is_none();
         if initial.is_some() || fresh {
-            let params = match initial {
-                Some(p) => p,
-                None => Params::init(&config.model, config.seed)?,
+            let params = match (initial, &hf_model) {
+                (Some(p), _) => p,
+                (None, Some(dir)) => HfCheckpoint::open(dir, None)?.params,
+                (None, None) => Params::init(&config.model, config.seed)?,
             };
-            let report = publish_params(&stores.blobs, &run, 0, &params, None, &config).await?;
+            let metadata = weights_metadata(&config)?;
+            let report =
+                publish_params(&stores.blobs, &run, 0, &params, None, &metadata, &config).await?;
             tracing::info!(
                 run = %run,
                 bytes = report.bytes_total,
@@ -522,6 +528,7 @@ impl Trainer {
             version,
             &params,
             Some(&self.manifest),
+            &self.manifest.metadata,
             &self.config,
         )
         .await?;
@@ -733,13 +740,34 @@ fn compute_rank(
     Ok((model.gradients_to_params(&grads)?, stats))
 }
 
-/// Publishes `params` as `version`.
+/// What travels with every version: the model's shape (a worker builds the model from it)
+/// and, for a Hugging Face checkpoint, where responses end and where its tokenizer is.
+fn weights_metadata(config: &TrainerConfig) -> Result<BTreeMap<String, String>, ModelError> {
+    let mut metadata = BTreeMap::from([(
+        MODEL_CONFIG_KEY.to_owned(),
+        serde_json::to_string(&config.model).unwrap_or_default(),
+    )]);
+    if !config.hf_model.is_empty() {
+        let eos = flywheel_model::hf::eos_tokens(Path::new(&config.hf_model))?;
+        metadata.insert(
+            EOS_TOKENS_KEY.to_owned(),
+            serde_json::to_string(&eos).unwrap_or_default(),
+        );
+        metadata.insert(HF_SOURCE_KEY.to_owned(), config.hf_model.clone());
+    }
+    Ok(metadata)
+}
+
+/// Publishes `params` as `version` with `metadata` (see [`weights_metadata`]; later versions
+/// carry their predecessor's forward).
+#[allow(clippy::too_many_arguments)]
 async fn publish_params(
     blob: &BlobStore,
     run: &str,
     version: PolicyVersion,
     params: &Params,
     previous: Option<&WeightsManifest>,
+    metadata: &BTreeMap<String, String>,
     config: &TrainerConfig,
 ) -> Result<weights::PublishReport, WeightsError> {
     let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
@@ -754,18 +782,13 @@ async fn publish_params(
             bytes: b,
         })
         .collect();
-    // The model's shape travels with the weights: a worker can build the model from them.
-    let metadata = std::collections::BTreeMap::from([(
-        MODEL_CONFIG_KEY.to_owned(),
-        serde_json::to_string(&config.model).unwrap_or_default(),
-    )]);
     weights::publish_with_metadata(
         blob,
         run,
         version,
         &views,
         previous,
-        &metadata,
+        metadata,
         &config.weights,
     )
     .await

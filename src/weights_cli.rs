@@ -1,0 +1,94 @@
+//! `flywheel weights export`: a published version as a complete Hugging Face directory, which
+//! transformers, vLLM and SGLang load.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use flywheel_model::{ModelConfig, Params, hf};
+use flywheel_storage::PolicyVersion;
+use flywheel_storage::blob::BlobStore;
+use flywheel_storage::weights::{self, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFIG_KEY};
+
+/// What `flywheel weights` does.
+#[derive(clap::Subcommand, Debug)]
+pub enum WeightsCommand {
+    /// Write weights version N as a Hugging Face checkpoint directory: config.json,
+    /// model.safetensors (in the model's dtype) and, for a run of a Hugging Face checkpoint,
+    /// its tokenizer and generation files.
+    Export {
+        /// The run's config file (its `[storage]` names the object store).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The version to export; default the newest.
+        #[arg(long)]
+        version: Option<PolicyVersion>,
+        /// The directory to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs a `flywheel weights` command.
+pub async fn run(command: WeightsCommand) -> anyhow::Result<()> {
+    match command {
+        WeightsCommand::Export {
+            config,
+            version,
+            out,
+        } => {
+            let config = crate::config::load(config.as_deref())?;
+            let s = &config.storage;
+            let blobs = BlobStore::open(&s.blob_url)?;
+            let version = export(&blobs, &s.run_id, version, &out).await?;
+            println!(
+                "exported version {version} of run `{}` to {}",
+                s.run_id,
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes `version` (default the newest) of `run` to `out`; returns the version written.
+pub async fn export(
+    blobs: &BlobStore,
+    run: &str,
+    version: Option<PolicyVersion>,
+    out: &Path,
+) -> anyhow::Result<PolicyVersion> {
+    let version = match version {
+        Some(v) => v,
+        None => weights::latest_version(blobs, run)
+            .await?
+            .with_context(|| format!("run `{run}` has no published weights yet"))?,
+    };
+    let fetched = weights::fetch(blobs, run, version, None, &Default::default())
+        .await
+        .with_context(|| format!("fetching weights version {version} of run `{run}`"))?;
+    let meta = &fetched.manifest.metadata;
+    let Some(json) = meta.get(MODEL_CONFIG_KEY) else {
+        bail!(
+            "version {version} carries no `{MODEL_CONFIG_KEY}`: it was not published by a Flywheel trainer"
+        );
+    };
+    let model: ModelConfig = serde_json::from_str(json)
+        .with_context(|| format!("`{MODEL_CONFIG_KEY}` of version {version}"))?;
+    let params = Params::from_bytes_map(&model, &fetched.tensors)?;
+    let eos: Vec<u32> = match meta.get(EOS_TOKENS_KEY) {
+        Some(json) => serde_json::from_str(json).with_context(|| format!("`{EOS_TOKENS_KEY}`"))?,
+        None => Vec::new(),
+    };
+    let source = meta.get(HF_SOURCE_KEY).map(PathBuf::from);
+    if let Some(dir) = &source
+        && !dir.join("tokenizer.json").is_file()
+    {
+        bail!(
+            "the run's checkpoint directory {} (its tokenizer files) is not readable here; \
+             export where it is",
+            dir.display()
+        );
+    }
+    hf::save(out, &params, &eos, source.as_deref())?;
+    Ok(version)
+}

@@ -1,0 +1,92 @@
+//! A run of a Hugging Face checkpoint: the trainer publishes the checkpoint's weights as
+//! version 0 (with its EOS and tokenizer source), and `flywheel weights export` writes them back
+//! as a checkpoint directory with the same model, tokenizer and EOS. (scripts/model_fixtures.py
+//! `--check-export DIR qwen2` checks such a directory in transformers.)
+
+use std::path::PathBuf;
+
+use flywheel_model::Checkpoint;
+use flywheel_storage::RunStores;
+use flywheel_storage::config::{RunConfig, StorageConfig};
+use flywheel_trainer::{Trainer, TrainerConfig};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("model/tests/fixtures/hf")
+        .join(name)
+}
+
+async fn stores(blob_dir: &std::path::Path) -> RunStores {
+    let run = RunConfig {
+        storage: StorageConfig {
+            run_id: "hf-weights".into(),
+            state_url: "memory://".into(),
+            blob_url: format!("file://{}", blob_dir.display()),
+            ledger_url: "sqlite::memory:".into(),
+        },
+        ..RunConfig::default()
+    };
+    RunStores::open(&run).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_checkpoint_run_publishes_and_exports_the_checkpoint() {
+    for name in ["qwen2", "qwen2-bf16", "llama"] {
+        let blobs = tempfile::tempdir().unwrap();
+        let stores = stores(blobs.path()).await;
+        let config = TrainerConfig {
+            hf_model: fixture(name).display().to_string(),
+            metrics_addr: String::new(),
+            ..TrainerConfig::default()
+        };
+        let trainer = Trainer::start(stores.clone(), config).await.unwrap();
+        assert_eq!(trainer.version(), 0);
+
+        let out = tempfile::tempdir().unwrap();
+        let v = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, out.path())
+            .await
+            .unwrap();
+        assert_eq!(v, 0);
+        let original = Checkpoint::open(&fixture(name), None).unwrap();
+        let exported = Checkpoint::open(out.path(), None).unwrap();
+        assert_eq!(exported.config, original.config, "{name}");
+        assert_eq!(
+            exported.params, original.params,
+            "{name}: same weights, same dtype"
+        );
+        assert_eq!(exported.eos, original.eos);
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert!(out.path().join(file).is_file(), "{name}: {file}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_missing_version_or_checkpoint_is_explained() {
+    let blobs = tempfile::tempdir().unwrap();
+    let stores = stores(blobs.path()).await;
+    let out = tempfile::tempdir().unwrap();
+    let err = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, out.path())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no published weights"), "{err}");
+
+    let config = TrainerConfig {
+        hf_model: "/nonexistent/model".into(),
+        metrics_addr: String::new(),
+        ..TrainerConfig::default()
+    };
+    let err = Trainer::start(stores, config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("trainer.hf_model") && err.contains("config.json"),
+        "{err}"
+    );
+}
