@@ -20,6 +20,7 @@ use flywheel_storage::queue::KafkaConfig;
 use flywheel_task::TaskSection;
 use flywheel_trainer::TrainerConfig;
 use flywheel_worker::WorkerConfig;
+use flywheel_worker::engine::EngineConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
@@ -60,11 +61,18 @@ impl FileConfig {
         }
     }
 
-    /// What the worker service runs with.
+    /// What the worker service runs with. The builtin engine reads text with the tokenizer of
+    /// `[trainer] hf_model` unless its own `hf_model` names one: the run's model is named once.
     pub fn worker(&self) -> flywheel_worker::ServiceConfig {
+        let mut worker = self.worker.clone();
+        if let EngineConfig::Builtin(b) = &mut worker.engine
+            && b.hf_model.is_empty()
+        {
+            b.hf_model = self.trainer.hf_model.clone();
+        }
         flywheel_worker::ServiceConfig {
             run: self.run(),
-            worker: self.worker.clone(),
+            worker,
         }
     }
 

@@ -74,5 +74,5 @@ pub use hf::Checkpoint;
 pub use model::{ForwardCache, Gradients, Model, Sequence};
 pub use params::{Params, Tensor};
 pub use sample::{SampleConfig, Sampler, StopReason};
-pub use text::{ChatMessage, HfTokenizer};
+pub use text::{ChatMessage, HfTokenizer, TextCodec};
 pub use tokenizer::{Tokenizer, TokenizerError};

@@ -4,11 +4,13 @@
 //! messages.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
 
 /// One chat message, as chat templates expect it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,5 +177,59 @@ impl HfTokenizer {
     /// (the template holds them), as transformers' `apply_chat_template` does.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, true)?, false)
+    }
+}
+
+/// How a run turns text prompts into tokens and responses back into text: the built-in
+/// character tokenizer, or a Hugging Face checkpoint's. Workers and trainers of a run must use
+/// the same one, so that a prompt has the same tokens wherever it is read.
+#[derive(Clone)]
+pub enum TextCodec {
+    /// The character tokenizer of the built-in task (BOS in front of every prompt).
+    Chars(Tokenizer),
+    /// A checkpoint's tokenizer (its own special tokens, e.g. a Llama BOS).
+    Hf(Arc<HfTokenizer>),
+}
+
+impl TextCodec {
+    /// The checkpoint's tokenizer when `hf_model` names a directory, else the characters of
+    /// `charset`.
+    pub fn open(hf_model: &str, charset: &str) -> Result<Self> {
+        if hf_model.is_empty() {
+            Tokenizer::new(charset)
+                .map(TextCodec::Chars)
+                .map_err(|e| tok_err(format!("charset: {e}")))
+        } else {
+            Ok(TextCodec::Hf(Arc::new(HfTokenizer::open(Path::new(
+                hf_model,
+            ))?)))
+        }
+    }
+
+    /// Number of token ids the tokenizer produces.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextCodec::Chars(t) => t.vocab_size(),
+            TextCodec::Hf(t) => t.vocab_size(),
+        }
+    }
+
+    /// A text prompt's tokens.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            TextCodec::Chars(t) => t.encode_prompt(text).map_err(tok_err),
+            TextCodec::Hf(t) => t.encode(text, true),
+        }
+    }
+
+    /// The text of response tokens, for verifiers: special tokens (EOS) left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            TextCodec::Chars(t) => t.decode(ids).map_err(tok_err),
+            TextCodec::Hf(t) => t
+                .inner
+                .decode(ids, true)
+                .map_err(|e| tok_err(format!("cannot decode {ids:?}: {e}"))),
+        }
     }
 }

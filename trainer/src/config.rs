@@ -23,7 +23,7 @@
 //! [trainer.weights]         # chunk_bytes, concurrency of weight publication
 //! ```
 
-use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_model::{ModelConfig, TextCodec, Tokenizer};
 use flywheel_service::{ConfigError, admin};
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
@@ -48,8 +48,8 @@ pub struct TrainerConfig {
     /// built-in model: its `config.json` is the model's shape and its weights are version 0.
     /// Empty trains the built-in model of `model`, initialised from `seed`.
     pub hf_model: String,
-    /// Characters of the built-in character tokenizer (text prompts); BOS, EOS and PAD are
-    /// added in front.
+    /// Characters of the built-in character tokenizer (text prompts of the built-in model);
+    /// BOS, EOS and PAD are added in front.
     pub charset: String,
     /// The training objective. Its `token_budget` is replaced by each step's manifest (Φ is
     /// decided by the coordinator).
@@ -140,10 +140,15 @@ impl TrainerConfig {
         Ok(Some(dir))
     }
 
-    /// The tokenizer of text prompts.
-    pub fn tokenizer(&self) -> Result<Tokenizer, ConfigError> {
-        Tokenizer::new(&self.charset)
-            .map_err(|e| ConfigError::new("trainer.charset", e.to_string()))
+    /// The tokenizer of text prompts: the checkpoint's (`hf_model`), else `charset`'s.
+    pub fn text_codec(&self) -> Result<TextCodec, ConfigError> {
+        let field = if self.hf_model.is_empty() {
+            "trainer.charset"
+        } else {
+            "trainer.hf_model"
+        };
+        TextCodec::open(&self.hf_model, &self.charset)
+            .map_err(|e| ConfigError::new(field, e.to_string()))
     }
 
     /// Checks every field; the error names the one to fix.
@@ -152,7 +157,7 @@ impl TrainerConfig {
         self.model
             .validate()
             .map_err(|e| err("trainer.model", e.to_string()))?;
-        let tok = self.tokenizer()?;
+        let tok = self.text_codec()?;
         if tok.vocab_size() > self.model.vocab_size {
             return Err(err(
                 "trainer.model.vocab_size",

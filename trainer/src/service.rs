@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Checkpoint as HfCheckpoint, Model, ModelError, Params, Tokenizer};
+use flywheel_model::{Checkpoint as HfCheckpoint, Model, ModelError, Params, TextCodec};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
@@ -173,7 +173,7 @@ fn optimizer_key(run: &str, step: StepId) -> String {
 pub struct Trainer {
     stores: RunStores,
     config: TrainerConfig,
-    tokenizer: Tokenizer,
+    tokenizer: TextCodec,
     /// The host copy of the weights of `version`.
     params: Params,
     /// The model holding `params`; `None` while a rank is computed on a blocking thread (or
@@ -299,7 +299,7 @@ impl Trainer {
         let params = Params::from_bytes_map(&config.model, &fetched.tensors)?;
         let model = Model::cpu(&params)?;
         Ok(Trainer {
-            tokenizer: config.tokenizer()?,
+            tokenizer: config.text_codec()?,
             stores,
             config,
             params,

@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use flywheel_model::{
-    Backend, ForwardCache, Gradients, Model, ModelError, Params, Sequence, Tokenizer,
+    Backend, ForwardCache, Gradients, Model, ModelError, Params, Sequence, TextCodec, Tokenizer,
     TokenizerError,
 };
 use flywheel_storage::blob::{BlobError, BlobStore};
@@ -141,9 +141,9 @@ impl Stitched {
     }
 }
 
-/// The model's view of a prompt: with [`PromptInput::Text`], BOS then the tokenizer's ids
-/// (exactly what the builtin engine prefills); with [`PromptInput::Tokens`], the ids as given.
-pub fn prompt_tokens(prompt: &Prompt, tokenizer: &Tokenizer) -> Result<Vec<u32>, StepError> {
+/// The model's view of a prompt: with [`PromptInput::Text`], the run's tokenizer's ids (BOS
+/// then characters for the built-in model; exactly what the builtin engine prefills); with [`PromptInput::Tokens`], the ids as given.
+pub fn prompt_tokens(prompt: &Prompt, tokenizer: &TextCodec) -> Result<Vec<u32>, StepError> {
     let bad = |reason: String| StepError::Prompt {
         prompt: prompt.id.clone(),
         reason,
@@ -804,7 +804,8 @@ mod tests {
 
     #[test]
     fn prompt_tokens_add_bos_to_text_and_keep_ids() {
-        let tok = Tokenizer::arithmetic();
+        let chars = Tokenizer::arithmetic();
+        let tok = TextCodec::Chars(chars.clone());
         let mut p = Prompt {
             id: PromptId::from("p"),
             input: PromptInput::Text("1+2=".into()),
@@ -814,7 +815,7 @@ mod tests {
         };
         assert_eq!(
             prompt_tokens(&p, &tok).unwrap(),
-            tok.encode_prompt("1+2=").unwrap()
+            chars.encode_prompt("1+2=").unwrap()
         );
         p.input = PromptInput::Text("héllo".into());
         assert!(matches!(
@@ -825,6 +826,15 @@ mod tests {
         assert_eq!(prompt_tokens(&p, &tok).unwrap(), [7, 8]);
         p.input = PromptInput::Tokens(vec![]);
         assert!(prompt_tokens(&p, &tok).is_err());
+
+        // A checkpoint's tokenizer: its ids, exactly as transformers encodes the text.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../model/tests/fixtures/hf/qwen2");
+        let hf = TextCodec::open(dir.to_str().unwrap(), "").unwrap();
+        p.input = PromptInput::Text("What is 12 + 30?".into());
+        let ids = prompt_tokens(&p, &hf).unwrap();
+        assert_eq!(hf.decode(&ids).unwrap(), "What is 12 + 30?");
+        assert!(ids.len() < 16, "BPE merges, not characters: {ids:?}");
     }
 
     /// Stitched trajectories for the policy tests: two prompts, four trajectories.

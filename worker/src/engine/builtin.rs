@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flywheel_model::{
-    CpuBackend, Model, ModelConfig, Params, SampleConfig, Sampler, StopReason, Tokenizer,
+    CpuBackend, Model, ModelConfig, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{
@@ -49,8 +49,12 @@ pub struct BuiltinConfig {
     pub slots: usize,
     /// Base seed of the per-trajectory sampling streams.
     pub seed: u64,
-    /// Characters of the tokenizer (must match the trainer's `charset`).
+    /// Characters of the tokenizer of the built-in model (must match the trainer's
+    /// `charset`).
     pub charset: String,
+    /// The Hugging Face checkpoint directory whose tokenizer reads text prompts and writes
+    /// responses (must match the trainer's `hf_model`); empty uses `charset`.
+    pub hf_model: String,
     /// Chunking and transfer concurrency of weight fetches.
     pub weights: WeightsConfig,
     /// How long a segment waits for its version's weights to be published, in ms.
@@ -63,6 +67,7 @@ impl Default for BuiltinConfig {
             slots: 2,
             seed: 0,
             charset: Tokenizer::ARITHMETIC_CHARSET.to_owned(),
+            hf_model: String::new(),
             weights: WeightsConfig::default(),
             weights_wait_ms: 60_000,
         }
@@ -87,7 +92,7 @@ pub struct BuiltinEngine {
     blobs: BlobStore,
     run: String,
     config: BuiltinConfig,
-    tokenizer: Tokenizer,
+    tokenizer: TextCodec,
     /// Loaded versions (at most two, the newest kept).
     versions: tokio::sync::Mutex<BTreeMap<PolicyVersion, Arc<Loaded>>>,
     /// Samplers not in use, keyed by nothing: all versions of a run share one shape.
@@ -108,8 +113,8 @@ impl BuiltinEngine {
             .weights
             .validate()
             .map_err(|e| EngineError::Config(format!("builtin engine weights: {e}")))?;
-        let tokenizer = Tokenizer::new(&config.charset)
-            .map_err(|e| EngineError::Config(format!("builtin engine charset: {e}")))?;
+        let tokenizer = TextCodec::open(&config.hf_model, &config.charset)
+            .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
         Ok(BuiltinEngine {
             blobs,
             run: run.to_owned(),
