@@ -4,8 +4,9 @@ use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use flywheel_storage::Prompt;
+use flywheel_model::{ChatMessage, HfTokenizer};
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, check_prompt, ensure_topics};
+use flywheel_storage::{Prompt, PromptId, PromptInput, VerifierSpec};
 
 /// One non-empty input line, checked.
 enum Line {
@@ -28,7 +29,151 @@ pub async fn run(
     raw: bool,
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let lines = read_lines(kafka, file)?;
+    send_lines(kafka, read_lines(kafka, file)?, raw, partitions).await
+}
+
+/// How `flywheel ingest --jsonl` reads a dataset file (GSM8K / MATH style: one JSON object per
+/// line).
+#[derive(Clone, Debug)]
+pub struct DatasetSpec {
+    /// Field holding the question.
+    pub prompt_field: String,
+    /// Field holding the reference answer (a string or a number).
+    pub answer_field: String,
+    /// Field holding a unique id; without one, ids are `<file stem>-<line number>`.
+    pub id_field: Option<String>,
+    /// How responses are scored.
+    pub verifier: DatasetVerifier,
+    /// K: samples per prompt.
+    pub group_size: u32,
+}
+
+/// The verifiers a dataset line can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetVerifier {
+    /// The final number or `\boxed{}` of the response against the answer.
+    Math,
+    /// The trimmed response against the answer.
+    Exact,
+}
+
+/// The reference answer of a dataset line: GSM8K's text after its last `####`, MATH's last
+/// `\boxed{…}`, else the whole answer; trimmed.
+fn final_answer(answer: &str) -> &str {
+    if let Some(at) = answer.rfind("####") {
+        return answer[at + 4..].trim();
+    }
+    if let Some(at) = answer.rfind("\\boxed{") {
+        let rest = &answer[at + "\\boxed{".len()..];
+        let mut depth = 1;
+        for (i, c) in rest.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return rest[..i].trim();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    answer.trim()
+}
+
+/// One dataset line as a prompt; `chat` renders the question as a user message through the
+/// checkpoint's chat template (the prompt then carries its token ids).
+fn dataset_prompt(
+    value: &serde_json::Value,
+    spec: &DatasetSpec,
+    default_id: String,
+    chat: Option<&HfTokenizer>,
+) -> Result<Prompt, String> {
+    let field = |name: &str| -> Result<String, String> {
+        match value.get(name) {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+            Some(other) => Err(format!("field `{name}` is {other}, not a string")),
+            None => Err(format!("no field `{name}`")),
+        }
+    };
+    let question = field(&spec.prompt_field)?;
+    let answer = final_answer(&field(&spec.answer_field)?).to_owned();
+    if answer.is_empty() {
+        return Err(format!("field `{}` holds no answer", spec.answer_field));
+    }
+    let id = match &spec.id_field {
+        Some(f) => field(f)?,
+        None => default_id,
+    };
+    let input = match chat {
+        Some(tok) => PromptInput::Tokens(
+            tok.encode_chat(&[ChatMessage {
+                role: "user".into(),
+                content: question,
+            }])
+            .map_err(|e| e.to_string())?,
+        ),
+        None => PromptInput::Text(question),
+    };
+    Ok(Prompt {
+        id: PromptId(id),
+        input,
+        verifier: match spec.verifier {
+            DatasetVerifier::Math => VerifierSpec::Math { answer },
+            DatasetVerifier::Exact => VerifierSpec::ExactMatch { answer },
+        },
+        group_size: spec.group_size,
+        metadata: Default::default(),
+    })
+}
+
+/// Sends every line of the dataset `file` as a prompt (see [`DatasetSpec`]); nothing is sent
+/// if any line is bad, and the error lists the bad lines by number.
+pub async fn run_dataset(
+    kafka: &KafkaConfig,
+    file: &Path,
+    spec: &DatasetSpec,
+    chat: Option<&HfTokenizer>,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    send_lines(
+        kafka,
+        read_dataset(kafka, file, spec, chat)?,
+        false,
+        partitions,
+    )
+    .await
+}
+
+fn read_dataset(
+    kafka: &KafkaConfig,
+    file: &Path,
+    spec: &DatasetSpec,
+    chat: Option<&HfTokenizer>,
+) -> anyhow::Result<Vec<Line>> {
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("line")
+        .to_owned();
+    read_each(file, |line_no, text| {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let prompt = dataset_prompt(&value, spec, format!("{stem}-{line_no}"), chat)?;
+        check_prompt(&prompt, kafka).map_err(|e| e.to_string())?;
+        Ok(prompt)
+    })
+}
+
+/// Sends checked lines: refuses (listing the bad lines) unless `raw`, which sends bad lines
+/// as-is for the workers to dead-letter.
+async fn send_lines(
+    kafka: &KafkaConfig,
+    lines: Vec<Line>,
+    raw: bool,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let invalid: Vec<String> = lines
         .iter()
         .filter_map(|l| match l {
@@ -87,6 +232,18 @@ pub async fn send_generated(
 }
 
 fn read_lines(kafka: &KafkaConfig, file: &Path) -> anyhow::Result<Vec<Line>> {
+    read_each(file, |_, text| {
+        let p = serde_json::from_str::<Prompt>(text).map_err(|e| e.to_string())?;
+        check_prompt(&p, kafka).map_err(|e| e.to_string())?;
+        Ok(p)
+    })
+}
+
+/// Every non-empty line of `file` (`-`: standard input) through `parse`.
+fn read_each(
+    file: &Path,
+    parse: impl Fn(usize, &str) -> Result<Prompt, String>,
+) -> anyhow::Result<Vec<Line>> {
     let reader: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
@@ -102,14 +259,7 @@ fn read_lines(kafka: &KafkaConfig, file: &Path) -> anyhow::Result<Vec<Line>> {
         if text.trim().is_empty() {
             continue;
         }
-        let checked = serde_json::from_str::<Prompt>(&text)
-            .map_err(|e| e.to_string())
-            .and_then(|p| {
-                check_prompt(&p, kafka)
-                    .map(|()| p)
-                    .map_err(|e| e.to_string())
-            });
-        lines.push(match checked {
+        lines.push(match parse(line_no, &text) {
             Ok(prompt) => Line::Valid(prompt),
             Err(why) => Line::Invalid { line_no, text, why },
         });
@@ -149,6 +299,135 @@ mod tests {
         assert!(
             err.contains("2 of 3 lines") && err.contains("line 3") && err.contains("line 4"),
             "{err}"
+        );
+    }
+
+    fn spec() -> DatasetSpec {
+        DatasetSpec {
+            prompt_field: "question".into(),
+            answer_field: "answer".into(),
+            id_field: None,
+            verifier: DatasetVerifier::Math,
+            group_size: 4,
+        }
+    }
+
+    #[test]
+    fn dataset_lines_become_prompts_and_bad_lines_are_numbered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gsm8k.jsonl");
+        let lines = [
+            r#"{"question": "Natalia sold 48 clips in April and half as many in May. How many?", "answer": "48/2 = 24 in May.\n#### 72"}"#,
+            r#"{"question": "What is $1+1$?", "answer": "It is $\\boxed{\\frac{4}{2}}$."}"#,
+            r#"{"question": "no answer here"}"#,
+            "not json",
+            r#"{"question": ["a", "list"], "answer": 3}"#,
+            r#"{"question": "Numbers are answers too.", "answer": 12}"#,
+        ];
+        std::fs::write(
+            &path,
+            lines.join(
+                "
+",
+            ),
+        )
+        .unwrap();
+        let read = read_dataset(&KafkaConfig::default(), &path, &spec(), None).unwrap();
+        let valid: Vec<&Prompt> = read
+            .iter()
+            .filter_map(|l| match l {
+                Line::Valid(p) => Some(p),
+                Line::Invalid { .. } => None,
+            })
+            .collect();
+        assert_eq!(valid.len(), 3);
+        assert_eq!(valid[0].id.0, "gsm8k-1");
+        assert_eq!(
+            valid[0].verifier,
+            VerifierSpec::Math {
+                answer: "72".into()
+            }
+        );
+        assert_eq!(valid[0].group_size, 4);
+        assert!(matches!(&valid[0].input, PromptInput::Text(t) if t.starts_with("Natalia")));
+        assert_eq!(
+            valid[1].verifier,
+            VerifierSpec::Math {
+                answer: "\\frac{4}{2}".into()
+            }
+        );
+        assert_eq!(
+            valid[2].verifier,
+            VerifierSpec::Math {
+                answer: "12".into()
+            }
+        );
+        let bad: Vec<(usize, &str)> = read
+            .iter()
+            .filter_map(|l| match l {
+                Line::Invalid { line_no, why, .. } => Some((*line_no, why.as_str())),
+                Line::Valid(_) => None,
+            })
+            .collect();
+        assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [3, 4, 5]);
+        assert!(bad[0].1.contains("no field `answer`"), "{bad:?}");
+        assert!(
+            bad[2]
+                .1
+                .contains("`question` is [\"a\",\"list\"], not a string"),
+            "{bad:?}"
+        );
+
+        // Nothing is sent when a line is bad: the check fails before any connection.
+        let kafka = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            ..KafkaConfig::default()
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let err = runtime
+            .block_on(run_dataset(&kafka, &path, &spec(), None, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 of 6 lines") && err.contains("line 5"),
+            "{err}"
+        );
+    }
+
+    /// With a chat template, the question goes in as a user message, as token ids.
+    #[test]
+    fn chat_template_prompts_carry_the_rendered_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, r#"{"id": "q-1", "q": "What is 7 * 6?", "a": "42"}"#).unwrap();
+        let tok_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/hf/qwen2");
+        let tok = HfTokenizer::open(&tok_dir).unwrap();
+        let spec = DatasetSpec {
+            prompt_field: "q".into(),
+            answer_field: "a".into(),
+            id_field: Some("id".into()),
+            verifier: DatasetVerifier::Exact,
+            group_size: 2,
+        };
+        let read = read_dataset(&KafkaConfig::default(), &path, &spec, Some(&tok)).unwrap();
+        let Line::Valid(p) = &read[0] else {
+            panic!("a valid line")
+        };
+        assert_eq!(p.id.0, "q-1");
+        let message = ChatMessage {
+            role: "user".into(),
+            content: "What is 7 * 6?".into(),
+        };
+        assert_eq!(
+            p.input,
+            PromptInput::Tokens(tok.encode_chat(&[message]).unwrap())
+        );
+        assert_eq!(
+            p.verifier,
+            VerifierSpec::ExactMatch {
+                answer: "42".into()
+            }
         );
     }
 }

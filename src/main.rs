@@ -3,7 +3,7 @@
 //! Each service subcommand reads one TOML config (`--config`) with `FLYWHEEL_*` environment
 //! overrides (see `flywheel::config`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -33,8 +33,33 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// JSON-lines file of prompts; `-` reads standard input.
-        #[arg(required_unless_present = "demo_task")]
+        #[arg(required_unless_present_any = ["demo_task", "jsonl"])]
         file: Option<PathBuf>,
+        /// Instead of a file of prompts: a dataset file (GSM8K / MATH style JSON lines) whose
+        /// `--prompt-field` and `--answer-field` become prompts; bad lines are reported by
+        /// number and nothing is sent.
+        #[arg(long, conflicts_with_all = ["file", "demo_task", "raw"], requires_all = ["prompt_field", "answer_field"])]
+        jsonl: Option<PathBuf>,
+        /// The dataset field holding the question.
+        #[arg(long, requires = "jsonl")]
+        prompt_field: Option<String>,
+        /// The dataset field holding the answer (GSM8K's `#### N` and MATH's `\boxed{}` are
+        /// reduced to the final answer).
+        #[arg(long, requires = "jsonl")]
+        answer_field: Option<String>,
+        /// The dataset field holding a unique id; default `<file stem>-<line number>`.
+        #[arg(long, requires = "jsonl")]
+        id_field: Option<String>,
+        /// How responses are scored.
+        #[arg(long, value_enum, default_value = "math", requires = "jsonl")]
+        verifier: ingest::DatasetVerifier,
+        /// Render each question as a user message through the chat template of `[trainer]
+        /// hf_model` (the prompt then carries its token ids).
+        #[arg(long, requires = "jsonl")]
+        chat_template: bool,
+        /// K: samples per dataset prompt.
+        #[arg(long, default_value_t = 8, requires = "jsonl")]
+        group_size: u32,
         /// Instead of a file: generate this many training prompts of the built-in addition
         /// task, shaped by the config's `[task]` section.
         #[arg(long, value_name = "COUNT", conflicts_with_all = ["file", "raw"])]
@@ -153,8 +178,44 @@ async fn main() -> anyhow::Result<()> {
             seed,
             raw,
             partitions,
+            jsonl,
+            prompt_field,
+            answer_field,
+            id_field,
+            verifier,
+            chat_template,
+            group_size,
         } => {
             let config = flywheel::config::load(config.as_deref())?;
+            if let Some(dataset) = jsonl {
+                let spec = ingest::DatasetSpec {
+                    prompt_field: prompt_field.unwrap_or_default(),
+                    answer_field: answer_field.unwrap_or_default(),
+                    id_field,
+                    verifier,
+                    group_size,
+                };
+                let chat = if chat_template {
+                    if config.trainer.hf_model.is_empty() {
+                        anyhow::bail!(
+                            "--chat-template needs the run's checkpoint: set [trainer] hf_model"
+                        );
+                    }
+                    Some(flywheel_model::HfTokenizer::open(Path::new(
+                        &config.trainer.hf_model,
+                    ))?)
+                } else {
+                    None
+                };
+                return ingest::run_dataset(
+                    &config.kafka,
+                    &dataset,
+                    &spec,
+                    chat.as_ref(),
+                    partitions,
+                )
+                .await;
+            }
             match (demo_task, file) {
                 (Some(count), _) => {
                     let prompts = config.task.prompts(count, seed)?;
