@@ -154,16 +154,24 @@ impl TrainerConfig {
     /// Checks every field; the error names the one to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, problem: String| ConfigError::new(field, problem);
-        self.model
-            .validate()
-            .map_err(|e| err("trainer.model", e.to_string()))?;
+        // The model trained: the checkpoint's when `hf_model` names one.
+        let (model, field) = if self.hf_model.is_empty() {
+            self.model
+                .validate()
+                .map_err(|e| err("trainer.model", e.to_string()))?;
+            (self.model.clone(), "trainer.model.vocab_size")
+        } else {
+            let mut resolved = self.clone();
+            resolved.resolve_hf_model()?;
+            (resolved.model, "trainer.hf_model")
+        };
         let tok = self.text_codec()?;
-        if tok.vocab_size() > self.model.vocab_size {
+        if tok.vocab_size() > model.vocab_size {
             return Err(err(
-                "trainer.model.vocab_size",
+                field,
                 format!(
-                    "= {} is smaller than the tokenizer's {} ids",
-                    self.model.vocab_size,
+                    "the model's vocab_size = {} is smaller than the tokenizer's {} ids",
+                    model.vocab_size,
                     tok.vocab_size()
                 ),
             ));
