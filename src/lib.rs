@@ -1,11 +1,13 @@
 //! The `flywheel` library: the pieces of the `flywheel` binary that examples and tests reuse.
 //!
+//! - [`bench`]: `flywheel bench trainer`, throughput beside PyTorch eager;
 //! - [`config`]: the run's config file and its environment overrides;
 //! - [`warm_start`]: the built-in task's warm start and its publication as version 0;
 //! - [`demo`]: `flywheel demo`, the whole loop in one process;
 //! - [`model_cli`]: `flywheel model logprobs|generate` on a checkpoint directory;
 //! - [`weights_cli`]: `flywheel weights export`, a published version as a checkpoint directory.
 
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod model_cli;

@@ -127,6 +127,9 @@ enum Command {
     /// Score or sample a Hugging Face checkpoint directory (Llama, Qwen2, Qwen3).
     #[command(subcommand)]
     Model(flywheel::model_cli::ModelCommand),
+    /// Measure throughput (`bench trainer`: training step and sampling, beside PyTorch).
+    #[command(subcommand)]
+    Bench(flywheel::bench::BenchCommand),
     /// Published weights: export a version as a Hugging Face checkpoint directory.
     #[command(subcommand)]
     Weights(flywheel::weights_cli::WeightsCommand),
@@ -166,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     // The demo's progress bars say what happens; its services' per-prompt and per-step info
     // lines would only tear them (FLYWHEEL_LOG=info brings them back).
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Model(_) => "warn",
+        Command::Demo(_) | Command::Model(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     init_logging(cli.log_json, default_level);
@@ -297,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Model(command) => flywheel::model_cli::run(command),
+        Command::Bench(command) => flywheel::bench::run(command),
         Command::Weights(command) => flywheel::weights_cli::run(command).await,
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }

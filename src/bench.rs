@@ -1,0 +1,250 @@
+//! `flywheel bench trainer`: training-step and sampling throughput of the model on this
+//! machine, beside PyTorch eager on the same model, batch and thread count.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use flywheel_model::{
+    Architecture, Checkpoint, Model, ModelConfig, Params, SampleConfig, Sampler, Sequence,
+    Tokenizer, hf,
+};
+use flywheel_trainer::{AdamW, AdamWConfig};
+use rand::{Rng, SeedableRng};
+
+/// What `flywheel bench` measures.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Tokens per second of a training step (forward, backward, AdamW) and of KV-cached
+    /// sampling.
+    Trainer(TrainerBench),
+}
+
+/// Models the bench builds with random weights.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Preset {
+    /// The demo's built-in model (a tiny Qwen2 over the arithmetic characters).
+    Demo,
+    /// A Qwen2-shaped model of about 100M parameters (hidden 768, 12 layers, vocab 32000).
+    Qwen2_100m,
+}
+
+/// Options of `flywheel bench trainer`.
+#[derive(clap::Args, Debug)]
+pub struct TrainerBench {
+    /// A Hugging Face checkpoint directory; without it, `--preset` with random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The model to build when no `--model` is given.
+    #[arg(long, value_enum, default_value = "demo")]
+    pub preset: Preset,
+    /// Where to run: `cpu` (the only backend in this build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Sequences per training step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Tokens sampled after an 8-token prompt.
+    #[arg(long, default_value_t = 64)]
+    pub sample_tokens: usize,
+    /// A Python with torch and transformers: also runs scripts/bench_torch.py on the same
+    /// model, batch and thread count, and prints the ratios.
+    #[arg(long)]
+    pub torch: Option<PathBuf>,
+}
+
+/// Runs the bench and prints its report.
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Trainer(b) = command;
+    if b.device != "cpu" {
+        bail!(
+            "--device {}: this build runs on the CPU only (--device cpu)",
+            b.device
+        );
+    }
+    if b.seq_len < 2 || b.batch == 0 || b.iters == 0 {
+        bail!("--seq-len must be at least 2, --batch and --iters at least 1");
+    }
+    let (params, label) = match &b.model {
+        Some(dir) => (
+            Checkpoint::open(dir, None)?.params,
+            format!("checkpoint {}", dir.display()),
+        ),
+        None => {
+            let config = preset(b.preset, b.seq_len.max(8 + b.sample_tokens));
+            (Params::init(&config, 0)?, format!("{:?} preset", b.preset))
+        }
+    };
+    let config = params.config().clone();
+    if config.max_seq_len < b.seq_len.max(8 + b.sample_tokens) {
+        bail!(
+            "the model's context is {} tokens; lower --seq-len or --sample-tokens",
+            config.max_seq_len
+        );
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "model: {label}: {:?}, d_model {}, {} layers, {} heads ({} kv), d_ff {}, vocab {}, {:.1}M parameters",
+        config.architecture,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        config.kv_heads(),
+        config.d_ff,
+        config.vocab_size,
+        params.num_elements() as f64 / 1e6
+    );
+    println!(
+        "batch {} x {} tokens, {} timed steps, {} sampled tokens, {threads} threads",
+        b.batch, b.seq_len, b.iters, b.sample_tokens
+    );
+    let (train, sample) = measure(params, &b)?;
+    println!("flywheel (cpu): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
+    if let Some(python) = &b.torch {
+        let dir = tempfile::tempdir()?;
+        let json = serde_json::to_string_pretty(&hf::config_to_json(&config, &[]))?;
+        std::fs::write(dir.path().join("config.json"), json)?;
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch.py");
+        let out = std::process::Command::new(python)
+            .arg(&script)
+            .arg("--config")
+            .arg(dir.path())
+            .args([
+                "--batch",
+                &b.batch.to_string(),
+                "--seq-len",
+                &b.seq_len.to_string(),
+            ])
+            .args(["--iters", &b.iters.to_string()])
+            .args(["--sample-tokens", &b.sample_tokens.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .output()
+            .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed:\n{}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(
+            out.stdout
+                .split(|&c| c == b'\n')
+                .rfind(|l| !l.is_empty())
+                .unwrap_or_default(),
+        )
+        .context("bench_torch.py printed no JSON line")?;
+        let (t_train, t_sample) = (
+            v["train_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            v["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!("pytorch eager (cpu): train {t_train:.0} tokens/s, sample {t_sample:.1} tokens/s");
+        println!(
+            "ratio flywheel / pytorch: train {:.2}x, sample {:.2}x",
+            train / t_train,
+            sample / t_sample
+        );
+    }
+    println!(
+        "reproduce: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+/// The preset's config with room for `context` tokens.
+fn preset(p: Preset, context: usize) -> ModelConfig {
+    match p {
+        Preset::Demo => ModelConfig {
+            max_seq_len: context,
+            ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
+        },
+        Preset::Qwen2_100m => ModelConfig {
+            architecture: Architecture::Qwen2,
+            vocab_size: 32_000,
+            d_model: 768,
+            n_layers: 12,
+            n_heads: 12,
+            n_kv_heads: Some(2),
+            d_ff: 2048,
+            max_seq_len: context,
+            tie_embeddings: true,
+            rope_theta: 1e6,
+            ..ModelConfig::tiny(32_000)
+        },
+    }
+}
+
+/// Training tokens/s (forward, backward, AdamW on `batch × (seq_len − 1)` scored tokens) and
+/// sampling tokens/s.
+fn measure(mut params: Params, b: &TrainerBench) -> anyhow::Result<(f64, f64)> {
+    let config = params.config().clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let seqs: Vec<Vec<u32>> = (0..b.batch)
+        .map(|_| {
+            (0..b.seq_len)
+                .map(|_| rng.random_range(0..config.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let batch: Vec<Sequence<'_>> = seqs
+        .iter()
+        .map(|s| Sequence {
+            tokens: s,
+            response_start: 1,
+        })
+        .collect();
+    let mut model = Model::cpu(&params)?;
+    let mut optimizer = AdamW::new(AdamWConfig::default())?;
+    let mut grads = model.new_gradients()?;
+    let mut step = |model: &mut Model, params: &mut Params| -> anyhow::Result<()> {
+        model.zero_gradients(&mut grads)?;
+        let cache = model.forward(&batch)?;
+        let n = cache.logprobs().len();
+        model.backward(&cache, &vec![-1.0 / n as f32; n], None, &mut grads)?;
+        let g = model.gradients_to_params(&grads)?;
+        flywheel_trainer::step::apply_update(model, params, &mut optimizer, &g)?;
+        Ok(())
+    };
+    step(&mut model, &mut params)?;
+    let start = Instant::now();
+    for _ in 0..b.iters {
+        step(&mut model, &mut params)?;
+    }
+    let per_step = start.elapsed().as_secs_f64() / b.iters as f64;
+    let train = (b.batch * (b.seq_len - 1)) as f64 / per_step;
+
+    let mut sampler = Sampler::new(&model)?;
+    let (mut toks, mut lps) = (Vec::new(), Vec::new());
+    sampler.prefill(&model, &seqs[0][..8])?;
+    sampler.generate(
+        &model,
+        &SampleConfig::default(),
+        4,
+        &[],
+        &mut rng,
+        &mut toks,
+        &mut lps,
+    )?;
+    sampler.prefill(&model, &seqs[0][..8])?;
+    toks.clear();
+    lps.clear();
+    let start = Instant::now();
+    sampler.generate(
+        &model,
+        &SampleConfig::default(),
+        b.sample_tokens,
+        &[],
+        &mut rng,
+        &mut toks,
+        &mut lps,
+    )?;
+    let sample = toks.len() as f64 / start.elapsed().as_secs_f64();
+    Ok((train, sample))
+}
