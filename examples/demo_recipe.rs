@@ -36,7 +36,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use flywheel_model::{
-    Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, Tensor, Tokenizer,
+    Model, ModelConfig, Params, SampleConfig, Sampler, Sequence, Tensor, TextCodec, Tokenizer,
 };
 use flywheel_task::eval::respond;
 use flywheel_task::{Problem, ProblemStream, Split, TaskConfig, held_out_set, mix};
@@ -329,7 +329,7 @@ impl Recipe {
     ) -> Result<Vec<Rollout>> {
         let t0 = Instant::now();
         let model = &self.model;
-        let tok = &self.tok;
+        let tok = &TextCodec::Chars(self.tok.clone());
         let max_new = self.max_new;
         let out: Vec<Rollout> = jobs
             .par_iter()
@@ -337,7 +337,15 @@ impl Recipe {
                 || Sampler::new(model),
                 |sampler, &(problem, prompt, seed)| -> Result<Rollout> {
                     let sampler = sampler.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let r = respond(sampler, model, prompt, &sample, max_new, seed)?;
+                    let r = respond(
+                        sampler,
+                        model,
+                        prompt,
+                        &sample,
+                        tok.stop_tokens(),
+                        max_new,
+                        seed,
+                    )?;
                     Ok(Rollout {
                         reward: r.reward(problem, tok),
                         tokens: r.tokens,

@@ -3,7 +3,7 @@
 //! --warm-start-steps` run before RL, and its publication as version 0.
 
 use anyhow::{Context, Result};
-use flywheel_model::{ModelConfig, Params, Tokenizer};
+use flywheel_model::{Checkpoint, Params, TextCodec};
 use flywheel_storage::RunStores;
 use flywheel_task::{Problem, ProblemStream, Split, TaskConfig, TaskSection, accuracy, mix};
 use flywheel_trainer::TrainerConfig;
@@ -19,7 +19,8 @@ pub struct TaskWarmStart {
     pub batch: usize,
     /// Learning rate.
     pub lr: f64,
-    /// Seed of the initial weights, the problem stream and the target check.
+    /// Seed of the initial weights (of the built-in model), the problem stream and the
+    /// target check.
     pub seed: u64,
     /// Stop once the policy solves this fraction of a fixed set of training problems
     /// (checked every [`CHECK_EVERY`] steps at temperature 1), so that it is mediocre by
@@ -34,7 +35,7 @@ pub const CHECK_EVERY: usize = 25;
 const CHECK_PROBLEMS: usize = 256;
 
 /// One supervised example: the task's prompt, then its reference response and EOS.
-fn example(task: &TaskConfig, tok: &Tokenizer, p: &Problem) -> Result<SupervisedExample> {
+fn example(task: &TaskConfig, tok: &TextCodec, p: &Problem) -> Result<SupervisedExample> {
     Ok(SupervisedExample::from_text(
         tok,
         &task.prompt(p),
@@ -42,22 +43,22 @@ fn example(task: &TaskConfig, tok: &Tokenizer, p: &Problem) -> Result<Supervised
     )?)
 }
 
-/// Warm-starts `model` on `task`'s reference responses; `max_response` bounds the responses
-/// sampled for the target check.
+/// Warm-starts `initial` on `task`'s reference responses, read and written with `tok`;
+/// `max_response` bounds the responses sampled for the target check.
 pub fn warm_start_on_task(
     task: &TaskConfig,
-    model: &ModelConfig,
+    initial: Params,
+    tok: &TextCodec,
     settings: &TaskWarmStart,
     max_response: usize,
 ) -> Result<Params> {
-    let tok = Tokenizer::arithmetic();
     let mut stream = ProblemStream::new(task.clone(), Split::Train, mix(&[settings.seed, 1]))?;
     let mut failed = None;
     let mut batches = std::iter::from_fn(|| {
         let batch: Result<Vec<_>> = stream
             .by_ref()
             .take(settings.batch)
-            .map(|p| example(task, &tok, &p))
+            .map(|p| example(task, tok, &p))
             .collect();
         batch.map_err(|e| failed = Some(e)).ok()
     });
@@ -69,14 +70,14 @@ pub fn warm_start_on_task(
     let mut done = |step: usize, model: &flywheel_model::Model| {
         let due = settings.target_accuracy > 0.0 && step > 0 && step.is_multiple_of(CHECK_EVERY);
         Ok(due
-            && accuracy(task, model, &check, max_response, check_seed)? >= settings.target_accuracy)
+            && accuracy(task, model, tok, &check, max_response, check_seed)?
+                >= settings.target_accuracy)
     };
     let trainer_settings = WarmStart {
         steps: settings.steps,
         lr: settings.lr,
-        seed: settings.seed,
     };
-    let (params, _) = warm_start(model, &trainer_settings, &mut batches, &mut done)?;
+    let (params, _) = warm_start(initial, &trainer_settings, &mut batches, &mut done)?;
     if let Some(e) = failed {
         return Err(e.context("building the warm start's examples"));
     }
@@ -93,16 +94,23 @@ pub async fn publish_task_warm_start(
     settings: &TaskWarmStart,
 ) -> Result<bool> {
     trainer.validate()?;
-    task.check_model(&trainer.model)?;
+    let mut resolved = trainer.clone();
+    let hf_model = resolved.resolve_hf_model()?.map(std::path::Path::to_owned);
+    task.check_model(&resolved.model)?;
     if flywheel_storage::weights::exists(&stores.blobs, &stores.run_id, 0).await? {
         tracing::info!(run = %stores.run_id, "version 0 exists already; no warm start");
         return Ok(false);
     }
-    let (task_config, model, s) = (task.task()?, trainer.model.clone(), settings.clone());
+    let initial = match &hf_model {
+        Some(dir) => Checkpoint::open(dir, None)?.params,
+        None => Params::init(&resolved.model, settings.seed)?,
+    };
+    let tok = trainer.text_codec()?;
+    let (task_config, s) = (task.task()?, settings.clone());
     let max_response = task.reference_tokens()?;
     tracing::info!(steps = s.steps, batch = s.batch, "supervised warm start");
     let params = tokio::task::spawn_blocking(move || {
-        warm_start_on_task(&task_config, &model, &s, max_response)
+        warm_start_on_task(&task_config, initial, &tok, &s, max_response)
     })
     .await
     .context("the warm start panicked")??;

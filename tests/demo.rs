@@ -89,3 +89,39 @@ async fn quick_demo_writes_its_report_and_accounts_for_every_prompt() {
         "one report row per committed step"
     );
 }
+
+/// `flywheel demo --quick --model DIR` runs the same loop on a Hugging Face checkpoint of each
+/// architecture (the committed tiny random ones): its tokenizer reads the task, its weights
+/// start the warm start, and every prompt is accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_demo_trains_a_checkpoint_of_each_architecture() {
+    for name in ["qwen2", "llama", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("report");
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("model/tests/fixtures/hf")
+            .join(name);
+        let cli = Cli::parse_from([
+            "demo",
+            "--quick",
+            "--steps",
+            "2",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let outcome = run(cli.demo)
+            .await
+            .expect("the quick demo runs on a checkpoint");
+        assert!(!outcome.steps.is_empty(), "{name}: no RL step was trained");
+        let ledger = flywheel_storage::ledger::open(&outcome.ledger_url)
+            .await
+            .unwrap();
+        let (trained, dropped) = check_accounting(ledger.as_ref(), &outcome.run_id)
+            .await
+            .unwrap();
+        assert_eq!(trained + dropped, outcome.prompts_sent, "{name}");
+        assert!(trained > 0, "{name}");
+    }
+}

@@ -42,7 +42,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Processes, stores_toml};
-use flywheel_model::{Model, ModelConfig, Params, Tokenizer};
+use flywheel_model::{Model, ModelConfig, Params, TextCodec, Tokenizer};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::PromptStatus;
 use flywheel_storage::ledger::conformance::TestLedger;
@@ -309,6 +309,7 @@ final_lr_fraction = 0.1
         let acc = flywheel_task::accuracy(
             &config,
             &Model::cpu(&params).unwrap(),
+            &TextCodec::Chars(Tokenizer::arithmetic()),
             &held_out,
             MAX_RESPONSE_TOKENS,
             HELD_OUT_SEED,

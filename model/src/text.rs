@@ -187,8 +187,9 @@ impl HfTokenizer {
 pub enum TextCodec {
     /// The character tokenizer of the built-in task (BOS in front of every prompt).
     Chars(Tokenizer),
-    /// A checkpoint's tokenizer (its own special tokens, e.g. a Llama BOS).
-    Hf(Arc<HfTokenizer>),
+    /// A checkpoint's tokenizer (its own special tokens, e.g. a Llama BOS) and the tokens that
+    /// end its responses.
+    Hf(Arc<HfTokenizer>, Vec<u32>),
 }
 
 impl TextCodec {
@@ -196,21 +197,36 @@ impl TextCodec {
     /// `charset`.
     pub fn open(hf_model: &str, charset: &str) -> Result<Self> {
         if hf_model.is_empty() {
-            Tokenizer::new(charset)
+            return Tokenizer::new(charset)
                 .map(TextCodec::Chars)
-                .map_err(|e| tok_err(format!("charset: {e}")))
-        } else {
-            Ok(TextCodec::Hf(Arc::new(HfTokenizer::open(Path::new(
-                hf_model,
-            ))?)))
+                .map_err(|e| tok_err(format!("charset: {e}")));
         }
+        let dir = Path::new(hf_model);
+        let tok = HfTokenizer::open(dir)?;
+        let mut stop = crate::hf::eos_tokens(dir)?;
+        stop.extend(tok.eos_id().filter(|id| !stop.contains(id)));
+        if stop.is_empty() {
+            return Err(tok_err(format!(
+                "{}: no EOS token (generation_config.json, config.json or tokenizer_config.json                  `eos_token`): responses would never end",
+                dir.display()
+            )));
+        }
+        Ok(TextCodec::Hf(Arc::new(tok), stop))
     }
 
     /// Number of token ids the tokenizer produces.
     pub fn vocab_size(&self) -> usize {
         match self {
             TextCodec::Chars(t) => t.vocab_size(),
-            TextCodec::Hf(t) => t.vocab_size(),
+            TextCodec::Hf(t, _) => t.vocab_size(),
+        }
+    }
+
+    /// The tokens that end a response; the first is the one references end with.
+    pub fn stop_tokens(&self) -> &[u32] {
+        match self {
+            TextCodec::Chars(_) => &[Tokenizer::EOS],
+            TextCodec::Hf(_, stop) => stop,
         }
     }
 
@@ -218,15 +234,25 @@ impl TextCodec {
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             TextCodec::Chars(t) => t.encode_prompt(text).map_err(tok_err),
-            TextCodec::Hf(t) => t.encode(text, true),
+            TextCodec::Hf(t, _) => t.encode(text, true),
         }
+    }
+
+    /// A reference response's tokens, ending with EOS (supervised examples).
+    pub fn encode_response(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = match self {
+            TextCodec::Chars(t) => t.encode(text).map_err(tok_err)?,
+            TextCodec::Hf(t, _) => t.encode(text, false)?,
+        };
+        ids.push(self.stop_tokens()[0]);
+        Ok(ids)
     }
 
     /// The text of response tokens, for verifiers: special tokens (EOS) left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             TextCodec::Chars(t) => t.decode(ids).map_err(tok_err),
-            TextCodec::Hf(t) => t
+            TextCodec::Hf(t, _) => t
                 .inner
                 .decode(ids, true)
                 .map_err(|e| tok_err(format!("cannot decode {ids:?}: {e}"))),

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use flywheel_model::{ModelConfig, Tokenizer};
+use flywheel_model::{ModelConfig, TextCodec, Tokenizer};
 use flywheel_storage::config::{
     BatchConfig, PurgeAction, RolloutConfig, RolloutMode, RunConfig, StorageConfig,
 };
@@ -39,6 +39,11 @@ pub struct DemoArgs {
     /// does not learn.
     #[arg(long)]
     pub quick: bool,
+    /// Train this Hugging Face checkpoint directory (Llama, Qwen2 or Qwen3) instead of the
+    /// built-in model: its tokenizer reads the task's text, its weights start the warm start
+    /// (`--d-model`, `--layers` and `--heads` are then unused).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Width of the residual stream.
     #[arg(long, default_value_t = 64)]
     pub d_model: usize,
@@ -150,10 +155,13 @@ impl DemoArgs {
 pub struct Setup {
     /// The built-in task's shape.
     pub task: TaskConfig,
-    /// The character tokenizer of the task.
-    pub tok: Tokenizer,
+    /// How the task's text becomes tokens and back: the character tokenizer, or the
+    /// checkpoint's.
+    pub tok: TextCodec,
     /// The policy's shape.
     pub model: ModelConfig,
+    /// The checkpoint trained (`--model`), if any.
+    pub hf_model: Option<PathBuf>,
     /// Most response tokens (the longest reference, EOS, slack).
     pub max_response: u32,
 }
@@ -166,22 +174,41 @@ impl Setup {
             ..TaskConfig::default()
         };
         task.validate()?;
-        let tok = Tokenizer::arithmetic();
         let max_response = (task.max_response_chars() + 1 + 8) as u32;
-        let model = ModelConfig {
-            d_model: a.d_model,
-            n_layers: a.layers,
-            n_heads: a.heads,
-            d_ff: 3 * a.d_model,
-            // BOS, the prompt, the response and its EOS.
-            max_seq_len: 1 + task.prompt_chars() + max_response as usize,
-            ..ModelConfig::tiny(tok.vocab_size())
+        // BOS, the prompt, the response and its EOS (characters bound a byte-level BPE's
+        // tokens too).
+        let context = 1 + task.prompt_chars() + max_response as usize;
+        let (tok, model) = match &a.model {
+            None => {
+                let chars = Tokenizer::arithmetic();
+                let model = ModelConfig {
+                    d_model: a.d_model,
+                    n_layers: a.layers,
+                    n_heads: a.heads,
+                    d_ff: 3 * a.d_model,
+                    max_seq_len: context,
+                    ..ModelConfig::tiny(chars.vocab_size())
+                };
+                (TextCodec::Chars(chars), model)
+            }
+            Some(dir) => {
+                let model = flywheel_model::hf::read_config(dir, None)?;
+                if model.max_seq_len < context {
+                    bail!(
+                        "{}: a context of {} tokens is too short for the task (it needs {context});                          lower --max-terms",
+                        dir.display(),
+                        model.max_seq_len
+                    );
+                }
+                (TextCodec::open(&dir.display().to_string(), "")?, model)
+            }
         };
         model.validate()?;
         Ok(Setup {
             task,
             tok,
             model,
+            hf_model: a.model.clone(),
             max_response,
         })
     }
@@ -256,12 +283,23 @@ pub fn run_config(
     Ok(run)
 }
 
+/// The checkpoint directory of a `--model` run as the services' configs name it ("" for the
+/// built-in model).
+pub fn hf_model_string(setup: &Setup) -> String {
+    setup
+        .hf_model
+        .as_ref()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default()
+}
+
 /// The trainer of the run: IcePop, AdamW with the learning rate decaying over the run.
 pub fn trainer_config(a: &DemoArgs, setup: &Setup) -> Result<TrainerConfig> {
     let config = TrainerConfig {
         id: "demo-trainer".into(),
         seed: a.seed,
         model: setup.model.clone(),
+        hf_model: hf_model_string(setup),
         loss: LossConfig::default(),
         optimizer: AdamWConfig {
             lr: a.rl_lr,

@@ -86,7 +86,7 @@ pub async fn reinforce(
         .context("binding the task's reward service to a loopback port")?;
     let reward_url = rewards::url(listener.local_addr()?);
     tokio::spawn(rewards::serve(listener, stop.clone().cancelled_owned()));
-    let workers = start_workers(stores, run, a, reward_url).await?;
+    let workers = start_workers(stores, run, a, reward_url, &trainer.hf_model).await?;
     let counters: Vec<_> = workers
         .iter()
         .map(|w| w.metrics.tokens_generated.clone())
@@ -145,12 +145,14 @@ pub async fn reinforce(
     })
 }
 
-/// The workers: each a consumer-group member with its own builtin engine.
+/// The workers: each a consumer-group member with its own builtin engine (reading text with
+/// the tokenizer of `hf_model` when it names a checkpoint).
 async fn start_workers(
     stores: &RunStores,
     run: &RunConfig,
     a: &DemoArgs,
     reward_url: String,
+    hf_model: &str,
 ) -> Result<Vec<Worker>> {
     let rewards = RewardServicesConfig {
         services: BTreeMap::from([(rewards::SERVICE_NAME.to_owned(), reward_url)]),
@@ -165,6 +167,7 @@ async fn start_workers(
                 engine: EngineConfig::Builtin(BuiltinConfig {
                     slots: a.slots,
                     seed: mix(&[a.seed, 6, i as u64]),
+                    hf_model: hf_model.to_owned(),
                     ..BuiltinConfig::default()
                 }),
                 rewards: rewards.clone(),

@@ -189,13 +189,17 @@ async fn warm_start_v0(
         seed: a.seed,
         target_accuracy: a.sft_target,
     };
-    let (task, model, max_response) = (
+    let initial = match &setup.hf_model {
+        Some(dir) => flywheel_model::Checkpoint::open(dir, None)?.params,
+        None => Params::init(&setup.model, a.seed)?,
+    };
+    let (task, tok, max_response) = (
         setup.task.clone(),
-        setup.model.clone(),
+        setup.tok.clone(),
         setup.max_response as usize,
     );
     let params = tokio::task::spawn_blocking(move || {
-        warm_start_on_task(&task, &model, &settings, max_response)
+        warm_start_on_task(&task, initial, &tok, &settings, max_response)
     })
     .await
     .context("the warm start panicked")??;
@@ -232,9 +236,9 @@ pub async fn evaluate(
     seed: u64,
 ) -> Result<f64> {
     let (task, params, problems) = (setup.task.clone(), params.clone(), problems.clone());
-    let max_new = setup.max_response as usize;
+    let (tok, max_new) = (setup.tok.clone(), setup.max_response as usize);
     Ok(tokio::task::spawn_blocking(move || {
-        accuracy(&task, &Model::cpu(&params)?, &problems, max_new, seed)
+        accuracy(&task, &Model::cpu(&params)?, &tok, &problems, max_new, seed)
     })
     .await??)
 }

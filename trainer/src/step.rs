@@ -29,8 +29,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use flywheel_model::{
-    Backend, ForwardCache, Gradients, Model, ModelError, Params, Sequence, TextCodec, Tokenizer,
-    TokenizerError,
+    Backend, ForwardCache, Gradients, Model, ModelError, Params, Sequence, TextCodec,
 };
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::codec::{self, CodecError};
@@ -501,16 +500,16 @@ impl SupervisedExample {
         }
     }
 
-    /// `prompt` as the model sees prompts (BOS first), then `response` and EOS.
+    /// `prompt` as the model sees prompts (the codec's, e.g. BOS first), then `response` and
+    /// EOS.
     pub fn from_text(
-        tokenizer: &Tokenizer,
+        tokenizer: &TextCodec,
         prompt: &str,
         response: &str,
-    ) -> Result<SupervisedExample, TokenizerError> {
+    ) -> Result<SupervisedExample, ModelError> {
         let mut tokens = tokenizer.encode_prompt(prompt)?;
         let response_start = tokens.len();
-        tokenizer.encode_into(response, &mut tokens)?;
-        tokens.push(Tokenizer::EOS);
+        tokens.extend(tokenizer.encode_response(response)?);
         Ok(SupervisedExample {
             tokens,
             response_start,
@@ -649,6 +648,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use flywheel_model::ModelConfig;
+    use flywheel_model::Tokenizer;
     use flywheel_storage::{FinishReason, MicroBatch, SegmentRef, keys};
 
     use crate::loss::LossConfig;

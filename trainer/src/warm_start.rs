@@ -2,7 +2,7 @@
 //! RL a policy to start from, and its publication as version 0. `flywheel demo` and
 //! `flywheel trainer --warm-start-steps` both go through here.
 
-use flywheel_model::{Model, ModelConfig, ModelError, Params};
+use flywheel_model::{Model, ModelError, Params};
 use flywheel_storage::RunStores;
 use flywheel_storage::weights;
 
@@ -18,8 +18,6 @@ pub struct WarmStart {
     pub steps: usize,
     /// Learning rate (AdamW, no weight decay).
     pub lr: f64,
-    /// Seed of the initial weights (`Params::init`).
-    pub seed: u64,
 }
 
 /// Why a warm start failed.
@@ -33,16 +31,16 @@ pub enum WarmStartError {
     Model(#[from] ModelError),
 }
 
-/// Trains `Params::init(model, seed)` with one AdamW step per batch of `batches`, for at most
+/// Trains `initial` with one AdamW step per batch of `batches`, for at most
 /// `settings.steps` steps. Before each step `done(step, model)` may end it early (a target
 /// accuracy reached). Returns the weights and each step's loss.
 pub fn warm_start(
-    model: &ModelConfig,
+    initial: Params,
     settings: &WarmStart,
     batches: &mut dyn Iterator<Item = Vec<SupervisedExample>>,
     done: &mut dyn FnMut(usize, &Model) -> Result<bool, ModelError>,
 ) -> Result<(Params, Vec<f64>), WarmStartError> {
-    let mut params = Params::init(model, settings.seed)?;
+    let mut params = initial;
     let mut cpu = Model::cpu(&params)?;
     let mut optimizer = AdamW::new(AdamWConfig {
         lr: settings.lr,
@@ -91,9 +89,9 @@ pub async fn publish_initial(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flywheel_model::Tokenizer;
+    use flywheel_model::{ModelConfig, TextCodec, Tokenizer};
 
-    fn batches(tok: &Tokenizer) -> impl Iterator<Item = Vec<SupervisedExample>> + '_ {
+    fn batches(tok: &TextCodec) -> impl Iterator<Item = Vec<SupervisedExample>> + '_ {
         (0u32..).map(move |i| {
             (0..8)
                 .map(|j| {
@@ -107,22 +105,23 @@ mod tests {
 
     #[test]
     fn warm_start_lowers_the_supervised_loss_and_stops_when_told() {
-        let tok = Tokenizer::arithmetic();
+        let chars = Tokenizer::arithmetic();
+        let tok = TextCodec::Chars(chars.clone());
         let model = ModelConfig {
             d_model: 16,
             n_layers: 1,
             n_heads: 2,
             d_ff: 64,
             max_seq_len: 32,
-            ..ModelConfig::tiny(tok.vocab_size())
+            ..ModelConfig::tiny(chars.vocab_size())
         };
         let settings = WarmStart {
             steps: 30,
             lr: 3e-3,
-            seed: 1,
         };
+        let init = || Params::init(&model, 1).unwrap();
         let never = &mut |_: usize, _: &Model| Ok(false);
-        let (trained, losses) = warm_start(&model, &settings, &mut batches(&tok), never).unwrap();
+        let (trained, losses) = warm_start(init(), &settings, &mut batches(&tok), never).unwrap();
         assert_eq!(losses.len(), 30);
         assert_ne!(
             trained.tensors(),
@@ -133,10 +132,10 @@ mod tests {
         assert!(last < first, "losses {losses:?}");
 
         let at_ten = &mut |step: usize, _: &Model| Ok(step == 10);
-        let (_, losses) = warm_start(&model, &settings, &mut batches(&tok), at_ten).unwrap();
+        let (_, losses) = warm_start(init(), &settings, &mut batches(&tok), at_ten).unwrap();
         assert_eq!(losses.len(), 10);
-        let (init, none) = warm_start(
-            &model,
+        let (unchanged, none) = warm_start(
+            init(),
             &WarmStart {
                 steps: 0,
                 ..settings
@@ -146,6 +145,6 @@ mod tests {
         )
         .unwrap();
         assert!(none.is_empty());
-        assert_eq!(init, Params::init(&model, 1).unwrap(), "the seeded weights");
+        assert_eq!(unchanged, init(), "the initial weights");
     }
 }
