@@ -239,7 +239,8 @@ fn config_error(edit: impl FnOnce(&mut serde_json::Value)) -> String {
 #[test]
 fn unsupported_configs_are_named() {
     use serde_json::json;
-    let cases: [(&str, Box<dyn FnOnce(&mut serde_json::Value)>); 7] = [
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: [(&str, Edit); 7] = [
         (
             "MistralForCausalLM",
             Box::new(|v| v["architectures"] = json!(["MistralForCausalLM"])),
