@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use flywheel_model::{ModelConfig, Params, hf};
+use flywheel_model::{ModelConfig, Params, Tokenizer, hf};
 use flywheel_storage::PolicyVersion;
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{self, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFIG_KEY};
@@ -13,8 +13,8 @@ use flywheel_storage::weights::{self, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFI
 #[derive(clap::Subcommand, Debug)]
 pub enum WeightsCommand {
     /// Write weights version N as a Hugging Face checkpoint directory: config.json,
-    /// model.safetensors (in the model's dtype) and, for a run of a Hugging Face checkpoint,
-    /// its tokenizer and generation files.
+    /// model.safetensors (in the model's dtype) and the tokenizer and generation files (the
+    /// checkpoint's, or the built-in character tokenizer's).
     Export {
         /// The run's config file (its `[storage]` names the object store).
         #[arg(long)]
@@ -39,7 +39,8 @@ pub async fn run(command: WeightsCommand) -> anyhow::Result<()> {
             let config = crate::config::load(config.as_deref())?;
             let s = &config.storage;
             let blobs = BlobStore::open(&s.blob_url)?;
-            let version = export(&blobs, &s.run_id, version, &out).await?;
+            let charset = &config.trainer.charset;
+            let version = export(&blobs, &s.run_id, version, charset, &out).await?;
             println!(
                 "exported version {version} of run `{}` to {}",
                 s.run_id,
@@ -50,11 +51,13 @@ pub async fn run(command: WeightsCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Writes `version` (default the newest) of `run` to `out`; returns the version written.
+/// Writes `version` (default the newest) of `run` to `out`; returns the version written. A
+/// built-in model's tokenizer is the character tokenizer of `charset`.
 pub async fn export(
     blobs: &BlobStore,
     run: &str,
     version: Option<PolicyVersion>,
+    charset: &str,
     out: &Path,
 ) -> anyhow::Result<PolicyVersion> {
     let version = match version {
@@ -90,5 +93,13 @@ pub async fn export(
         );
     }
     hf::save(out, &params, &eos, source.as_deref())?;
+    if source.is_none() {
+        // The built-in model: its character tokenizer as Hugging Face files.
+        let chars = Tokenizer::new(charset).with_context(|| format!("charset {charset:?}"))?;
+        for (name, text) in chars.hf_files() {
+            std::fs::write(out.join(name), text)
+                .with_context(|| format!("writing {}", out.join(name).display()))?;
+        }
+    }
     Ok(version)
 }

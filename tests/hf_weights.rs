@@ -43,7 +43,7 @@ async fn a_checkpoint_run_publishes_and_exports_the_checkpoint() {
         assert_eq!(trainer.version(), 0);
 
         let out = tempfile::tempdir().unwrap();
-        let v = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, out.path())
+        let v = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, "", out.path())
             .await
             .unwrap();
         assert_eq!(v, 0);
@@ -70,7 +70,7 @@ async fn a_missing_version_or_checkpoint_is_explained() {
     let blobs = tempfile::tempdir().unwrap();
     let stores = stores(blobs.path()).await;
     let out = tempfile::tempdir().unwrap();
-    let err = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, out.path())
+    let err = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, "", out.path())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no published weights"), "{err}");
@@ -88,5 +88,43 @@ async fn a_missing_version_or_checkpoint_is_explained() {
     assert!(
         err.contains("trainer.hf_model") && err.contains("config.json"),
         "{err}"
+    );
+}
+
+/// A built-in run exports with its character tokenizer as Hugging Face files, which encode
+/// and decode exactly as the character tokenizer does.
+#[tokio::test]
+async fn a_builtin_run_exports_with_its_tokenizer() {
+    use flywheel_model::{HfTokenizer, Tokenizer};
+    let blobs = tempfile::tempdir().unwrap();
+    let stores = stores(blobs.path()).await;
+    let config = TrainerConfig {
+        metrics_addr: String::new(),
+        ..TrainerConfig::default()
+    };
+    let charset = config.charset.clone();
+    Trainer::start(stores.clone(), config).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, &charset, out.path())
+        .await
+        .unwrap();
+    let exported = Checkpoint::open(out.path(), None).unwrap();
+    assert_eq!(exported.eos, vec![Tokenizer::EOS]);
+    let hf = HfTokenizer::open(out.path()).unwrap();
+    let chars = Tokenizer::new(&charset).unwrap();
+    assert_eq!(hf.vocab_size(), chars.vocab_size());
+    for text in ["3+14+7=", "003,017,024;24", "1 2"] {
+        assert_eq!(
+            hf.encode(text, true).unwrap(),
+            chars.encode_prompt(text).unwrap(),
+            "{text}"
+        );
+        let ids = chars.encode(text).unwrap();
+        assert_eq!(hf.decode(&ids).unwrap(), text);
+    }
+    assert_eq!(hf.eos_id(), Some(Tokenizer::EOS));
+    assert!(
+        hf.encode("x", true).is_err(),
+        "a character outside the charset is an error"
     );
 }

@@ -145,4 +145,66 @@ impl Tokenizer {
         }
         Ok(s)
     }
+
+    /// The same tokenizer as Hugging Face files: `tokenizer.json` (a word-level model over
+    /// single characters, BOS added in front like [`Tokenizer::encode_prompt`], pieces fused
+    /// back on decoding), `tokenizer_config.json` and `generation_config.json`, so that an
+    /// exported built-in model loads with its tokenizer anywhere.
+    pub fn hf_files(&self) -> [(&'static str, String); 3] {
+        const SPECIALS: [&str; 3] = ["<pad>", "<s>", "</s>"];
+        let mut vocab = serde_json::Map::new();
+        for (id, name) in SPECIALS.iter().enumerate() {
+            vocab.insert((*name).to_owned(), serde_json::json!(id));
+        }
+        for (i, c) in self.charset.iter().enumerate() {
+            vocab.insert(
+                c.to_string(),
+                serde_json::json!(i as u32 + Self::NUM_SPECIAL),
+            );
+        }
+        let added: Vec<serde_json::Value> = SPECIALS
+            .iter()
+            .enumerate()
+            .map(|(id, content)| {
+                serde_json::json!({"id": id, "content": content, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let bos = serde_json::json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+        let tokenizer = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."},
+                              "behavior": "Isolated", "invert": false},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [Self::BOS], "tokens": ["<s>"]}},
+            },
+            "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        });
+        let config = serde_json::json!({
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "pad_token": "<pad>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        let generation = serde_json::json!({
+            "bos_token_id": Self::BOS,
+            "eos_token_id": Self::EOS,
+            "pad_token_id": Self::PAD,
+        });
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON value");
+        [
+            ("tokenizer.json", pretty(&tokenizer)),
+            ("tokenizer_config.json", pretty(&config)),
+            ("generation_config.json", pretty(&generation)),
+        ]
+    }
 }
