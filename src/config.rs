@@ -61,6 +61,22 @@ impl FileConfig {
         }
     }
 
+    /// Replaces checkpoints named by object-store URLs (`[trainer] hf_model`, the builtin
+    /// engine's `hf_model`) with their local copies ([`crate::checkpoint_source::local_dir`]).
+    pub async fn localize_checkpoints(&mut self) -> anyhow::Result<()> {
+        use crate::checkpoint_source::local_dir;
+        if !self.trainer.hf_model.is_empty() {
+            let dir = local_dir(&self.trainer.hf_model).await?;
+            self.trainer.hf_model = dir.display().to_string();
+        }
+        if let EngineConfig::Builtin(b) = &mut self.worker.engine
+            && !b.hf_model.is_empty()
+        {
+            b.hf_model = local_dir(&b.hf_model).await?.display().to_string();
+        }
+        Ok(())
+    }
+
     /// What the worker service runs with. The builtin engine reads text with the tokenizer of
     /// `[trainer] hf_model` unless its own `hf_model` names one: the run's model is named once.
     pub fn worker(&self) -> flywheel_worker::ServiceConfig {

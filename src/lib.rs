@@ -1,6 +1,7 @@
 //! The `flywheel` library: the pieces of the `flywheel` binary that examples and tests reuse.
 //!
 //! - [`bench`]: `flywheel bench trainer`, throughput beside PyTorch eager;
+//! - [`checkpoint_source`]: a checkpoint directory or object-store URL, as a local folder;
 //! - [`config`]: the run's config file and its environment overrides;
 //! - [`warm_start`]: the built-in task's warm start and its publication as version 0;
 //! - [`demo`]: `flywheel demo`, the whole loop in one process;
@@ -8,6 +9,7 @@
 //! - [`weights_cli`]: `flywheel weights export`, a published version as a checkpoint directory.
 
 pub mod bench;
+pub mod checkpoint_source;
 pub mod config;
 pub mod demo;
 pub mod model_cli;

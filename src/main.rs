@@ -189,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
             chat_template,
             group_size,
         } => {
-            let config = flywheel::config::load(config.as_deref())?;
+            let mut config = flywheel::config::load(config.as_deref())?;
             if let Some(dataset) = jsonl {
                 let spec = ingest::DatasetSpec {
                     prompt_field: prompt_field.unwrap_or_default(),
@@ -199,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
                     group_size,
                 };
                 let chat = if chat_template {
+                    config.localize_checkpoints().await?;
                     if config.trainer.hf_model.is_empty() {
                         anyhow::bail!(
                             "--chat-template needs the run's checkpoint: set [trainer] hf_model"
@@ -250,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
             )
         }
         Command::Worker { config } => {
-            let config = flywheel::config::load(config.as_deref())?;
+            let mut config = flywheel::config::load(config.as_deref())?;
+            config.localize_checkpoints().await?;
             let stores = RunStores::open(&config.run()).await?;
             Ok(flywheel_worker::run_until(stores, config.worker(), shutdown::signal()).await?)
         }
@@ -261,7 +263,8 @@ async fn main() -> anyhow::Result<()> {
             warm_start_batch,
             warm_start_lr,
         } => {
-            let config = flywheel::config::load(config.as_deref())?;
+            let mut config = flywheel::config::load(config.as_deref())?;
+            config.localize_checkpoints().await?;
             let stores = RunStores::open(&config.run()).await?;
             if warm_start_steps > 0 {
                 let settings = TaskWarmStart {

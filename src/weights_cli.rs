@@ -36,11 +36,16 @@ pub async fn run(command: WeightsCommand) -> anyhow::Result<()> {
             version,
             out,
         } => {
-            let config = crate::config::load(config.as_deref())?;
+            let mut config = crate::config::load(config.as_deref())?;
+            config.localize_checkpoints().await?;
             let s = &config.storage;
             let blobs = BlobStore::open(&s.blob_url)?;
-            let charset = &config.trainer.charset;
-            let version = export(&blobs, &s.run_id, version, charset, &out).await?;
+            let text = ExportText {
+                checkpoint: (!config.trainer.hf_model.is_empty())
+                    .then(|| PathBuf::from(&config.trainer.hf_model)),
+                charset: config.trainer.charset.clone(),
+            };
+            let version = export(&blobs, &s.run_id, version, &text, &out).await?;
             println!(
                 "exported version {version} of run `{}` to {}",
                 s.run_id,
@@ -51,13 +56,22 @@ pub async fn run(command: WeightsCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Writes `version` (default the newest) of `run` to `out`; returns the version written. A
-/// built-in model's tokenizer is the character tokenizer of `charset`.
+/// Where an export's tokenizer files come from.
+#[derive(Clone, Debug, Default)]
+pub struct ExportText {
+    /// The run's checkpoint directory (the config's `[trainer] hf_model`, localised); without
+    /// it, the directory the version's metadata names.
+    pub checkpoint: Option<PathBuf>,
+    /// The character tokenizer of a built-in model (`[trainer] charset`).
+    pub charset: String,
+}
+
+/// Writes `version` (default the newest) of `run` to `out`; returns the version written.
 pub async fn export(
     blobs: &BlobStore,
     run: &str,
     version: Option<PolicyVersion>,
-    charset: &str,
+    text: &ExportText,
     out: &Path,
 ) -> anyhow::Result<PolicyVersion> {
     let version = match version {
@@ -82,7 +96,10 @@ pub async fn export(
         Some(json) => serde_json::from_str(json).with_context(|| format!("`{EOS_TOKENS_KEY}`"))?,
         None => Vec::new(),
     };
-    let source = meta.get(HF_SOURCE_KEY).map(PathBuf::from);
+    let source = text
+        .checkpoint
+        .clone()
+        .or_else(|| meta.get(HF_SOURCE_KEY).map(PathBuf::from));
     if let Some(dir) = &source
         && !dir.join("tokenizer.json").is_file()
     {
@@ -95,6 +112,7 @@ pub async fn export(
     hf::save(out, &params, &eos, source.as_deref())?;
     if source.is_none() {
         // The built-in model: its character tokenizer as Hugging Face files.
+        let charset = &text.charset;
         let chars = Tokenizer::new(charset).with_context(|| format!("charset {charset:?}"))?;
         for (name, text) in chars.hf_files() {
             std::fs::write(out.join(name), text)

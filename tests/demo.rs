@@ -71,17 +71,7 @@ async fn quick_demo_writes_its_report_and_accounts_for_every_prompt() {
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("reward_accuracy.png"));
 
-    // The ledger accounts for every prompt sent: each accepted, then trained in exactly one
-    // step or dropped with a reason; none left pending.
-    let ledger = flywheel_storage::ledger::open(&outcome.ledger_url)
-        .await
-        .unwrap();
-    let (trained, dropped) = check_accounting(ledger.as_ref(), &outcome.run_id)
-        .await
-        .unwrap();
-    assert!(outcome.prompts_sent > 0);
-    assert_eq!(trained + dropped, outcome.prompts_sent);
-    assert!(trained > 0);
+    let ledger = assert_accounted(&outcome).await;
     let steps = ledger.steps(&outcome.run_id).await.unwrap();
     assert_eq!(
         steps.len(),
@@ -115,13 +105,23 @@ async fn quick_demo_trains_a_checkpoint_of_each_architecture() {
             .await
             .expect("the quick demo runs on a checkpoint");
         assert!(!outcome.steps.is_empty(), "{name}: no RL step was trained");
-        let ledger = flywheel_storage::ledger::open(&outcome.ledger_url)
-            .await
-            .unwrap();
-        let (trained, dropped) = check_accounting(ledger.as_ref(), &outcome.run_id)
-            .await
-            .unwrap();
-        assert_eq!(trained + dropped, outcome.prompts_sent, "{name}");
-        assert!(trained > 0, "{name}");
+        assert_accounted(&outcome).await;
     }
+}
+
+/// The ledger accounts for every prompt the demo sent: each accepted, then trained in exactly
+/// one step or dropped with a reason; none left pending. Returns the ledger.
+async fn assert_accounted(
+    outcome: &flywheel::demo::run::DemoOutcome,
+) -> std::sync::Arc<dyn flywheel_storage::ledger::Ledger> {
+    let ledger = flywheel_storage::ledger::open(&outcome.ledger_url)
+        .await
+        .unwrap();
+    let (trained, dropped) = check_accounting(ledger.as_ref(), &outcome.run_id)
+        .await
+        .unwrap();
+    assert!(outcome.prompts_sent > 0);
+    assert_eq!(trained + dropped, outcome.prompts_sent);
+    assert!(trained > 0);
+    ledger
 }

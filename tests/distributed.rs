@@ -226,18 +226,11 @@ final_lr_fraction = 0.1
     // The run drains: every prompt settled, the last recorded step trained.
     let n = PROMPTS as u64;
     procs
-        .wait_until(
+        .wait_until_settled(
             &["worker-1"],
-            "every ingested prompt to be trained or dropped and the last step trained",
+            (ledger.as_ref(), &state, &run_id),
+            n,
             DEADLINE,
-            || async {
-                let counts = ledger.prompt_counts(&run_id).await.unwrap();
-                if counts.pending > 0 || counts.trained + counts.dropped < n {
-                    return false;
-                }
-                let last = ledger.last_step(&run_id).await.unwrap();
-                last.is_some() && last == state.finished_step().await.unwrap()
-            },
         )
         .await;
     let status = Command::new(env!("CARGO_BIN_EXE_flywheel"))

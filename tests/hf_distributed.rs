@@ -1,6 +1,7 @@
 //! A distributed run of a Hugging Face checkpoint on the real services: the tiny random Qwen2
-//! fixture (model/tests/fixtures/hf/qwen2) trained by a `flywheel trainer` (`[trainer]
-//! hf_model`), sampled by a builtin-engine `flywheel worker` that reads text with the
+//! fixture (model/tests/fixtures/hf/qwen2), uploaded to the object store and named by its URL
+//! (`[trainer] hf_model = "s3://…"`; each process downloads it into its cache), trained by a
+//! `flywheel trainer`, sampled by a builtin-engine `flywheel worker` that reads text with the
 //! checkpoint's tokenizer and stops at its EOS, on prompts from a GSM8K-style dataset file
 //! (`flywheel ingest --jsonl`, through the chat template). The test checks that
 //!
@@ -23,7 +24,6 @@ use common::{Processes, stores_toml};
 use flywheel_model::Checkpoint;
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::conformance::TestLedger;
-use flywheel_storage::state::StateStore;
 use flywheel_storage::testkit::{self, free_port};
 use flywheel_storage::weights;
 
@@ -57,6 +57,17 @@ async fn a_qwen2_checkpoint_trains_distributed_and_exports() {
     std::fs::write(&dataset, lines.join("\n")).unwrap();
 
     let blob_url = s3.url(&run_id);
+    // The checkpoint, uploaded next to the run's objects.
+    let checkpoint_url = s3.url(&format!("{run_id}-checkpoint"));
+    let upload = BlobStore::open(&checkpoint_url).unwrap();
+    for entry in std::fs::read_dir(&checkpoint).unwrap() {
+        let entry = entry.unwrap();
+        let bytes = std::fs::read(entry.path()).unwrap();
+        upload
+            .put(entry.file_name().to_str().unwrap(), bytes.into())
+            .await
+            .unwrap();
+    }
     let config = format!(
         r#"{stores}
 [rollout]
@@ -87,30 +98,45 @@ weights_wait_ms = 300000
 [trainer]
 id = "trainer-0"
 poll_ms = 50
-hf_model = "{checkpoint}"
+hf_model = "{checkpoint_url}"
 metrics_addr = "127.0.0.1:{trainer_port}"
 "#,
         stores = stores_toml(&run_id, &blob_url, test_ledger.url(), ""),
         coordinator_port = free_port(),
         trainer_port = free_port(),
-        checkpoint = checkpoint.display(),
+        checkpoint_url = checkpoint_url,
     );
     let config_path = dir.join("flywheel.toml");
     std::fs::write(&config_path, config).unwrap();
     let config_arg = config_path.to_str().unwrap();
 
+    // Each process its own download cache, as on separate machines.
+    let cache = |name: &str| {
+        (
+            "FLYWHEEL_CACHE_DIR",
+            dir.join(format!("cache-{name}")).display().to_string(),
+        )
+    };
     let mut procs = Processes::new(&dir);
     procs.spawn("coordinator", &["coordinator", "--config", config_arg], &[]);
-    procs.spawn("trainer", &["trainer", "--config", config_arg], &[]);
+    procs.spawn(
+        "trainer",
+        &["trainer", "--config", config_arg],
+        &[cache("trainer")],
+    );
     procs.spawn(
         "worker",
         &["worker", "--config", config_arg],
-        &[(
-            "FLYWHEEL_WORKER__METRICS_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )],
+        &[
+            (
+                "FLYWHEEL_WORKER__METRICS_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            cache("worker"),
+        ],
     );
     let ingest = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_CACHE_DIR", dir.join("cache-ingest"))
         .args(["ingest", "--config", config_arg, "--jsonl"])
         .arg(&dataset)
         .args(["--prompt-field", "question", "--answer-field", "answer"])
@@ -125,19 +151,7 @@ metrics_addr = "127.0.0.1:{trainer_port}"
 
     let n = PROMPTS as u64;
     procs
-        .wait_until(
-            &[],
-            "every ingested prompt to be trained or dropped and the last step trained",
-            DEADLINE,
-            || async {
-                let counts = ledger.prompt_counts(&run_id).await.unwrap();
-                if counts.pending > 0 || counts.trained + counts.dropped < n {
-                    return false;
-                }
-                let last = ledger.last_step(&run_id).await.unwrap();
-                last.is_some() && last == state.finished_step().await.unwrap()
-            },
-        )
+        .wait_until_settled(&[], (ledger.as_ref(), &state, &run_id), n, DEADLINE)
         .await;
     procs.stop();
 
@@ -163,6 +177,7 @@ metrics_addr = "127.0.0.1:{trainer_port}"
     assert_eq!(Some(last), steps.last().map(|s| s.step + 1));
     let out = dir.join("export");
     let export = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .env("FLYWHEEL_CACHE_DIR", dir.join("cache-export"))
         .args(["weights", "export", "--config", config_arg, "--out"])
         .arg(&out)
         .output()

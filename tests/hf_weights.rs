@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use flywheel::weights_cli::ExportText;
 use flywheel_model::Checkpoint;
 use flywheel_storage::RunStores;
 use flywheel_storage::config::{RunConfig, StorageConfig};
@@ -43,7 +44,8 @@ async fn a_checkpoint_run_publishes_and_exports_the_checkpoint() {
         assert_eq!(trainer.version(), 0);
 
         let out = tempfile::tempdir().unwrap();
-        let v = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, "", out.path())
+        let text = ExportText::default();
+        let v = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, &text, out.path())
             .await
             .unwrap();
         assert_eq!(v, 0);
@@ -70,7 +72,8 @@ async fn a_missing_version_or_checkpoint_is_explained() {
     let blobs = tempfile::tempdir().unwrap();
     let stores = stores(blobs.path()).await;
     let out = tempfile::tempdir().unwrap();
-    let err = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, "", out.path())
+    let text = ExportText::default();
+    let err = flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, &text, out.path())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no published weights"), "{err}");
@@ -105,7 +108,11 @@ async fn a_builtin_run_exports_with_its_tokenizer() {
     let charset = config.charset.clone();
     Trainer::start(stores.clone(), config).await.unwrap();
     let out = tempfile::tempdir().unwrap();
-    flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, &charset, out.path())
+    let text = ExportText {
+        checkpoint: None,
+        charset: charset.clone(),
+    };
+    flywheel::weights_cli::export(&stores.blobs, "hf-weights", None, &text, out.path())
         .await
         .unwrap();
     let exported = Checkpoint::open(out.path(), None).unwrap();

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use flywheel_storage::ledger::Ledger;
+use flywheel_storage::state::StateStore;
+
 /// The `flywheel` processes of a test, each logging to `<dir>/<name>.log`; SIGKILLed if the
 /// test ends early.
 pub struct Processes {
@@ -164,6 +167,31 @@ impl Processes {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits until all `prompts` ingested prompts of `run_id` are trained or dropped in the
+    /// ledger and the last recorded step is trained: the run has drained.
+    pub async fn wait_until_settled(
+        &mut self,
+        except: &[&str],
+        (ledger, state, run_id): (&dyn Ledger, &dyn StateStore, &str),
+        prompts: u64,
+        deadline: Duration,
+    ) {
+        self.wait_until(
+            except,
+            "every ingested prompt to be trained or dropped and the last step trained",
+            deadline,
+            || async {
+                let counts = ledger.prompt_counts(run_id).await.unwrap();
+                if counts.pending > 0 || counts.trained + counts.dropped < prompts {
+                    return false;
+                }
+                let last = ledger.last_step(run_id).await.unwrap();
+                last.is_some() && last == state.finished_step().await.unwrap()
+            },
+        )
+        .await
     }
 }
 
