@@ -41,13 +41,12 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Processes, stores_toml};
+use common::{Processes, RealRun, stores_toml};
 use flywheel_model::{Model, ModelConfig, Params, TextCodec, Tokenizer};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::PromptStatus;
-use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::state::StateStore;
-use flywheel_storage::testkit::{self, free_port};
+use flywheel_storage::testkit::free_port;
 use flywheel_storage::weights::{self, WeightsConfig};
 use flywheel_task::{TaskSection, held_out_set};
 
@@ -72,15 +71,14 @@ const DEADLINE: Duration = Duration::from_secs(900);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_run_survives_a_killed_worker() {
-    let s3 = testkit::S3Server::from_env();
-    let run_id = format!("dist-{:012x}", rand::random::<u64>() >> 16);
-    let state = testkit::redis_state(&run_id).await;
-    // A fresh schema; panics naming PostgreSQL when it is unreachable.
-    let test_ledger = TestLedger::postgres().await;
+    let RealRun {
+        run_id,
+        s3,
+        state,
+        test_ledger,
+        dir,
+    } = RealRun::new("dist").await;
     let ledger = test_ledger.ledger();
-    // Kept after the test: the config and the services' logs, for a failure's post-mortem.
-    let dir = std::env::temp_dir().join(format!("flywheel-{run_id}"));
-    std::fs::create_dir_all(&dir).unwrap();
 
     let coordinator_port = free_port();
     let rewards_port = free_port();

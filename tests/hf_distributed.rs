@@ -20,11 +20,10 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Processes, stores_toml};
+use common::{Processes, RealRun, stores_toml};
 use flywheel_model::Checkpoint;
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::ledger::conformance::TestLedger;
-use flywheel_storage::testkit::{self, free_port};
+use flywheel_storage::testkit::free_port;
 use flywheel_storage::weights;
 
 /// Dataset lines ingested.
@@ -34,13 +33,14 @@ const DEADLINE: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qwen2_checkpoint_trains_distributed_and_exports() {
-    let s3 = testkit::S3Server::from_env();
-    let run_id = format!("hf-dist-{:012x}", rand::random::<u64>() >> 16);
-    let state = testkit::redis_state(&run_id).await;
-    let test_ledger = TestLedger::postgres().await;
+    let RealRun {
+        run_id,
+        s3,
+        state,
+        test_ledger,
+        dir,
+    } = RealRun::new("hf-dist").await;
     let ledger = test_ledger.ledger();
-    let dir = std::env::temp_dir().join(format!("flywheel-{run_id}"));
-    std::fs::create_dir_all(&dir).unwrap();
     let checkpoint =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/hf/qwen2");
 

@@ -9,7 +9,44 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use flywheel_storage::ledger::Ledger;
-use flywheel_storage::state::StateStore;
+use flywheel_storage::ledger::conformance::TestLedger;
+use flywheel_storage::state::{RedisStateStore, StateStore};
+use flywheel_storage::testkit;
+
+/// A fresh run on the real services: a unique id, its Redis state, a fresh PostgreSQL schema
+/// and the S3 server (each panics naming the service when it is unreachable), and a folder for
+/// the config and the services' logs, kept after the test for a failure's post-mortem.
+pub struct RealRun {
+    /// `<label>-<random hex>`.
+    pub run_id: String,
+    /// The object store's server.
+    pub s3: testkit::S3Server,
+    /// The run's Redis state.
+    pub state: RedisStateStore,
+    /// The run's own ledger schema.
+    pub test_ledger: TestLedger,
+    /// `<temp>/flywheel-<run id>`.
+    pub dir: PathBuf,
+}
+
+impl RealRun {
+    /// Sets up a run labelled `label`.
+    pub async fn new(label: &str) -> RealRun {
+        let s3 = testkit::S3Server::from_env();
+        let run_id = format!("{label}-{:012x}", rand::random::<u64>() >> 16);
+        let state = testkit::redis_state(&run_id).await;
+        let test_ledger = TestLedger::postgres().await;
+        let dir = std::env::temp_dir().join(format!("flywheel-{run_id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        RealRun {
+            run_id,
+            s3,
+            state,
+            test_ledger,
+            dir,
+        }
+    }
+}
 
 /// The `flywheel` processes of a test, each logging to `<dir>/<name>.log`; SIGKILLed if the
 /// test ends early.
