@@ -89,6 +89,42 @@ mod builtin {
     }
 
     flywheel_worker::engine_conformance!(Builtin);
+
+    /// The segment's top-k reaches the sampler: with k = 1 every token is the most likely one,
+    /// a point mass (log-prob 0), whatever the trajectory's random stream.
+    #[tokio::test]
+    async fn top_k_one_samples_the_most_likely_token() {
+        use flywheel_storage::{PromptId, TrajectoryId};
+        use flywheel_worker::engine::{SamplingConfig, SegmentRequest};
+        let engine = Builtin.engine().await;
+        let prompt = engine.tokenize(Builtin.prompt()).await.unwrap();
+        let mut outputs = Vec::new();
+        for sample in 0..2 {
+            let req = SegmentRequest {
+                trajectory: TrajectoryId {
+                    prompt: PromptId("top-k".into()),
+                    sample,
+                },
+                prompt: prompt.clone().into(),
+                committed: Vec::new().into(),
+                max_new_tokens: 8,
+                max_response_tokens: 24,
+                version: 0,
+                sampling: SamplingConfig {
+                    top_k: 1,
+                    ..SamplingConfig::default()
+                },
+            };
+            let out = engine.generate(req).await.unwrap();
+            assert!(
+                out.logprobs.iter().all(|&lp| lp == 0.0),
+                "{:?}",
+                out.logprobs
+            );
+            outputs.push(out.tokens);
+        }
+        assert_eq!(outputs[0], outputs[1], "two random streams, one argmax");
+    }
 }
 
 mod openai {

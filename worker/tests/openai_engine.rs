@@ -195,6 +195,7 @@ fn request(committed: &[u32], max_new: u32, cap: u32) -> SegmentRequest {
         sampling: SamplingConfig {
             temperature: 0.7,
             top_p: 0.9,
+            top_k: 0,
             seed: Some(42),
         },
     }
@@ -206,6 +207,17 @@ fn assert_close(got: &[f32], want: &[f32]) {
         got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
         "{got:?} vs {want:?}"
     );
+}
+
+/// A set top-k goes to the server as `top_k` (vLLM's and SGLang's name).
+#[tokio::test]
+async fn top_k_is_sent_when_set() {
+    let (engine, fake) = setup(Behaviour::Normal, quick()).await;
+    let mut req = request(&[], 4, 1000);
+    req.sampling.top_k = 5;
+    engine.generate(req).await.unwrap();
+    let sent = fake.last.lock().unwrap().clone().unwrap();
+    assert_eq!(sent["top_k"], 5);
 }
 
 #[tokio::test]
@@ -227,6 +239,7 @@ async fn happy_path_segments_to_eos() {
     assert_eq!(sent["return_token_ids"], true);
     assert!((sent["temperature"].as_f64().unwrap() - 0.7).abs() < 1e-6);
     assert!((sent["top_p"].as_f64().unwrap() - 0.9).abs() < 1e-6);
+    assert!(sent.get("top_k").is_none(), "top_k is sent only when set");
     let seed = sent["seed"].as_u64().unwrap();
     assert!(seed <= i64::MAX as u64, "a seed servers accept");
 

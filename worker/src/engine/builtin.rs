@@ -231,7 +231,7 @@ impl Engine for BuiltinEngine {
         let sample = SampleConfig {
             temperature: req.sampling.temperature,
             top_p: req.sampling.top_p,
-            ..SampleConfig::default()
+            top_k: req.sampling.top_k,
         };
         let job = req.clone();
         let (tokens, logprobs, stop) = tokio::task::spawn_blocking(move || {

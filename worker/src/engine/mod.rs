@@ -35,6 +35,8 @@ pub struct SamplingConfig {
     pub temperature: f32,
     /// Nucleus sampling mass; 1.0 disables it.
     pub top_p: f32,
+    /// Keep only the k most likely tokens (before `top_p`); 0 disables it.
+    pub top_k: usize,
     /// Optional base seed for engines that support seeded sampling.
     pub seed: Option<u64>,
 }
@@ -44,6 +46,7 @@ impl Default for SamplingConfig {
         SamplingConfig {
             temperature: 1.0,
             top_p: 1.0,
+            top_k: 0,
             seed: None,
         }
     }

@@ -144,6 +144,9 @@ impl OpenAiEngine {
             "skip_special_tokens": false,
         });
         let map = body.as_object_mut().expect("a JSON object literal");
+        if req.sampling.top_k > 0 {
+            map.insert("top_k".into(), json!(req.sampling.top_k));
+        }
         if let Some(seed) = req.sampling.seed {
             let key =
                 splitmix64(trajectory_key(seed, &req.trajectory) ^ req.committed.len() as u64);
