@@ -156,8 +156,7 @@ pub fn generate(
     if prompt_ids.is_empty() {
         bail!("the prompt encodes to no tokens; give some text");
     }
-    let mut stop = ckpt.eos.clone();
-    stop.extend(tok.eos_id().filter(|id| !stop.contains(id)));
+    let stop = tok.stop_tokens(dir)?;
     let model = Model::cpu(&ckpt.params)?;
     let mut sampler = Sampler::new(&model)?;
     sampler.prefill(&model, &prompt_ids)?;

@@ -3,7 +3,7 @@
 //! --warm-start-steps` run before RL, and its publication as version 0.
 
 use anyhow::{Context, Result};
-use flywheel_model::{Checkpoint, Params, TextCodec};
+use flywheel_model::{Params, TextCodec};
 use flywheel_storage::RunStores;
 use flywheel_task::{Problem, ProblemStream, Split, TaskConfig, TaskSection, accuracy, mix};
 use flywheel_trainer::TrainerConfig;
@@ -19,8 +19,8 @@ pub struct TaskWarmStart {
     pub batch: usize,
     /// Learning rate.
     pub lr: f64,
-    /// Seed of the initial weights (of the built-in model), the problem stream and the
-    /// target check.
+    /// Seed of the problem stream and the target check (the initial weights come from the
+    /// trainer's config).
     pub seed: u64,
     /// Stop once the policy solves this fraction of a fixed set of training problems
     /// (checked every [`CHECK_EVERY`] steps at temperature 1), so that it is mediocre by
@@ -95,16 +95,13 @@ pub async fn publish_task_warm_start(
 ) -> Result<bool> {
     trainer.validate()?;
     let mut resolved = trainer.clone();
-    let hf_model = resolved.resolve_hf_model()?.map(std::path::Path::to_owned);
+    resolved.resolve_hf_model()?;
     task.check_model(&resolved.model)?;
     if flywheel_storage::weights::exists(&stores.blobs, &stores.run_id, 0).await? {
         tracing::info!(run = %stores.run_id, "version 0 exists already; no warm start");
         return Ok(false);
     }
-    let initial = match &hf_model {
-        Some(dir) => Checkpoint::open(dir, None)?.params,
-        None => Params::init(&resolved.model, settings.seed)?,
-    };
+    let initial = trainer.initial_params()?;
     let tok = trainer.text_codec()?;
     let (task_config, s) = (task.task()?, settings.clone());
     let max_response = task.reference_tokens()?;

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use flywheel_model::{ModelConfig, Params, Tokenizer, hf};
 use flywheel_storage::PolicyVersion;
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::weights::{self, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFIG_KEY};
+use flywheel_storage::weights::{self, HF_SOURCE_KEY, MODEL_CONFIG_KEY};
 
 /// What `flywheel weights` does.
 #[derive(clap::Subcommand, Debug)]
@@ -92,10 +92,6 @@ pub async fn export(
     let model: ModelConfig = serde_json::from_str(json)
         .with_context(|| format!("`{MODEL_CONFIG_KEY}` of version {version}"))?;
     let params = Params::from_bytes_map(&model, &fetched.tensors)?;
-    let eos: Vec<u32> = match meta.get(EOS_TOKENS_KEY) {
-        Some(json) => serde_json::from_str(json).with_context(|| format!("`{EOS_TOKENS_KEY}`"))?,
-        None => Vec::new(),
-    };
     let source = text
         .checkpoint
         .clone()
@@ -109,6 +105,10 @@ pub async fn export(
             dir.display()
         );
     }
+    let eos = match &source {
+        Some(dir) => hf::eos_tokens(dir)?,
+        None => Vec::new(),
+    };
     hf::save(out, &params, &eos, source.as_deref())?;
     if source.is_none() {
         // The built-in model: its character tokenizer as Hugging Face files.

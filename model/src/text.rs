@@ -110,6 +110,21 @@ impl HfTokenizer {
         self.eos_token.as_deref().and_then(|t| self.token_id(t))
     }
 
+    /// The tokens that end a response of the checkpoint in `dir`: its EOS ids
+    /// ([`crate::hf::eos_tokens`]) and this tokenizer's `eos_token`; an error if there is none.
+    pub fn stop_tokens(&self, dir: &Path) -> Result<Vec<u32>> {
+        let mut stop = crate::hf::eos_tokens(dir)?;
+        stop.extend(self.eos_id().filter(|id| !stop.contains(id)));
+        if stop.is_empty() {
+            return Err(tok_err(format!(
+                "{}: no EOS token (generation_config.json, config.json or tokenizer_config.json \
+                 `eos_token`): responses would never end",
+                dir.display()
+            )));
+        }
+        Ok(stop)
+    }
+
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (a BOS
     /// for Llama 3, nothing for Qwen). Rendered chat templates already hold their specials.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -203,14 +218,7 @@ impl TextCodec {
         }
         let dir = Path::new(hf_model);
         let tok = HfTokenizer::open(dir)?;
-        let mut stop = crate::hf::eos_tokens(dir)?;
-        stop.extend(tok.eos_id().filter(|id| !stop.contains(id)));
-        if stop.is_empty() {
-            return Err(tok_err(format!(
-                "{}: no EOS token (generation_config.json, config.json or tokenizer_config.json                  `eos_token`): responses would never end",
-                dir.display()
-            )));
-        }
+        let stop = tok.stop_tokens(dir)?;
         Ok(TextCodec::Hf(Arc::new(tok), stop))
     }
 

@@ -195,7 +195,8 @@ impl Setup {
                 let model = flywheel_model::hf::read_config(dir, None)?;
                 if model.max_seq_len < context {
                     bail!(
-                        "{}: a context of {} tokens is too short for the task (it needs {context});                          lower --max-terms",
+                        "{}: a context of {} tokens is too short for the task (it needs {context}); \
+                         lower --max-terms",
                         dir.display(),
                         model.max_seq_len
                     );

@@ -189,10 +189,7 @@ async fn warm_start_v0(
         seed: a.seed,
         target_accuracy: a.sft_target,
     };
-    let initial = match &setup.hf_model {
-        Some(dir) => flywheel_model::Checkpoint::open(dir, None)?.params,
-        None => Params::init(&setup.model, a.seed)?,
-    };
+    let initial = trainer.initial_params()?;
     let (task, tok, max_response) = (
         setup.task.clone(),
         setup.tok.clone(),

@@ -75,11 +75,6 @@ pub const MANIFEST_FORMAT_WHOLE_CHUNKS: u32 = 1;
 /// writes `flywheel_model::ModelConfig` there; the builtin engine builds its model from it).
 pub const MODEL_CONFIG_KEY: &str = "model_config";
 
-/// The [`WeightsManifest::metadata`] key holding the token ids that end a response, as a JSON
-/// list (a Hugging Face checkpoint's EOS); absent for the built-in model, whose tokenizer
-/// fixes it.
-pub const EOS_TOKENS_KEY: &str = "eos_token_ids";
-
 /// The [`WeightsManifest::metadata`] key holding the Hugging Face checkpoint directory the run
 /// started from (tokenizer files for exports); absent for the built-in model.
 pub const HF_SOURCE_KEY: &str = "hf_source";

@@ -23,7 +23,7 @@
 //! [trainer.weights]         # chunk_bytes, concurrency of weight publication
 //! ```
 
-use flywheel_model::{ModelConfig, TextCodec, Tokenizer};
+use flywheel_model::{Checkpoint, ModelConfig, ModelError, Params, TextCodec, Tokenizer};
 use flywheel_service::{ConfigError, admin};
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
@@ -131,13 +131,31 @@ impl TrainerConfig {
     /// With `hf_model` set: replaces `model` with the checkpoint's architecture (its context
     /// capped at [`flywheel_model::hf::DEFAULT_MAX_SEQ_LEN`]) and returns the directory.
     pub fn resolve_hf_model(&mut self) -> Result<Option<&std::path::Path>, ConfigError> {
+        let Some(model) = self.hf_model_config()? else {
+            return Ok(None);
+        };
+        self.model = model;
+        Ok(Some(std::path::Path::new(&self.hf_model)))
+    }
+
+    /// The architecture of the checkpoint `hf_model` names, if it names one.
+    fn hf_model_config(&self) -> Result<Option<ModelConfig>, ConfigError> {
         if self.hf_model.is_empty() {
             return Ok(None);
         }
-        let dir = std::path::Path::new(&self.hf_model);
-        self.model = flywheel_model::hf::read_config(dir, None)
-            .map_err(|e| ConfigError::new("trainer.hf_model", e.to_string()))?;
-        Ok(Some(dir))
+        flywheel_model::hf::read_config(std::path::Path::new(&self.hf_model), None)
+            .map(Some)
+            .map_err(|e| ConfigError::new("trainer.hf_model", e.to_string()))
+    }
+
+    /// The weights version 0 starts from: the checkpoint's when `hf_model` names one, else
+    /// the built-in model of `model` initialised from `seed`.
+    pub fn initial_params(&self) -> Result<Params, ModelError> {
+        if self.hf_model.is_empty() {
+            Params::init(&self.model, self.seed)
+        } else {
+            Ok(Checkpoint::open(std::path::Path::new(&self.hf_model), None)?.params)
+        }
     }
 
     /// The tokenizer of text prompts: the checkpoint's (`hf_model`), else `charset`'s.
@@ -155,15 +173,14 @@ impl TrainerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: &'static str, problem: String| ConfigError::new(field, problem);
         // The model trained: the checkpoint's when `hf_model` names one.
-        let (model, field) = if self.hf_model.is_empty() {
-            self.model
-                .validate()
-                .map_err(|e| err("trainer.model", e.to_string()))?;
-            (self.model.clone(), "trainer.model.vocab_size")
-        } else {
-            let mut resolved = self.clone();
-            resolved.resolve_hf_model()?;
-            (resolved.model, "trainer.hf_model")
+        let (model, field) = match self.hf_model_config()? {
+            Some(model) => (model, "trainer.hf_model"),
+            None => {
+                self.model
+                    .validate()
+                    .map_err(|e| err("trainer.model", e.to_string()))?;
+                (self.model.clone(), "trainer.model.vocab_size")
+            }
         };
         let tok = self.text_codec()?;
         if tok.vocab_size() > model.vocab_size {

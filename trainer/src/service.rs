@@ -43,13 +43,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Checkpoint as HfCheckpoint, Model, ModelError, Params, TextCodec};
+use flywheel_model::{Model, ModelError, Params, TextCodec};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
@@ -58,8 +57,7 @@ use flywheel_storage::keys;
 use flywheel_storage::ledger::{Checkpoint, LedgerError};
 use flywheel_storage::state::{MemberRole, RankClaim, StateError, StateStore, StepAnnouncement};
 use flywheel_storage::weights::{
-    self, Dtype, EOS_TOKENS_KEY, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsError,
-    WeightsManifest,
+    self, Dtype, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsError, WeightsManifest,
 };
 use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
 use futures::{StreamExt, TryStreamExt};
@@ -208,7 +206,7 @@ impl Trainer {
         mut config: TrainerConfig,
         initial: Option<Params>,
     ) -> Result<Self, TrainerError> {
-        let hf_model = config.resolve_hf_model()?.map(Path::to_owned);
+        config.resolve_hf_model()?;
         config.validate()?;
         let run = stores.run_id.clone();
         if let Some(p) = &initial {
@@ -219,12 +217,11 @@ impl Trainer {
                 .await?
                 .is_none();
         if initial.is_some() || fresh {
-            let params = match (initial, &hf_model) {
-                (Some(p), _) => p,
-                (None, Some(dir)) => HfCheckpoint::open(dir, None)?.params,
-                (None, None) => Params::init(&config.model, config.seed)?,
+            let params = match initial {
+                Some(p) => p,
+                None => config.initial_params()?,
             };
-            let metadata = weights_metadata(&config)?;
+            let metadata = weights_metadata(&config);
             let report =
                 publish_params(&stores.blobs, &run, 0, &params, None, &metadata, &config).await?;
             tracing::info!(
@@ -741,21 +738,17 @@ fn compute_rank(
 }
 
 /// What travels with every version: the model's shape (a worker builds the model from it)
-/// and, for a Hugging Face checkpoint, where responses end and where its tokenizer is.
-fn weights_metadata(config: &TrainerConfig) -> Result<BTreeMap<String, String>, ModelError> {
+/// and, for a Hugging Face checkpoint, the directory it came from (its tokenizer and EOS, for
+/// exports).
+fn weights_metadata(config: &TrainerConfig) -> BTreeMap<String, String> {
     let mut metadata = BTreeMap::from([(
         MODEL_CONFIG_KEY.to_owned(),
         serde_json::to_string(&config.model).unwrap_or_default(),
     )]);
     if !config.hf_model.is_empty() {
-        let eos = flywheel_model::hf::eos_tokens(Path::new(&config.hf_model))?;
-        metadata.insert(
-            EOS_TOKENS_KEY.to_owned(),
-            serde_json::to_string(&eos).unwrap_or_default(),
-        );
         metadata.insert(HF_SOURCE_KEY.to_owned(), config.hf_model.clone());
     }
-    Ok(metadata)
+    metadata
 }
 
 /// Publishes `params` as `version` with `metadata` (see [`weights_metadata`]; later versions

@@ -11,7 +11,7 @@
 //!
 //! Every call re-prefills prompt + committed tokens into a [`Sampler`] from a pool (one per
 //! slot, reused across versions of the same shape) and samples up to `max_new_tokens`
-//! tokens, stopping at EOS (a checkpoint's, carried in the manifest). Text prompts are BOS + the character tokenizer's ids, exactly what
+//! tokens, stopping at EOS (the run's text codec's: a checkpoint's, or the character tokenizer's). Text prompts are BOS + the character tokenizer's ids, exactly what
 //! the trainer stitches ([`Tokenizer::encode_prompt`]). The randomness of a segment is a fixed
 //! function of (seed, trajectory, committed length), so a resumed segment draws the same
 //! stream wherever it runs. Sampling runs on tokio's blocking pool.
@@ -25,9 +25,7 @@ use flywheel_model::{
     CpuBackend, Model, ModelConfig, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::weights::{
-    self, EOS_TOKENS_KEY, MODEL_CONFIG_KEY, WeightsConfig, WeightsManifest,
-};
+use flywheel_storage::weights::{self, MODEL_CONFIG_KEY, WeightsConfig, WeightsManifest};
 use flywheel_storage::{FinishReason, PolicyVersion};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -82,9 +80,6 @@ struct Loaded {
     manifest: WeightsManifest,
     /// Its tensors' bytes (idem).
     bytes: BTreeMap<String, Vec<u8>>,
-    /// Token ids that end a response: the checkpoint's EOS from the manifest, else the
-    /// character tokenizer's.
-    stop: Arc<[u32]>,
 }
 
 /// The built-in engine (see the module docs).
@@ -190,14 +185,8 @@ impl BuiltinEngine {
         let params = Params::from_bytes_map(&model_config, &fetched.tensors)
             .map_err(|e| protocol(format!("weights version {version}: {e}")))?;
         let model = Model::cpu(&params).map_err(|e| protocol(e.to_string()))?;
-        let stop: Vec<u32> = match fetched.manifest.metadata.get(EOS_TOKENS_KEY) {
-            Some(json) => serde_json::from_str(json)
-                .map_err(|e| protocol(format!("`{EOS_TOKENS_KEY}` of version {version}: {e}")))?,
-            None => vec![Tokenizer::EOS],
-        };
         let loaded = Arc::new(Loaded {
             model: Arc::new(model),
-            stop: stop.into(),
             manifest: fetched.manifest,
             bytes: fetched.tensors,
         });
@@ -224,7 +213,7 @@ impl Engine for BuiltinEngine {
         let loaded = self.model(req.version).await?;
         let _permit = acquire_slot(NAME, &self.permits).await?;
         let model = loaded.model.clone();
-        let stop = loaded.stop.clone();
+        let stop = self.tokenizer.stop_tokens().to_vec();
         let samplers = self.samplers.clone();
         let seed = trajectory_key(self.config.seed, &req.trajectory)
             ^ splitmix64(req.committed.len() as u64);
