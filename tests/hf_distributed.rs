@@ -9,7 +9,8 @@
 //!   (the ledger's accounting), over steps 0..=last without gaps;
 //! - versions were published, and the newest exports (`flywheel weights export`) to a
 //!   checkpoint directory of the same architecture, tokenizer and EOS, whose weights differ
-//!   from the checkpoint's (they were trained).
+//!   from the checkpoint's (optimizer steps were applied; with zero advantages that shows the
+//!   plumbing, not learning).
 //!
 //! The random model solves nothing, so every group's rewards are equal: the run keeps such
 //! groups (`filter_zero_variance = false`) so that steps train. Services as in
