@@ -724,6 +724,7 @@ mod tests {
             retention: 0,
             lease: None,
             reward: Some(reward),
+            failures: 0,
         }
     }
 

@@ -145,6 +145,9 @@ pub enum TrajectoryStatus {
     Finished,
     /// Dropped after outliving the retention limit σ.
     Purged,
+    /// Its group was dropped (a sibling gave up or was purged, or the group fell behind the
+    /// lag bound η): nothing more is generated for it.
+    Dropped,
 }
 
 /// A worker's claim on a trajectory. A claim after expiry gets a new, higher epoch.
@@ -190,6 +193,10 @@ pub struct TrajectoryState {
     pub lease: Option<Lease>,
     /// Set when finished.
     pub reward: Option<f32>,
+    /// Failed attempts at generating or scoring it (engine or verifier errors); at the
+    /// configured bound it gives up and its group is dropped.
+    #[serde(default)]
+    pub failures: u32,
 }
 
 /// A prompt's K finished trajectories with their rewards and advantages.

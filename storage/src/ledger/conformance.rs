@@ -20,8 +20,8 @@ use sqlx::postgres::PgConnection;
 use tempfile::TempDir;
 
 use super::{
-    Checkpoint, DropReason, Ledger, LedgerError, PromptCounts, PromptStatus, Recorded, StepRecord,
-    open,
+    Checkpoint, DropReason, EventKind, Ledger, LedgerError, PromptCounts, PromptStatus, Recorded,
+    RunControls, RunEvent, StepRecord, open,
 };
 use crate::testkit::{POSTGRES_URL_ENV, postgres_url};
 use crate::types::{Prompt, PromptId, PromptInput, StepId, VerifierSpec};
@@ -174,6 +174,9 @@ macro_rules! ledger_conformance_tests {
             concurrent_step_commits_claim_a_prompt_once,
             concurrent_replays_commit_once,
             concurrent_drop_and_train_agree,
+            rejecting_an_input_records_it_dropped,
+            events_are_recorded_once_per_key,
+            controls_are_durable_and_fenced,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -186,6 +189,126 @@ macro_rules! ledger_conformance_tests {
             }
         )*
     };
+}
+
+/// A rejected input is recorded as dropped without ever being accepted, once; a later
+/// accept of the same id adds nothing, and the id of an accepted prompt cannot be rejected.
+/// Not a leader write: it works whatever leader token the run has seen.
+pub async fn rejecting_an_input_records_it_dropped(ledger: Arc<dyn Ledger>) {
+    let ledger = &*ledger;
+    let run = new_run(ledger).await;
+    // A leader has written: the intake's rejection still goes through.
+    ledger
+        .set_controls(&run, &RunControls::default(), 9)
+        .await
+        .unwrap();
+    accept(ledger, &run, &["ok"]).await;
+    let bad = PromptId::from("bad-tokens");
+    let malformed = DropReason::Malformed;
+    for expected in [Recorded::New, Recorded::Existing] {
+        assert_eq!(
+            ledger
+                .reject_prompt(&run, &bad, malformed, "token 99 >= vocab 20")
+                .await
+                .unwrap(),
+            expected
+        );
+    }
+    assert_eq!(
+        status(ledger, &run, "bad-tokens").await,
+        Some(PromptStatus::Dropped {
+            reason: malformed,
+            detail: "token 99 >= vocab 20".into()
+        })
+    );
+    match ledger
+        .reject_prompt(&run, &bad, DropReason::Oversized, "")
+        .await
+    {
+        Err(LedgerError::PromptAlreadyDropped { reason, .. }) => assert_eq!(reason, malformed),
+        other => panic!("another reason must be refused, got {other:?}"),
+    }
+    match ledger
+        .reject_prompt(&run, &PromptId::from("ok"), malformed, "")
+        .await
+    {
+        Err(LedgerError::PromptIdReused { .. }) => {}
+        other => panic!("an accepted id cannot be rejected, got {other:?}"),
+    }
+    assert_eq!(counts(ledger, &run).await, (1, 0, 1));
+    match ledger
+        .reject_prompt(&new_run_id(), &bad, malformed, "")
+        .await
+    {
+        Err(LedgerError::RunNotFound { .. }) => {}
+        other => panic!("an unknown run must fail, got {other:?}"),
+    }
+}
+
+/// Events are recorded once per key, read back oldest first, and kept per run.
+pub async fn events_are_recorded_once_per_key(ledger: Arc<dyn Ledger>) {
+    let ledger = &*ledger;
+    let run = new_run(ledger).await;
+    let widened = RunEvent {
+        key: "budget-widened/v3/total-200".into(),
+        kind: EventKind::BudgetWidened,
+        detail: "version 3: 100 -> 200 tokens".into(),
+    };
+    let regenerated = RunEvent {
+        key: "regenerated/p#1/epoch-4".into(),
+        kind: EventKind::Regenerated,
+        detail: "p#1 outlived σ".into(),
+    };
+    assert_eq!(
+        ledger.record_event(&run, &widened).await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        ledger.record_event(&run, &regenerated).await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        ledger.record_event(&run, &widened).await.unwrap(),
+        Recorded::Existing
+    );
+    let events = ledger.events(&run).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(events.contains(&widened) && events.contains(&regenerated));
+    assert!(ledger.events(&new_run_id()).await.unwrap().is_empty());
+    match ledger.record_event(&new_run_id(), &widened).await {
+        Err(LedgerError::RunNotFound { .. }) => {}
+        other => panic!("an unknown run must fail, got {other:?}"),
+    }
+}
+
+/// The controls start at their defaults, are set by the live leader only, and read back.
+pub async fn controls_are_durable_and_fenced(ledger: Arc<dyn Ledger>) {
+    let ledger = &*ledger;
+    let run = new_run(ledger).await;
+    assert_eq!(ledger.controls(&run).await.unwrap(), RunControls::default());
+    let paused = RunControls {
+        paused: true,
+        version_budget_tokens: Some(5120),
+    };
+    ledger.set_controls(&run, &paused, 2).await.unwrap();
+    assert_eq!(ledger.controls(&run).await.unwrap(), paused);
+    match ledger
+        .set_controls(&run, &RunControls::default(), 1)
+        .await
+    {
+        Err(LedgerError::LeaderFenced { token, newest, .. }) => assert_eq!((token, newest), (1, 2)),
+        other => panic!("a deposed leader must be fenced, got {other:?}"),
+    }
+    assert_eq!(ledger.controls(&run).await.unwrap(), paused, "nothing written");
+    ledger
+        .set_controls(&run, &RunControls::default(), 3)
+        .await
+        .unwrap();
+    assert_eq!(ledger.controls(&run).await.unwrap(), RunControls::default());
+    assert_eq!(
+        ledger.controls(&new_run_id()).await.unwrap(),
+        RunControls::default()
+    );
 }
 
 /// A fresh run id.

@@ -116,17 +116,21 @@ pub enum DropReason {
     LagExceeded,
     /// Every response of its group was empty: there are no tokens to train.
     EmptyResponses,
+    /// Generating or scoring one of its trajectories kept failing (the engine or the verifier
+    /// refused it) past the attempt bound.
+    GenerationFailed,
 }
 
 impl DropReason {
     /// Every reason, for parsing and for metrics labels.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::PurgedRetention,
         DropReason::ZeroVariance,
         DropReason::Malformed,
         DropReason::Oversized,
         DropReason::LagExceeded,
         DropReason::EmptyResponses,
+        DropReason::GenerationFailed,
     ];
 
     /// The stable name stored in the ledger and used as a metrics label.
@@ -138,6 +142,7 @@ impl DropReason {
             DropReason::Oversized => "oversized",
             DropReason::LagExceeded => "lag_exceeded",
             DropReason::EmptyResponses => "empty_responses",
+            DropReason::GenerationFailed => "generation_failed",
         }
     }
 }
@@ -272,6 +277,73 @@ pub struct Checkpoint {
     pub optimizer_key: String,
 }
 
+/// What a [`RunEvent`] notes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A spent version could complete no group, so the coordinator widened its budget.
+    BudgetWidened,
+    /// A trajectory purged past σ was regenerated from scratch.
+    Regenerated,
+    /// An entry of a committed step was left out of its step: its data was unusable.
+    EntryDropped,
+    /// An operator paused or resumed the run, or changed Φ_r.
+    ControlsChanged,
+}
+
+impl EventKind {
+    /// Every kind, for parsing.
+    pub const ALL: [EventKind; 4] = [
+        EventKind::BudgetWidened,
+        EventKind::Regenerated,
+        EventKind::EntryDropped,
+        EventKind::ControlsChanged,
+    ];
+
+    /// The stable name stored in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BudgetWidened => "budget_widened",
+            EventKind::Regenerated => "regenerated",
+            EventKind::EntryDropped => "entry_dropped",
+            EventKind::ControlsChanged => "controls_changed",
+        }
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = LedgerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| LedgerError::InvalidInput(format!("unknown event kind {s:?}")))
+    }
+}
+
+/// A note on a run (see [`EventKind`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEvent {
+    /// Unique within the run and deterministic for what it notes (for example
+    /// `budget-widened/v12/total-20480`), so a replayed write records nothing twice.
+    pub key: String,
+    /// What it notes.
+    pub kind: EventKind,
+    /// For a person.
+    pub detail: String,
+}
+
+/// The operator's controls of a run (the coordinator's admin API), durable in the ledger so
+/// they survive a restart and a failover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunControls {
+    /// While set, the leader opens no version and cuts no step.
+    pub paused: bool,
+    /// Φ_r for the versions opened from now on; `None` keeps the configured one.
+    pub version_budget_tokens: Option<u64>,
+}
+
 /// The durable record of runs, prompts, steps and checkpoints.
 ///
 /// Every write is idempotent (see [`Recorded`]) and every multi-row write is one transaction.
@@ -311,6 +383,19 @@ pub trait Ledger: Send + Sync {
         reason: DropReason,
         detail: &str,
         leader_token: u64,
+    ) -> Result<Recorded>;
+
+    /// Records that input under `prompt`'s id was rejected at intake (it failed validation,
+    /// or could not be read) without ever being accepted: it is dropped with `reason`. Not a
+    /// leader write (workers' intakes call it). Repeating it is [`Recorded::Existing`]; an id
+    /// already accepted is [`LedgerError::PromptIdReused`]; one dropped for another reason is
+    /// [`LedgerError::PromptAlreadyDropped`].
+    async fn reject_prompt(
+        &self,
+        run: &str,
+        prompt: &PromptId,
+        reason: DropReason,
+        detail: &str,
     ) -> Result<Recorded>;
 
     /// Commits step `step.step`: in one transaction, records the step and marks each of its
@@ -359,4 +444,19 @@ pub trait Ledger: Send + Sync {
 
     /// Forgets the checkpoint of `step` (keep-last-N); whether there was one.
     async fn delete_checkpoint(&self, run: &str, step: StepId) -> Result<bool>;
+
+    /// Records a note on the run, once per key: a second write under the same key is
+    /// [`Recorded::Existing`] and changes nothing.
+    async fn record_event(&self, run: &str, event: &RunEvent) -> Result<Recorded>;
+
+    /// The run's notes, oldest first.
+    async fn events(&self, run: &str) -> Result<Vec<RunEvent>>;
+
+    /// Sets the run's controls. A leader write, fenced by `leader_token` like
+    /// [`Ledger::drop_prompt`].
+    async fn set_controls(&self, run: &str, controls: &RunControls, leader_token: u64)
+    -> Result<()>;
+
+    /// The run's controls (the defaults for a run the ledger does not know).
+    async fn controls(&self, run: &str) -> Result<RunControls>;
 }

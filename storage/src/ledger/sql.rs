@@ -23,7 +23,7 @@ use sqlx::{ConnectOptions, Connection, Database, QueryBuilder, Transaction};
 
 use super::{
     Backend, Checkpoint, DropReason, Ledger, LedgerError, PromptCounts, PromptStatus, Recorded,
-    Result, RunRecord, StepRecord, StepSummary,
+    Result, RunControls, RunEvent, RunRecord, StepRecord, StepSummary,
 };
 use crate::types::{Prompt, PromptId, StepId};
 
@@ -267,6 +267,15 @@ const SELECT_LATEST_CHECKPOINT: &str = "SELECT step, weights_key, optimizer_key 
      FROM checkpoints WHERE run_id = $1 ORDER BY step DESC LIMIT 1";
 const DELETE_CHECKPOINT: &str = "DELETE FROM checkpoints WHERE run_id = $1 AND step = $2";
 
+const INSERT_EVENT: &str = "INSERT INTO events \
+     (run_id, event_key, kind, detail, recorded_at_ms) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (run_id, event_key) DO NOTHING";
+const SELECT_EVENTS: &str = "SELECT event_key, kind, detail FROM events WHERE run_id = $1 \
+     ORDER BY recorded_at_ms, event_key";
+/// Runs after the leader fence, which already took the row lock.
+const UPDATE_CONTROLS: &str = "UPDATE runs SET paused = $2, version_budget = $3 WHERE run_id = $1";
+const SELECT_CONTROLS: &str = "SELECT paused, version_budget FROM runs WHERE run_id = $1";
+
 /// A step row: manifest key, total tokens, world size, min and max version.
 type StepRow = (String, i64, i64, i64, i64);
 /// A prompt's state columns: trained step, drop reason, drop detail.
@@ -446,6 +455,60 @@ impl Ledger for SqlLedger {
             Some(PromptStatus::Pending) | None => Err(LedgerError::Corrupt {
                 what: "prompt state",
                 detail: format!("prompt {prompt} of run {run:?} could not be dropped nor read"),
+            }),
+        }
+    }
+
+    async fn reject_prompt(
+        &self,
+        run: &str,
+        prompt: &PromptId,
+        reason: DropReason,
+        detail: &str,
+    ) -> Result<Recorded> {
+        check_id("run id", run)?;
+        check_id("prompt id", &prompt.0)?;
+        let now = now_ms();
+        let state: Option<PromptStateRow> = with_pool!(self, |pool: Db| {
+            let inserted = sqlx::query(INSERT_DROPPED_PROMPT)
+                .bind(run)
+                .bind(prompt.0.as_str())
+                .bind(now)
+                .bind(reason.as_str())
+                .bind(detail)
+                .execute(pool)
+                .await
+                .map_err(|e| run_fk(e, run))?
+                .rows_affected();
+            if inserted == 1 {
+                return Ok(Recorded::New);
+            }
+            sqlx::query_as(SELECT_PROMPT_STATE)
+                .bind(run)
+                .bind(prompt.0.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        match prompt_status(state)? {
+            Some(PromptStatus::Dropped { reason: was, .. }) if was == reason => {
+                Ok(Recorded::Existing)
+            }
+            Some(PromptStatus::Dropped { reason: was, .. }) => {
+                Err(LedgerError::PromptAlreadyDropped {
+                    run: run.to_owned(),
+                    prompt: prompt.clone(),
+                    reason: was,
+                })
+            }
+            Some(PromptStatus::Pending | PromptStatus::Trained { .. }) => {
+                Err(LedgerError::PromptIdReused {
+                    run: run.to_owned(),
+                    prompt: prompt.clone(),
+                })
+            }
+            None => Err(LedgerError::Corrupt {
+                what: "prompt row",
+                detail: format!("prompt {prompt} of run {run:?} conflicted but is missing"),
             }),
         }
     }
@@ -760,6 +823,95 @@ impl Ledger for SqlLedger {
                 .rows_affected()
         });
         Ok(deleted > 0)
+    }
+
+    async fn record_event(&self, run: &str, event: &RunEvent) -> Result<Recorded> {
+        check_id("run id", run)?;
+        check_id("event key", &event.key)?;
+        let now = now_ms();
+        let inserted = with_pool!(self, |pool: Db| {
+            sqlx::query(INSERT_EVENT)
+                .bind(run)
+                .bind(event.key.as_str())
+                .bind(event.kind.as_str())
+                .bind(event.detail.as_str())
+                .bind(now)
+                .execute(pool)
+                .await
+                .map_err(|e| run_fk(e, run))?
+                .rows_affected()
+        });
+        Ok(if inserted == 1 {
+            Recorded::New
+        } else {
+            Recorded::Existing
+        })
+    }
+
+    async fn events(&self, run: &str) -> Result<Vec<RunEvent>> {
+        let rows: Vec<(String, String, String)> = with_pool!(self, |pool: Db| {
+            sqlx::query_as(SELECT_EVENTS)
+                .bind(run)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(|(key, kind, detail)| {
+                Ok(RunEvent {
+                    key,
+                    kind: kind.parse().map_err(|_| LedgerError::Corrupt {
+                        what: "event kind",
+                        detail: format!("unknown kind {kind:?}"),
+                    })?,
+                    detail,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_controls(
+        &self,
+        run: &str,
+        controls: &RunControls,
+        leader_token: u64,
+    ) -> Result<()> {
+        check_id("run id", run)?;
+        let token = to_db(leader_token, "leader_token")?;
+        let budget = controls
+            .version_budget_tokens
+            .map(|b| to_db(b, "version_budget_tokens"))
+            .transpose()?;
+        let now = now_ms();
+        with_pool!(self, |pool: Db| {
+            let mut tx = pool.begin_write().await?;
+            fence_leader!(tx, run, now, token);
+            sqlx::query(UPDATE_CONTROLS)
+                .bind(run)
+                .bind(i64::from(controls.paused))
+                .bind(budget)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    async fn controls(&self, run: &str) -> Result<RunControls> {
+        let row: Option<(i64, Option<i64>)> = with_pool!(self, |pool: Db| {
+            sqlx::query_as(SELECT_CONTROLS)
+                .bind(run)
+                .fetch_optional(pool)
+                .await?
+        });
+        let Some((paused, budget)) = row else {
+            return Ok(RunControls::default());
+        };
+        Ok(RunControls {
+            paused: paused != 0,
+            version_budget_tokens: budget
+                .map(|b| from_db(b, "version_budget_tokens"))
+                .transpose()?,
+        })
     }
 }
 

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio::sync::Barrier;
 
 use super::{
-    ClaimSource, FenceReason, MAX_TOKENS, MemberRole, NotClaimable, RankFenceReason, Registration,
-    StateError, StateStore, StepAnnouncement, StreamCursor,
+    ClaimSource, FailureRecorded, FenceReason, MAX_TOKENS, MemberRole, NotClaimable,
+    RankFenceReason, Registration, StateError, StateStore, StepAnnouncement, StreamCursor,
 };
 use crate::testkit::{prompt, trajectory as tid};
 use crate::types::{PromptId, SegmentRef, TrajectoryId, TrajectoryStatus};
@@ -1299,6 +1299,257 @@ pub async fn step_board_exactly_one_finisher(f: &dyn StoreFactory) {
     store.finish_step(0, 1).await.unwrap();
 }
 
+/// Failed attempts are counted on the trajectory: below the bound it is released (pending
+/// without segments, parked with them); at the bound it gives up: `dropped`, never handed out
+/// again, with a give-up entry on the finished stream. Stale writers cannot record failures.
+pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.register_prompt(&prompt("p", 2)).await.unwrap();
+    let id = tid("p", 0);
+    let e1 = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+    let first = store
+        .record_failure(&id, "w", e1, "engine rejected the request", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        FailureRecorded::Released {
+            status: TrajectoryStatus::Pending,
+            failures: 1
+        }
+    );
+    // The released lease is over: its holder cannot record again.
+    let err = store
+        .record_failure(&id, "w", e1, "again", 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+
+    let e2 = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+    store
+        .commit_segment(&id, "w", e2, &seg(&id, 0, 4, 2), LONG)
+        .await
+        .unwrap();
+    let second = store
+        .record_failure(&id, "w", e2, "timeout", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        FailureRecorded::Released {
+            status: TrajectoryStatus::Parked,
+            failures: 2
+        }
+    );
+    let e3 = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+    let FailureRecorded::GaveUp(entry) = store
+        .record_failure(&id, "w", e3, "verifier: no such answer", 3)
+        .await
+        .unwrap()
+    else {
+        panic!("the third failure gives up");
+    };
+    assert_eq!(
+        (entry.trajectory.clone(), entry.failure.as_deref(), entry.tokens),
+        (id.clone(), Some("verifier: no such answer"), 4)
+    );
+    let t = store.trajectory(&id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.failures), (TrajectoryStatus::Dropped, 3));
+    let err = store.claim(&id, "x", LONG).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::NotClaimable {
+                reason: NotClaimable::Done(TrajectoryStatus::Dropped),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let stream = store.read_finished(StreamCursor::START, 10).await.unwrap();
+    assert_eq!(stream, vec![entry]);
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.dropped, c.finished, c.pending, c.parked), (1, 0, 1, 0));
+    // The sibling is untouched and still claimable.
+    let next = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(next.state.id, tid("p", 1));
+}
+
+/// Truncation forgets the segments from `keep` on, under the live lease, and recomputes the
+/// token count and versions; the next commit continues from there.
+pub async fn truncate_goes_back_to_the_last_good_segment(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    store.register_prompt(&prompt("p", 1)).await.unwrap();
+    let id = tid("p", 0);
+    let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+    for (seq, version) in [(0, 3), (1, 4), (2, 5)] {
+        store
+            .commit_segment(&id, "w", e, &seg(&id, seq, 10 + seq, version), LONG)
+            .await
+            .unwrap();
+    }
+    let t = store.truncate(&id, "w", e, 1).await.unwrap();
+    assert_eq!(t.segments, vec![seg(&id, 0, 10, 3)]);
+    assert_eq!(
+        (t.tokens, t.first_version, t.last_version),
+        (10, Some(3), Some(3))
+    );
+    let t = store
+        .commit_segment(&id, "w", e, &seg(&id, 1, 7, 6), LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        (t.segments.len(), t.tokens, t.last_version),
+        (2, 17, Some(6))
+    );
+    let t = store.truncate(&id, "w", e, 0).await.unwrap();
+    assert_eq!(
+        (t.segments.len(), t.tokens, t.first_version, t.last_version),
+        (0, 0, None, None)
+    );
+    assert_eq!(t.status, TrajectoryStatus::Generating);
+    // Not under a live lease: fenced.
+    let err = store.truncate(&id, "other", e, 0).await.unwrap_err();
+    assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+    // With nothing committed, a release returns it to pending.
+    assert_eq!(
+        store.release(&id, "w", e).await.unwrap(),
+        TrajectoryStatus::Pending
+    );
+}
+
+/// Closing a dropped group stops its pending, generating and parked trajectories: a worker
+/// still generating one is fenced at its next write; finished and purged ones stay as they
+/// are. A leader write.
+pub async fn closing_a_group_stops_its_unfinished_trajectories(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let lt = store
+        .acquire_leader("c", LONG)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    store.open_version(0, 1000, 1, lt).await.unwrap();
+    store.register_prompt(&prompt("g", 4)).await.unwrap();
+    store.register_prompt(&prompt("other", 1)).await.unwrap();
+    let (done, running, parked) = (tid("g", 0), tid("g", 1), tid("g", 2));
+    let e = store.claim(&done, "w", LONG).await.unwrap().lease().epoch;
+    store.finish(&done, "w", e, 1.0).await.unwrap();
+    let e = store.claim(&parked, "w", LONG).await.unwrap().lease().epoch;
+    store
+        .commit_segment(&parked, "w", e, &seg(&parked, 0, 3, 0), LONG)
+        .await
+        .unwrap();
+    store.release(&parked, "w", e).await.unwrap();
+    let running_epoch = store.claim(&running, "w", LONG).await.unwrap().lease().epoch;
+
+    let err = store.close_group(&"g".into(), lt + 1).await.unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    let mut stopped = store.close_group(&"g".into(), lt).await.unwrap();
+    stopped.sort();
+    assert_eq!(stopped, vec![running.clone(), parked.clone(), tid("g", 3)]);
+    for id in &stopped {
+        let t = store.trajectory(id).await.unwrap().unwrap();
+        assert_eq!(t.status, TrajectoryStatus::Dropped, "{id}");
+    }
+    assert_eq!(
+        store.trajectory(&done).await.unwrap().unwrap().status,
+        TrajectoryStatus::Finished
+    );
+    let err = store
+        .commit_segment(&running, "w", running_epoch, &seg(&running, 0, 3, 0), LONG)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::Fenced {
+                reason: FenceReason::NotGenerating(TrajectoryStatus::Dropped),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let c = store.counts().await.unwrap();
+    assert_eq!(
+        (c.dropped, c.generating, c.parked, c.pending, c.finished),
+        (3, 0, 0, 1, 1)
+    );
+    // Only the other prompt is left to claim; closing again stops nothing.
+    let next = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(next.state.id, tid("other", 0));
+    assert!(store.close_group(&"g".into(), lt).await.unwrap().is_empty());
+    assert!(
+        store
+            .close_group(&"never-registered".into(), lt)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Widening adds to the current version's budget (total and remaining); another version is
+/// left alone; a leader write.
+pub async fn widening_adds_to_the_current_budget(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let lt = store
+        .acquire_leader("c", LONG)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    assert_eq!(store.widen_budget(0, 10, lt).await.unwrap(), None);
+    store.open_version(3, 100, 1, lt).await.unwrap();
+    assert_eq!(store.reserve(3, 100).await.unwrap(), 100);
+    let b = store.widen_budget(3, 40, lt).await.unwrap().unwrap();
+    assert_eq!((b.version, b.total, b.remaining), (3, 140, 40));
+    assert_eq!(store.budget().await.unwrap(), Some(b));
+    assert_eq!(store.reserve(3, 50).await.unwrap(), 40);
+    assert_eq!(store.widen_budget(2, 10, lt).await.unwrap(), None);
+    let err = store.widen_budget(3, 10, lt + 1).await.unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    let b = store.widen_budget(3, MAX_TOKENS, lt).await.unwrap().unwrap();
+    assert_eq!(b.total, MAX_TOKENS, "capped at the largest budget");
+}
+
+/// Trimming deletes the consumed entries up to a cursor; later reads see the rest, and a
+/// trim is a leader write.
+pub async fn finished_stream_is_trimmed(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    let lt = store
+        .acquire_leader("c", LONG)
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    let mut written = Vec::new();
+    for i in 0..4u32 {
+        let p = format!("t{i}");
+        store.register_prompt(&prompt(&p, 1)).await.unwrap();
+        let id = tid(&p, 0);
+        let e = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
+        written.push(store.finish(&id, "w", e, 0.5).await.unwrap());
+    }
+    let err = store
+        .trim_finished(written[1].cursor, lt + 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    assert_eq!(store.trim_finished(written[1].cursor, lt).await.unwrap(), 2);
+    let rest = store.read_finished(StreamCursor::START, 10).await.unwrap();
+    assert_eq!(rest, written[2..].to_vec());
+    assert_eq!(store.trim_finished(written[1].cursor, lt).await.unwrap(), 0);
+    assert_eq!(store.trim_finished(written[3].cursor, lt).await.unwrap(), 2);
+    assert!(
+        store
+            .read_finished(StreamCursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.counts().await.unwrap().finished, 4, "counts stay");
+}
+
 /// Generates one `#[tokio::test]` per conformance function for a [`StoreFactory`] expression.
 ///
 /// ```ignore
@@ -1324,6 +1575,11 @@ macro_rules! state_store_conformance {
             step_board_announce_claim_finish,
             step_board_expired_rank_is_reclaimed,
             step_board_exactly_one_finisher,
+            failures_release_then_give_up,
+            truncate_goes_back_to_the_last_good_segment,
+            closing_a_group_stops_its_unfinished_trajectories,
+            widening_adds_to_the_current_budget,
+            finished_stream_is_trimmed,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 
 use super::board::Board;
 use super::{
-    Budget, Claim, ClaimSource, FenceReason, FinishedEntry, LeaderLease, Member, MemberRole,
-    NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError, StateStore,
-    StepAnnouncement, StreamCursor, VersionOpened, check,
+    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, LeaderLease, Member,
+    MemberRole, NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError,
+    StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
@@ -64,9 +64,10 @@ struct Inner {
     leader: Option<LeaderLease>,
     /// Last fencing token handed out.
     leader_token: u64,
-    /// Finished and purged totals.
+    /// Finished, purged and dropped totals.
     finished_count: u64,
     purged_count: u64,
+    dropped_count: u64,
     /// The step board.
     board: Board,
 }
@@ -162,8 +163,71 @@ impl Inner {
                     self.leases.remove(&(l.expires_at_ms, key));
                 }
             }
-            TrajectoryStatus::Finished | TrajectoryStatus::Purged => {}
+            TrajectoryStatus::Finished | TrajectoryStatus::Purged | TrajectoryStatus::Dropped => {}
         }
+    }
+
+    /// Ends the lease of a fenced trajectory now and queues it as `release` does: pending
+    /// without committed segments, parked with them.
+    fn release(&mut self, id: &TrajectoryId, now: u64) -> TrajectoryStatus {
+        self.unqueue(id);
+        let key = member_key(id);
+        let e = self.trajectories.get_mut(id).expect("fenced");
+        // The lease record stays (its epoch is the fencing history) but ends now.
+        if let Some(l) = e.state.lease.as_mut() {
+            l.expires_at_ms = now;
+        }
+        let (seq, first) = (e.seq, e.state.first_version);
+        e.state.status = match first {
+            None => TrajectoryStatus::Pending,
+            Some(_) => TrajectoryStatus::Parked,
+        };
+        let status = e.state.status;
+        match first {
+            None => {
+                self.pending.insert(seq, id.clone());
+            }
+            Some(v) => {
+                self.parked.insert((v, key));
+            }
+        }
+        status
+    }
+
+    /// Stops `id` for good: `dropped`, out of every queue, its lease (if any) ended.
+    fn stop(&mut self, id: &TrajectoryId, now: u64) {
+        self.unqueue(id);
+        let s = &mut self.trajectories.get_mut(id).expect("caller checked").state;
+        s.status = TrajectoryStatus::Dropped;
+        if let Some(l) = s.lease.as_mut() {
+            l.expires_at_ms = l.expires_at_ms.min(now);
+        }
+        self.dropped_count += 1;
+    }
+
+    /// Appends a finished-stream entry for `id` (its state as it is now).
+    fn push_finished(&mut self, id: &TrajectoryId, now: u64, reward: f32, failure: Option<String>) -> FinishedEntry {
+        let s = &self.trajectories[id].state;
+        let (tokens, first_version, last_version) = (s.tokens, s.first_version, s.last_version);
+        // Cursors follow Redis stream ids: (ms, seq), strictly increasing.
+        let cursor = match self.finished.last() {
+            Some(last) if last.cursor.ms >= now => StreamCursor {
+                ms: last.cursor.ms,
+                seq: last.cursor.seq + 1,
+            },
+            _ => StreamCursor { ms: now, seq: 0 },
+        };
+        let entry = FinishedEntry {
+            cursor,
+            trajectory: id.clone(),
+            reward,
+            tokens,
+            first_version,
+            last_version,
+            failure,
+        };
+        self.finished.push(entry.clone());
+        entry
     }
 
     /// Gives `id` a new lease with the next epoch.
@@ -235,6 +299,7 @@ impl StateStore for MemoryStateStore {
                 retention: 0,
                 lease: None,
                 reward: None,
+                failures: 0,
             };
             g.members.insert(member_key(&id), id.clone());
             g.trajectories.insert(id, Entry { state, seq });
@@ -299,7 +364,9 @@ impl StateStore for MemoryStateStore {
                 }
                 ClaimSource::Expired
             }
-            s @ (TrajectoryStatus::Finished | TrajectoryStatus::Purged) => {
+            s @ (TrajectoryStatus::Finished
+            | TrajectoryStatus::Purged
+            | TrajectoryStatus::Dropped) => {
                 return Err(StateError::NotClaimable {
                     id: id.clone(),
                     reason: NotClaimable::Done(s),
@@ -332,28 +399,7 @@ impl StateStore for MemoryStateStore {
         let mut g = self.lock();
         let now = now_ms();
         g.fence(id, owner, epoch, now)?;
-        g.unqueue(id);
-        let key = member_key(id);
-        let e = g.trajectories.get_mut(id).expect("fenced");
-        // The lease record stays (its epoch is the fencing history) but ends now.
-        if let Some(l) = e.state.lease.as_mut() {
-            l.expires_at_ms = now;
-        }
-        let status = match e.state.first_version {
-            None => TrajectoryStatus::Pending,
-            Some(_) => TrajectoryStatus::Parked,
-        };
-        e.state.status = status;
-        let (seq, first) = (e.seq, e.state.first_version);
-        match first {
-            None => {
-                g.pending.insert(seq, id.clone());
-            }
-            Some(v) => {
-                g.parked.insert((v, key));
-            }
-        }
-        Ok(status)
+        Ok(g.release(id, now))
     }
 
     async fn commit_segment(
@@ -413,26 +459,86 @@ impl StateStore for MemoryStateStore {
         if let Some(l) = s.lease.as_mut() {
             l.expires_at_ms = now;
         }
-        let (tokens, first_version, last_version) = (s.tokens, s.first_version, s.last_version);
-        // Cursors follow Redis stream ids: (ms, seq), strictly increasing.
-        let cursor = match g.finished.last() {
-            Some(last) if last.cursor.ms >= now => StreamCursor {
-                ms: last.cursor.ms,
-                seq: last.cursor.seq + 1,
-            },
-            _ => StreamCursor { ms: now, seq: 0 },
-        };
-        let entry = FinishedEntry {
-            cursor,
-            trajectory: id.clone(),
-            reward,
-            tokens,
-            first_version,
-            last_version,
-        };
-        g.finished.push(entry.clone());
         g.finished_count += 1;
-        Ok(entry)
+        Ok(g.push_finished(id, now, reward, None))
+    }
+
+    async fn record_failure(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        error: &str,
+        limit: u32,
+    ) -> Result<FailureRecorded, StateError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        let failures = {
+            let s = &mut g.entry(id)?.state;
+            s.failures += 1;
+            s.failures
+        };
+        if failures < limit {
+            let status = g.release(id, now);
+            return Ok(FailureRecorded::Released { status, failures });
+        }
+        g.stop(id, now);
+        Ok(FailureRecorded::GaveUp(g.push_finished(
+            id,
+            now,
+            0.0,
+            Some(error.to_owned()),
+        )))
+    }
+
+    async fn truncate(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        keep: u32,
+    ) -> Result<TrajectoryState, StateError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        g.fence(id, owner, epoch, now)?;
+        let s = &mut g.entry(id)?.state;
+        s.segments.truncate(keep as usize);
+        s.tokens = s.segments.iter().map(|r| u64::from(r.tokens)).sum();
+        s.first_version = s.segments.first().map(|r| r.version);
+        s.last_version = s.segments.last().map(|r| r.version);
+        Ok(s.clone())
+    }
+
+    async fn close_group(
+        &self,
+        prompt: &PromptId,
+        leader_token: u64,
+    ) -> Result<Vec<TrajectoryId>, StateError> {
+        let mut g = self.lock();
+        let now = now_ms();
+        let live = g.live_leader(now).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        let Some(k) = g.prompts.get(prompt).map(|p| p.group_size) else {
+            return Ok(Vec::new());
+        };
+        let mut stopped = Vec::new();
+        for sample in 0..k {
+            let id = TrajectoryId {
+                prompt: prompt.clone(),
+                sample,
+            };
+            let status = g.trajectories[&id].state.status;
+            // A purged trajectory is already stopped (and counted as purged).
+            if matches!(
+                status,
+                TrajectoryStatus::Pending | TrajectoryStatus::Generating | TrajectoryStatus::Parked
+            ) {
+                g.stop(&id, now);
+                stopped.push(id);
+            }
+        }
+        Ok(stopped)
     }
 
     async fn open_version(
@@ -521,6 +627,26 @@ impl StateStore for MemoryStateStore {
         })
     }
 
+    async fn widen_budget(
+        &self,
+        version: PolicyVersion,
+        tokens: u64,
+        leader_token: u64,
+    ) -> Result<Option<Budget>, StateError> {
+        check::tokens("widening", tokens)?;
+        let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        Ok(match g.budget.as_mut() {
+            Some(b) if b.version == version => {
+                b.total = (b.total + tokens).min(super::MAX_TOKENS);
+                b.remaining = (b.remaining + tokens).min(b.total);
+                Some(*b)
+            }
+            _ => None,
+        })
+    }
+
     async fn refund(&self, version: PolicyVersion, tokens: u64) -> Result<u64, StateError> {
         check::tokens("refund", tokens)?;
         let mut g = self.lock();
@@ -542,6 +668,19 @@ impl StateStore for MemoryStateStore {
         let g = self.lock();
         let start = g.finished.partition_point(|e| e.cursor <= after);
         Ok(g.finished[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn trim_finished(
+        &self,
+        through: StreamCursor,
+        leader_token: u64,
+    ) -> Result<u64, StateError> {
+        let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        let end = g.finished.partition_point(|e| e.cursor <= through);
+        g.finished.drain(..end);
+        Ok(end as u64)
     }
 
     async fn heartbeat(&self, role: MemberRole, id: &str, ttl: Duration) -> Result<(), StateError> {
@@ -656,6 +795,7 @@ impl StateStore for MemoryStateStore {
             parked: g.parked.len() as u64,
             finished: g.finished_count,
             purged: g.purged_count,
+            dropped: g.dropped_count,
         })
     }
 

@@ -20,6 +20,10 @@
 //!   *parks* it otherwise (that is how the worker parks when a version's budget is spent).
 //! - Opening version v sets the current version and budget, and bumps the retention of every
 //!   parked trajectory; those past σ are purged.
+//! - A failed attempt (engine or verifier error) is counted on the trajectory and releases it;
+//!   at the caller's bound the trajectory gives up (`dropped`, with a give-up entry on the
+//!   finished stream). Closing a dropped group stops its unfinished trajectories the same way,
+//!   so their writers are fenced out.
 //!
 //! # Clock
 //!
@@ -211,6 +215,26 @@ pub struct FinishedEntry {
     pub first_version: Option<PolicyVersion>,
     /// Version of its last segment.
     pub last_version: Option<PolicyVersion>,
+    /// Set when the trajectory gave up instead of finishing (its failed attempts reached the
+    /// bound; see [`StateStore::record_failure`]): it has no response, and the coordinator
+    /// drops its group with this reason.
+    pub failure: Option<String>,
+}
+
+/// What [`StateStore::record_failure`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FailureRecorded {
+    /// Below the bound: the lease is given up as by [`StateStore::release`] and the
+    /// trajectory will be tried again.
+    Released {
+        /// Where it went: `pending` or `parked`.
+        status: TrajectoryStatus,
+        /// Its failed attempts so far.
+        failures: u32,
+    },
+    /// At the bound: the trajectory is `dropped` and its give-up entry is on the finished
+    /// stream.
+    GaveUp(FinishedEntry),
 }
 
 /// The current version's rollout budget.
@@ -291,6 +315,8 @@ pub struct StateCounts {
     pub finished: u64,
     /// Trajectories purged past the retention limit (and not regenerated since).
     pub purged: u64,
+    /// Trajectories stopped because their group was dropped, or that gave up.
+    pub dropped: u64,
 }
 
 /// Errors of the state store.
@@ -478,6 +504,42 @@ pub trait StateStore: Send + Sync + 'static {
         reward: f32,
     ) -> Result<FinishedEntry, StateError>;
 
+    /// Records a failed attempt at generating or scoring the trajectory (an engine or
+    /// verifier error) under the caller's lease, and gives the lease up. The trajectory's
+    /// `failures` grows by one; below `limit` it is released as by [`StateStore::release`]
+    /// and tried again later; at `limit` it gives up: it becomes `dropped` and a finished
+    /// entry with `failure` = `error` goes on the stream, so the coordinator drops its group.
+    /// Fenced like every lease write.
+    async fn record_failure(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        error: &str,
+        limit: u32,
+    ) -> Result<FailureRecorded, StateError>;
+
+    /// Forgets the committed segments from `keep` on under the caller's lease (the first of
+    /// them is corrupt or missing in the object store): the trajectory goes on from its last
+    /// good segment. Its token count and versions are recomputed from what is kept.
+    async fn truncate(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        keep: u32,
+    ) -> Result<TrajectoryState, StateError>;
+
+    /// Stops every trajectory of `prompt` that is pending, generating or parked (its group was
+    /// dropped): each becomes `dropped` and its lease ends, so a worker still generating it is fenced at its
+    /// next write and drops the work. Returns the trajectories stopped. A leader write,
+    /// fenced by `leader_token` like [`StateStore::open_version`].
+    async fn close_group(
+        &self,
+        prompt: &PromptId,
+        leader_token: u64,
+    ) -> Result<Vec<TrajectoryId>, StateError>;
+
     // --- versions and budgets ---
 
     /// Opens `version` with a rollout budget of `budget` tokens: atomically sets it current,
@@ -509,6 +571,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// 0 when it is spent or `version` is no longer current.
     async fn reserve(&self, version: PolicyVersion, want: u64) -> Result<u64, StateError>;
 
+    /// Adds `tokens` to `version`'s budget, total and remaining (the coordinator's rule when
+    /// a spent version can complete no group). `None`, and nothing changes, when `version` is
+    /// not the current one. A leader write, fenced by `leader_token`.
+    async fn widen_budget(
+        &self,
+        version: PolicyVersion,
+        tokens: u64,
+        leader_token: u64,
+    ) -> Result<Option<Budget>, StateError>;
+
     /// Returns unused reserved tokens to `version`'s budget (never above what it was opened
     /// with). A refund to a version that is no longer current is dropped. Returns the tokens
     /// credited.
@@ -522,6 +594,15 @@ pub trait StateStore: Send + Sync + 'static {
         after: StreamCursor,
         limit: usize,
     ) -> Result<Vec<FinishedEntry>, StateError>;
+
+    /// Deletes the finished entries up to and including `through` once they are consumed (a
+    /// new leader reads the stream from its start, so a short stream keeps failover fast).
+    /// Returns how many were deleted. A leader write, fenced by `leader_token`.
+    async fn trim_finished(
+        &self,
+        through: StreamCursor,
+        leader_token: u64,
+    ) -> Result<u64, StateError>;
 
     // --- membership ---
 

@@ -6,7 +6,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `prompt:<id>` | string | the prompt, JSON |
-//! | `traj:<k>:<id>` | hash | status, seq, tokens, nseg, first, last, retention, owner, epoch, exp, reward |
+//! | `traj:<k>:<id>` | hash | status, seq, tokens, nseg, first, last, retention, owner, epoch, exp, reward, failures |
 //! | `segs:<k>:<id>` | list | committed `SegmentRef`s, JSON |
 //! | `pending` | zset | pending trajectories by registration seq |
 //! | `parked` | zset | parked trajectories by first version |
@@ -15,7 +15,7 @@
 //! | `version` | hash | current, total, remaining |
 //! | `members:<role>` | zset | heartbeats by expiry |
 //! | `leader` | hash | holder, token, exp |
-//! | `counts` | hash | prompts, finished, purged |
+//! | `counts` | hash | prompts, finished, purged, dropped |
 //! | `regseq` | string | the registration sequence |
 //! | `board` | hash | the step board: announced step, manifest key, world size, finisher rank, finished step |
 //! | `board:ranks` | hash | per rank of the announced step: owner, epoch, expiry, done |
@@ -30,9 +30,9 @@ use redis::{AsyncCommands, Script, Value};
 
 use super::memory::member_key;
 use super::{
-    Budget, Claim, ClaimSource, FenceReason, FinishedEntry, LeaderLease, Member, MemberRole,
-    NotClaimable, RankClaim, RankDone, RankFenceReason, Registration, StateCounts, StateError,
-    StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
+    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, LeaderLease, Member,
+    MemberRole, NotClaimable, RankClaim, RankDone, RankFenceReason, Registration, StateCounts,
+    StateError, StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
@@ -51,6 +51,11 @@ struct Scripts {
     release: Script,
     commit: Script,
     finish: Script,
+    fail: Script,
+    truncate: Script,
+    close_group: Script,
+    widen: Script,
+    trim: Script,
     open_version: Script,
     regenerate: Script,
     reserve: Script,
@@ -74,6 +79,11 @@ impl Scripts {
             release: s(include_str!("lua/release.lua")),
             commit: s(include_str!("lua/commit.lua")),
             finish: s(include_str!("lua/finish.lua")),
+            fail: s(include_str!("lua/fail.lua")),
+            truncate: s(include_str!("lua/truncate.lua")),
+            close_group: s(include_str!("lua/close_group.lua")),
+            widen: s(include_str!("lua/widen.lua")),
+            trim: s(include_str!("lua/trim.lua")),
             open_version: s(include_str!("lua/open_version.lua")),
             regenerate: s(include_str!("lua/regenerate.lua")),
             reserve: s(include_str!("lua/reserve.lua")),
@@ -271,6 +281,7 @@ fn parse_status(s: &str) -> Result<TrajectoryStatus, StateError> {
         "parked" => TrajectoryStatus::Parked,
         "finished" => TrajectoryStatus::Finished,
         "purged" => TrajectoryStatus::Purged,
+        "dropped" => TrajectoryStatus::Dropped,
         other => return Err(corrupt(format!("unknown status {other:?}"))),
     })
 }
@@ -336,6 +347,35 @@ fn parse_state(id: &TrajectoryId, v: &Value) -> Result<TrajectoryState, StateErr
             .map_err(|_| corrupt(format!("trajectory {id}: bad retention")))?,
         lease,
         reward,
+        failures: u32::try_from(opt("failures")?.unwrap_or(0))
+            .map_err(|_| corrupt(format!("trajectory {id}: bad failures")))?,
+    })
+}
+
+/// Parses the stream-entry tail `{'ok', id, tokens, first, last}` of `finish` and of a
+/// give-up, for trajectory `id`.
+fn parse_pushed(
+    id: &TrajectoryId,
+    a: &[Value],
+    reward: f32,
+    failure: Option<String>,
+) -> Result<FinishedEntry, StateError> {
+    let version = |i| -> Result<Option<u64>, StateError> {
+        let s = text(at(a, i)?)?;
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            num(at(a, i)?).map(Some)
+        }
+    };
+    Ok(FinishedEntry {
+        cursor: text(at(a, 1)?)?.parse()?,
+        trajectory: id.clone(),
+        reward,
+        tokens: num(at(a, 2)?)?,
+        first_version: version(3)?,
+        last_version: version(4)?,
+        failure,
     })
 }
 
@@ -626,22 +666,73 @@ impl StateStore for RedisStateStore {
             )
             .await?;
         let a = ok_or_err(id, epoch, &v)?;
-        let version = |i| -> Result<Option<u64>, StateError> {
-            let s = text(at(a, i)?)?;
-            if s.is_empty() {
-                Ok(None)
-            } else {
-                num(at(a, i)?).map(Some)
-            }
-        };
-        Ok(FinishedEntry {
-            cursor: text(at(a, 1)?)?.parse()?,
-            trajectory: id.clone(),
-            reward,
-            tokens: num(at(a, 2)?)?,
-            first_version: version(3)?,
-            last_version: version(4)?,
-        })
+        parse_pushed(id, a, reward, None)
+    }
+
+    async fn record_failure(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        error: &str,
+        limit: u32,
+    ) -> Result<FailureRecorded, StateError> {
+        let m = member_key(id);
+        let args: [&dyn ArgLike; 7] = [
+            &m,
+            &owner,
+            &epoch,
+            &error,
+            &limit,
+            &id.prompt.0,
+            &id.sample,
+        ];
+        let v = self.run(&self.scripts.fail, &args).await?;
+        let a = arr(&v)?;
+        if text(at(a, 0)?)? == "released" {
+            return Ok(FailureRecorded::Released {
+                status: parse_status(&text(at(a, 1)?)?)?,
+                failures: u32::try_from(num(at(a, 2)?)?)
+                    .map_err(|_| corrupt(format!("trajectory {id}: bad failures")))?,
+            });
+        }
+        let a = ok_or_err(id, epoch, &v)?;
+        parse_pushed(id, a, 0.0, Some(error.to_owned())).map(FailureRecorded::GaveUp)
+    }
+
+    async fn truncate(
+        &self,
+        id: &TrajectoryId,
+        owner: &str,
+        epoch: u64,
+        keep: u32,
+    ) -> Result<TrajectoryState, StateError> {
+        let v = self
+            .run(
+                &self.scripts.truncate,
+                &[&member_key(id), &owner, &epoch, &keep],
+            )
+            .await?;
+        let a = ok_or_err(id, epoch, &v)?;
+        parse_state(id, at(a, 1)?)
+    }
+
+    async fn close_group(
+        &self,
+        prompt: &PromptId,
+        leader_token: u64,
+    ) -> Result<Vec<TrajectoryId>, StateError> {
+        let v = self
+            .run(&self.scripts.close_group, &[&prompt.0, &leader_token])
+            .await?;
+        let a = arr(&v)?;
+        if text(at(a, 0)?)? == "leader" {
+            return Err(leader_fenced(leader_token, a)?);
+        }
+        arr(at(a, 1)?)?
+            .iter()
+            .map(|m| parse_member(&text(m)?))
+            .collect()
     }
 
     async fn open_version(
@@ -724,6 +815,31 @@ impl StateStore for RedisStateStore {
         num(&self.run(&self.scripts.reserve, &[&version, &want]).await?)
     }
 
+    async fn widen_budget(
+        &self,
+        version: PolicyVersion,
+        tokens: u64,
+        leader_token: u64,
+    ) -> Result<Option<Budget>, StateError> {
+        check::tokens("widening", tokens)?;
+        let v = self
+            .run(
+                &self.scripts.widen,
+                &[&version, &tokens, &leader_token, &super::MAX_TOKENS],
+            )
+            .await?;
+        let a = arr(&v)?;
+        match text(at(a, 0)?)?.as_str() {
+            "leader" => Err(leader_fenced(leader_token, a)?),
+            "none" => Ok(None),
+            _ => Ok(Some(Budget {
+                version,
+                total: num(at(a, 1)?)?,
+                remaining: num(at(a, 2)?)?,
+            })),
+        }
+    }
+
     async fn refund(&self, version: PolicyVersion, tokens: u64) -> Result<u64, StateError> {
         check::tokens("refund", tokens)?;
         num(&self.run(&self.scripts.refund, &[&version, &tokens]).await?)
@@ -777,9 +893,30 @@ impl StateStore for RedisStateStore {
                     tokens: get("tokens")?.parse().map_err(|_| bad("tokens"))?,
                     first_version: opt("first")?,
                     last_version: opt("last")?,
+                    failure: f.get("failure").cloned(),
                 })
             })
             .collect()
+    }
+
+    async fn trim_finished(
+        &self,
+        through: StreamCursor,
+        leader_token: u64,
+    ) -> Result<u64, StateError> {
+        // XTRIM MINID keeps ids ≥ the one given: the entry right after `through`.
+        let keep_from = StreamCursor {
+            ms: through.ms,
+            seq: through.seq + 1,
+        };
+        let v = self
+            .run(&self.scripts.trim, &[&keep_from.to_string(), &leader_token])
+            .await?;
+        let a = arr(&v)?;
+        if text(at(a, 0)?)? == "leader" {
+            return Err(leader_fenced(leader_token, a)?);
+        }
+        num(at(a, 1)?)
     }
 
     async fn heartbeat(&self, role: MemberRole, id: &str, ttl: Duration) -> Result<(), StateError> {
@@ -892,6 +1029,7 @@ impl StateStore for RedisStateStore {
             parked: n(4)?,
             finished: n(5)?,
             purged: n(6)?,
+            dropped: n(7)?,
         })
     }
 

@@ -60,3 +60,50 @@ local function extend(m, exp)
   redis.call('HSET', tkey(m), 'exp', int(exp))
   redis.call('ZADD', P .. 'leases', int(exp), m)
 end
+
+-- Ends a fenced lease now and queues m as `release` does: pending without committed segments,
+-- parked with them. The lease record stays (its epoch is the fencing history). Returns the
+-- status it went to.
+local function release_lease(m, now)
+  local k = tkey(m)
+  redis.call('ZREM', P .. 'leases', m)
+  redis.call('HSET', k, 'exp', int(now))
+  local first = redis.call('HGET', k, 'first')
+  if first then
+    redis.call('HSET', k, 'status', 'parked')
+    redis.call('ZADD', P .. 'parked', first, m)
+    return 'parked'
+  end
+  redis.call('HSET', k, 'status', 'pending')
+  redis.call('ZADD', P .. 'pending', redis.call('HGET', k, 'seq'), m)
+  return 'pending'
+end
+
+-- Stops m for good: `dropped`, out of every queue, its lease (if any) ended.
+local function stop(m, now)
+  local k = tkey(m)
+  redis.call('ZREM', P .. 'pending', m)
+  redis.call('ZREM', P .. 'parked', m)
+  redis.call('ZREM', P .. 'leases', m)
+  local exp = tonumber(redis.call('HGET', k, 'exp') or '0')
+  if exp > now then redis.call('HSET', k, 'exp', int(now)) end
+  redis.call('HSET', k, 'status', 'dropped')
+  redis.call('HINCRBY', P .. 'counts', 'dropped', 1)
+end
+
+-- Appends m's finished-stream entry (prompt id and sample given, as the member key's prompt
+-- id may contain ':'); `failure` is nil for a scored trajectory. Returns the reply tail:
+-- stream id, tokens, first and last version ('' when none).
+local function push_finished(m, prompt, sample, reward, failure)
+  local h = redis.call('HMGET', tkey(m), 'tokens', 'first', 'last')
+  local fields = {'prompt', prompt, 'sample', sample, 'reward', reward, 'tokens', h[1]}
+  if h[2] then
+    table.insert(fields, 'first'); table.insert(fields, h[2])
+    table.insert(fields, 'last'); table.insert(fields, h[3])
+  end
+  if failure then
+    table.insert(fields, 'failure'); table.insert(fields, failure)
+  end
+  local id = redis.call('XADD', P .. 'finished', '*', unpack(fields))
+  return {'ok', id, h[1], h[2] or '', h[3] or ''}
+end

@@ -1,6 +1,6 @@
 -- counts. ARGV: prefix.
 local now = now_ms()
-local c = redis.call('HMGET', P .. 'counts', 'prompts', 'finished', 'purged')
+local c = redis.call('HMGET', P .. 'counts', 'prompts', 'finished', 'purged', 'dropped')
 return {
   tonumber(c[1] or 0),
   redis.call('ZCARD', P .. 'pending'),
@@ -9,4 +9,5 @@ return {
   redis.call('ZCARD', P .. 'parked'),
   tonumber(c[2] or 0),
   tonumber(c[3] or 0),
+  tonumber(c[4] or 0),
 }
