@@ -10,7 +10,10 @@
 //!
 //! Admin routes need `Authorization: Bearer <token>` with the configured admin token: a
 //! missing or wrong token is 401 and changes nothing; with no token configured every admin
-//! call is 401 too (admin is disabled).
+//! call is 401 too (admin is disabled). A change is written to the ledger by the leader
+//! (fenced by its leader token) before it takes effect, so it survives a restart and a
+//! failover; a standby answers 409 naming the leader, and a ledger failure is 503 (nothing
+//! changed).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -21,6 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+
+use flywheel_storage::ledger::{EventKind, LedgerError, RunControls, RunEvent};
 
 use crate::service::{Controls, LoopSnapshot};
 use crate::status::StatusSources;
@@ -120,17 +125,81 @@ async fn pause(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    s.controls.paused.store(true, Ordering::SeqCst);
-    tracing::info!("paused by the admin API");
-    view(&s.controls).into_response()
+    let version_budget_tokens = s.controls.version_budget.load(Ordering::SeqCst);
+    change(&s, true, version_budget_tokens, "paused").await
 }
 
 async fn resume(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    s.controls.paused.store(false, Ordering::SeqCst);
-    tracing::info!("resumed by the admin API");
+    let version_budget_tokens = s.controls.version_budget.load(Ordering::SeqCst);
+    change(&s, false, version_budget_tokens, "resumed").await
+}
+
+/// Milliseconds since the Unix epoch (keys of control-change notes: one per call).
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// Makes a control change durable (leader only), then applies it; answers the controls after.
+async fn change(s: &ApiState, paused: bool, version_budget: u64, what: &str) -> Response {
+    let token = s.controls.leader_token.load(Ordering::SeqCst);
+    if token == 0 {
+        let leader = match s.sources.state.leader().await {
+            Ok(Some(l)) => format!("the leader is {}", l.holder),
+            Ok(None) => "no coordinator leads right now; try again shortly".into(),
+            Err(e) => format!("the leader cannot be read: {e}"),
+        };
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "this coordinator is a standby and changes nothing: send admin calls to the leader ({leader})"
+            ),
+        );
+    }
+    let controls = RunControls {
+        paused,
+        version_budget_tokens: (version_budget != s.controls.configured_budget)
+            .then_some(version_budget),
+    };
+    let run = &s.sources.run;
+    match s.sources.ledger.set_controls(run, &controls, token).await {
+        Ok(()) => {}
+        Err(e @ LedgerError::LeaderFenced { .. }) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("this coordinator was deposed and changes nothing: {e}"),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the ledger did not take the change, so nothing changed: {e}"),
+            );
+        }
+    }
+    s.controls.paused.store(paused, Ordering::SeqCst);
+    s.controls
+        .version_budget
+        .store(version_budget, Ordering::SeqCst);
+    let event = RunEvent {
+        key: format!("controls/token-{token}/{}", now_ms()),
+        kind: EventKind::ControlsChanged,
+        detail: format!(
+            "{what} by the admin API: paused {paused}, version_budget_tokens {version_budget}"
+        ),
+    };
+    if let Err(e) = s.sources.ledger.record_event(run, &event).await {
+        tracing::warn!(error = %e, "cannot note the control change in the ledger");
+    }
+    tracing::info!(
+        paused,
+        version_budget_tokens = version_budget,
+        "{what} by the admin API"
+    );
     view(&s.controls).into_response()
 }
 
@@ -170,7 +239,6 @@ async fn budget(
             ),
         );
     }
-    s.controls.version_budget.store(n, Ordering::SeqCst);
-    tracing::info!(version_budget_tokens = n, "budget set by the admin API");
-    view(&s.controls).into_response()
+    let paused = s.controls.paused.load(Ordering::SeqCst);
+    change(&s, paused, n, "budget set").await
 }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub staleness: Histogram,
     /// Groups dropped (or regenerated) by reason.
     pub groups_dropped: IntCounterVec,
+    /// Times a spent version that could complete no group had its budget widened.
+    pub budget_widenings: IntCounter,
     /// Live members by role (`worker`, `trainer`).
     pub members_alive: IntGaugeVec,
     /// 1 while this process leads.
@@ -73,6 +75,11 @@ impl Metrics {
                 "flywheel_coordinator_groups_dropped_total",
                 "Groups dropped (or regenerated), by reason.",
                 &["reason"],
+            ),
+            budget_widenings: counter(
+                &r,
+                "flywheel_coordinator_budget_widenings_total",
+                "Spent version budgets widened because no group could complete.",
             ),
             members_alive: gauge_vec(
                 &r,

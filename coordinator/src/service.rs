@@ -20,16 +20,33 @@
 //!   purged (dropped or regenerated per `purge_action`, recorded in the ledger / metrics).
 //! - `sync`: the same budget and retention; the difference is in the workers, which run every
 //!   trajectory to its end (they never park).
-//! - `async`: the budget is unbounded (workers never wait); a complete group whose oldest
-//!   token is more than η versions behind the current version is dropped (`lag_exceeded`).
+//! - `async`: versions open with (η + 1) · Φ_r, which bounds how much new work starts per
+//!   version (started trajectories never wait); a complete group whose oldest token is more
+//!   than η versions behind the current version is dropped (`lag_exceeded`), and workers
+//!   abandon such trajectories before they complete.
+//!
+//! # Dropped groups
+//! A group is dropped (recorded in the ledger with its reason) when it carries no signal,
+//! outlived σ, lagged past η, or one of its trajectories gave up (its attempts kept failing:
+//! a give-up entry on the finished stream). Its unfinished trajectories are then stopped
+//! ([`StateStore::close_group`]), so no worker spends more on them.
 //!
 //! # Cut rule
-//! Step s is cut when the waiting complete groups hold ≥ Φ tokens; or, in `sync`/`partial`,
-//! when the version's budget is spent and nothing is generating (in `partial`, a trajectory
-//! whose lease expired does not count: it resumes under the next version); or when the input
-//! is drained
-//! (nothing pending, generating or parked). The world size is the number of live trainers
-//! (at least 1) at the cut.
+//! Step s is cut when the waiting complete groups hold ≥ Φ tokens; or when the version's
+//! budget is spent and nothing is generating that the step waits for (in `partial` and
+//! `async`, a trajectory whose lease expired does not count: it resumes later; in `sync`,
+//! parked trajectories count too, as every trajectory of a step ends under its version); or
+//! when the input is drained (nothing pending, generating or parked). The world size is the
+//! number of live trainers (at least 1) at the cut.
+//!
+//! # A spent version that can complete no group
+//! When the budget is spent, nothing that the step waits for is generating, no group is
+//! complete and work is left (parked or pending trajectories, say groups of K whose
+//! siblings did not fit), no step can be cut and so no newer version can open. When the
+//! leader sees this on two ticks in a row it widens the version's budget by Φ_r (the amount
+//! versions open with) and notes it in the ledger (`budget_widened`) and in
+//! `flywheel_coordinator_budget_widenings_total`: the run goes on, and the note says that Φ_r
+//! is too small for the responses.
 //!
 //! # Commit protocol (crash-safe)
 //! manifest `put_if_absent` → `Ledger::record_step` (the commit point) → `announce_step`.
@@ -41,7 +58,14 @@
 //! # Resuming the finished stream
 //! The stream cursor is not stored: a new leader reads the stream from the start and skips
 //! every prompt the ledger says is trained or dropped (one ledger query per prompt, cached),
-//! so groups are rebuilt exactly from the ledger and the state store.
+//! so groups are rebuilt exactly from the ledger and the state store. After each committed
+//! step the leader trims the entries before the first one of a prompt still open, so the
+//! stream, and the time a failover takes to read it, stays bounded by what is in flight.
+//!
+//! # Operator controls
+//! Pause and Φ_r changes (the admin API) are written to the ledger by the leader, fenced by
+//! its token, and loaded by every new leader: they survive restarts and failovers. A standby
+//! refuses them, naming the leader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -55,10 +79,12 @@ use flywheel_storage::RunStores;
 use flywheel_storage::blob::{BlobError, BlobStore, PutOutcome};
 use flywheel_storage::config::{PurgeAction, RolloutMode, RunConfig};
 use flywheel_storage::keys;
-use flywheel_storage::ledger::{DropReason, Ledger, LedgerError, PromptStatus, StepRecord};
+use flywheel_storage::ledger::{
+    DropReason, EventKind, Ledger, LedgerError, PromptStatus, RunEvent, StepRecord,
+};
 use flywheel_storage::state::{
-    LeaderLease, MAX_TOKENS, MemberRole, StateCounts, StateError, StateStore, StepAnnouncement,
-    StreamCursor,
+    Budget, LeaderLease, MAX_TOKENS, MemberRole, StateCounts, StateError, StateStore,
+    StepAnnouncement, StreamCursor,
 };
 use flywheel_storage::types::{
     BatchManifest, Group, PolicyVersion, PromptId, StepId, TrajectoryId, TrajectoryStatus,
@@ -140,13 +166,19 @@ pub enum TickOutcome {
     Committed(StepId),
 }
 
-/// Knobs the HTTP admin API changes at run time, shared with the loop.
+/// Knobs the HTTP admin API changes at run time, shared with the loop. The ledger holds the
+/// durable copy ([`flywheel_storage::ledger::RunControls`]); these are the leader's view.
 #[derive(Debug)]
 pub struct Controls {
     /// While set, the leader keeps its lock but opens no version and cuts no step.
     pub paused: AtomicBool,
     /// Φ_r for the versions opened from now on.
     pub version_budget: AtomicU64,
+    /// Φ_r of the configuration (what the controls fall back to).
+    pub configured_budget: u64,
+    /// The leader token this process holds; 0 while it stands by (the API then refuses
+    /// changes: only the leader writes them, fenced by this token).
+    pub leader_token: AtomicU64,
 }
 
 /// A point-in-time summary the loop publishes for `/v1/status`.
@@ -179,10 +211,13 @@ struct Book {
     group_size: HashMap<PromptId, u32>,
     /// Complete groups waiting for a step, by prompt.
     waiting: BTreeMap<PromptId, Group>,
+    /// Where each open prompt's first finished entry is: the stream is trimmed before the
+    /// oldest of them.
+    first_entry: HashMap<PromptId, StreamCursor>,
     /// The next step to cut (the ledger's last + 1).
     next_step: StepId,
-    /// The stall warning was logged this term.
-    stall_warned: bool,
+    /// The budget of a spent version seen unable to complete a group on the last tick.
+    stalled: Option<Budget>,
 }
 
 /// One coordinator process: a candidate for leadership and, while leading, the loop.
@@ -212,6 +247,8 @@ impl Coordinator {
         let controls = Arc::new(Controls {
             paused: AtomicBool::new(false),
             version_budget: AtomicU64::new(run.rollout.version_budget_tokens),
+            configured_budget: run.rollout.version_budget_tokens,
+            leader_token: AtomicU64::new(0),
         });
         Coordinator {
             run,
@@ -284,6 +321,7 @@ impl Coordinator {
 
     /// Gives the lock up (clean shutdown) so a standby takes over at once.
     pub async fn resign(&mut self) {
+        self.controls.leader_token.store(0, Ordering::SeqCst);
         if let Some(l) = self.lease.take() {
             let _ = self.state.release_leader(&self.id, l.token).await;
         }
@@ -358,7 +396,13 @@ impl Coordinator {
         info!(id = %self.id, token = l.token, "took the leader lock");
         self.lease = Some(l);
         self.metrics.is_leader.set(1);
-        if let Err(e) = self.recover().await {
+        let recovered = self.recover().await;
+        if recovered.is_ok() {
+            self.controls
+                .leader_token
+                .store(self.token(), Ordering::SeqCst);
+        }
+        if let Err(e) = recovered {
             // Recovery is redone by the next takeover; give the lock back so nobody waits.
             self.resign().await;
             self.book = Book::default();
@@ -368,6 +412,7 @@ impl Coordinator {
     }
 
     fn step_down(&mut self) {
+        self.controls.leader_token.store(0, Ordering::SeqCst);
         self.lease = None;
         self.book = Book::default();
         self.metrics.is_leader.set(0);
@@ -398,6 +443,16 @@ impl Coordinator {
     async fn recover(&mut self) -> Result<(), CoordinatorError> {
         let run = self.run_id().to_owned();
         self.book = Book::default();
+        let controls = self.ledger.controls(&run).await?;
+        self.controls
+            .paused
+            .store(controls.paused, Ordering::SeqCst);
+        self.controls.version_budget.store(
+            controls
+                .version_budget_tokens
+                .unwrap_or(self.controls.configured_budget),
+            Ordering::SeqCst,
+        );
         let last = self.ledger.last_step(&run).await?;
         self.book.next_step = last.map_or(0, |s| s + 1);
         // A step recorded but never announced (crash after the commit point).
@@ -454,12 +509,10 @@ impl Coordinator {
             return Ok(());
         }
         let r = &self.run.rollout;
-        let (budget, sigma) = match r.mode {
-            RolloutMode::Async => (MAX_TOKENS, r.retention_limit.max(r.max_lag)),
-            RolloutMode::Sync | RolloutMode::Partial => (
-                self.controls.version_budget.load(Ordering::SeqCst),
-                r.retention_limit,
-            ),
+        let budget = self.opening_budget();
+        let sigma = match r.mode {
+            RolloutMode::Async => r.retention_limit.max(r.max_lag),
+            RolloutMode::Sync | RolloutMode::Partial => r.retention_limit,
         };
         let opened = match self
             .state
@@ -482,6 +535,16 @@ impl Coordinator {
         self.handle_purged(opened.purged).await
     }
 
+    /// What a version opens with: Φ_r, or in `async` mode (η + 1) · Φ_r.
+    fn opening_budget(&self) -> u64 {
+        let phi_r = self.controls.version_budget.load(Ordering::SeqCst);
+        let versions = match self.run.rollout.mode {
+            RolloutMode::Async => u64::from(self.run.rollout.max_lag) + 1,
+            RolloutMode::Sync | RolloutMode::Partial => 1,
+        };
+        phi_r.saturating_mul(versions).min(MAX_TOKENS)
+    }
+
     /// Applies the purge action to trajectories purged past σ and records it.
     async fn handle_purged(&mut self, purged: Vec<TrajectoryId>) -> Result<(), CoordinatorError> {
         let run = self.run_id().to_owned();
@@ -498,10 +561,26 @@ impl Coordinator {
                         .await?;
                 }
                 PurgeAction::Regenerate => {
+                    let epoch = self
+                        .state
+                        .trajectory(&id)
+                        .await?
+                        .and_then(|t| t.lease)
+                        .map_or(0, |l| l.epoch);
                     match self.state.regenerate(&id, self.token()).await {
                         Ok(()) | Err(StateError::NotPurged { .. }) => {}
                         Err(e) => return Err(self.fenced_out(e.into())),
                     }
+                    // Keyed by the purged generation's last epoch: one note per regeneration.
+                    let event = RunEvent {
+                        key: format!("regenerated/{id}/epoch-{epoch}"),
+                        kind: EventKind::Regenerated,
+                        detail: format!(
+                            "trajectory {id} outlived the retention limit σ = {sigma}; \
+                             regenerated from scratch"
+                        ),
+                    };
+                    self.ledger.record_event(&run, &event).await?;
                     if let Some(s) = self.book.finished.get_mut(&id.prompt) {
                         s.remove(&id.sample);
                     }
@@ -536,9 +615,14 @@ impl Coordinator {
                     .groups_dropped
                     .with_label_values(&[reason.as_str()])
                     .inc();
-                if reason != DropReason::PurgedRetention {
-                    self.delete_segments(prompt).await;
+                match self.state.close_group(prompt, token).await {
+                    Ok(stopped) if !stopped.is_empty() => {
+                        info!(%prompt, stopped = stopped.len(), "stopped the dropped group's unfinished trajectories");
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(self.fenced_out(e.into())),
                 }
+                self.delete_segments(prompt).await;
             }
             // Already closed another way: the ledger's record stands.
             Err(
@@ -551,9 +635,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Deletes the segments of a dropped group whose trajectories are all finished: nothing
-    /// will read them again, and storage stays bounded. (A purged group's siblings may still
-    /// be generating, so their segments are left.) Best effort: a failure only leaves garbage.
+    /// Deletes the segments of a dropped group (its unfinished trajectories are stopped):
+    /// nothing will read them again, and storage stays bounded. Best effort: a failure, or a
+    /// stopped writer's last object landing after this, only leaves garbage.
     async fn delete_segments(&self, prompt: &PromptId) {
         let Ok(Some(p)) = self.state.prompt(prompt).await else {
             return;
@@ -574,6 +658,7 @@ impl Coordinator {
         self.book.closed.insert(prompt.clone());
         self.book.finished.remove(prompt);
         self.book.waiting.remove(prompt);
+        self.book.first_entry.remove(prompt);
     }
 
     /// Reads the finished stream and turns complete prompts into waiting groups.
@@ -600,6 +685,12 @@ impl Coordinator {
                     self.book.closed.insert(p);
                     continue;
                 }
+                self.book.first_entry.entry(p.clone()).or_insert(e.cursor);
+                if let Some(g) = &e.gave_up {
+                    let detail = format!("trajectory {} gave up: {}", e.trajectory, g.detail);
+                    self.drop_prompt(&run, &p, g.reason, &detail).await?;
+                    continue;
+                }
                 self.book
                     .finished
                     .entry(p.clone())
@@ -622,6 +713,7 @@ impl Coordinator {
                 }
                 None => {
                     warn!(prompt = %p, "finished trajectory of an unregistered prompt; ignored");
+                    self.book.first_entry.remove(p);
                     return Ok(());
                 }
             },
@@ -713,23 +805,27 @@ impl Coordinator {
             .sum()
     }
 
-    /// Trajectories a spent version's step waits for. In `partial` mode a trajectory whose
-    /// lease expired is not among them: its worker is gone, and nobody claims it while the
-    /// budget is spent; it resumes under the next version, before any pending work. In `sync`
-    /// mode workers claim and finish it under this version, so the step waits.
+    /// Trajectories a spent version's step waits for. In `partial` and `async` mode a
+    /// trajectory whose lease expired is not among them: its worker is gone; it resumes later
+    /// (in `partial` under the next version, before any pending work). In `sync` mode workers
+    /// claim and finish it, and any parked trajectory (a stopping worker's), under this
+    /// version, so the step waits for those too: a trajectory never spans two versions.
     fn generating(&self, c: &StateCounts) -> u64 {
         match self.run.rollout.mode {
-            RolloutMode::Partial => c.generating.saturating_sub(c.lease_expired),
-            RolloutMode::Sync | RolloutMode::Async => c.generating,
+            RolloutMode::Partial | RolloutMode::Async => {
+                c.generating.saturating_sub(c.lease_expired)
+            }
+            RolloutMode::Sync => c.generating + c.parked,
         }
     }
 
     /// Cuts and commits a step when the rule says so.
     async fn maybe_cut(&mut self) -> Result<TickOutcome, CoordinatorError> {
         if self.book.waiting.is_empty() {
-            self.warn_if_stalled().await?;
+            self.widen_if_stalled().await?;
             return Ok(TickOutcome::Idle);
         }
+        self.book.stalled = None;
         if !self.previous_step_finished().await? {
             return Ok(TickOutcome::Idle);
         }
@@ -738,8 +834,7 @@ impl Coordinator {
         if !due {
             let counts = self.state.counts().await?;
             let drained = counts.pending == 0 && counts.generating == 0 && counts.parked == 0;
-            let spent = self.run.rollout.mode != RolloutMode::Async
-                && self.generating(&counts) == 0
+            let spent = self.generating(&counts) == 0
                 && self.state.budget().await?.is_some_and(|b| b.remaining == 0);
             due = drained || spent;
         }
@@ -767,33 +862,76 @@ impl Coordinator {
         Ok(TickOutcome::Committed(step))
     }
 
-    /// A version whose budget is spent with every unfinished trajectory parked and no
-    /// complete group cannot make progress: a step needs a complete group, and the next
-    /// version needs a step. Φ_r is too small for the responses; say so once per term.
-    async fn warn_if_stalled(&mut self) -> Result<(), CoordinatorError> {
-        if self.book.stall_warned || self.run.rollout.mode == RolloutMode::Async {
-            return Ok(());
-        }
-        let Some(b) = self.state.budget().await? else {
+    /// The stall rule (module docs): a spent version that can complete no group, seen on two
+    /// ticks in a row, gets Φ_r more tokens, noted in the ledger and the metrics.
+    async fn widen_if_stalled(&mut self) -> Result<(), CoordinatorError> {
+        let stalled = self.stalled_budget().await?;
+        let seen_before = stalled.is_some() && stalled == self.book.stalled;
+        self.book.stalled = stalled;
+        let Some(b) = stalled.filter(|_| seen_before) else {
             return Ok(());
         };
-        if b.remaining > 0 {
-            return Ok(());
+        let extra = self.opening_budget();
+        let widened = match self
+            .state
+            .widen_budget(b.version, extra, self.token())
+            .await
+        {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(()), // a newer version opened meanwhile
+            Err(e) => return Err(self.fenced_out(e.into())),
+        };
+        self.book.stalled = None;
+        self.metrics.budget_widenings.inc();
+        let detail = format!(
+            "version {}: the budget of {} tokens was spent and no group could complete, so it \
+             was widened to {} tokens; rollout.version_budget_tokens (Φ_r) is too small for \
+             the responses (or for groups of K), raise it",
+            b.version, b.total, widened.total
+        );
+        warn!(
+            version = b.version,
+            from = b.total,
+            to = widened.total,
+            "{detail}"
+        );
+        let event = RunEvent {
+            key: format!("budget-widened/v{}/total-{}", b.version, widened.total),
+            kind: EventKind::BudgetWidened,
+            detail,
+        };
+        self.ledger.record_event(self.run_id(), &event).await?;
+        Ok(())
+    }
+
+    /// The budget of the current version when it is spent, nothing the step waits for is
+    /// generating, and work is left for it: with no complete group, nothing can move.
+    async fn stalled_budget(&self) -> Result<Option<Budget>, CoordinatorError> {
+        let Some(b) = self.state.budget().await? else {
+            return Ok(None);
+        };
+        if b.remaining > 0 || !self.previous_step_finished().await? {
+            return Ok(None);
         }
         let c = self.state.counts().await?;
-        if self.generating(&c) == 0 && c.parked > 0 && self.previous_step_finished().await? {
-            self.book.stall_warned = true;
-            warn!(
-                version = b.version,
-                parked = c.parked,
-                budget = b.total,
-                "the version's budget is spent, every unfinished trajectory is parked and no \
-                 group is complete: no step can be cut, so no newer version opens. \
-                 rollout.version_budget_tokens (Φ_r) is too small for the responses: raise it \
-                 (or lower rollout.max_response_tokens) for the run"
-            );
+        let work_left = c.pending + c.parked + c.lease_expired > 0;
+        Ok((self.generating(&c) == 0 && work_left).then_some(b))
+    }
+
+    /// Trims the finished stream before the first entry of any prompt still open (or after
+    /// the last entry read, when none is). Best effort: a failure only leaves the stream
+    /// longer until the next step.
+    async fn trim_stream(&mut self) {
+        let first_kept = self
+            .book
+            .first_entry
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(self.book.cursor.next());
+        if let Err(e) = self.state.trim_finished(first_kept, self.token()).await {
+            warn!(error = %e, "cannot trim the finished stream");
         }
-        Ok(())
     }
 
     fn check_crash(&mut self, point: CrashPoint) -> Result<(), CoordinatorError> {
@@ -860,6 +998,7 @@ impl Coordinator {
         for p in &manifest.prompts {
             self.close(p);
         }
+        self.trim_stream().await;
         self.book.next_step = step + 1;
         self.metrics.steps_cut.inc();
         self.metrics

@@ -285,8 +285,8 @@ async fn async_mode_drops_groups_past_the_lag_bound() {
     tick_until_settled(&mut c).await;
     assert_eq!(
         w.state.budget().await.unwrap().unwrap().total,
-        flywheel_storage::state::MAX_TOKENS,
-        "async: workers never wait on the budget"
+        w.run.rollout.version_budget_tokens,
+        "async: versions open with (η + 1) · Φ_r, here η = 0"
     );
     // old: its first token under version 0, finished after version 1 opened.
     let old = w.accept("old", 2).await;

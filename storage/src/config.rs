@@ -75,7 +75,9 @@ pub enum RolloutMode {
     /// C3PO++: a per-version token budget; unfinished trajectories are parked and continued
     /// by the next version, purged after σ version bumps.
     Partial,
-    /// Workers never wait; admission is bounded by the lag η.
+    /// Workers never wait for a started trajectory; starting new ones is bounded by a budget
+    /// of (η + 1) · Φ_r tokens per version, and a trajectory more than η versions behind the
+    /// current one is abandoned (its group dropped).
     Async,
 }
 
@@ -94,7 +96,8 @@ pub enum PurgeAction {
 #[serde(default, deny_unknown_fields)]
 pub struct RolloutConfig {
     pub mode: RolloutMode,
-    /// Φ_r: tokens each policy version may generate before the policy is updated.
+    /// Φ_r: tokens each policy version may generate before the policy is updated (in `async`
+    /// mode versions open with (η + 1) · Φ_r).
     pub version_budget_tokens: u64,
     /// S: the most tokens generated per segment (one reservation, one object, one index write).
     pub segment_tokens: u32,
@@ -104,10 +107,21 @@ pub struct RolloutConfig {
     pub retention_limit: u32,
     /// What a purge does to the group.
     pub purge_action: PurgeAction,
-    /// η (async mode): the most versions between a trajectory's first version and the current.
+    /// η (async mode): the most versions between a trajectory's first version and the current
+    /// one; a trajectory further behind is abandoned, and each version admits (η + 1) · Φ_r
+    /// tokens of new work.
     pub max_lag: u32,
     /// How long a lease lasts without renewal; another worker may steal it afterwards.
     pub lease_ms: u64,
+    /// Failed attempts (engine or verifier errors, counted per trajectory over every worker)
+    /// after which a trajectory whose last error cannot succeed on a retry (a rejected
+    /// request, an unknown reward service, a prompt the tokenizer refuses) gives up and its
+    /// group is dropped (`generation_failed`).
+    pub max_failures: u32,
+    /// The same bound when the last error may pass (an engine or reward service unavailable or
+    /// timing out, an object-store failure): larger, so an outage does not drop the prompts
+    /// it meets, but finite, so a prompt that always times out cannot loop.
+    pub max_transient_failures: u32,
 }
 
 impl Default for RolloutConfig {
@@ -121,6 +135,8 @@ impl Default for RolloutConfig {
             purge_action: PurgeAction::Drop,
             max_lag: 2,
             lease_ms: 10_000,
+            max_failures: 3,
+            max_transient_failures: 20,
         }
     }
 }
@@ -155,6 +171,16 @@ impl RolloutConfig {
             return Err(ConfigError::new(
                 "rollout.lease_ms",
                 "must be at least 100 ms",
+            ));
+        }
+        if self.max_failures == 0 || self.max_transient_failures < self.max_failures {
+            return Err(ConfigError::new(
+                "rollout.max_failures",
+                format!(
+                    "must be at least 1, and rollout.max_transient_failures ({}) at least as \
+                     large",
+                    self.max_transient_failures
+                ),
             ));
         }
         Ok(())

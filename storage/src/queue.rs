@@ -8,8 +8,10 @@
 //!   of a partition advances only over a prefix of acknowledged messages, so a crash never
 //!   skips a prompt that was not registered (a redelivered one registers nothing twice).
 //! - Malformed messages (not a JSON [`Prompt`], oversized, an invalid field) never reach the
-//!   caller: they are copied to `<topic>.dlq` with the reason in the [`DLQ_REASON_HEADER`]
-//!   header and the original key and payload, then acknowledged.
+//!   caller of [`PromptConsumer::recv`]: they are copied to `<topic>.dlq` with the reason in
+//!   the [`DLQ_REASON_HEADER`] header and the original key and payload, then acknowledged.
+//!   [`PromptConsumer::recv_any`] hands them to the caller instead (the worker's intake
+//!   records them in the ledger as well), with [`PromptConsumer::dead_letter`] to copy them.
 //! - [`ensure_topics`] creates the topic and its DLQ (admin client) for ingest and tests.
 //!
 //! The same code runs against a real broker and against librdkafka's mock cluster
@@ -301,8 +303,8 @@ pub fn decode_prompt(
 /// Checks the fields of a decoded prompt against the configured limits.
 pub fn check_prompt(prompt: &Prompt, config: &KafkaConfig) -> Result<(), InvalidPrompt> {
     let field = |field, problem: String| Err(InvalidPrompt::Field { field, problem });
-    if prompt.id.0.trim().is_empty() {
-        return field("id", "is empty".into());
+    if let Err(problem) = prompt.id.check() {
+        return field("id", problem);
     }
     if prompt.group_size == 0 || prompt.group_size > config.max_group_size {
         return field(
@@ -649,6 +651,12 @@ impl Receipt {
         self.offset
     }
 
+    /// Where the message came from: `topic/partition/offset` (unique per message, the same on
+    /// redelivery).
+    pub fn source(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+
     /// Says the prompt is durably registered. Never blocks: the offset is stored locally and
     /// committed by librdkafka's background thread (or [`PromptConsumer::commit`]).
     pub fn ack(self) -> Result<AckOutcome, QueueError> {
@@ -666,6 +674,28 @@ pub struct Delivery {
     pub prompt: Prompt,
     /// Acknowledge once the prompt is durably registered.
     pub receipt: Receipt,
+}
+
+/// A message that is not an acceptable prompt, as read.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why it is not one.
+    pub invalid: InvalidPrompt,
+    /// Its key, as sent.
+    pub key: Option<Vec<u8>>,
+    /// Its payload, as sent.
+    pub payload: Vec<u8>,
+    /// Acknowledge once it is dead-lettered and recorded.
+    pub receipt: Receipt,
+}
+
+/// What [`PromptConsumer::recv_any`] read.
+#[derive(Debug)]
+pub enum Received {
+    /// A valid prompt.
+    Prompt(Delivery),
+    /// A message that is not one.
+    Invalid(Rejected),
 }
 
 /// A member of the run's consumer group on the prompt topic.
@@ -714,88 +744,121 @@ impl PromptConsumer {
     }
 
     /// Waits for the next valid prompt. Malformed messages met on the way are dead-lettered
-    /// and acknowledged; they are never returned.
+    /// ([`PromptConsumer::dead_letter`]) and acknowledged; they are never returned. (The
+    /// worker's intake uses [`PromptConsumer::recv_any`] instead, to record them in the
+    /// ledger too.)
     ///
     /// Errors are usually transient (librdkafka reconnects and rejoins by itself): log them and
-    /// call `recv` again. A [`QueueError::Produce`] means a malformed message could not be
-    /// written to the DLQ within the delivery timeout; it stays unacknowledged, so its partition's
-    /// offset cannot move past it and it is redelivered (and dead-lettered) after a restart or
-    /// rebalance.
+    /// call `recv` again.
     ///
     /// Cancellation-safe up to a dead-letter write in progress: a cancelled one leaves the
-    /// malformed message unacknowledged, with the same effect.
+    /// malformed message unacknowledged, so it is redelivered (and dead-lettered) later.
     pub async fn recv(&self) -> Result<Delivery, QueueError> {
         loop {
-            let message = self
-                .shared
-                .consumer
-                .recv()
-                .await
-                .map_err(QueueError::Consume)?;
-            let (topic, partition, offset) = (
-                message.topic().to_owned(),
-                message.partition(),
-                message.offset(),
-            );
-            let epoch = self
-                .shared
-                .consumer
-                .context()
-                .tracker()
-                .delivered(&topic, partition, offset);
-            let receipt = Receipt {
-                shared: Arc::downgrade(&self.shared),
-                topic,
-                partition,
-                offset,
-                epoch,
-            };
-            match decode_prompt(message.payload(), &self.config) {
-                Ok(prompt) => return Ok(Delivery { prompt, receipt }),
-                Err(invalid) => {
-                    let key = message.key().map(<[u8]>::to_vec);
-                    let payload = message.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                    drop(message);
-                    self.dead_letter(&invalid, key.as_deref(), &payload, &receipt)
-                        .await?;
-                    receipt.ack()?;
+            match self.recv_any().await? {
+                Received::Prompt(delivery) => return Ok(delivery),
+                Received::Invalid(rejected) => {
+                    let reason = rejected.invalid.to_string();
+                    self.dead_letter(
+                        rejected.key.as_deref(),
+                        &rejected.payload,
+                        &rejected.receipt.source(),
+                        rejected.invalid.kind(),
+                        &reason,
+                    )
+                    .await;
+                    rejected.receipt.ack()?;
                 }
             }
         }
     }
 
-    /// Copies a rejected message to the dead-letter topic with the reason in its headers.
-    async fn dead_letter(
+    /// Waits for the next message: a valid prompt, or a message that is not one (with its
+    /// key, payload and receipt, for the caller to dead-letter, record and acknowledge).
+    pub async fn recv_any(&self) -> Result<Received, QueueError> {
+        let message = self
+            .shared
+            .consumer
+            .recv()
+            .await
+            .map_err(QueueError::Consume)?;
+        let (topic, partition, offset) = (
+            message.topic().to_owned(),
+            message.partition(),
+            message.offset(),
+        );
+        let epoch = self
+            .shared
+            .consumer
+            .context()
+            .tracker()
+            .delivered(&topic, partition, offset);
+        let receipt = Receipt {
+            shared: Arc::downgrade(&self.shared),
+            topic,
+            partition,
+            offset,
+            epoch,
+        };
+        Ok(match decode_prompt(message.payload(), &self.config) {
+            Ok(prompt) => Received::Prompt(Delivery { prompt, receipt }),
+            Err(invalid) => Received::Invalid(Rejected {
+                invalid,
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                receipt,
+            }),
+        })
+    }
+
+    /// Copies a message (`key`, `payload`, read at `source`: [`Receipt::source`]) to the
+    /// dead-letter topic with `kind` and `reason` in its headers (see [`DLQ_REASON_HEADER`]). A failed write is retried a few times with a growing pause
+    /// (each try bounded by the delivery timeout); if it still fails the copy is given up,
+    /// with an error logged, so that one unwritable dead letter never pins its partition's
+    /// offset. Returns whether the copy was written.
+    pub async fn dead_letter(
         &self,
-        invalid: &InvalidPrompt,
         key: Option<&[u8]>,
         payload: &[u8],
-        receipt: &Receipt,
-    ) -> Result<(), QueueError> {
+        source: &str,
+        kind: &str,
+        reason: &str,
+    ) -> bool {
+        const ATTEMPTS: u32 = 3;
         let dlq_topic = self.config.dlq_topic();
-        let reason = invalid.to_string();
-        let source = format!("{}/{}/{}", receipt.topic, receipt.partition, receipt.offset);
-        tracing::warn!(%reason, %source, dlq = %dlq_topic, "dead-lettering a malformed prompt message");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: DLQ_REASON_HEADER,
-                value: Some(reason.as_str()),
-            })
-            .insert(Header {
-                key: DLQ_KIND_HEADER,
-                value: Some(invalid.kind()),
-            })
-            .insert(Header {
-                key: DLQ_SOURCE_HEADER,
-                value: Some(source.as_str()),
-            });
-        let mut record = FutureRecord::to(&dlq_topic)
-            .payload(payload)
-            .headers(headers);
-        if let Some(key) = key {
-            record = record.key(key);
+        tracing::warn!(%reason, %source, dlq = %dlq_topic, "dead-lettering a prompt message");
+        for attempt in 1..=ATTEMPTS {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: DLQ_REASON_HEADER,
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: DLQ_KIND_HEADER,
+                    value: Some(kind),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_HEADER,
+                    value: Some(source),
+                });
+            let mut record = FutureRecord::to(&dlq_topic)
+                .payload(payload)
+                .headers(headers);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match produce(&self.dlq, record).await {
+                Ok(_) => return true,
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, %source, "dead-letter write failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, %source, %reason, "dead-letter write failed {ATTEMPTS} times; giving the copy up (the message is acknowledged)");
+                }
+            }
         }
-        produce(&self.dlq, record).await.map(|_| ())
+        false
     }
 
     /// Stops fetching from every partition assigned now (the intake's backlog is full). Keep

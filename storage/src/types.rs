@@ -27,6 +27,41 @@ impl fmt::Display for PromptId {
     }
 }
 
+impl PromptId {
+    /// The longest id accepted, in bytes.
+    pub const MAX_LEN: usize = 200;
+
+    /// Checks that the id can name objects, Redis keys and ledger rows as it is: 1 to
+    /// [`PromptId::MAX_LEN`] bytes of ASCII letters, digits and `- _ . : @ + = , ~ /`, where
+    /// `/` separates non-empty parts that are not `.` or `..` (object stores refuse those).
+    /// The error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let id = &self.0;
+        if id.is_empty() || id.len() > Self::MAX_LEN {
+            return Err(format!(
+                "must be 1 to {} bytes, not {}",
+                Self::MAX_LEN,
+                id.len()
+            ));
+        }
+        if let Some(c) = id.chars().find(|c| {
+            !(c.is_ascii_alphanumeric()
+                || matches!(c, '-' | '_' | '.' | ':' | '@' | '+' | '=' | ',' | '~' | '/'))
+        }) {
+            return Err(format!(
+                "contains {c:?}: use ASCII letters, digits and - _ . : @ + = , ~ /"
+            ));
+        }
+        if id.split('/').any(|part| matches!(part, "" | "." | "..")) {
+            return Err(
+                "has an empty, `.` or `..` part between slashes (or starts or ends with `/`)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl From<&str> for PromptId {
     fn from(s: &str) -> Self {
         PromptId(s.to_owned())

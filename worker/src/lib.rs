@@ -107,12 +107,18 @@ impl Worker {
         } else {
             worker.slots
         };
+        warn_if_budget_small(&run.rollout, slots);
+        let verifiers = VerifierFactory::new(&worker.rewards)?;
+        let admission = intake::Admission {
+            engine: engine.clone(),
+            verifiers: verifiers.clone(),
+        };
         let (segments, poller) = SegmentLoop::new(SegmentLoopParts {
             worker_id: id.clone(),
             state: stores.state.clone(),
             blobs: stores.blobs.clone(),
             engine,
-            verifiers: VerifierFactory::new(&worker.rewards)?,
+            verifiers,
             rollout: run.rollout.clone(),
             sampling: worker.sampling.clone(),
             poll: worker.poll_interval(),
@@ -126,6 +132,7 @@ impl Worker {
         if let Some(queue) = &stores.queue {
             let intake = intake::Intake {
                 consumer: PromptConsumer::new(queue)?,
+                admission,
                 state: stores.state.clone(),
                 ledger: stores.ledger.clone(),
                 metrics: metrics.clone(),
@@ -179,6 +186,26 @@ impl Worker {
         }
         info!(worker = %self.id, clean, elapsed_ms = started.elapsed().as_millis() as u64, "worker stopped");
         clean
+    }
+}
+
+/// Warns when Φ_r is small against what this worker keeps in flight: every slot reserves up to
+/// S tokens a segment, so with Φ_r below slots × S a version's budget is spent before each
+/// slot has had one segment, and groups of K need K trajectories to progress. (The
+/// coordinator widens a spent budget that can complete no group, so the run goes on, but a
+/// larger Φ_r avoids the stalls.)
+fn warn_if_budget_small(rollout: &flywheel_storage::config::RolloutConfig, slots: usize) {
+    let per_version = slots as u64 * u64::from(rollout.segment_tokens);
+    if rollout.version_budget_tokens < per_version {
+        warn!(
+            version_budget_tokens = rollout.version_budget_tokens,
+            slots,
+            segment_tokens = rollout.segment_tokens,
+            "rollout.version_budget_tokens (Φ_r) is below this worker's slots × \
+             rollout.segment_tokens: a version's budget is spent before every slot generates \
+             one segment, and groups may not complete within a version; raise Φ_r to at least \
+             slots × S × K for groups of K"
+        );
     }
 }
 

@@ -44,6 +44,19 @@ pub struct WorkerMetrics {
     pub run_trajectories: IntGaugeVec,
     /// The current policy version, as last read.
     pub current_version: IntGauge,
+    /// Prompt messages the intake rejected (dead-lettered and recorded dropped), by the
+    /// ledger's drop reason.
+    pub prompts_rejected: IntCounterVec,
+    /// Dead-letter copies given up after their bounded retries (the ledger still has the drop).
+    pub dead_letters_lost: IntCounter,
+    /// Failed attempts at a trajectory (engine, verifier or object-store errors), by whether
+    /// the error may pass on a retry (`transient`) or not (`permanent`).
+    pub attempt_failures: IntCounterVec,
+    /// Trajectories that gave up (their group is dropped), by drop reason.
+    pub trajectories_given_up: IntCounterVec,
+    /// Committed segments found corrupt or missing on resume (the trajectory went back to its
+    /// last good segment).
+    pub segments_unusable: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -133,6 +146,34 @@ impl WorkerMetrics {
                 &r,
                 "flywheel_worker_current_version",
                 "The current policy version, as last read.",
+            ),
+            prompts_rejected: counter_vec(
+                &r,
+                "flywheel_worker_prompts_rejected_total",
+                "Prompt messages rejected at intake (dead-lettered, recorded dropped), by reason.",
+                &["reason"],
+            ),
+            dead_letters_lost: counter(
+                &r,
+                "flywheel_worker_dead_letters_lost_total",
+                "Dead-letter copies given up after bounded retries (the ledger records the drop).",
+            ),
+            attempt_failures: counter_vec(
+                &r,
+                "flywheel_worker_attempt_failures_total",
+                "Failed attempts at a trajectory, by whether a retry may succeed.",
+                &["kind"],
+            ),
+            trajectories_given_up: counter_vec(
+                &r,
+                "flywheel_worker_trajectories_given_up_total",
+                "Trajectories that gave up (their group is dropped), by reason.",
+                &["reason"],
+            ),
+            segments_unusable: counter(
+                &r,
+                "flywheel_worker_segments_unusable_total",
+                "Committed segments found corrupt or missing on resume.",
             ),
             registry: r,
         }

@@ -21,12 +21,20 @@
 //! - `sync`: the budget only gates *starting* a trajectory: a trajectory with no committed
 //!   segment that gets no budget is released and the slot waits; one already started runs to
 //!   its end whatever the budget says (its extra tokens are generated unreserved), so every
-//!   trajectory of a step ends under the version it started with.
-//! - `async`: the worker never waits for the budget (the coordinator opens async versions with
-//!   an unbounded budget; a grant of 0 generates unreserved anyway). Admission is bounded by
-//!   η locally: while any trajectory this worker holds started more than η versions before the
-//!   current one, the worker claims nothing new and drains its stragglers first. (Groups that
-//!   end up lagging more than η are dropped by the coordinator.)
+//!   trajectory of a step ends under the version it started with. Slots keep claiming while
+//!   started work is left (an expired lease, a trajectory parked by a stopping worker): the
+//!   coordinator does not cut the version's step before it is finished.
+//! - `async`: the same gate, over a budget of (η + 1) · Φ_r per version: starting new work is
+//!   bounded run-wide, a started trajectory never waits. A trajectory found more than η
+//!   versions behind the current one before a segment is abandoned (it gives up with
+//!   `lag_exceeded`, and the coordinator drops its group): no slot waits on it.
+//!
+//! # Failures
+//! A turn that fails (an engine or verifier error, an object-store failure) is recorded on the
+//! trajectory ([`StateStore::record_failure`]) and the lease given up; another attempt
+//! follows, on any worker. After `rollout.max_failures` failed attempts whose last error cannot
+//! pass on a retry (or `rollout.max_transient_failures` of any kind) the trajectory gives up
+//! and its group is dropped (`generation_failed`): nothing is retried for ever.
 //!
 //! # Shutdown (SIGTERM)
 //! The `stop` token ends claiming at once; a slot lets the segment in hand finish, commits it
@@ -37,19 +45,23 @@
 //! # Resume
 //! A claimed trajectory with committed segments is re-read from the object store (each segment
 //! decoded and checked: seq, token count); the engine re-prefills prompt + committed tokens. A
-//! trajectory whose last committed segment already ended it (a worker died between commit and
-//! finish) is scored and finished without generating.
+//! segment that is missing, will not decode or does not match its index entry is unusable:
+//! the trajectory goes back to its last good segment ([`StateStore::truncate`]) and is
+//! generated on from there. A trajectory whose last committed segment already ended it (a
+//! worker died between commit and finish) is scored and finished without generating.
 
-use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::codec::{self, CodecError};
 use flywheel_storage::config::{RolloutConfig, RolloutMode};
-use flywheel_storage::state::{Budget, Claim, ClaimSource, StateError, StateStore};
+use flywheel_storage::ledger::DropReason;
+use flywheel_storage::state::{
+    Budget, Claim, ClaimSource, FailureRecorded, GiveUp, StateError, StateStore,
+};
 use flywheel_storage::{
     FinishReason, PolicyVersion, Prompt, PromptInput, Segment, SegmentRef, TrajectoryId,
     TrajectoryStatus, keys,
@@ -88,6 +100,41 @@ pub enum SlotError {
         /// What does not match.
         problem: String,
     },
+}
+
+impl SlotError {
+    /// Whether another attempt may succeed: the engine or verifier was unavailable, or the
+    /// object store failed. A rejected request, a protocol error, an unknown reward service or
+    /// a codec error will fail the same way again.
+    fn is_transient(&self) -> bool {
+        match self {
+            SlotError::Engine(e) => e.is_retryable(),
+            SlotError::Verify(e) => e.is_retryable(),
+            SlotError::State(_) | SlotError::Blob(_) => true,
+            SlotError::Codec(_) | SlotError::Inconsistent { .. } => false,
+        }
+    }
+}
+
+/// A claimed trajectory's usable committed segments, read back.
+struct Loaded {
+    /// Their tokens, in order.
+    tokens: Vec<u32>,
+    /// How the last one ended.
+    last_finish: Option<FinishReason>,
+    /// The version of the first one.
+    first_version: Option<PolicyVersion>,
+    /// How many are usable (the next segment's seq).
+    segments: u32,
+}
+
+/// An error's text cut to a size fit for the state store and the ledger.
+fn bounded_text(text: &str) -> String {
+    const MAX: usize = 1000;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 /// Shutdown signals shared by the slots and the intake.
@@ -131,10 +178,9 @@ pub struct SegmentLoop {
     /// budget is not sticky until the next version (that could stall the step cut, which
     /// waits for the budget to be exactly spent).
     spent_at: AtomicU64,
-    /// Trajectories this worker holds → the version they started under (for η admission).
-    held: Mutex<BTreeMap<TrajectoryId, PolicyVersion>>,
-    /// The run's expired leases, as last counted by the poller.
-    expired: AtomicU64,
+    /// Started work of the run waiting for a slot: expired leases plus parked trajectories,
+    /// as last counted by the poller (`sync` and `async` claim it whatever the budget says).
+    started_waiting: AtomicU64,
 }
 
 /// A budget read and the poll generation it started in.
@@ -144,16 +190,19 @@ struct Polled {
     generation: u64,
 }
 
-/// Removes a trajectory from the held set and the active gauge however its turn ends.
-struct Held<'a> {
-    owner: &'a SegmentLoop,
-    id: TrajectoryId,
+/// Counts a trajectory in the active gauge for as long as its turn lasts.
+struct Active<'a>(&'a WorkerMetrics);
+
+impl<'a> Active<'a> {
+    fn new(metrics: &'a WorkerMetrics) -> Self {
+        metrics.active_trajectories.inc();
+        Active(metrics)
+    }
 }
 
-impl Drop for Held<'_> {
+impl Drop for Active<'_> {
     fn drop(&mut self) {
-        self.owner.held().remove(&self.id);
-        self.owner.metrics.active_trajectories.dec();
+        self.0.active_trajectories.dec();
     }
 }
 
@@ -208,8 +257,7 @@ impl SegmentLoop {
             budget: rx,
             polls: AtomicU64::new(0),
             spent_at: AtomicU64::new(0),
-            held: Mutex::new(BTreeMap::new()),
-            expired: AtomicU64::new(0),
+            started_waiting: AtomicU64::new(0),
         });
         let poller = tokio::spawn(this.clone().poll_state(tx));
         (this, poller)
@@ -217,10 +265,6 @@ impl SegmentLoop {
 
     fn ttl(&self) -> Duration {
         Duration::from_millis(self.rollout.lease_ms)
-    }
-
-    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<TrajectoryId, PolicyVersion>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Re-reads the budget every poll interval and heartbeats every third of the lease.
@@ -251,7 +295,8 @@ impl SegmentLoop {
                     Err(e) => warn!(error = %e, "heartbeat failed"),
                 }
                 if let Ok(c) = self.state.counts().await {
-                    self.expired.store(c.lease_expired, Ordering::Relaxed);
+                    self.started_waiting
+                        .store(c.lease_expired + c.parked, Ordering::Relaxed);
                     let g = &self.metrics.run_trajectories;
                     for (status, n) in [
                         ("pending", c.pending),
@@ -259,6 +304,7 @@ impl SegmentLoop {
                         ("parked", c.parked),
                         ("finished", c.finished),
                         ("purged", c.purged),
+                        ("dropped", c.dropped),
                     ] {
                         g.with_label_values(&[status]).set(n as i64);
                     }
@@ -316,13 +362,12 @@ impl SegmentLoop {
             let ok = match current {
                 None => false,
                 Some(p) => match self.rollout.mode {
-                    RolloutMode::Async => !self.lagging(p.budget.version),
                     RolloutMode::Partial => budget_open(&p),
-                    // A dead worker's started trajectory must end under the version it began
-                    // in: it is claimed (expired leases come before pending work) and run to
-                    // its end even when the budget is spent.
-                    RolloutMode::Sync => {
-                        budget_open(&p) || self.expired.load(Ordering::Relaxed) > 0
+                    // Started work (a dead worker's expired lease, a trajectory parked by a
+                    // stopping one) runs on whatever the budget says: parked and expired
+                    // trajectories are claimed before pending work.
+                    RolloutMode::Sync | RolloutMode::Async => {
+                        budget_open(&p) || self.started_waiting.load(Ordering::Relaxed) > 0
                     }
                 },
             };
@@ -335,14 +380,6 @@ impl SegmentLoop {
                 _ = tokio::time::sleep(self.poll) => {}
             }
         }
-    }
-
-    /// Async admission: whether a held trajectory started more than η versions ago.
-    fn lagging(&self, current: PolicyVersion) -> bool {
-        let eta = u64::from(self.rollout.max_lag);
-        self.held()
-            .values()
-            .any(|&first| current.saturating_sub(first) > eta)
     }
 
     /// Records that the budget is spent: slots wait until a budget read started after now
@@ -424,7 +461,7 @@ impl SegmentLoop {
     }
 
     /// Runs one claimed trajectory until it ends, parks, or this worker stops. Releases the
-    /// lease on every path except a lost lease.
+    /// lease on every path except a lost lease; a failed turn is recorded on the trajectory.
     async fn run_claim(&self, claim: Claim) -> Result<(), SlotError> {
         let id = claim.state.id.clone();
         let epoch = claim.lease().epoch;
@@ -439,23 +476,67 @@ impl SegmentLoop {
             ClaimSource::Expired => self.metrics.lease_steals.inc(),
             ClaimSource::Pending => {}
         }
-        let started = match claim.state.first_version {
-            Some(v) => v,
-            None => self.current_version().await.unwrap_or(0),
-        };
-        self.held().insert(id.clone(), started);
-        self.metrics.active_trajectories.inc();
-        let _held = Held {
-            owner: self,
-            id: id.clone(),
-        };
+        let _active = Active::new(&self.metrics);
         debug!(trajectory = %id, epoch, source, segments = claim.state.segments.len(), "claimed");
 
         match self.generate(&claim).await {
             Ok(()) => Ok(()),
-            Err(e) => {
+            // The store itself failed: nothing to record the failure in.
+            Err(e @ SlotError::State(_)) => {
                 self.release(&id, epoch).await;
                 Err(e)
+            }
+            Err(e) => {
+                self.record_failure(&id, epoch, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a failed turn on the trajectory (and gives the lease up); at the bound the
+    /// trajectory gives up and its group is dropped.
+    async fn record_failure(&self, id: &TrajectoryId, epoch: u64, error: &SlotError) {
+        let transient = error.is_transient();
+        let kind = if transient { "transient" } else { "permanent" };
+        self.metrics
+            .attempt_failures
+            .with_label_values(&[kind])
+            .inc();
+        let limit = if transient {
+            self.rollout.max_transient_failures
+        } else {
+            self.rollout.max_failures
+        };
+        let give_up = GiveUp {
+            reason: DropReason::GenerationFailed,
+            detail: bounded_text(&error.to_string()),
+        };
+        self.give_up_at(id, epoch, &give_up, limit).await;
+    }
+
+    /// [`StateStore::record_failure`] with logging and metrics; a failure to record releases
+    /// the lease instead (or leaves it to expire).
+    async fn give_up_at(&self, id: &TrajectoryId, epoch: u64, give_up: &GiveUp, limit: u32) {
+        match self
+            .state
+            .record_failure(id, &self.worker_id, epoch, give_up, limit)
+            .await
+        {
+            Ok(FailureRecorded::Released { status, failures }) => {
+                warn!(trajectory = %id, failures, limit, ?status, error = %give_up.detail, "attempt failed; the trajectory will be tried again");
+            }
+            Ok(FailureRecorded::GaveUp(_)) => {
+                self.metrics
+                    .trajectories_given_up
+                    .with_label_values(&[give_up.reason.as_str()])
+                    .inc();
+                warn!(trajectory = %id, reason = %give_up.reason, error = %give_up.detail, "trajectory gave up; its group will be dropped");
+            }
+            Err(e) => {
+                warn!(trajectory = %id, error = %e, "cannot record the failed attempt");
+                if !matches!(e, StateError::Fenced { .. }) {
+                    self.release(id, epoch).await;
+                }
             }
         }
     }
@@ -474,8 +555,12 @@ impl SegmentLoop {
                     problem: "its prompt is not registered".into(),
                 })?;
         let prompt_ids = prompt_tokens(self.engine.as_ref(), &prompt.input).await?;
-        let (mut committed, mut last_finish) = self.load_committed(claim).await?;
-        let mut seq = claim.state.segments.len() as u32;
+        let Some(loaded) = self.load_committed(claim).await? else {
+            return Ok(()); // the lease was lost
+        };
+        let (mut committed, mut last_finish) = (loaded.tokens, loaded.last_finish);
+        let mut first_version = loaded.first_version;
+        let mut seq = loaded.segments;
         let cap = self.rollout.max_response_tokens;
 
         loop {
@@ -488,6 +573,10 @@ impl SegmentLoop {
                 self.release(id, epoch).await;
                 return Ok(());
             }
+            if let Some(give_up) = self.lagging(first_version).await? {
+                self.give_up_at(id, epoch, &give_up, 1).await;
+                return Ok(());
+            }
             let want = self
                 .rollout
                 .segment_tokens
@@ -496,8 +585,7 @@ impl SegmentLoop {
             if granted == 0 {
                 let wait = match self.rollout.mode {
                     RolloutMode::Partial => true,
-                    RolloutMode::Sync => seq == 0,
-                    RolloutMode::Async => false,
+                    RolloutMode::Sync | RolloutMode::Async => seq == 0,
                 };
                 if wait {
                     self.mark_spent();
@@ -560,8 +648,28 @@ impl SegmentLoop {
             }
             committed.extend_from_slice(&segment.tokens);
             last_finish = Some(segment.finish);
+            first_version.get_or_insert(segment.version);
             seq += 1;
         }
+    }
+
+    /// In `async` mode: the give-up of a trajectory that started more than η versions before
+    /// the current one (its group would be dropped at completion anyway).
+    async fn lagging(&self, first: Option<PolicyVersion>) -> Result<Option<GiveUp>, StateError> {
+        let Some(first) = first.filter(|_| self.rollout.mode == RolloutMode::Async) else {
+            return Ok(None);
+        };
+        let current = self.current_version().await?;
+        let eta = self.rollout.max_lag;
+        Ok(
+            (current.saturating_sub(first) > u64::from(eta)).then(|| GiveUp {
+                reason: DropReason::LagExceeded,
+                detail: format!(
+                    "started under version {first}, the current version is {current}: more than \
+                 η = {eta} versions behind"
+                ),
+            }),
+        )
     }
 
     /// Writes `segment` to the object store and commits it to the index, both under the
@@ -622,33 +730,56 @@ impl SegmentLoop {
         }
     }
 
-    /// Reads the committed segments back: their tokens, and the last one's finish reason.
-    async fn load_committed(
-        &self,
-        claim: &Claim,
-    ) -> Result<(Vec<u32>, Option<FinishReason>), SlotError> {
+    /// Reads the committed segments back. The first unusable one (missing, undecodable, or
+    /// not what its index entry says) and every one after it are forgotten under the lease
+    /// ([`StateStore::truncate`]), so the trajectory goes on from its last good segment.
+    /// `None` when the lease was lost meanwhile.
+    async fn load_committed(&self, claim: &Claim) -> Result<Option<Loaded>, SlotError> {
         let id = &claim.state.id;
-        let mut tokens = Vec::with_capacity(claim.state.tokens as usize);
-        let mut last = None;
+        let mut loaded = Loaded {
+            tokens: Vec::with_capacity(claim.state.tokens as usize),
+            last_finish: None,
+            first_version: None,
+            segments: 0,
+        };
         for r in &claim.state.segments {
-            let bytes = self.blobs.get(&r.key).await?;
-            let segment = codec::decode(&bytes)?;
-            if segment.seq != r.seq
-                || segment.tokens.len() != r.tokens as usize
-                || segment.trajectory != *id
+            let problem = match self.blobs.get(&r.key).await {
+                Ok(bytes) => match codec::decode(&bytes) {
+                    Ok(segment)
+                        if segment.seq == r.seq
+                            && segment.tokens.len() == r.tokens as usize
+                            && segment.trajectory == *id =>
+                    {
+                        loaded.tokens.extend_from_slice(&segment.tokens);
+                        loaded.last_finish = Some(segment.finish);
+                        loaded.first_version.get_or_insert(r.version);
+                        loaded.segments += 1;
+                        continue;
+                    }
+                    Ok(_) => "does not match its index entry".to_owned(),
+                    Err(e) => format!("cannot be decoded: {e}"),
+                },
+                Err(BlobError::NotFound { .. }) => "is missing".to_owned(),
+                Err(e) => return Err(e.into()),
+            };
+            self.metrics.segments_unusable.inc();
+            warn!(trajectory = %id, seq = r.seq, key = %r.key, %problem, "committed segment unusable; going back to the last good segment");
+            let epoch = claim.lease().epoch;
+            match self
+                .state
+                .truncate(id, &self.worker_id, epoch, loaded.segments)
+                .await
             {
-                return Err(SlotError::Inconsistent {
-                    id: id.clone(),
-                    problem: format!(
-                        "segment object {} does not match its index entry (seq {}, {} tokens)",
-                        r.key, r.seq, r.tokens
-                    ),
-                });
+                Ok(_) => break,
+                Err(e @ StateError::Fenced { .. }) => {
+                    self.metrics.fenced_writes.inc();
+                    warn!(trajectory = %id, error = %e, "lease lost while truncating");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
             }
-            tokens.extend_from_slice(&segment.tokens);
-            last = Some(segment.finish);
         }
-        Ok((tokens, last))
+        Ok(Some(loaded))
     }
 
     /// Scores the response and finishes the trajectory (pushing it to the finished stream).

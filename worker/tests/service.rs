@@ -24,15 +24,18 @@ use flywheel_storage::blob::BlobStore;
 use flywheel_storage::codec;
 use flywheel_storage::config::{RolloutConfig, RolloutMode, RunConfig};
 use flywheel_storage::ledger::{self, Ledger};
+use flywheel_storage::ledger::{DropReason, PromptStatus};
 use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig, PromptConsumer, PromptProducer};
-use flywheel_storage::state::{MemoryStateStore, StateStore};
+use flywheel_storage::state::{GiveUp, MemoryStateStore, StateStore, StreamCursor};
 use flywheel_storage::testkit;
 use flywheel_storage::{
     FinishReason, Prompt, PromptId, PromptInput, Segment, SegmentRef, TrajectoryId,
     TrajectoryStatus, VerifierSpec, keys,
 };
 use flywheel_worker::engine::sim::{LengthDistribution, SimConfig, SimEngine};
-use flywheel_worker::engine::{Engine, EngineConfig, SamplingConfig, SegmentRequest};
+use flywheel_worker::engine::{
+    Engine, EngineConfig, EngineError, SamplingConfig, SegmentOutput, SegmentRequest,
+};
 use flywheel_worker::intake::{Registered, register_prompt};
 use flywheel_worker::metrics::WorkerMetrics;
 use flywheel_worker::{ServiceConfig, Worker, WorkerConfig};
@@ -370,8 +373,10 @@ async fn sync_runs_a_started_trajectory_to_its_end_and_holds_back_new_ones() {
     assert!(worker.shutdown().await);
 }
 
+/// `async`: a started trajectory runs to its end past the spent budget; starting new ones
+/// waits for budget (a newer version's).
 #[tokio::test]
-async fn async_never_waits_for_the_budget() {
+async fn async_started_trajectories_never_wait_and_new_ones_wait_for_budget() {
     let env = Env::new(
         rollout(RolloutMode::Async, 4, 4),
         LengthDistribution::Fixed { tokens: 12 },
@@ -380,6 +385,19 @@ async fn async_never_waits_for_the_budget() {
     env.register("p", 3).await;
     env.open_version(0, 4, 4).await;
     let worker = env.start("w1", None).await;
+    env.wait_for("1 finished past the budget", |state| async move {
+        state.counts().await.unwrap().finished == 1
+    })
+    .await;
+    let metrics = worker.metrics.clone();
+    testkit::wait_for(DEADLINE, "a slot waiting for budget", || {
+        let m = metrics.clone();
+        async move { m.budget_waits.get() > 0 }
+    })
+    .await;
+    let c = env.state.counts().await.unwrap();
+    assert_eq!((c.finished, c.pending), (1, 2), "{c:?}");
+    env.open_version(1, 100, 4).await;
     env.wait_for("3 finished", |state| async move {
         state.counts().await.unwrap().finished == 3
     })
@@ -387,7 +405,6 @@ async fn async_never_waits_for_the_budget() {
     for k in 0..3 {
         env.check_complete(&tid("p", k)).await;
     }
-    assert_eq!(worker.metrics.budget_waits.get(), 0);
     assert!(worker.shutdown().await);
 }
 
@@ -564,43 +581,36 @@ async fn redelivered_prompts_register_nothing_twice_and_malformed_ones_are_dead_
     let c = env.state.counts().await.unwrap();
     assert_eq!(c.prompts, 2);
     assert_eq!(c.finished, 5, "2 + 3 trajectories, none twice");
-    let counts = env.ledger.prompt_counts(env.state.run_id()).await.unwrap();
-    assert_eq!(counts.total(), 2);
+    // The ledger accounts for every message read: the two prompts, and the two rejected ones
+    // as dropped (the undecodable one under where it was read).
+    let run = env.state.run_id();
+    testkit::wait_for(DEADLINE, "both rejections recorded", || {
+        let ledger = env.ledger.clone();
+        async move { ledger.prompt_counts(run).await.unwrap().dropped == 2 }
+    })
+    .await;
+    let counts = env.ledger.prompt_counts(run).await.unwrap();
+    assert_eq!((counts.total(), counts.dropped), (4, 2));
+    for id in [format!("kafka:{}/0/1", config.topic), "big".to_owned()] {
+        let status = env
+            .ledger
+            .prompt_status(run, &PromptId(id.clone()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                status,
+                Some(PromptStatus::Dropped {
+                    reason: DropReason::Malformed,
+                    ..
+                })
+            ),
+            "{id}: {status:?}"
+        );
+    }
     // Both dead letters are in the DLQ, and the group's offset moves past every message
     // (the intake is still running: `big` may come after p2's trajectories finished).
-    let brokers = config.brokers.clone();
-    let dlq = config.dlq_topic();
-    let topic = config.topic.clone();
-    let group = config.group_id.clone();
-    testkit::wait_for(
-        DEADLINE,
-        "the DLQ holds 2 messages and offset 4 is committed",
-        || {
-            let (brokers, dlq, topic, group) =
-                (brokers.clone(), dlq.clone(), topic.clone(), group.clone());
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    use rdkafka::consumer::{BaseConsumer, Consumer};
-                    let c: BaseConsumer = rdkafka::ClientConfig::new()
-                        .set("bootstrap.servers", &brokers)
-                        .set("group.id", &group)
-                        .create()
-                        .unwrap();
-                    let (_, high) = c
-                        .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
-                        .unwrap();
-                    let mut tpl = rdkafka::TopicPartitionList::new();
-                    tpl.add_partition(&topic, 0);
-                    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-                    let offset = committed.elements()[0].offset();
-                    high == 2 && offset == rdkafka::Offset::Offset(4)
-                })
-                .await
-                .unwrap()
-            }
-        },
-    )
-    .await;
+    wait_for_dlq_and_offset(&config, 2, 4).await;
     assert!(worker.shutdown().await);
 }
 
@@ -645,5 +655,551 @@ async fn a_dead_workers_trajectory_resumes_under_the_next_version() {
     for k in 0..3 {
         env.check_complete(&tid("p", k)).await;
     }
+    assert!(worker.shutdown().await);
+}
+
+/// The sim engine, except that every segment of `poison`'s trajectories fails with `error`.
+struct Poisoned {
+    inner: SimEngine,
+    poison: PromptId,
+    error: fn() -> EngineError,
+    /// Calls for the poisoned prompt.
+    poisoned_calls: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Engine for Poisoned {
+    fn name(&self) -> &str {
+        "poisoned"
+    }
+
+    fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+
+    async fn generate(&self, req: SegmentRequest) -> Result<SegmentOutput, EngineError> {
+        if req.trajectory.prompt == self.poison {
+            self.poisoned_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err((self.error)());
+        }
+        self.inner.generate(req).await
+    }
+
+    async fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.inner.tokenize(text).await
+    }
+
+    async fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        self.inner.detokenize(tokens).await
+    }
+}
+
+impl Env {
+    /// A worker whose engine fails every segment of `poison` with `error`.
+    async fn start_poisoned(
+        &self,
+        id: &str,
+        poison: &str,
+        error: fn() -> EngineError,
+    ) -> (Worker, Arc<Poisoned>) {
+        let engine = Arc::new(Poisoned {
+            inner: SimEngine::new(self.sim.clone()).unwrap(),
+            poison: PromptId(poison.into()),
+            error,
+            poisoned_calls: Default::default(),
+        });
+        let stores = RunStores {
+            run_id: self.run.storage.run_id.clone(),
+            state: self.state.clone(),
+            ledger: self.ledger.clone(),
+            blobs: self.blobs.clone(),
+            queue: None,
+        };
+        let config = ServiceConfig {
+            run: self.run.clone(),
+            worker: self.worker_config(id),
+        };
+        let worker = Worker::start(stores, config, engine.clone())
+            .await
+            .expect("worker starts");
+        (worker, engine)
+    }
+
+    /// The give-up entries of the finished stream.
+    async fn give_ups(&self) -> Vec<(TrajectoryId, GiveUp)> {
+        self.state
+            .read_finished(StreamCursor::START, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| Some((e.trajectory, e.gave_up?)))
+            .collect()
+    }
+}
+
+fn rejected() -> EngineError {
+    EngineError::Rejected {
+        engine: "poisoned".into(),
+        status: 400,
+        message: "prompt too long for this model".into(),
+    }
+}
+
+fn unavailable() -> EngineError {
+    EngineError::Unavailable {
+        engine: "poisoned".into(),
+        message: "connection refused".into(),
+    }
+}
+
+/// An engine error that cannot pass gives up after `max_failures` attempts (over every claim):
+/// the trajectory is dropped with a give-up entry for the coordinator, and the engine is
+/// never called for it again. Other prompts are not held up.
+#[tokio::test]
+async fn a_prompt_the_engine_rejects_gives_up_after_the_bounded_attempts() {
+    let mut rollout = rollout(RolloutMode::Partial, 4, 100_000);
+    (rollout.max_failures, rollout.max_transient_failures) = (3, 7);
+    let env = Env::new(rollout, LengthDistribution::Fixed { tokens: 9 }).await;
+    env.register("poison", 2).await;
+    env.register("fine", 2).await;
+    env.open_version(0, 100_000, 4).await;
+    let (worker, engine) = env.start_poisoned("w1", "poison", rejected).await;
+    env.wait_for(
+        "both poisoned trajectories gave up, the others finished",
+        |state| async move {
+            let c = state.counts().await.unwrap();
+            c.dropped == 2 && c.finished == 2
+        },
+    )
+    .await;
+    for k in 0..2 {
+        let t = env
+            .state
+            .trajectory(&tid("poison", k))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((t.status, t.failures), (TrajectoryStatus::Dropped, 3));
+        env.check_complete(&tid("fine", k)).await;
+    }
+    let give_ups = env.give_ups().await;
+    assert_eq!(give_ups.len(), 2);
+    for (id, g) in give_ups {
+        assert_eq!(
+            (id.prompt.0.as_str(), g.reason),
+            ("poison", DropReason::GenerationFailed)
+        );
+        assert!(g.detail.contains("prompt too long"), "{}", g.detail);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        engine
+            .poisoned_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "three attempts per trajectory, then never again"
+    );
+    assert_eq!(
+        worker
+            .metrics
+            .attempt_failures
+            .with_label_values(&["permanent"])
+            .get(),
+        6
+    );
+    assert!(worker.shutdown().await);
+}
+
+/// An error that may pass (the engine unavailable) is retried up to the larger
+/// `max_transient_failures`, then the trajectory gives up too.
+#[tokio::test]
+async fn an_engine_that_stays_unavailable_for_a_prompt_gives_up_at_the_transient_bound() {
+    let mut rollout = rollout(RolloutMode::Partial, 4, 100_000);
+    (rollout.max_failures, rollout.max_transient_failures) = (2, 5);
+    let env = Env::new(rollout, LengthDistribution::Fixed { tokens: 9 }).await;
+    env.register("poison", 1).await;
+    env.open_version(0, 100_000, 4).await;
+    let (worker, engine) = env.start_poisoned("w1", "poison", unavailable).await;
+    env.wait_for("the trajectory gave up", |state| async move {
+        state.counts().await.unwrap().dropped == 1
+    })
+    .await;
+    let t = env
+        .state
+        .trajectory(&tid("poison", 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.failures, 5);
+    assert_eq!(
+        engine
+            .poisoned_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        5
+    );
+    assert_eq!(
+        worker
+            .metrics
+            .trajectories_given_up
+            .with_label_values(&["generation_failed"])
+            .get(),
+        1
+    );
+    assert!(worker.shutdown().await);
+}
+
+/// A committed segment that is corrupt (or missing) when a trajectory is resumed sends it back
+/// to its last good segment: it is generated on from there, and ends as if nothing happened.
+#[tokio::test]
+async fn an_unusable_committed_segment_is_regenerated_from_the_last_good_one() {
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Fixed { tokens: 14 },
+    )
+    .await;
+    env.register("p", 2).await;
+    env.open_version(0, 100_000, 4).await;
+    let lease = Duration::from_millis(150);
+    // A dead worker committed two segments of p#0 (the second's object is corrupt) and one of
+    // p#1 (its object is gone).
+    for (k, segments) in [(0u32, 2u32), (1, 1)] {
+        let id = tid("p", k);
+        let epoch = env
+            .state
+            .claim(&id, "ghost", lease)
+            .await
+            .unwrap()
+            .lease()
+            .epoch;
+        let expected = env.expected(&id).await;
+        for seq in 0..segments {
+            let start = seq as usize * 4;
+            let segment = Segment {
+                trajectory: id.clone(),
+                seq,
+                version: 0,
+                lease_epoch: epoch,
+                tokens: expected[start..start + 4].to_vec(),
+                logprobs: vec![-0.5; 4],
+                finish: FinishReason::None,
+            };
+            let key = keys::segment(env.state.run_id(), &id.prompt, k, seq, epoch);
+            let body = match (k, seq) {
+                (0, 1) => b"not a segment".to_vec().into(),
+                _ => codec::encode(&segment).unwrap(),
+            };
+            if k == 0 {
+                env.blobs.put(&key, body).await.unwrap();
+            }
+            let r = SegmentRef {
+                seq,
+                key,
+                tokens: 4,
+                version: 0,
+            };
+            env.state
+                .commit_segment(&id, "ghost", epoch, &r, lease)
+                .await
+                .unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worker = env.start("w1", None).await;
+    env.wait_for("both finished", |state| async move {
+        state.counts().await.unwrap().finished == 2
+    })
+    .await;
+    for k in 0..2 {
+        env.check_complete(&tid("p", k)).await;
+    }
+    assert_eq!(worker.metrics.segments_unusable.get(), 2);
+    assert!(worker.shutdown().await);
+}
+
+/// `async`: a trajectory found more than η versions behind gives up (`lag_exceeded`) as soon
+/// as it is claimed, and the worker's other slots go on with the rest.
+#[tokio::test]
+async fn async_a_trajectory_past_the_lag_bound_gives_up_and_the_rest_goes_on() {
+    let mut rollout = rollout(RolloutMode::Async, 4, 100_000);
+    rollout.max_lag = 1;
+    let env = Env::new(rollout, LengthDistribution::Fixed { tokens: 12 }).await;
+    env.register("old", 1).await;
+    env.register("new", 2).await;
+    env.open_version(0, 100_000, 8).await;
+    let id = tid("old", 0);
+    let lease = Duration::from_millis(150);
+    let epoch = env
+        .state
+        .claim(&id, "ghost", lease)
+        .await
+        .unwrap()
+        .lease()
+        .epoch;
+    let expected = env.expected(&id).await;
+    let segment = Segment {
+        trajectory: id.clone(),
+        seq: 0,
+        version: 0,
+        lease_epoch: epoch,
+        tokens: expected[..4].to_vec(),
+        logprobs: vec![-0.5; 4],
+        finish: FinishReason::None,
+    };
+    let key = keys::segment(env.state.run_id(), &id.prompt, 0, 0, epoch);
+    env.blobs
+        .put(&key, codec::encode(&segment).unwrap())
+        .await
+        .unwrap();
+    let r = SegmentRef {
+        seq: 0,
+        key,
+        tokens: 4,
+        version: 0,
+    };
+    env.state
+        .commit_segment(&id, "ghost", epoch, &r, lease)
+        .await
+        .unwrap();
+    for v in 1..=3 {
+        env.open_version(v, 100_000, 8).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let worker = env.start("w1", None).await;
+    env.wait_for("old gave up, new finished", |state| async move {
+        let c = state.counts().await.unwrap();
+        c.dropped == 1 && c.finished == 2
+    })
+    .await;
+    let give_ups = env.give_ups().await;
+    assert_eq!(give_ups.len(), 1);
+    assert_eq!(give_ups[0].1.reason, DropReason::LagExceeded);
+    for k in 0..2 {
+        env.check_complete(&tid("new", k)).await;
+    }
+    assert!(worker.shutdown().await);
+}
+
+/// `sync`: a trajectory parked by a stopping worker is finished under the version it started
+/// in, even though the budget is spent (it never spans two versions).
+#[tokio::test]
+async fn sync_a_parked_trajectory_finishes_under_its_version_past_the_spent_budget() {
+    let env = Env::new(
+        rollout(RolloutMode::Sync, 4, 4),
+        LengthDistribution::Fixed { tokens: 12 },
+    )
+    .await;
+    env.register("p", 1).await;
+    env.open_version(0, 4, 4).await;
+    let id = tid("p", 0);
+    let epoch = env
+        .state
+        .claim(&id, "stopping", DEADLINE)
+        .await
+        .unwrap()
+        .lease()
+        .epoch;
+    let expected = env.expected(&id).await;
+    let segment = Segment {
+        trajectory: id.clone(),
+        seq: 0,
+        version: 0,
+        lease_epoch: epoch,
+        tokens: expected[..4].to_vec(),
+        logprobs: vec![-0.5; 4],
+        finish: FinishReason::None,
+    };
+    let key = keys::segment(env.state.run_id(), &id.prompt, 0, 0, epoch);
+    env.blobs
+        .put(&key, codec::encode(&segment).unwrap())
+        .await
+        .unwrap();
+    let r = SegmentRef {
+        seq: 0,
+        key,
+        tokens: 4,
+        version: 0,
+    };
+    assert_eq!(
+        env.state.reserve(0, 4).await.unwrap(),
+        4,
+        "the budget is spent"
+    );
+    env.state
+        .commit_segment(&id, "stopping", epoch, &r, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.state.release(&id, "stopping", epoch).await.unwrap(),
+        TrajectoryStatus::Parked
+    );
+    let worker = env.start("w1", None).await;
+    env.wait_for("finished", |state| async move {
+        state.counts().await.unwrap().finished == 1
+    })
+    .await;
+    let segments = env.check_complete(&id).await;
+    assert!(segments.iter().all(|s| s.version == 0), "one version");
+    assert!(worker.shutdown().await);
+}
+
+/// Waits (bounded) until `config`'s DLQ holds `dead_letters` messages and its group has
+/// committed `offset` on partition 0 of the prompt topic.
+async fn wait_for_dlq_and_offset(config: &KafkaConfig, dead_letters: i64, offset: i64) {
+    let what = format!("the DLQ holds {dead_letters} messages and offset {offset} is committed");
+    testkit::wait_for(DEADLINE, &what, || {
+        let (brokers, dlq, topic, group) = (
+            config.brokers.clone(),
+            config.dlq_topic(),
+            config.topic.clone(),
+            config.group_id.clone(),
+        );
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let c: BaseConsumer = rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("group.id", &group)
+                    .create()
+                    .unwrap();
+                let (_, high) = c
+                    .fetch_watermarks(&dlq, 0, Duration::from_secs(10))
+                    .unwrap();
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                tpl.add_partition(&topic, 0);
+                let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+                high == dead_letters
+                    && committed.elements()[0].offset() == rdkafka::Offset::Offset(offset)
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+}
+
+/// A Kafka config for a fresh topic and group on `kafka`, with the topic created.
+fn fresh_topic(kafka: &EmbeddedKafka) -> KafkaConfig {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let config = KafkaConfig {
+        brokers: kafka.bootstrap_servers(),
+        topic: format!("prompts-{tag}"),
+        group_id: format!("g-{tag}"),
+        session_timeout_ms: 6_000,
+        auto_commit_interval_ms: 100,
+        max_message_bytes: 4096,
+        max_group_size: 16,
+        ..KafkaConfig::default()
+    };
+    kafka.create_topics(&config, 1).unwrap();
+    config
+}
+
+/// The ledger status of prompt `id`, for assertions.
+async fn drop_of(env: &Env, id: &str) -> Option<(DropReason, String)> {
+    match env
+        .ledger
+        .prompt_status(env.state.run_id(), &PromptId(id.into()))
+        .await
+        .unwrap()
+    {
+        Some(PromptStatus::Dropped { reason, detail }) => Some((reason, detail)),
+        _ => None,
+    }
+}
+
+/// The intake checks each prompt against what will run it: token ids outside the engine's
+/// vocabulary, a reward service the config does not define and an id that cannot name an
+/// object are refused before the run accepts them: dead-lettered, recorded dropped in the
+/// ledger with the reason, acknowledged. The valid prompt beside them runs.
+#[tokio::test]
+async fn prompts_that_cannot_run_are_rejected_at_intake_and_recorded() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let config = fresh_topic(&kafka);
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Fixed { tokens: 5 },
+    )
+    .await;
+    let producer = PromptProducer::new(&config).unwrap();
+    let mut out_of_vocabulary = prompt("tokens", 1);
+    out_of_vocabulary.input = PromptInput::Tokens(vec![1, 40_000]);
+    producer.send(&out_of_vocabulary).await.unwrap();
+    let mut unknown_service = prompt("service", 1);
+    unknown_service.verifier = VerifierSpec::Service {
+        name: "nowhere".into(),
+    };
+    producer.send(&unknown_service).await.unwrap();
+    // The producer refuses a bad id, so send the raw JSON.
+    let bad_id = serde_json::to_vec(&prompt("../escape", 1)).unwrap();
+    producer.send_raw(None, &bad_id).await.unwrap();
+    producer.send(&prompt("fine", 2)).await.unwrap();
+
+    env.open_version(0, 100_000, 4).await;
+    let worker = env.start("w1", Some(config.clone())).await;
+    env.wait_for("the valid prompt finished", |state| async move {
+        state.counts().await.unwrap().finished == 2
+    })
+    .await;
+    wait_for_dlq_and_offset(&config, 3, 4).await;
+    let (reason, detail) = drop_of(&env, "tokens").await.expect("recorded");
+    assert_eq!(reason, DropReason::Malformed);
+    assert!(detail.contains("token id 40000"), "{detail}");
+    let (reason, detail) = drop_of(&env, "service").await.expect("recorded");
+    assert_eq!(reason, DropReason::Malformed);
+    assert!(detail.contains("nowhere"), "{detail}");
+    let (reason, detail) = drop_of(&env, &format!("kafka:{}/0/2", config.topic))
+        .await
+        .expect("recorded under where it was read");
+    assert_eq!(reason, DropReason::Malformed);
+    assert!(detail.contains("invalid field id"), "{detail}");
+    assert_eq!(
+        env.state.counts().await.unwrap().prompts,
+        1,
+        "only `fine` registered"
+    );
+    let rejected = &worker.metrics.prompts_rejected;
+    assert_eq!(rejected.with_label_values(&["malformed"]).get(), 3);
+    assert!(worker.shutdown().await);
+}
+
+/// A dead letter that cannot be written (here: larger than the producer accepts) is retried a
+/// bounded number of times and then given up: the rejection is still recorded in the ledger,
+/// and the partition's offset moves past it, so the prompts behind it run.
+#[tokio::test]
+async fn an_unwritable_dead_letter_does_not_pin_its_partition() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let sender = fresh_topic(&kafka);
+    let mut config = sender.clone();
+    config.max_message_bytes = 1500;
+    config
+        .librdkafka
+        .insert("message.max.bytes".into(), "2000".into());
+    let env = Env::new(
+        rollout(RolloutMode::Partial, 4, 100_000),
+        LengthDistribution::Fixed { tokens: 5 },
+    )
+    .await;
+    let producer = PromptProducer::new(&sender).unwrap();
+    let mut huge = prompt("huge", 1);
+    huge.metadata.insert("padding".into(), "x".repeat(3000));
+    producer
+        .send_raw(
+            Some(b"huge".as_slice()),
+            &serde_json::to_vec(&huge).unwrap(),
+        )
+        .await
+        .unwrap();
+    producer.send(&prompt("behind", 1)).await.unwrap();
+    env.open_version(0, 100_000, 4).await;
+    let worker = env.start("w1", Some(config.clone())).await;
+    env.wait_for("the prompt behind it finished", |state| async move {
+        state.counts().await.unwrap().finished == 1
+    })
+    .await;
+    wait_for_dlq_and_offset(&config, 0, 2).await;
+    let (reason, _) = drop_of(&env, "huge").await.expect("recorded");
+    assert_eq!(reason, DropReason::Oversized);
+    assert_eq!(worker.metrics.dead_letters_lost.get(), 1);
     assert!(worker.shutdown().await);
 }

@@ -292,14 +292,15 @@ pub async fn controls_are_durable_and_fenced(ledger: Arc<dyn Ledger>) {
     };
     ledger.set_controls(&run, &paused, 2).await.unwrap();
     assert_eq!(ledger.controls(&run).await.unwrap(), paused);
-    match ledger
-        .set_controls(&run, &RunControls::default(), 1)
-        .await
-    {
+    match ledger.set_controls(&run, &RunControls::default(), 1).await {
         Err(LedgerError::LeaderFenced { token, newest, .. }) => assert_eq!((token, newest), (1, 2)),
         other => panic!("a deposed leader must be fenced, got {other:?}"),
     }
-    assert_eq!(ledger.controls(&run).await.unwrap(), paused, "nothing written");
+    assert_eq!(
+        ledger.controls(&run).await.unwrap(),
+        paused,
+        "nothing written"
+    );
     ledger
         .set_controls(&run, &RunControls::default(), 3)
         .await

@@ -454,8 +454,12 @@ pub trait Ledger: Send + Sync {
 
     /// Sets the run's controls. A leader write, fenced by `leader_token` like
     /// [`Ledger::drop_prompt`].
-    async fn set_controls(&self, run: &str, controls: &RunControls, leader_token: u64)
-    -> Result<()>;
+    async fn set_controls(
+        &self,
+        run: &str,
+        controls: &RunControls,
+        leader_token: u64,
+    ) -> Result<()>;
 
     /// The run's controls (the defaults for a run the ledger does not know).
     async fn controls(&self, run: &str) -> Result<RunControls>;

@@ -13,9 +13,10 @@ use async_trait::async_trait;
 use tokio::sync::Barrier;
 
 use super::{
-    ClaimSource, FailureRecorded, FenceReason, MAX_TOKENS, MemberRole, NotClaimable,
+    ClaimSource, FailureRecorded, FenceReason, GiveUp, MAX_TOKENS, MemberRole, NotClaimable,
     RankFenceReason, Registration, StateError, StateStore, StepAnnouncement, StreamCursor,
 };
+use crate::ledger::DropReason;
 use crate::testkit::{prompt, trajectory as tid};
 use crate::types::{PromptId, SegmentRef, TrajectoryId, TrajectoryStatus};
 
@@ -1306,9 +1307,13 @@ pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
     let store = f.fresh().await;
     store.register_prompt(&prompt("p", 2)).await.unwrap();
     let id = tid("p", 0);
+    let failed = |detail: &str| GiveUp {
+        reason: DropReason::GenerationFailed,
+        detail: detail.into(),
+    };
     let e1 = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
     let first = store
-        .record_failure(&id, "w", e1, "engine rejected the request", 3)
+        .record_failure(&id, "w", e1, &failed("engine rejected the request"), 3)
         .await
         .unwrap();
     assert_eq!(
@@ -1320,7 +1325,7 @@ pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
     );
     // The released lease is over: its holder cannot record again.
     let err = store
-        .record_failure(&id, "w", e1, "again", 3)
+        .record_failure(&id, "w", e1, &failed("again"), 3)
         .await
         .unwrap_err();
     assert!(matches!(err, StateError::Fenced { .. }), "{err}");
@@ -1331,7 +1336,7 @@ pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
         .await
         .unwrap();
     let second = store
-        .record_failure(&id, "w", e2, "timeout", 3)
+        .record_failure(&id, "w", e2, &failed("timeout"), 3)
         .await
         .unwrap();
     assert_eq!(
@@ -1343,15 +1348,19 @@ pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
     );
     let e3 = store.claim(&id, "w", LONG).await.unwrap().lease().epoch;
     let FailureRecorded::GaveUp(entry) = store
-        .record_failure(&id, "w", e3, "verifier: no such answer", 3)
+        .record_failure(&id, "w", e3, &failed("verifier: no such answer"), 3)
         .await
         .unwrap()
     else {
         panic!("the third failure gives up");
     };
     assert_eq!(
-        (entry.trajectory.clone(), entry.failure.as_deref(), entry.tokens),
-        (id.clone(), Some("verifier: no such answer"), 4)
+        (
+            entry.trajectory.clone(),
+            entry.gave_up.clone(),
+            entry.tokens
+        ),
+        (id.clone(), Some(failed("verifier: no such answer")), 4)
     );
     let t = store.trajectory(&id).await.unwrap().unwrap();
     assert_eq!((t.status, t.failures), (TrajectoryStatus::Dropped, 3));
@@ -1370,9 +1379,35 @@ pub async fn failures_release_then_give_up(f: &dyn StoreFactory) {
     assert_eq!(stream, vec![entry]);
     let c = store.counts().await.unwrap();
     assert_eq!((c.dropped, c.finished, c.pending, c.parked), (1, 0, 1, 0));
-    // The sibling is untouched and still claimable.
-    let next = store.claim_next("w", LONG).await.unwrap().unwrap();
-    assert_eq!(next.state.id, tid("p", 1));
+    // The sibling is untouched: still claimable. A give-up at the first attempt (limit 1),
+    // with another reason.
+    let lagging = GiveUp {
+        reason: DropReason::LagExceeded,
+        detail: "first version 1, current 5".into(),
+    };
+    let sibling = tid("p", 1);
+    let e = store
+        .claim(&sibling, "w", LONG)
+        .await
+        .unwrap()
+        .lease()
+        .epoch;
+    let FailureRecorded::GaveUp(entry) = store
+        .record_failure(&sibling, "w", e, &lagging, 1)
+        .await
+        .unwrap()
+    else {
+        panic!("limit 1 gives up at once");
+    };
+    assert_eq!(entry.gave_up, Some(lagging));
+    assert_eq!(
+        store
+            .read_finished(StreamCursor::START, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 /// Truncation forgets the segments from `keep` on, under the live lease, and recomputes the
@@ -1441,7 +1476,12 @@ pub async fn closing_a_group_stops_its_unfinished_trajectories(f: &dyn StoreFact
         .await
         .unwrap();
     store.release(&parked, "w", e).await.unwrap();
-    let running_epoch = store.claim(&running, "w", LONG).await.unwrap().lease().epoch;
+    let running_epoch = store
+        .claim(&running, "w", LONG)
+        .await
+        .unwrap()
+        .lease()
+        .epoch;
 
     let err = store.close_group(&"g".into(), lt + 1).await.unwrap_err();
     assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
@@ -1508,12 +1548,16 @@ pub async fn widening_adds_to_the_current_budget(f: &dyn StoreFactory) {
     assert_eq!(store.widen_budget(2, 10, lt).await.unwrap(), None);
     let err = store.widen_budget(3, 10, lt + 1).await.unwrap_err();
     assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
-    let b = store.widen_budget(3, MAX_TOKENS, lt).await.unwrap().unwrap();
+    let b = store
+        .widen_budget(3, MAX_TOKENS, lt)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(b.total, MAX_TOKENS, "capped at the largest budget");
 }
 
-/// Trimming deletes the consumed entries up to a cursor; later reads see the rest, and a
-/// trim is a leader write.
+/// Trimming deletes the entries before a cursor; later reads see the rest, and a trim is a
+/// leader write.
 pub async fn finished_stream_is_trimmed(f: &dyn StoreFactory) {
     let store = f.fresh().await;
     let lt = store
@@ -1531,15 +1575,22 @@ pub async fn finished_stream_is_trimmed(f: &dyn StoreFactory) {
         written.push(store.finish(&id, "w", e, 0.5).await.unwrap());
     }
     let err = store
-        .trim_finished(written[1].cursor, lt + 1)
+        .trim_finished(written[2].cursor, lt + 1)
         .await
         .unwrap_err();
     assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
-    assert_eq!(store.trim_finished(written[1].cursor, lt).await.unwrap(), 2);
+    assert_eq!(store.trim_finished(written[2].cursor, lt).await.unwrap(), 2);
     let rest = store.read_finished(StreamCursor::START, 10).await.unwrap();
     assert_eq!(rest, written[2..].to_vec());
-    assert_eq!(store.trim_finished(written[1].cursor, lt).await.unwrap(), 0);
-    assert_eq!(store.trim_finished(written[3].cursor, lt).await.unwrap(), 2);
+    assert_eq!(store.trim_finished(written[2].cursor, lt).await.unwrap(), 0);
+    // Trimming before the cursor after the last entry empties the stream.
+    assert_eq!(
+        store
+            .trim_finished(written[3].cursor.next(), lt)
+            .await
+            .unwrap(),
+        2
+    );
     assert!(
         store
             .read_finished(StreamCursor::START, 10)

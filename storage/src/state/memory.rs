@@ -9,8 +9,8 @@ use async_trait::async_trait;
 
 use super::board::Board;
 use super::{
-    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, LeaderLease, Member,
-    MemberRole, NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError,
+    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, GiveUp, LeaderLease,
+    Member, MemberRole, NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError,
     StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
@@ -206,7 +206,13 @@ impl Inner {
     }
 
     /// Appends a finished-stream entry for `id` (its state as it is now).
-    fn push_finished(&mut self, id: &TrajectoryId, now: u64, reward: f32, failure: Option<String>) -> FinishedEntry {
+    fn push_finished(
+        &mut self,
+        id: &TrajectoryId,
+        now: u64,
+        reward: f32,
+        gave_up: Option<GiveUp>,
+    ) -> FinishedEntry {
         let s = &self.trajectories[id].state;
         let (tokens, first_version, last_version) = (s.tokens, s.first_version, s.last_version);
         // Cursors follow Redis stream ids: (ms, seq), strictly increasing.
@@ -224,7 +230,7 @@ impl Inner {
             tokens,
             first_version,
             last_version,
-            failure,
+            gave_up,
         };
         self.finished.push(entry.clone());
         entry
@@ -468,7 +474,7 @@ impl StateStore for MemoryStateStore {
         id: &TrajectoryId,
         owner: &str,
         epoch: u64,
-        error: &str,
+        give_up: &GiveUp,
         limit: u32,
     ) -> Result<FailureRecorded, StateError> {
         let mut g = self.lock();
@@ -488,7 +494,7 @@ impl StateStore for MemoryStateStore {
             id,
             now,
             0.0,
-            Some(error.to_owned()),
+            Some(give_up.clone()),
         )))
     }
 
@@ -672,13 +678,13 @@ impl StateStore for MemoryStateStore {
 
     async fn trim_finished(
         &self,
-        through: StreamCursor,
+        first_kept: StreamCursor,
         leader_token: u64,
     ) -> Result<u64, StateError> {
         let mut g = self.lock();
         let live = g.live_leader(now_ms()).cloned();
         super::board::check_leader(live.as_ref(), leader_token)?;
-        let end = g.finished.partition_point(|e| e.cursor <= through);
+        let end = g.finished.partition_point(|e| e.cursor < first_kept);
         g.finished.drain(..end);
         Ok(end as u64)
     }

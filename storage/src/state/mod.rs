@@ -46,6 +46,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::ledger::DropReason;
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
     TrajectoryStatus,
@@ -179,6 +180,15 @@ pub struct StreamCursor {
 impl StreamCursor {
     /// Before the first entry.
     pub const START: StreamCursor = StreamCursor { ms: 0, seq: 0 };
+
+    /// The smallest cursor after this one: reading after `self` and trimming before
+    /// `self.next()` split the stream at the same place.
+    pub fn next(self) -> StreamCursor {
+        StreamCursor {
+            ms: self.ms,
+            seq: self.seq + 1,
+        }
+    }
 }
 
 impl fmt::Display for StreamCursor {
@@ -215,10 +225,19 @@ pub struct FinishedEntry {
     pub first_version: Option<PolicyVersion>,
     /// Version of its last segment.
     pub last_version: Option<PolicyVersion>,
-    /// Set when the trajectory gave up instead of finishing (its failed attempts reached the
-    /// bound; see [`StateStore::record_failure`]): it has no response, and the coordinator
-    /// drops its group with this reason.
-    pub failure: Option<String>,
+    /// Set when the trajectory gave up instead of finishing (see
+    /// [`StateStore::record_failure`]): it has no response, and the coordinator drops its
+    /// group for this reason.
+    pub gave_up: Option<GiveUp>,
+}
+
+/// Why a trajectory gave up: the reason its group is dropped for, and a detail for a person.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveUp {
+    /// The ledger's drop reason.
+    pub reason: DropReason,
+    /// What happened (the last error).
+    pub detail: String,
 }
 
 /// What [`StateStore::record_failure`] did.
@@ -504,18 +523,18 @@ pub trait StateStore: Send + Sync + 'static {
         reward: f32,
     ) -> Result<FinishedEntry, StateError>;
 
-    /// Records a failed attempt at generating or scoring the trajectory (an engine or
-    /// verifier error) under the caller's lease, and gives the lease up. The trajectory's
-    /// `failures` grows by one; below `limit` it is released as by [`StateStore::release`]
-    /// and tried again later; at `limit` it gives up: it becomes `dropped` and a finished
-    /// entry with `failure` = `error` goes on the stream, so the coordinator drops its group.
-    /// Fenced like every lease write.
+    /// Records a failed attempt at the trajectory (an engine or verifier error, or for a
+    /// trajectory past the lag bound a give-up with `limit` 1) under the caller's lease, and
+    /// gives the lease up. The trajectory's `failures` grows by one; below `limit` it is
+    /// released as by [`StateStore::release`] and tried again later; at `limit` it gives up:
+    /// it becomes `dropped` and a finished entry carrying `give_up` goes on the stream, so the
+    /// coordinator drops its group. Fenced like every lease write.
     async fn record_failure(
         &self,
         id: &TrajectoryId,
         owner: &str,
         epoch: u64,
-        error: &str,
+        give_up: &GiveUp,
         limit: u32,
     ) -> Result<FailureRecorded, StateError>;
 
@@ -595,12 +614,12 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<FinishedEntry>, StateError>;
 
-    /// Deletes the finished entries up to and including `through` once they are consumed (a
-    /// new leader reads the stream from its start, so a short stream keeps failover fast).
-    /// Returns how many were deleted. A leader write, fenced by `leader_token`.
+    /// Deletes the finished entries before `first_kept` once they are consumed (a new leader
+    /// reads the stream from its start, so a short stream keeps failover fast). Returns how
+    /// many were deleted. A leader write, fenced by `leader_token`.
     async fn trim_finished(
         &self,
-        through: StreamCursor,
+        first_kept: StreamCursor,
         leader_token: u64,
     ) -> Result<u64, StateError>;
 

@@ -30,9 +30,9 @@ use redis::{AsyncCommands, Script, Value};
 
 use super::memory::member_key;
 use super::{
-    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, LeaderLease, Member,
-    MemberRole, NotClaimable, RankClaim, RankDone, RankFenceReason, Registration, StateCounts,
-    StateError, StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
+    Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, GiveUp, LeaderLease,
+    Member, MemberRole, NotClaimable, RankClaim, RankDone, RankFenceReason, Registration,
+    StateCounts, StateError, StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
@@ -358,7 +358,7 @@ fn parse_pushed(
     id: &TrajectoryId,
     a: &[Value],
     reward: f32,
-    failure: Option<String>,
+    gave_up: Option<GiveUp>,
 ) -> Result<FinishedEntry, StateError> {
     let version = |i| -> Result<Option<u64>, StateError> {
         let s = text(at(a, i)?)?;
@@ -375,7 +375,7 @@ fn parse_pushed(
         tokens: num(at(a, 2)?)?,
         first_version: version(3)?,
         last_version: version(4)?,
-        failure,
+        gave_up,
     })
 }
 
@@ -674,15 +674,16 @@ impl StateStore for RedisStateStore {
         id: &TrajectoryId,
         owner: &str,
         epoch: u64,
-        error: &str,
+        give_up: &GiveUp,
         limit: u32,
     ) -> Result<FailureRecorded, StateError> {
         let m = member_key(id);
-        let args: [&dyn ArgLike; 7] = [
+        let args: [&dyn ArgLike; 8] = [
             &m,
             &owner,
             &epoch,
-            &error,
+            &give_up.reason.as_str(),
+            &give_up.detail,
             &limit,
             &id.prompt.0,
             &id.sample,
@@ -697,7 +698,7 @@ impl StateStore for RedisStateStore {
             });
         }
         let a = ok_or_err(id, epoch, &v)?;
-        parse_pushed(id, a, 0.0, Some(error.to_owned())).map(FailureRecorded::GaveUp)
+        parse_pushed(id, a, 0.0, Some(give_up.clone())).map(FailureRecorded::GaveUp)
     }
 
     async fn truncate(
@@ -893,7 +894,13 @@ impl StateStore for RedisStateStore {
                     tokens: get("tokens")?.parse().map_err(|_| bad("tokens"))?,
                     first_version: opt("first")?,
                     last_version: opt("last")?,
-                    failure: f.get("failure").cloned(),
+                    gave_up: match f.get("gave_up") {
+                        None => None,
+                        Some(reason) => Some(GiveUp {
+                            reason: reason.parse().map_err(|_| bad("gave_up"))?,
+                            detail: f.get("detail").cloned().unwrap_or_default(),
+                        }),
+                    },
                 })
             })
             .collect()
@@ -901,16 +908,15 @@ impl StateStore for RedisStateStore {
 
     async fn trim_finished(
         &self,
-        through: StreamCursor,
+        first_kept: StreamCursor,
         leader_token: u64,
     ) -> Result<u64, StateError> {
-        // XTRIM MINID keeps ids ≥ the one given: the entry right after `through`.
-        let keep_from = StreamCursor {
-            ms: through.ms,
-            seq: through.seq + 1,
-        };
+        // XTRIM MINID keeps the ids at or above the one given.
         let v = self
-            .run(&self.scripts.trim, &[&keep_from.to_string(), &leader_token])
+            .run(
+                &self.scripts.trim,
+                &[&first_kept.to_string(), &leader_token],
+            )
             .await?;
         let a = arr(&v)?;
         if text(at(a, 0)?)? == "leader" {

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    Engine, EngineError, SegmentOutput, SegmentRequest, acquire_slot, splitmix64, trajectory_key,
+    Engine, EngineError, EngineLimits, SegmentOutput, SegmentRequest, acquire_slot, splitmix64,
+    trajectory_key,
 };
 
 /// The name this engine reports.
@@ -94,6 +95,8 @@ pub struct BuiltinEngine {
     samplers: Arc<Mutex<Vec<Sampler<CpuBackend>>>>,
     /// Bounds the segments sampled at once to `slots`.
     permits: Semaphore,
+    /// The model's shape, read once (for [`Engine::limits`]).
+    shape: tokio::sync::OnceCell<ModelConfig>,
 }
 
 impl BuiltinEngine {
@@ -118,6 +121,7 @@ impl BuiltinEngine {
             tokenizer,
             versions: tokio::sync::Mutex::new(BTreeMap::new()),
             samplers: Arc::new(Mutex::new(Vec::new())),
+            shape: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -167,14 +171,7 @@ impl BuiltinEngine {
             engine: NAME.to_owned(),
             message,
         };
-        let json = fetched.manifest.metadata.get(MODEL_CONFIG_KEY).ok_or_else(|| {
-            protocol(format!(
-                "weights version {version} carry no `{MODEL_CONFIG_KEY}` metadata: publish them \
-                 with the trainer"
-            ))
-        })?;
-        let model_config: ModelConfig = serde_json::from_str(json)
-            .map_err(|e| protocol(format!("`{MODEL_CONFIG_KEY}` of version {version}: {e}")))?;
+        let model_config = model_config(&fetched.manifest)?;
         if model_config.vocab_size < self.tokenizer.vocab_size() {
             return Err(EngineError::Config(format!(
                 "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
@@ -280,4 +277,48 @@ impl Engine for BuiltinEngine {
             .decode(tokens)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))
     }
+
+    /// The model's vocabulary and context, from the newest published version (every version
+    /// of a run has the same shape).
+    async fn limits(&self) -> Result<EngineLimits, EngineError> {
+        let config = self
+            .shape
+            .get_or_try_init(|| async {
+                let latest = weights::latest_version(&self.blobs, &self.run)
+                    .await
+                    .map_err(|e| Self::unavailable(e.to_string()))?
+                    .ok_or_else(|| {
+                        Self::unavailable(format!(
+                            "run `{}` has no published weights yet",
+                            self.run
+                        ))
+                    })?;
+                let manifest = weights::load_manifest(&self.blobs, &self.run, latest)
+                    .await
+                    .map_err(|e| Self::unavailable(e.to_string()))?;
+                model_config(&manifest)
+            })
+            .await?;
+        Ok(EngineLimits {
+            vocab_size: u32::try_from(config.vocab_size).ok(),
+            context_tokens: u32::try_from(config.max_seq_len).ok(),
+        })
+    }
+}
+
+/// The model's shape, from a version's metadata.
+fn model_config(manifest: &WeightsManifest) -> Result<ModelConfig, EngineError> {
+    let version = manifest.version;
+    let protocol = |message: String| EngineError::Protocol {
+        engine: NAME.to_owned(),
+        message,
+    };
+    let json = manifest.metadata.get(MODEL_CONFIG_KEY).ok_or_else(|| {
+        protocol(format!(
+            "weights version {version} carry no `{MODEL_CONFIG_KEY}` metadata: publish them \
+             with the trainer"
+        ))
+    })?;
+    serde_json::from_str(json)
+        .map_err(|e| protocol(format!("`{MODEL_CONFIG_KEY}` of version {version}: {e}")))
 }

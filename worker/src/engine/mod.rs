@@ -243,6 +243,16 @@ impl EngineError {
     }
 }
 
+/// What a prompt must fit to run on an engine, where the engine knows it: the intake rejects
+/// a prompt that does not fit before the run accepts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Token ids must be below this (the model's vocabulary).
+    pub vocab_size: Option<u32>,
+    /// The model's context: a prompt must leave room for at least one response token.
+    pub context_tokens: Option<u32>,
+}
+
 /// An inference engine generating one segment of one trajectory per call.
 ///
 /// Calls are concurrent: the worker runs up to [`Engine::slots`] of them at once and the engine
@@ -264,6 +274,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Turns token ids back into text (for verifiers and reports).
     async fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;
+
+    /// What a prompt must fit; nothing is known by default (a server that refuses a prompt
+    /// then fails its attempts, which are bounded).
+    async fn limits(&self) -> Result<EngineLimits, EngineError> {
+        Ok(EngineLimits::default())
+    }
 }
 
 /// Which engine a worker runs, and its settings: the `[engine]` table of the config,

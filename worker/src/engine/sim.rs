@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    Engine, EngineError, SegmentOutput, SegmentRequest, acquire_slot, splitmix64, trajectory_key,
+    Engine, EngineError, EngineLimits, SegmentOutput, SegmentRequest, acquire_slot, splitmix64,
+    trajectory_key,
 };
 
 /// How long a trajectory's response is (in tokens, the final end-of-sequence token included).
@@ -354,6 +355,13 @@ impl Engine for SimEngine {
         }
         out.push_str(&String::from_utf8_lossy(&bytes));
         Ok(out)
+    }
+
+    async fn limits(&self) -> Result<EngineLimits, EngineError> {
+        Ok(EngineLimits {
+            vocab_size: Some(self.config.vocab_size),
+            context_tokens: None,
+        })
     }
 }
 

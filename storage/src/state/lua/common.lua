@@ -92,17 +92,18 @@ local function stop(m, now)
 end
 
 -- Appends m's finished-stream entry (prompt id and sample given, as the member key's prompt
--- id may contain ':'); `failure` is nil for a scored trajectory. Returns the reply tail:
--- stream id, tokens, first and last version ('' when none).
-local function push_finished(m, prompt, sample, reward, failure)
+-- id may contain ':'); `gave_up` is nil for a scored trajectory, else {drop reason, detail}.
+-- Returns the reply tail: stream id, tokens, first and last version ('' when none).
+local function push_finished(m, prompt, sample, reward, gave_up)
   local h = redis.call('HMGET', tkey(m), 'tokens', 'first', 'last')
   local fields = {'prompt', prompt, 'sample', sample, 'reward', reward, 'tokens', h[1]}
   if h[2] then
     table.insert(fields, 'first'); table.insert(fields, h[2])
     table.insert(fields, 'last'); table.insert(fields, h[3])
   end
-  if failure then
-    table.insert(fields, 'failure'); table.insert(fields, failure)
+  if gave_up then
+    table.insert(fields, 'gave_up'); table.insert(fields, gave_up[1])
+    table.insert(fields, 'detail'); table.insert(fields, gave_up[2])
   end
   local id = redis.call('XADD', P .. 'finished', '*', unpack(fields))
   return {'ok', id, h[1], h[2] or '', h[3] or ''}
