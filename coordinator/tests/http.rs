@@ -197,3 +197,88 @@ async fn admin_is_disabled_without_a_configured_token() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(!c.controls().paused.load(Ordering::SeqCst));
 }
+
+/// Admin changes are durable: a pause and a budget set on the leader survive its death (the
+/// standby that takes over loads them from the ledger), and a standby refuses them with 409
+/// naming the leader, changing nothing.
+#[tokio::test]
+async fn admin_changes_survive_a_failover_and_a_standby_refuses_them() {
+    let w = World::memory().await;
+    let mut leader = w.coordinator("leader");
+    let leader_api = serve(&w, &leader, Some(TOKEN)).await;
+    let mut standby = w.coordinator("standby");
+    let standby_api = serve(&w, &standby, Some(TOKEN)).await;
+    let http = reqwest::Client::new();
+    tick_until_settled(&mut leader).await;
+    assert_eq!(standby.tick().await.unwrap(), TickOutcome::Standby);
+
+    for (path, body) in [
+        ("pause", serde_json::json!({})),
+        ("budget", serde_json::json!({"version_budget_tokens": 4242})),
+    ] {
+        let r = http
+            .post(format!("{standby_api}/v1/{path}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CONFLICT, "{path} on the standby");
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("standby") && text.contains("leader"),
+            "{text}"
+        );
+    }
+    assert!(!standby.controls().paused.load(Ordering::SeqCst));
+
+    for (path, body) in [
+        ("pause", serde_json::json!({})),
+        ("budget", serde_json::json!({"version_budget_tokens": 4242})),
+    ] {
+        let r = http
+            .post(format!("{leader_api}/v1/{path}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path} on the leader");
+    }
+    drop(leader); // dies holding the lock: the standby takes over once it lapses
+    three_groups(&w).await;
+    let outcomes = tick_until_settled_or_paused(&mut standby).await;
+    assert_eq!(outcomes.last(), Some(&TickOutcome::Paused), "{outcomes:?}");
+    let controls = standby.controls();
+    assert!(controls.paused.load(Ordering::SeqCst));
+    assert_eq!(controls.version_budget.load(Ordering::SeqCst), 4242);
+    let r = http
+        .post(format!("{standby_api}/v1/resume"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "the new leader takes admin calls"
+    );
+    assert_eq!(standby.tick().await.unwrap(), TickOutcome::Committed(0));
+    let events = w.ledger.events(&w.run.storage.run_id).await.unwrap();
+    assert_eq!(events.len(), 3, "pause, budget, resume noted: {events:?}");
+}
+
+/// Ticks until the coordinator leads and is paused (or idle); bounded.
+async fn tick_until_settled_or_paused(c: &mut Coordinator) -> Vec<TickOutcome> {
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        let out = c.tick().await.unwrap();
+        let done = !matches!(out, TickOutcome::Standby);
+        seen.push(out);
+        if done {
+            return seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("coordinator {} never led: {seen:?}", c.id());
+}

@@ -5,11 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{World, crash_and_take_over, manifest, pid, three_groups, tick_until_settled};
+use common::{LONG, World, crash_and_take_over, manifest, pid, three_groups, tick_until_settled};
 use flywheel_coordinator::{CrashPoint, TickOutcome};
-use flywheel_storage::ledger::{DropReason, LedgerError, PromptStatus};
-use flywheel_storage::state::StateError;
-use flywheel_storage::types::TrajectoryId;
+use flywheel_storage::config::RolloutMode;
+use flywheel_storage::ledger::{DropReason, EventKind, LedgerError, PromptStatus};
+use flywheel_storage::state::{GiveUp, StateError, StreamCursor};
+use flywheel_storage::types::{SegmentRef, TrajectoryId, TrajectoryStatus};
 
 #[tokio::test]
 async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
@@ -405,4 +406,161 @@ async fn a_dead_trainers_rank_is_redone_by_a_live_one() {
     w.state.finish_step(0, 1).await.unwrap();
     c.tick().await.unwrap();
     assert_eq!(w.state.current_version().await.unwrap(), Some(1));
+}
+
+/// A trajectory that gave up (its attempts kept failing) drops its group with the reason, and
+/// the group's other trajectories are stopped: a worker still generating one is fenced out.
+#[tokio::test]
+async fn a_given_up_trajectory_drops_its_group_and_stops_its_siblings() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    let p = w.accept("poison", 3).await;
+    let ids: Vec<TrajectoryId> = p.trajectory_ids().collect();
+    let sibling_epoch = w.generate(&ids[1], 5).await; // still generating
+    let e = w
+        .state
+        .claim(&ids[0], "w2", LONG)
+        .await
+        .unwrap()
+        .lease()
+        .epoch;
+    let give_up = GiveUp {
+        reason: DropReason::GenerationFailed,
+        detail: "engine rejected the request".into(),
+    };
+    w.state
+        .record_failure(&ids[0], "w2", e, &give_up, 1)
+        .await
+        .unwrap();
+    c.tick().await.unwrap();
+    assert_eq!(
+        w.drop_reason("poison").await,
+        Some(DropReason::GenerationFailed)
+    );
+    for id in &ids {
+        let t = w.state.trajectory(id).await.unwrap().unwrap();
+        assert_eq!(t.status, TrajectoryStatus::Dropped, "{id}");
+    }
+    let seg = SegmentRef {
+        seq: 1,
+        key: "k".into(),
+        tokens: 3,
+        version: 0,
+    };
+    let err = w
+        .state
+        .commit_segment(&ids[1], "w", sibling_epoch, &seg, LONG)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+}
+
+/// A spent version that can complete no group (each group of 2 has one sample parked and
+/// the other pending) has its budget widened by Φ_r after two ticks, with a ledger note and
+/// a metric; then the work completes and a step is cut.
+#[tokio::test]
+async fn a_spent_budget_that_can_complete_no_group_is_widened() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    let run = &w.run.storage.run_id;
+    for p in ["a", "b"] {
+        let prompt = w.accept(p, 2).await;
+        let first = prompt.trajectory_ids().next().unwrap();
+        let e = w.generate(&first, 5).await;
+        w.state.release(&first, "w", e).await.unwrap();
+    }
+    assert_eq!(w.state.reserve(0, 1000).await.unwrap(), 1000, "spent");
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Idle, "first sighting");
+    assert_eq!(w.state.budget().await.unwrap().unwrap().total, 1000);
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Idle);
+    let b = w.state.budget().await.unwrap().unwrap();
+    assert_eq!((b.version, b.total, b.remaining), (0, 2000, 1000));
+    assert_eq!(c.metrics().budget_widenings.get(), 1);
+    let events = w.ledger.events(run).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::BudgetWidened);
+    assert!(events[0].detail.contains("Φ_r"), "{}", events[0].detail);
+    // With budget again, the groups complete and a step is cut.
+    for p in ["a", "b"] {
+        for sample in 0..2 {
+            let id = TrajectoryId {
+                prompt: pid(p),
+                sample,
+            };
+            let e = w.generate(&id, 50).await;
+            w.state.finish(&id, "w", e, sample as f32).await.unwrap();
+        }
+    }
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    assert_eq!(c.metrics().budget_widenings.get(), 1, "widened once");
+}
+
+/// `sync`: the step of a spent version waits for a parked trajectory (a stopping worker's),
+/// which workers finish under the same version; `partial` does not wait for it.
+#[tokio::test]
+async fn sync_waits_for_parked_work_before_cutting() {
+    for (mode, waits) in [(RolloutMode::Sync, true), (RolloutMode::Partial, false)] {
+        let w = World::memory().await;
+        let mut run = w.run.clone();
+        run.rollout.mode = mode;
+        let w = World { run, ..w };
+        let mut c = w.coordinator("c");
+        tick_until_settled(&mut c).await;
+        w.finish_prompt("a", &[30, 30], &[1.0, 0.0]).await;
+        w.park("parked").await;
+        let left = w.state.budget().await.unwrap().unwrap().remaining;
+        w.state.reserve(0, left).await.unwrap();
+        assert_eq!(w.state.budget().await.unwrap().unwrap().remaining, 0);
+        let out = c.tick().await.unwrap();
+        if waits {
+            assert_eq!(
+                out,
+                TickOutcome::Idle,
+                "{mode:?}: the parked trajectory is awaited"
+            );
+        } else {
+            assert_eq!(out, TickOutcome::Committed(0), "{mode:?}");
+        }
+    }
+}
+
+/// After a step the finished stream keeps only the entries of prompts still open, so a new
+/// leader reads little; it rebuilds the same waiting groups from what is left.
+#[tokio::test]
+async fn the_finished_stream_is_trimmed_after_each_step() {
+    let w = World::memory().await;
+    let mut c = w.coordinator("c");
+    tick_until_settled(&mut c).await;
+    three_groups(&w).await;
+    let open = w.accept("open", 2).await;
+    let first = open.trajectory_ids().next().unwrap();
+    let e = w.generate(&first, 10).await;
+    w.state.finish(&first, "w", e, 1.0).await.unwrap();
+    assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    let left = w
+        .state
+        .read_finished(StreamCursor::START, 100)
+        .await
+        .unwrap();
+    let prompts: std::collections::BTreeSet<String> =
+        left.iter().map(|e| e.trajectory.prompt.0.clone()).collect();
+    // a and b were trained; c waits for step 1; `open` is incomplete.
+    assert!(
+        !prompts.contains("a") && !prompts.contains("b"),
+        "{prompts:?}"
+    );
+    assert!(
+        prompts.contains("c") && prompts.contains("open"),
+        "{prompts:?}"
+    );
+    // A new leader rebuilds c's waiting group from the trimmed stream.
+    drop(c);
+    w.train_announced().await;
+    let mut next = w.coordinator("next");
+    let outcomes = tick_until_settled(&mut next).await;
+    assert_eq!(outcomes.last(), Some(&TickOutcome::Idle), "{outcomes:?}");
+    let snapshot = next.snapshot().read().unwrap().clone();
+    assert_eq!((snapshot.groups_waiting, snapshot.waiting_tokens), (1, 60));
 }

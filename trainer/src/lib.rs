@@ -45,4 +45,7 @@ pub use loss::{
     SupervisedTokens, supervised_loss,
 };
 pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
-pub use service::{StepObserver, StepOutcome, Trainer, TrainerError, run_observed, run_until};
+pub use service::{
+    FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer, TrainerError, run_observed,
+    run_until,
+};

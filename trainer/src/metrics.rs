@@ -37,6 +37,12 @@ pub struct TrainerMetrics {
     pub weights_bytes_published: IntCounter,
     /// The weights version this trainer holds.
     pub version: IntGauge,
+    /// Bytes each finished step wrote to the object store (gradients, weights and, at a
+    /// checkpoint, the optimizer state).
+    pub step_bytes_written: Histogram,
+    /// Steps replayed to rebuild the optimizer state before a step (module
+    /// `service`: only after a restart or another trainer's finish).
+    pub steps_replayed: IntCounter,
 }
 
 impl TrainerMetrics {
@@ -110,6 +116,17 @@ impl TrainerMetrics {
                 "flywheel_trainer_weights_version",
                 "The weights version this trainer holds.",
             ),
+            step_bytes_written: histogram(
+                &r,
+                "flywheel_trainer_step_bytes_written",
+                "Bytes a finished step wrote to the object store.",
+                exponential_buckets(1024.0, 4.0, 16),
+            ),
+            steps_replayed: counter(
+                &r,
+                "flywheel_trainer_steps_replayed_total",
+                "Steps replayed from a checkpoint to rebuild the optimizer state.",
+            ),
             registry: r,
         }
     }
@@ -128,6 +145,8 @@ impl TrainerMetrics {
         self.weights_bytes_written.inc_by(o.publish.bytes_written);
         self.weights_bytes_published.inc_by(o.publish.bytes_total);
         self.version.set(o.version as i64);
+        self.step_bytes_written.observe(o.bytes.total() as f64);
+        self.steps_replayed.inc_by(o.replayed);
     }
 }
 
@@ -140,7 +159,7 @@ impl Default for TrainerMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::PublishStats;
+    use crate::service::{PublishStats, StepBytes};
     use crate::step::StepMetrics;
 
     #[test]
@@ -161,7 +180,13 @@ mod tests {
                 bytes_total: 400,
                 ..PublishStats::default()
             },
+            bytes: StepBytes {
+                gradients: 30,
+                weights: 100,
+                optimizer: 0,
+            },
             checkpointed: false,
+            replayed: 2,
         });
         let text = flywheel_service::metrics::render(&m.registry);
         for line in [
@@ -173,6 +198,8 @@ mod tests {
             "flywheel_trainer_weights_bytes_published_total 400",
             "flywheel_trainer_weights_version 7",
             "flywheel_trainer_steps_finished_total 1",
+            "flywheel_trainer_step_bytes_written_sum 130",
+            "flywheel_trainer_steps_replayed_total 2",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

@@ -33,7 +33,10 @@
 //!
 //! # Failures
 //!
-//! A rank that fails (a corrupt segment, an unreachable store) is logged with its cause and
+//! Finishing a step is idempotent at every point: a crash or a store error after the
+//! publication, the optimizer state, the checkpoint record or the collection leaves a state
+//! from which any trainer finishes the step to the same bits ([`FinishPoint`] injects the
+//! faults in tests). A rank that fails (a corrupt segment, an unreachable store) is logged with its cause and
 //! not completed; its claim expires and it is tried again (by any trainer). A fenced rank
 //! write (the claim expired and was taken over) is logged and dropped: the new holder
 //! computes the same gradient. A finisher that dies after completing the last rank is
@@ -48,13 +51,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Model, ModelError, Params, TextCodec};
+use flywheel_model::{Model, ModelConfig, ModelError, Params, TextCodec};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::keys;
-use flywheel_storage::ledger::{Checkpoint, LedgerError};
+use flywheel_storage::ledger::{Checkpoint, EventKind, LedgerError, RunEvent};
 use flywheel_storage::state::{MemberRole, RankClaim, StateError, StateStore, StepAnnouncement};
 use flywheel_storage::weights::{
     self, Dtype, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsError, WeightsManifest,
@@ -132,6 +135,9 @@ pub enum TrainerError {
     /// Stored state contradicts itself (e.g. an optimizer state of the wrong step).
     #[error("inconsistent trainer state: {0}")]
     Inconsistent(String),
+    /// A test-injected failure.
+    #[error("injected failure at {0:?}")]
+    Injected(FinishPoint),
 }
 
 /// What publishing a version cost, against its full size.
@@ -147,6 +153,39 @@ pub struct PublishStats {
     pub chunks_reused: u64,
 }
 
+/// Bytes a step wrote to the object store, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepBytes {
+    /// The ranks' gradient objects.
+    pub gradients: u64,
+    /// The new version's weights (only the chunks that changed).
+    pub weights: u64,
+    /// The optimizer state (only at a checkpoint).
+    pub optimizer: u64,
+}
+
+impl StepBytes {
+    /// Everything the step wrote.
+    pub fn total(&self) -> u64 {
+        self.gradients + self.weights + self.optimizer
+    }
+}
+
+/// Where a test makes [`Trainer::finish`] fail (as a crash or a store error would) after
+/// doing that much of the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishPoint {
+    /// After publishing the new version.
+    AfterPublish,
+    /// After writing the optimizer state (a checkpoint step).
+    AfterOptimizerState,
+    /// After recording the checkpoint in the ledger.
+    AfterCheckpoint,
+    /// After collecting what is no longer kept (just before the board marks the step
+    /// finished).
+    AfterCollect,
+}
+
 /// What [`Trainer::finish`] did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepOutcome {
@@ -158,8 +197,13 @@ pub struct StepOutcome {
     pub metrics: StepMetrics,
     /// What the publication of `version` wrote.
     pub publish: PublishStats,
+    /// What the step wrote, by kind.
+    pub bytes: StepBytes,
     /// Whether a checkpoint was recorded after this step.
     pub checkpointed: bool,
+    /// Steps replayed to rebuild the optimizer state before this one (0 when this trainer
+    /// held it).
+    pub replayed: u64,
 }
 
 /// The key of the optimizer state after step `step`.
@@ -188,6 +232,8 @@ pub struct Trainer {
     prompts: BTreeMap<PromptId, Vec<u32>>,
     /// When this trainer started working on a step (for the step time).
     step_started: Option<(StepId, Instant)>,
+    /// Tests: fail the next finish at this point.
+    fail_at: Option<FinishPoint>,
 }
 
 impl Trainer {
@@ -306,7 +352,21 @@ impl Trainer {
             optimizer,
             prompts: BTreeMap::new(),
             step_started: None,
+            fail_at: None,
         })
+    }
+
+    /// Makes the next [`Trainer::finish`] fail at `point` (tests).
+    pub fn fail_at(&mut self, point: Option<FinishPoint>) {
+        self.fail_at = point;
+    }
+
+    fn check_fault(&mut self, point: FinishPoint) -> Result<(), TrainerError> {
+        if self.fail_at == Some(point) {
+            self.fail_at = None;
+            return Err(TrainerError::Injected(point));
+        }
+        Ok(())
     }
 
     /// The version of the weights this trainer holds.
@@ -417,31 +477,18 @@ impl Trainer {
             self.record_dropped(manifest.step, rank, &loaded.dropped)
                 .await?;
         }
-        let batch = loaded.micro_batches;
-        let loss = PolicyLoss::new(LossConfig {
-            token_budget: manifest.token_budget,
-            ..self.config.loss.clone()
-        })
-        .map_err(StepError::from)?;
         self.model_mut()?;
         let model = self.model.take().expect("model_mut just ensured it");
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = compute_rank(&model, &loss, &batch);
-            (model, result)
-        })
-        .await;
-        let (model, result) = match joined {
-            Ok(pair) => pair,
-            Err(e) => {
-                // The computation panicked: rebuild the model from the host weights.
-                self.model = Some(Model::cpu(&self.params)?);
-                return Err(TrainerError::Inconsistent(format!(
-                    "rank computation failed: {e}"
-                )));
-            }
-        };
+        let (grads, stats, model) =
+            match self.compute_on(model, manifest, loaded.micro_batches).await {
+                Ok(done) => done,
+                Err(e) => {
+                    // The model went with a failed computation: rebuild it from the host weights.
+                    self.model = Some(Model::cpu(&self.params)?);
+                    return Err(e);
+                }
+            };
         self.model = Some(model);
-        let (grads, stats) = result?;
         tracing::debug!(
             step = manifest.step,
             rank,
@@ -457,18 +504,73 @@ impl Trainer {
         })
     }
 
-    /// Records the entries of a rank left out of its step (their data is unusable) at
-    /// [`keys::step_dropped`]: deterministic, so a redone rank writes the same record.
+    /// Loads rank `rank` of `manifest` (its prompts resolved) and computes its gradient sum on
+    /// `model` (replay: a model at the step's θ_old that is not this trainer's).
+    async fn compute_rank_on(
+        &mut self,
+        model: Model,
+        manifest: &BatchManifest,
+        rank: u32,
+    ) -> Result<(Params, TrainStats, Model), TrainerError> {
+        self.resolve_prompts(manifest, rank).await?;
+        let loaded = load_rank(
+            &self.stores.blobs,
+            manifest,
+            rank,
+            &self.prompts,
+            self.config.fetch_concurrency,
+        )
+        .await?;
+        self.compute_on(model, manifest, loaded.micro_batches).await
+    }
+
+    /// The forward/loss/backward of a rank's micro-batches on a blocking thread; the model
+    /// comes back with the result.
+    async fn compute_on(
+        &self,
+        model: Model,
+        manifest: &BatchManifest,
+        batch: Vec<Vec<Stitched>>,
+    ) -> Result<(Params, TrainStats, Model), TrainerError> {
+        let loss = PolicyLoss::new(LossConfig {
+            token_budget: manifest.token_budget,
+            ..self.config.loss.clone()
+        })
+        .map_err(StepError::from)?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = compute_rank(&model, &loss, &batch);
+            (model, result)
+        })
+        .await;
+        let (model, result) = joined
+            .map_err(|e| TrainerError::Inconsistent(format!("rank computation failed: {e}")))?;
+        let (grads, stats) = result?;
+        Ok((grads, stats, model))
+    }
+
+    /// Records the entries of a rank left out of its step (their data is unusable) in the
+    /// ledger's notes and at [`keys::step_dropped`]: keyed by step and trajectory, so a redone
+    /// rank records nothing twice.
     async fn record_dropped(
         &self,
         step: StepId,
         rank: u32,
         dropped: &[DroppedEntry],
     ) -> Result<(), TrainerError> {
+        let run = &self.stores.run_id;
         for d in dropped {
             tracing::warn!(step, rank, trajectory = %d.trajectory, reason = %d.reason, "entry dropped from its step: its data is unusable");
+            let event = RunEvent {
+                key: format!("entry-dropped/step-{step}/{}", d.trajectory),
+                kind: EventKind::EntryDropped,
+                detail: format!(
+                    "step {step} rank {rank}: {} left out: {}",
+                    d.trajectory, d.reason
+                ),
+            };
+            self.stores.ledger.record_event(run, &event).await?;
         }
-        let key = keys::step_dropped(&self.stores.run_id, step, rank);
+        let key = keys::step_dropped(run, step, rank);
         let body = serde_json::to_vec(dropped).map_err(|e| {
             TrainerError::Inconsistent(format!("cannot encode the dropped entries: {e}"))
         })?;
@@ -510,10 +612,10 @@ impl Trainer {
             _ => Instant::now(),
         };
         self.sync_to(step).await?;
-        let (grads, stats) = self.sum_ranks(manifest).await?;
-        let mut optimizer = match self.optimizer.take() {
-            Some(o) if o.step_count() == step => o,
-            _ => self.load_optimizer(step).await?,
+        let (grads, stats, gradient_bytes) = self.sum_ranks(manifest).await?;
+        let (mut optimizer, replayed) = match self.optimizer.take() {
+            Some(o) if o.step_count() == step => (o, 0),
+            _ => self.replay_to(step).await?,
         };
         let mut params = self.params.clone();
         let report = apply_update(self.model_mut()?, &mut params, &mut optimizer, &grads)?;
@@ -529,15 +631,17 @@ impl Trainer {
             &self.config,
         )
         .await?;
-        self.stores
-            .blobs
-            .put(
-                &optimizer_key(&run, step),
-                Bytes::from(optimizer.state_bytes()),
-            )
-            .await?;
+        self.check_fault(FinishPoint::AfterPublish)?;
         let checkpointed = version.is_multiple_of(self.config.checkpoint_every);
+        let mut optimizer_bytes = 0;
         if checkpointed {
+            let state = optimizer.state_bytes();
+            optimizer_bytes = state.len() as u64;
+            self.stores
+                .blobs
+                .put(&optimizer_key(&run, step), Bytes::from(state))
+                .await?;
+            self.check_fault(FinishPoint::AfterOptimizerState)?;
             self.stores
                 .ledger
                 .record_checkpoint(
@@ -549,11 +653,13 @@ impl Trainer {
                     },
                 )
                 .await?;
+            self.check_fault(FinishPoint::AfterCheckpoint)?;
         }
         self.collect(step).await?;
         if checkpointed {
             self.collect_segments(step).await?;
         }
+        self.check_fault(FinishPoint::AfterCollect)?;
 
         let metrics = StepMetrics::new(&stats, &report, started.elapsed());
         let publish = PublishStats {
@@ -561,6 +667,11 @@ impl Trainer {
             bytes_total: published.bytes_total,
             chunks_written: published.chunks_written,
             chunks_reused: published.chunks_reused,
+        };
+        let bytes = StepBytes {
+            gradients: gradient_bytes,
+            weights: published.bytes_written,
+            optimizer: optimizer_bytes,
         };
         self.bytes = params.to_bytes_map();
         self.params = params;
@@ -572,20 +683,79 @@ impl Trainer {
             version,
             metrics,
             publish,
+            bytes,
             checkpointed,
+            replayed,
         })
     }
 
-    /// Reads the W gradient objects and sums them in rank order.
+    /// The optimizer state before step `step` (its step count is `step`), rebuilt by replay
+    /// (module docs): from the newest checkpoint before `step` (or from the start), each later
+    /// step's gradient is recomputed from its manifest and segments and applied. The weights
+    /// reached must be the ones this trainer holds (version `step`, as published). Returns
+    /// the state and the number of steps replayed.
+    async fn replay_to(&mut self, step: StepId) -> Result<(AdamW, u64), TrainerError> {
+        let run = self.stores.run_id.clone();
+        let checkpoint = self
+            .stores
+            .ledger
+            .checkpoints(&run)
+            .await?
+            .into_iter()
+            .find(|c| c.step < step);
+        let (mut optimizer, from) = match &checkpoint {
+            Some(c) => (self.load_optimizer(c).await?, c.step + 1),
+            None => (AdamW::new(self.config.optimizer.clone())?, 0),
+        };
+        if from == step {
+            return Ok((optimizer, 0));
+        }
+        let fetched =
+            weights::fetch(&self.stores.blobs, &run, from, None, &self.config.weights).await?;
+        let mut params = Params::from_bytes_map(&self.config.model, &fetched.tensors)?;
+        let mut model = Model::cpu(&params)?;
+        for t in from..step {
+            let key = keys::step_manifest(&run, t);
+            let manifest = load_batch_manifest(&self.stores.blobs, &key, t, None).await?;
+            let mut ranks = Vec::with_capacity(manifest.world_size as usize);
+            for rank in 0..manifest.world_size {
+                let (grads, _, returned) = self.compute_rank_on(model, &manifest, rank).await?;
+                model = returned;
+                ranks.push(grads);
+            }
+            let grads = sum_gradients(&self.config.model, &ranks)?;
+            apply_update(&mut model, &mut params, &mut optimizer, &grads)?;
+        }
+        if params.to_bytes_map() != self.params.to_bytes_map() {
+            return Err(TrainerError::Inconsistent(format!(
+                "replaying steps {from}..{step} from {} did not give the published weights of \
+                 version {step}: a manifest or segment of those steps changed after it was \
+                 trained",
+                checkpoint.map_or("version 0".into(), |c| format!(
+                    "the checkpoint of step {}",
+                    c.step
+                )),
+            )));
+        }
+        tracing::info!(
+            step,
+            from,
+            replayed = step - from,
+            "optimizer state rebuilt by replay"
+        );
+        Ok((optimizer, step - from))
+    }
+
+    /// Reads the W gradient objects and sums them in rank order; also returns their size.
     async fn sum_ranks(
         &self,
         manifest: &BatchManifest,
-    ) -> Result<(Params, TrainStats), TrainerError> {
+    ) -> Result<(Params, TrainStats, u64), TrainerError> {
         let model_cfg = &self.config.model;
         let step = manifest.step;
         // `buffered` keeps rank order while fetching concurrently; the futures own what they
         // use so they are `Send` for any caller (rust-lang/rust#102211).
-        let ranks: Vec<RankGradient> = futures::stream::iter(0..manifest.world_size)
+        let ranks: Vec<(RankGradient, u64)> = futures::stream::iter(0..manifest.world_size)
             .map(|rank| {
                 let blob = self.stores.blobs.clone();
                 let key = keys::step_grads(&self.stores.run_id, step, rank);
@@ -607,63 +777,63 @@ impl Trainer {
                             )),
                         });
                     }
-                    Ok(g)
+                    Ok((g, bytes.len() as u64))
                 }
             })
             .buffered(self.config.weights.concurrency)
             .try_collect()
             .await?;
         let mut stats = TrainStats::default();
-        let mut total = Params::zeros(model_cfg)?;
-        for g in &ranks {
+        for (g, _) in &ranks {
             stats.merge(&g.stats);
-            for (t, s) in total.tensors_mut().iter_mut().zip(g.grads.tensors()) {
-                t.data.iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
-            }
         }
-        Ok((total, stats))
+        let size = ranks.iter().map(|(_, n)| n).sum();
+        let grads: Vec<Params> = ranks.into_iter().map(|(g, _)| g.grads).collect();
+        Ok((sum_gradients(model_cfg, &grads)?, stats, size))
     }
 
-    /// The optimizer state before step `step`: fresh for step 0, else the state saved after
-    /// step − 1.
-    async fn load_optimizer(&self, step: StepId) -> Result<AdamW, TrainerError> {
-        if step == 0 {
-            return Ok(AdamW::new(self.config.optimizer.clone())?);
-        }
-        let key = optimizer_key(&self.stores.run_id, step - 1);
-        let bytes = self.stores.blobs.get(&key).await?;
+    /// The optimizer state a checkpoint names, checked against its step.
+    async fn load_optimizer(&self, checkpoint: &Checkpoint) -> Result<AdamW, TrainerError> {
+        let key = &checkpoint.optimizer_key;
+        let bytes = self.stores.blobs.get(key).await?;
         let optimizer = AdamW::from_state_bytes(self.config.optimizer.clone(), &bytes)?;
-        if optimizer.step_count() != step {
+        let want = checkpoint.step + 1;
+        if optimizer.step_count() != want {
             return Err(TrainerError::Inconsistent(format!(
-                "optimizer state `{key}` has taken {} steps; step {step} needs {step}",
-                optimizer.step_count()
+                "optimizer state `{key}` has taken {} steps; the checkpoint of step {} needs \
+                 {want}",
+                optimizer.step_count(),
+                checkpoint.step
             )));
         }
         Ok(optimizer)
     }
 
-    /// Keeps the last `keep_checkpoints` checkpoints, the optimizer states after `step` and
-    /// after the step before it, and
-    /// the last `keep_versions` weight versions plus the checkpointed ones; deletes the rest.
+    /// Keeps the last `keep_checkpoints` checkpoints and, until step `step` is marked
+    /// finished, the newest one before it (a redo of `step` replays from there); deletes the
+    /// others' ledger rows and objects. Keeps the last `keep_versions` weight versions, the
+    /// checkpointed ones, version `step` (the step's θ_old) and version 0 while no checkpoint
+    /// before `step` exists; collects the rest.
     async fn collect(&self, step: StepId) -> Result<(), TrainerError> {
         let run = &self.stores.run_id;
         let blob = &self.stores.blobs;
         let ledger = &self.stores.ledger;
         let checkpoints = ledger.checkpoints(run).await?; // newest first
-        let (kept, dropped) =
-            checkpoints.split_at(checkpoints.len().min(self.config.keep_checkpoints));
-        for c in dropped {
-            ledger.delete_checkpoint(run, c.step).await?;
+        let before = checkpoints.iter().find(|c| c.step < step).map(|c| c.step);
+        let kept: Vec<&Checkpoint> = checkpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i < self.config.keep_checkpoints || Some(c.step) == before)
+            .map(|(_, c)| c)
+            .collect();
+        for c in &checkpoints {
+            if !kept.iter().any(|k| k.step == c.step) {
+                ledger.delete_checkpoint(run, c.step).await?;
+            }
         }
-        let mut keep_steps: Vec<StepId> = kept.iter().map(|c| c.step).collect();
-        // The state before this step stays until the board marks this step finished (the next
-        // step's collection): a finisher that dies in between leaves it for the trainer that
-        // redoes the step.
-        keep_steps.extend(step.checked_sub(1));
-        keep_steps.push(step);
         for meta in blob.list(&keys::checkpoints_prefix(run)).await? {
             match keys::parse_checkpoint_step(run, &meta.key) {
-                Some(s) if !keep_steps.contains(&s) => blob.delete(&meta.key).await?,
+                Some(s) if !kept.iter().any(|k| k.step == s) => blob.delete(&meta.key).await?,
                 _ => {}
             }
         }
@@ -671,6 +841,11 @@ impl Trainer {
         let mut keep_versions: Vec<PolicyVersion> =
             (newest.saturating_sub(self.config.keep_versions - 1)..=newest).collect();
         keep_versions.extend(kept.iter().map(|c| c.step + 1));
+        // The step's θ_old, until the step is marked finished.
+        keep_versions.push(step);
+        if before.is_none() {
+            keep_versions.push(0);
+        }
         let gc = weights::collect_garbage(blob, run, &keep_versions).await?;
         if gc.manifests_deleted + gc.chunks_deleted > 0 {
             tracing::debug!(
@@ -685,16 +860,29 @@ impl Trainer {
 }
 
 impl Trainer {
-    /// Deletes the segments of the trained steps the checkpoint after `step` newly covers,
-    /// beyond the last `keep_segment_steps` (the window of `checkpoint_every` steps ending
-    /// there; a step of an earlier window was collected at an earlier checkpoint). Returns the
-    /// segments deleted.
+    /// Deletes, at the checkpoint after `step`, the segments of the trained steps the previous
+    /// checkpoint covers, beyond the last `keep_segment_steps` (the window of
+    /// `checkpoint_every` steps ending there). The steps since the previous checkpoint keep
+    /// theirs until the next one: a redo of `step` replays them. Returns the segments deleted.
     async fn collect_segments(&self, step: StepId) -> Result<u64, TrainerError> {
-        let Some(last) = step.checked_sub(self.config.keep_segment_steps) else {
+        let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
+        let previous = self
+            .stores
+            .ledger
+            .checkpoints(run)
+            .await?
+            .into_iter()
+            .find(|c| c.step < step);
+        let Some(previous) = previous else {
+            return Ok(0);
+        };
+        let Some(last) = step
+            .checked_sub(self.config.keep_segment_steps)
+            .map(|s| s.min(previous.step))
+        else {
             return Ok(0);
         };
         let first = last.saturating_sub(self.config.checkpoint_every - 1);
-        let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
         let mut keys = Vec::new();
         for s in first..=last {
             let key = keys::step_manifest(run, s);
@@ -721,6 +909,18 @@ impl Trainer {
         tracing::debug!(steps = ?(first..=last), deleted, "collected trained segments");
         Ok(deleted)
     }
+}
+
+/// Sums rank gradients in rank order (the order fixes the bits: a redone or replayed step
+/// sums the same way).
+fn sum_gradients(model: &ModelConfig, ranks: &[Params]) -> Result<Params, TrainerError> {
+    let mut total = Params::zeros(model)?;
+    for g in ranks {
+        for (t, s) in total.tensors_mut().iter_mut().zip(g.tensors()) {
+            t.data.iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
+        }
+    }
+    Ok(total)
 }
 
 /// The forward/loss/backward of every micro-batch of a rank; returns the summed gradient.
@@ -787,12 +987,13 @@ async fn publish_params(
     .await
 }
 
-/// Reads a batch manifest and checks it against its announcement.
+/// Reads a batch manifest and checks it against its announcement (its world size, when
+/// known).
 async fn load_batch_manifest(
     blob: &BlobStore,
     key: &str,
     step: StepId,
-    world_size: u32,
+    world_size: Option<u32>,
 ) -> Result<BatchManifest, TrainerError> {
     let bad = |reason: String| TrainerError::Manifest {
         key: key.to_owned(),
@@ -801,6 +1002,7 @@ async fn load_batch_manifest(
     let body = blob.get(key).await?;
     let manifest: BatchManifest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("not a batch manifest: {e}")))?;
+    let world_size = world_size.unwrap_or(manifest.world_size);
     if manifest.step != step || manifest.world_size != world_size {
         return Err(bad(format!(
             "describes step {} with {} ranks; step {step} was announced with {world_size}",
@@ -990,7 +1192,7 @@ impl Board<'_> {
             return self.take_over(&ann).await;
         };
         let manifest =
-            load_batch_manifest(&blobs, &ann.manifest_key, ann.step, ann.world_size).await?;
+            load_batch_manifest(&blobs, &ann.manifest_key, ann.step, Some(ann.world_size)).await?;
         let renewal = spawn_renewal(self.state.clone(), claim, self.id.clone(), self.claim_ttl);
         let computed = self.trainer.train_rank(&manifest, claim.rank).await;
         renewal.abort();
@@ -1037,9 +1239,12 @@ impl Board<'_> {
             mean_abs_log_k = m.mean_abs_log_k,
             tokens_trained = m.tokens_trained,
             step_ms = m.step_time.as_millis() as u64,
-            bytes_written = outcome.publish.bytes_written,
-            bytes_total = outcome.publish.bytes_total,
+            bytes_written = outcome.bytes.total(),
+            weights_bytes_written = outcome.publish.bytes_written,
+            optimizer_bytes_written = outcome.bytes.optimizer,
+            weights_bytes_total = outcome.publish.bytes_total,
             checkpointed = outcome.checkpointed,
+            replayed = outcome.replayed,
             "step finished"
         );
         self.observer
@@ -1072,9 +1277,13 @@ impl Board<'_> {
                     step = ann.step,
                     "the step's finisher is gone; finishing it here"
                 );
-                let manifest =
-                    load_batch_manifest(&stores.blobs, &ann.manifest_key, ann.step, ann.world_size)
-                        .await?;
+                let manifest = load_batch_manifest(
+                    &stores.blobs,
+                    &ann.manifest_key,
+                    ann.step,
+                    Some(ann.world_size),
+                )
+                .await?;
                 self.finish_step(&manifest).await?;
                 Ok(true)
             }

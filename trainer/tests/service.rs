@@ -418,6 +418,15 @@ async fn a_corrupt_segment_drops_its_entry_and_the_step_trains_the_rest() {
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].trajectory, victim.trajectory);
     assert!(dropped[0].reason.contains("corrupt segment"), "{dropped:?}");
+    // The ledger notes it too, once, even when the rank is computed again.
+    t.train_rank(m, 0).await.unwrap();
+    let events = s.ledger.events("corrupt").await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, ledger::EventKind::EntryDropped);
+    assert!(
+        events[0].detail.contains(&victim.trajectory.to_string()),
+        "{events:?}"
+    );
 }
 
 /// `--resume` before the first checkpoint joins the run instead of refusing to start.
@@ -658,4 +667,85 @@ async fn a_warm_started_model_becomes_version_zero() {
     assert_eq!(joined.params(), &params);
     let other = Params::init(&cfg.model, 99).unwrap();
     assert!(Trainer::start_with(s, cfg, Some(other)).await.is_err());
+}
+
+/// A fault (a crash, or a store error) at each point of finishing a step leaves a state from
+/// which any trainer finishes that step to the same bits: the same trainer trying again, or
+/// a fresh one (a restarted process) that rebuilds the optimizer state by replay. The
+/// optimizer state is written only at checkpoints; the bytes each step writes are reported.
+#[tokio::test]
+async fn a_fault_at_any_point_of_finishing_leaves_a_step_any_trainer_finishes() {
+    use flywheel_trainer::FinishPoint::*;
+    let cfg = TrainerConfig {
+        checkpoint_every: 3,
+        keep_checkpoints: 1,
+        keep_versions: 1,
+        keep_segment_steps: 1,
+        ..config()
+    };
+    let reference = {
+        let blob = BlobStore::open("memory://").unwrap();
+        let s = services("faults-ref", &blob).await;
+        let manifests = fixture(&s, 5, 2).await;
+        let mut t = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+        for m in &manifests {
+            let o = train_step(&mut t, m).await;
+            eprintln!(
+                "step {}: wrote {} bytes (gradients {}, weights {} of {}, optimizer {})",
+                o.step,
+                o.bytes.total(),
+                o.bytes.gradients,
+                o.bytes.weights,
+                o.publish.bytes_total,
+                o.bytes.optimizer
+            );
+            assert_eq!(o.checkpointed, o.step == 2, "step {}", o.step);
+            assert_eq!(o.bytes.optimizer > 0, o.checkpointed, "step {}", o.step);
+            assert_eq!(o.replayed, 0, "the finisher of every step holds the state");
+        }
+        weight_bits(&t)
+    };
+    for point in [
+        AfterPublish,
+        AfterOptimizerState,
+        AfterCheckpoint,
+        AfterCollect,
+    ] {
+        for retry_with_the_same_trainer in [true, false] {
+            let run = format!("faults-{point:?}-{retry_with_the_same_trainer}");
+            let blob = BlobStore::open("memory://").unwrap();
+            let s = services(&run, &blob).await;
+            let manifests = fixture(&s, 5, 2).await;
+            let mut t = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+            train_step(&mut t, &manifests[0]).await;
+            train_step(&mut t, &manifests[1]).await;
+            for rank in 0..2 {
+                let g = t.train_rank(&manifests[2], rank).await.unwrap();
+                t.put_rank(&g).await.unwrap();
+            }
+            t.fail_at(Some(point));
+            let err = t.finish(&manifests[2]).await.unwrap_err();
+            assert!(err.to_string().contains("injected"), "{err}");
+            if !retry_with_the_same_trainer {
+                drop(t);
+                t = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+            }
+            let redone = t.finish(&manifests[2]).await.unwrap();
+            assert_eq!(redone.version, 3);
+            assert_eq!(
+                redone.replayed, 2,
+                "{point:?}: the optimizer state before step 2 is rebuilt from the start"
+            );
+            for m in &manifests[3..] {
+                train_step(&mut t, m).await;
+            }
+            assert_eq!(
+                weight_bits(&t),
+                reference,
+                "{point:?}, same trainer: {retry_with_the_same_trainer}"
+            );
+            let checkpoints = s.ledger.checkpoints(&run).await.unwrap();
+            assert_eq!(checkpoints.iter().map(|c| c.step).collect::<Vec<_>>(), [2]);
+        }
+    }
 }
