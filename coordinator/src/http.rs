@@ -137,11 +137,14 @@ async fn resume(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     change(&s, false, version_budget_tokens, "resumed").await
 }
 
-/// Milliseconds since the Unix epoch (keys of control-change notes: one per call).
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
+/// A key part unique to each control change of a leader term (its token is the other part):
+/// the time in ms and a counter for calls within the same millisecond.
+fn change_id() -> String {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
+        .map_or(0, |d| d.as_millis());
+    format!("{ms}-{}", CALLS.fetch_add(1, Ordering::SeqCst))
 }
 
 /// Makes a control change durable (leader only), then applies it; answers the controls after.
@@ -186,7 +189,7 @@ async fn change(s: &ApiState, paused: bool, version_budget: u64, what: &str) -> 
         .version_budget
         .store(version_budget, Ordering::SeqCst);
     let event = RunEvent {
-        key: format!("controls/token-{token}/{}", now_ms()),
+        key: format!("controls/token-{token}/{}", change_id()),
         kind: EventKind::ControlsChanged,
         detail: format!(
             "{what} by the admin API: paused {paused}, version_budget_tokens {version_budget}"

@@ -345,6 +345,11 @@ async fn purged_trajectories_are_regenerated_when_configured() {
         flywheel_service::metrics::render(&c.metrics().registry)
             .contains(r#"reason="purged_regenerated"} 1"#)
     );
+    // The ledger notes the regeneration.
+    let events = w.ledger.events(&w.run.storage.run_id).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, EventKind::Regenerated);
+    assert!(events[0].detail.contains("p#0"), "{events:?}");
     // It finishes from scratch and its group is formed like any other (K = 1: a single
     // reward has no variance, so it is dropped for that reason, not for the purge).
     let e = w.generate(&tid, 7).await;

@@ -125,6 +125,69 @@ mod builtin {
         }
         assert_eq!(outputs[0], outputs[1], "two random streams, one argmax");
     }
+
+    /// The intake's admission against the builtin engine: the model's vocabulary and context
+    /// (read from the published version) and its tokenizer decide what can run.
+    #[tokio::test]
+    async fn admission_checks_prompts_against_the_model() {
+        use flywheel_storage::ledger::DropReason;
+        use flywheel_storage::{Prompt, PromptId, PromptInput, VerifierSpec};
+        use flywheel_worker::intake::Admission;
+        use flywheel_worker::verify::{RewardServicesConfig, VerifierFactory};
+        let admission = Admission {
+            engine: Builtin.engine().await,
+            verifiers: VerifierFactory::new(&RewardServicesConfig::default()).unwrap(),
+        };
+        let vocab = Tokenizer::arithmetic().vocab_size() as u32;
+        let prompt = |input| Prompt {
+            id: PromptId("p".into()),
+            input,
+            verifier: VerifierSpec::ExactMatch { answer: "7".into() },
+            group_size: 2,
+            metadata: Default::default(),
+        };
+        let verdict = |p: Prompt| {
+            let admission = admission.clone();
+            async move {
+                admission
+                    .check(&p)
+                    .await
+                    .unwrap()
+                    .map(|r| (r.reason, r.kind, r.detail))
+            }
+        };
+        assert_eq!(
+            verdict(prompt(PromptInput::Text("3+4=".into()))).await,
+            None
+        );
+        let (reason, kind, detail) = verdict(prompt(PromptInput::Text("3+x=".into())))
+            .await
+            .unwrap();
+        assert_eq!(
+            (reason, kind),
+            (DropReason::Malformed, "tokenizer"),
+            "{detail}"
+        );
+        let (reason, kind, _) = verdict(prompt(PromptInput::Tokens(vec![1, vocab])))
+            .await
+            .unwrap();
+        assert_eq!((reason, kind), (DropReason::Malformed, "vocabulary"));
+        // The model's context is 64 tokens: a 64-token prompt leaves no room for a response.
+        assert_eq!(
+            verdict(prompt(PromptInput::Tokens(vec![1; 63]))).await,
+            None
+        );
+        let (reason, kind, _) = verdict(prompt(PromptInput::Tokens(vec![1; 64])))
+            .await
+            .unwrap();
+        assert_eq!((reason, kind), (DropReason::Oversized, "context"));
+        let mut unknown = prompt(PromptInput::Text("3+4=".into()));
+        unknown.verifier = VerifierSpec::Service {
+            name: "nowhere".into(),
+        };
+        let (reason, kind, _) = verdict(unknown).await.unwrap();
+        assert_eq!((reason, kind), (DropReason::Malformed, "verifier"));
+    }
 }
 
 mod openai {
