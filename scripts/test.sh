@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # THE test command (README, CI): brings up the real services on loopback
 # (scripts/services.sh; the first run on a new machine builds tansu and s3s-fs, ~15 minutes on
-# 2 cores), points the tests at them, then runs every test of the workspace.
+# 2 cores), installs the chart tests' tools (scripts/chart_tools.sh, under a minute), points the
+# tests at the services, then runs every test of the workspace.
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p flywheel-storage`.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 scripts/services.sh
+# The chart tests' tools (Helm's library, the Kubernetes and CRD schemas, promtool).
+scripts/chart_tools.sh
 
 # Where the tests find the services (the same defaults the tests use; override to point
 # them elsewhere).

@@ -1,9 +1,11 @@
 //! The coordinator's Prometheus metrics, named `flywheel_coordinator_<what>_<unit>`.
 
 use flywheel_service::metrics::{
-    counter, counter_vec, exponential_buckets, gauge, gauge_vec, histogram,
+    counter, counter_vec, exponential_buckets, float_gauge, gauge, gauge_vec, histogram,
 };
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use flywheel_storage::ledger::DropReason;
+use flywheel_storage::state::MemberRole;
+use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// Every metric the coordinator exports, registered in its own registry.
 #[derive(Clone)]
@@ -35,6 +37,20 @@ pub struct Metrics {
     pub groups_waiting: IntGauge,
     /// Tokens of the complete groups waiting.
     pub waiting_tokens: IntGauge,
+    /// The current version's rollout budget (Φ_r, or as widened).
+    pub budget_total: IntGauge,
+    /// Tokens of it not reserved yet.
+    pub budget_remaining: IntGauge,
+    /// The run's trajectories by status, as the leader last read them.
+    pub trajectories: IntGaugeVec,
+    /// The newest step committed (−1 before the first).
+    pub step_committed: IntGauge,
+    /// The newest step the trainers finished (−1 before the first).
+    pub step_finished: IntGauge,
+    /// Mean reward of the trajectories of the last committed step.
+    pub step_reward: Gauge,
+    /// Fraction of those trajectories with the full reward (solved).
+    pub step_accuracy: Gauge,
 }
 
 impl Metrics {
@@ -83,7 +99,7 @@ impl Metrics {
             ),
             members_alive: gauge_vec(
                 &r,
-                "flywheel_coordinator_members_alive_count",
+                "flywheel_coordinator_members_alive",
                 "Members with a live heartbeat, by role.",
                 &["role"],
             ),
@@ -99,7 +115,7 @@ impl Metrics {
             ),
             groups_waiting: gauge(
                 &r,
-                "flywheel_coordinator_groups_waiting_count",
+                "flywheel_coordinator_groups_waiting",
                 "Complete groups waiting for a step.",
             ),
             waiting_tokens: gauge(
@@ -107,8 +123,59 @@ impl Metrics {
                 "flywheel_coordinator_waiting_tokens",
                 "Tokens of the complete groups waiting for a step.",
             ),
+            budget_total: gauge(
+                &r,
+                "flywheel_coordinator_budget_total_tokens",
+                "The current version's rollout budget.",
+            ),
+            budget_remaining: gauge(
+                &r,
+                "flywheel_coordinator_budget_remaining_tokens",
+                "Tokens of the current version's budget not reserved yet.",
+            ),
+            trajectories: gauge_vec(
+                &r,
+                "flywheel_coordinator_trajectories",
+                "The run's trajectories by status, as the leader last read them.",
+                &["status"],
+            ),
+            step_committed: gauge(
+                &r,
+                "flywheel_coordinator_step_committed",
+                "The newest committed step (-1 before the first).",
+            ),
+            step_finished: gauge(
+                &r,
+                "flywheel_coordinator_step_finished",
+                "The newest step the trainers finished (-1 before the first).",
+            ),
+            step_reward: float_gauge(
+                &r,
+                "flywheel_coordinator_step_reward_mean",
+                "Mean reward of the trajectories of the last committed step.",
+            ),
+            step_accuracy: float_gauge(
+                &r,
+                "flywheel_coordinator_step_accuracy_ratio",
+                "Fraction of the last committed step's trajectories with the full reward.",
+            ),
             registry: r,
         }
+        .with_known_labels()
+    }
+
+    /// Creates every label value known in advance, so each series is exported (at 0) from
+    /// the start: dashboards and alerts see a rate of 0, not a missing series.
+    fn with_known_labels(self) -> Self {
+        for reason in DropReason::ALL {
+            self.groups_dropped.with_label_values(&[reason.as_str()]);
+        }
+        self.groups_dropped
+            .with_label_values(&["purged_regenerated"]);
+        for role in [MemberRole::Worker, MemberRole::Trainer] {
+            self.members_alive.with_label_values(&[role.as_str()]);
+        }
+        self
     }
 }
 

@@ -497,7 +497,33 @@ impl Coordinator {
         self.open_due_version().await?;
         self.read_stream().await?;
         self.drop_lagging().await?;
-        self.maybe_cut().await
+        let outcome = self.maybe_cut().await;
+        self.observe_run().await?;
+        outcome
+    }
+
+    /// The run's gauges: budget, trajectories by status, committed and finished steps.
+    async fn observe_run(&self) -> Result<(), CoordinatorError> {
+        let m = &self.metrics;
+        if let Some(b) = self.state.budget().await? {
+            m.budget_total.set(b.total as i64);
+            m.budget_remaining.set(b.remaining as i64);
+        }
+        let c = self.state.counts().await?;
+        for (status, n) in [
+            ("pending", c.pending),
+            ("generating", c.generating),
+            ("parked", c.parked),
+            ("finished", c.finished),
+            ("purged", c.purged),
+            ("dropped", c.dropped),
+        ] {
+            m.trajectories.with_label_values(&[status]).set(n as i64);
+        }
+        m.step_committed.set(self.book.next_step as i64 - 1);
+        let finished = self.state.finished_step().await?;
+        m.step_finished.set(finished.map_or(-1, |s| s as i64));
+        Ok(())
     }
 
     /// Opens version `finished + 1` (or 0) when it is not open yet.
@@ -995,6 +1021,7 @@ impl Coordinator {
         self.check_crash(CrashPoint::AfterLedger)?;
         self.announce(step, key, manifest.world_size).await?;
         // Bookkeeping of a committed step.
+        self.observe_rewards(&manifest);
         for p in &manifest.prompts {
             self.close(p);
         }
@@ -1031,6 +1058,26 @@ impl Coordinator {
         );
         self.check_crash(CrashPoint::AfterAnnounce)?;
         Ok(())
+    }
+
+    /// The reward and accuracy gauges of a committed step's groups (those in the book: a
+    /// step adopted from a crashed leader's manifest is not observed).
+    fn observe_rewards(&self, manifest: &BatchManifest) {
+        let rewards: Vec<f32> = manifest
+            .prompts
+            .iter()
+            .filter_map(|p| self.book.waiting.get(p))
+            .flat_map(|g| &g.members)
+            .filter_map(|m| m.reward)
+            .collect();
+        if rewards.is_empty() {
+            return;
+        }
+        let n = rewards.len() as f64;
+        let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
+        let solved = rewards.iter().filter(|&&r| r >= 1.0).count() as f64;
+        self.metrics.step_reward.set(mean);
+        self.metrics.step_accuracy.set(solved / n);
     }
 
     async fn announce(

@@ -62,7 +62,7 @@ async fn health_metrics_and_status() {
         "flywheel_coordinator_batch_cut_latency_seconds_count 1",
         "flywheel_coordinator_partition_imbalance_permille",
         "flywheel_coordinator_trained_token_staleness_versions_count 100",
-        r#"flywheel_coordinator_members_alive_count{role="trainer"} 2"#,
+        r#"flywheel_coordinator_members_alive{role="trainer"} 2"#,
         "flywheel_coordinator_leader_state 1",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");

@@ -6,8 +6,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 fn register<T: Collector + Clone + 'static>(registry: &Registry, name: &str, metric: T) -> T {
@@ -51,6 +51,18 @@ pub fn float_gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
 /// A histogram with these bucket upper bounds.
 pub fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let made = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets));
+    register(registry, name, valid(name, made))
+}
+
+/// Histograms by `labels`, with these bucket upper bounds.
+pub fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let made = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels);
     register(registry, name, valid(name, made))
 }
 

@@ -58,6 +58,9 @@ pub const DLQ_SOURCE_HEADER: &str = "flywheel-dlq-source";
 /// How long a blocking librdkafka call (commit, committed offsets) may wait for the broker.
 const BLOCKING_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often librdkafka reports the consumer's statistics (its lag per partition).
+const STATISTICS_INTERVAL_MS: u32 = 5_000;
+
 /// Settings of the prompt queue, shared by producer, consumer and admin helper.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -167,7 +170,8 @@ impl KafkaConfig {
             )
             // A new group starts at the beginning: no prompt written before it is skipped.
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
         // The next-generation group protocol (KIP-848) sets the session timeout broker-side
         // and refuses a client-side one.
         if self.librdkafka.get("group.protocol").map(String::as_str) != Some("consumer") {
@@ -510,17 +514,28 @@ impl AckTracker {
     }
 }
 
-/// The consumer's librdkafka context: routes logs to `tracing` and keeps the ack tracker in
-/// step with rebalances. Every callback is cheap and non-blocking (see the module docs).
+/// The consumer's librdkafka context: routes logs to `tracing`, keeps the ack tracker in
+/// step with rebalances and the consumer lag from the statistics. Every callback is cheap and
+/// non-blocking (see the module docs).
 pub struct QueueContext {
     /// Shared with every [`Receipt`] (through the consumer).
     tracker: Mutex<AckTracker>,
+    /// The prompt topic's consumer lag per assigned partition, from the latest statistics.
+    lag: Mutex<BTreeMap<i32, i64>>,
+    /// The prompt topic (the statistics cover every topic the client knows).
+    topic: String,
 }
 
 impl QueueContext {
     fn tracker(&self) -> MutexGuard<'_, AckTracker> {
         // The tracker stays consistent even if a holder panicked: every update is one call.
         self.tracker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lag(&self) -> MutexGuard<'_, BTreeMap<i32, i64>> {
+        self.lag
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -545,6 +560,23 @@ impl ClientContext for QueueContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+
+    // Runs inside `recv()`: replaces the lag map, nothing else. Reads the raw JSON: only the
+    // lag is wanted, and a typed parse fails whole on any field a librdkafka version renames.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(statistics) else {
+            return;
+        };
+        let partitions = json["topics"][&self.topic]["partitions"].as_object();
+        let lag = partitions
+            .into_iter()
+            .flatten()
+            .filter_map(|(id, p)| Some((id.parse::<i32>().ok()?, p["consumer_lag"].as_i64()?)))
+            // -1 is librdkafka's internal partition; a lag of -1 means not known yet.
+            .filter(|&(id, lag)| id >= 0 && lag >= 0)
+            .collect();
+        *self.lag() = lag;
     }
 }
 
@@ -719,6 +751,8 @@ impl PromptConsumer {
         config.validate()?;
         let context = QueueContext {
             tracker: Mutex::new(AckTracker::default()),
+            lag: Mutex::new(BTreeMap::new()),
+            topic: config.topic.clone(),
         };
         let consumer: StreamConsumer<QueueContext> = config
             .consumer_config()
@@ -775,6 +809,7 @@ impl PromptConsumer {
 
     /// Waits for the next message: a valid prompt, or a message that is not one (with its
     /// key, payload and receipt, for the caller to dead-letter, record and acknowledge).
+    /// Cancellation-safe: nothing is taken from the queue before it returns.
     pub async fn recv_any(&self) -> Result<Received, QueueError> {
         let message = self
             .shared
@@ -875,6 +910,19 @@ impl PromptConsumer {
         let consumer = &self.shared.consumer;
         let assigned = consumer.assignment().map_err(QueueError::Consume)?;
         consumer.resume(&assigned).map_err(QueueError::Consume)
+    }
+
+    /// The consumer lag (messages between the group's committed offset and the end) of each
+    /// partition assigned to this member, from librdkafka's latest statistics (every
+    /// few seconds); partitions whose lag is not known yet are left out.
+    pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {
+        let context = self.shared.consumer.context();
+        let assigned = self.assigned_partitions().unwrap_or_default();
+        let lag = context.lag();
+        assigned
+            .into_iter()
+            .filter_map(|p| Some((p, *lag.get(&p)?)))
+            .collect()
     }
 
     /// The partitions of the prompt topic currently assigned to this member, sorted.

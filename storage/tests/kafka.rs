@@ -434,6 +434,37 @@ async fn scenario_out_of_order_acks(cluster: &Cluster) {
     assert_eq!(committed.get(&0), Some(&Some(3)));
 }
 
+/// The consumer reports its lag per assigned partition (from librdkafka's statistics): the
+/// messages past the group's committed offset.
+async fn scenario_consumer_lag_is_reported(cluster: &Cluster) {
+    let brokers = &cluster.brokers();
+    let config = fresh_config(brokers, "lag");
+    cluster.create_topics(&config, 1).await;
+    let producer = PromptProducer::new(&config).unwrap();
+    send_prompts(&producer, "lag", 5).await;
+    let consumer = PromptConsumer::new(&config).unwrap();
+    let first = bounded("a prompt", consumer.recv()).await.unwrap();
+    assert!(matches!(
+        first.receipt.ack().unwrap(),
+        AckOutcome::Stored { next_offset: 1 }
+    ));
+    bounded("the commit", consumer.commit()).await.unwrap();
+    consumer.pause().unwrap();
+    // Statistics come every few seconds, served inside `recv` (which the paused consumer
+    // keeps calling, as the intake does).
+    let lag = bounded("the lag of 4 messages", async {
+        loop {
+            let lag = consumer.consumer_lag();
+            if lag.get(&0) == Some(&4) {
+                return lag;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+        }
+    })
+    .await;
+    assert_eq!(lag.len(), 1, "{lag:?}");
+}
+
 /// Environment variable that turns [`kafka_member_process`] into a group member for
 /// [`scenario_killed_member_prompts_are_redelivered`]: the queue config as JSON.
 const CHILD_CONFIG_ENV: &str = "FLYWHEEL_TEST_KAFKA_CHILD_CONFIG";
@@ -573,6 +604,11 @@ async fn broker_out_of_order_acks() {
     scenario_out_of_order_acks(&Cluster::broker().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_consumer_lag_is_reported() {
+    scenario_consumer_lag_is_reported(&Cluster::broker().await).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // librdkafka's mock cluster: the embedded mode of `flywheel demo`, same code.
 // ---------------------------------------------------------------------------------------------
@@ -600,4 +636,9 @@ async fn embedded_malformed_messages_are_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_out_of_order_acks() {
     scenario_out_of_order_acks(&Cluster::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_consumer_lag_is_reported() {
+    scenario_consumer_lag_is_reported(&Cluster::embedded()).await;
 }

@@ -1,8 +1,10 @@
 //! The trainer's Prometheus metrics, `flywheel_trainer_<what>_<unit>` (served by the admin
 //! server of `flywheel_service`).
 
-use flywheel_service::metrics::{counter, exponential_buckets, float_gauge, gauge, histogram};
-use prometheus::{Gauge, Histogram, IntCounter, IntGauge, Registry};
+use flywheel_service::metrics::{
+    counter, exponential_buckets, float_gauge, gauge, histogram, histogram_vec,
+};
+use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntGauge, Registry};
 
 use crate::service::StepOutcome;
 
@@ -43,6 +45,10 @@ pub struct TrainerMetrics {
     /// Steps replayed to rebuild the optimizer state before a step (module
     /// `service`: only after a restart or another trainer's finish).
     pub steps_replayed: IntCounter,
+    /// Seconds of each phase of finishing a step (the finisher's split of the step time).
+    pub step_phase_seconds: HistogramVec,
+    /// Seconds to compute one rank (fetch, forward, backward).
+    pub rank_seconds: Histogram,
 }
 
 impl TrainerMetrics {
@@ -122,6 +128,19 @@ impl TrainerMetrics {
                 "Bytes a finished step wrote to the object store.",
                 exponential_buckets(1024.0, 4.0, 16),
             ),
+            step_phase_seconds: histogram_vec(
+                &r,
+                "flywheel_trainer_step_phase_seconds",
+                "Seconds of each phase of finishing a step, by phase.",
+                &["phase"],
+                exponential_buckets(0.001, 2.0, 20),
+            ),
+            rank_seconds: histogram(
+                &r,
+                "flywheel_trainer_rank_seconds",
+                "Seconds to compute one rank of a step.",
+                exponential_buckets(0.01, 2.0, 18),
+            ),
             steps_replayed: counter(
                 &r,
                 "flywheel_trainer_steps_replayed_total",
@@ -129,6 +148,16 @@ impl TrainerMetrics {
             ),
             registry: r,
         }
+        .with_known_labels()
+    }
+
+    /// Creates the phases' series (empty histograms) from the start, so dashboards see them
+    /// before the first step.
+    fn with_known_labels(self) -> Self {
+        for phase in crate::service::STEP_PHASES {
+            self.step_phase_seconds.with_label_values(&[phase]);
+        }
+        self
     }
 
     /// Records a finished step.
@@ -147,6 +176,11 @@ impl TrainerMetrics {
         self.version.set(o.version as i64);
         self.step_bytes_written.observe(o.bytes.total() as f64);
         self.steps_replayed.inc_by(o.replayed);
+        for (phase, took) in &o.phases {
+            self.step_phase_seconds
+                .with_label_values(&[phase])
+                .observe(took.as_secs_f64());
+        }
     }
 }
 
@@ -187,6 +221,7 @@ mod tests {
             },
             checkpointed: false,
             replayed: 2,
+            phases: vec![("publish", std::time::Duration::from_millis(250))],
         });
         let text = flywheel_service::metrics::render(&m.registry);
         for line in [
@@ -200,6 +235,7 @@ mod tests {
             "flywheel_trainer_steps_finished_total 1",
             "flywheel_trainer_step_bytes_written_sum 130",
             "flywheel_trainer_steps_replayed_total 2",
+            r#"flywheel_trainer_step_phase_seconds_sum{phase="publish"} 0.25"#,
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

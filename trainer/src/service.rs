@@ -204,6 +204,9 @@ pub struct StepOutcome {
     /// Steps replayed to rebuild the optimizer state before this one (0 when this trainer
     /// held it).
     pub replayed: u64,
+    /// How the finisher's time went, by phase: `gradients` (reading and summing the ranks'),
+    /// `optimizer` (replay and AdamW), `publish`, `checkpoint`, `collect`.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// The key of the optimizer state after step `step`.
@@ -612,13 +615,16 @@ impl Trainer {
             _ => Instant::now(),
         };
         self.sync_to(step).await?;
+        let mut phases = Phases::default();
         let (grads, stats, gradient_bytes) = self.sum_ranks(manifest).await?;
+        phases.end("gradients");
         let (mut optimizer, replayed) = match self.optimizer.take() {
             Some(o) if o.step_count() == step => (o, 0),
             _ => self.replay_to(step).await?,
         };
         let mut params = self.params.clone();
         let report = apply_update(self.model_mut()?, &mut params, &mut optimizer, &grads)?;
+        phases.end("optimizer");
         let version = step + 1;
         let run = self.stores.run_id.clone();
         let published = publish_params(
@@ -631,6 +637,7 @@ impl Trainer {
             &self.config,
         )
         .await?;
+        phases.end("publish");
         self.check_fault(FinishPoint::AfterPublish)?;
         let checkpointed = version.is_multiple_of(self.config.checkpoint_every);
         let mut optimizer_bytes = 0;
@@ -654,11 +661,13 @@ impl Trainer {
                 )
                 .await?;
             self.check_fault(FinishPoint::AfterCheckpoint)?;
+            phases.end("checkpoint");
         }
         self.collect(step).await?;
         if checkpointed {
             self.collect_segments(step).await?;
         }
+        phases.end("collect");
         self.check_fault(FinishPoint::AfterCollect)?;
 
         let metrics = StepMetrics::new(&stats, &report, started.elapsed());
@@ -686,6 +695,7 @@ impl Trainer {
             bytes,
             checkpointed,
             replayed,
+            phases: phases.done,
         })
     }
 
@@ -908,6 +918,33 @@ impl Trainer {
             .await?;
         tracing::debug!(steps = ?(first..=last), deleted, "collected trained segments");
         Ok(deleted)
+    }
+}
+
+/// The phases of finishing a step, in order ([`StepOutcome::phases`]).
+pub const STEP_PHASES: [&str; 5] = ["gradients", "optimizer", "publish", "checkpoint", "collect"];
+
+/// The durations of consecutive phases.
+struct Phases {
+    since: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Phases {
+            since: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Phases {
+    /// Ends phase `name` now; the next one starts.
+    fn end(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.since));
+        self.since = now;
     }
 }
 
@@ -1194,8 +1231,12 @@ impl Board<'_> {
         let manifest =
             load_batch_manifest(&blobs, &ann.manifest_key, ann.step, Some(ann.world_size)).await?;
         let renewal = spawn_renewal(self.state.clone(), claim, self.id.clone(), self.claim_ttl);
+        let rank_started = Instant::now();
         let computed = self.trainer.train_rank(&manifest, claim.rank).await;
         renewal.abort();
+        self.metrics
+            .rank_seconds
+            .observe(rank_started.elapsed().as_secs_f64());
         let gradient = computed?;
         self.trainer.put_rank(&gradient).await?;
         self.metrics.ranks_computed.inc();
@@ -1226,6 +1267,13 @@ impl Board<'_> {
                 .blobs
                 .delete(&keys::step_grads(&stores.run_id, outcome.step, rank))
                 .await?;
+        }
+        // What a finisher that died between marking its step finished and this deletion left.
+        if let Some(previous) = outcome.step.checked_sub(1) {
+            let prefix = keys::step_grads_prefix(&stores.run_id, previous);
+            for meta in stores.blobs.list(&prefix).await? {
+                stores.blobs.delete(&meta.key).await?;
+            }
         }
         self.metrics.observe_step(&outcome);
         let m = &outcome.metrics;

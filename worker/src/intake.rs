@@ -205,9 +205,15 @@ impl Intake {
         let backoff = Backoff::new(self.poll, Duration::from_secs(10));
         let mut receive_failures = 0;
         let mut paused = false;
+        let mut lag_recorded: Option<tokio::time::Instant> = None;
         loop {
             if self.stop.is_cancelled() {
                 return self;
+            }
+            if lag_recorded.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                self.metrics
+                    .record_consumer_lag(&self.consumer.consumer_lag());
+                lag_recorded = Some(tokio::time::Instant::now());
             }
             let full = self.backlog_full().await;
             let flow = if full {
@@ -221,10 +227,13 @@ impl Intake {
                 Ok(()) => paused = full,
                 Err(e) => warn!(error = %e, "cannot pause or resume the prompt partitions"),
             }
+            // `recv_any` is cancellation-safe (nothing is taken before it returns): an idle
+            // member still wakes every second to report its lag.
             let received = tokio::select! {
                 _ = self.stop.cancelled() => None,
                 d = self.consumer.recv_any() => Some(d),
                 _ = tokio::time::sleep(self.poll), if full => continue,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
             let Some(received) = received else {
                 return self;

@@ -4,6 +4,7 @@
 use flywheel_service::metrics::{
     counter, counter_vec, exponential_buckets, gauge, gauge_vec, histogram,
 };
+use flywheel_storage::ledger::DropReason;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 /// Every metric the worker exports, registered in its own registry.
@@ -57,6 +58,9 @@ pub struct WorkerMetrics {
     /// Committed segments found corrupt or missing on resume (the trajectory went back to its
     /// last good segment).
     pub segments_unusable: IntCounter,
+    /// The prompt topic's consumer lag of each partition this worker holds (what KEDA scales
+    /// on), from librdkafka's statistics.
+    pub kafka_consumer_lag: IntGaugeVec,
 }
 
 impl WorkerMetrics {
@@ -175,7 +179,44 @@ impl WorkerMetrics {
                 "flywheel_worker_segments_unusable_total",
                 "Committed segments found corrupt or missing on resume.",
             ),
+            kafka_consumer_lag: gauge_vec(
+                &r,
+                "flywheel_worker_kafka_consumer_lag",
+                "Prompts between the group's committed offset and the end, per partition held.",
+                &["partition"],
+            ),
             registry: r,
+        }
+        .with_known_labels()
+    }
+
+    /// Creates every label value known in advance, so each series is exported (at 0) from
+    /// the start: dashboards and alerts see a rate of 0, not a missing series.
+    fn with_known_labels(self) -> Self {
+        for source in ["pending", "parked", "expired"] {
+            self.lease_claims.with_label_values(&[source]);
+        }
+        for reason in [DropReason::Malformed, DropReason::Oversized] {
+            self.prompts_rejected.with_label_values(&[reason.as_str()]);
+        }
+        for kind in ["transient", "permanent"] {
+            self.attempt_failures.with_label_values(&[kind]);
+        }
+        for reason in [DropReason::GenerationFailed, DropReason::LagExceeded] {
+            self.trajectories_given_up
+                .with_label_values(&[reason.as_str()]);
+        }
+        self
+    }
+
+    /// Sets the consumer lag gauge to `lag` (partition → messages); partitions no longer
+    /// held disappear.
+    pub fn record_consumer_lag(&self, lag: &std::collections::BTreeMap<i32, i64>) {
+        self.kafka_consumer_lag.reset();
+        for (partition, messages) in lag {
+            self.kafka_consumer_lag
+                .with_label_values(&[&partition.to_string()])
+                .set(*messages);
         }
     }
 }

@@ -25,7 +25,9 @@ use flywheel_storage::codec;
 use flywheel_storage::config::{RolloutConfig, RolloutMode, RunConfig};
 use flywheel_storage::ledger::{self, Ledger};
 use flywheel_storage::ledger::{DropReason, PromptStatus};
-use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig, PromptConsumer, PromptProducer};
+use flywheel_storage::queue::{
+    EmbeddedKafka, KafkaConfig, PromptConsumer, PromptProducer, ensure_topics,
+};
 use flywheel_storage::state::{GiveUp, MemoryStateStore, StateStore, StreamCursor};
 use flywheel_storage::testkit;
 use flywheel_storage::{
@@ -1078,21 +1080,47 @@ async fn wait_for_dlq_and_offset(config: &KafkaConfig, dead_letters: i64, offset
     .await;
 }
 
-/// A Kafka config for a fresh topic and group on `kafka`, with the topic created.
-fn fresh_topic(kafka: &EmbeddedKafka) -> KafkaConfig {
-    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    let config = KafkaConfig {
-        brokers: kafka.bootstrap_servers(),
-        topic: format!("prompts-{tag}"),
-        group_id: format!("g-{tag}"),
-        session_timeout_ms: 6_000,
-        auto_commit_interval_ms: 100,
-        max_message_bytes: 4096,
-        max_group_size: 16,
-        ..KafkaConfig::default()
-    };
-    kafka.create_topics(&config, 1).unwrap();
-    config
+/// Where a Kafka test runs: librdkafka's mock cluster, or the real broker of the test
+/// services (`FLYWHEEL_TEST_KAFKA_BROKERS`).
+enum Queue {
+    Embedded(EmbeddedKafka),
+    Broker(String),
+}
+
+impl Queue {
+    fn embedded() -> Queue {
+        Queue::Embedded(EmbeddedKafka::start(1).unwrap())
+    }
+
+    fn broker() -> Queue {
+        Queue::Broker(testkit::kafka_brokers())
+    }
+
+    /// A Kafka config for a fresh topic and group, with the topic (and its DLQ) created.
+    async fn fresh_topic(&self) -> KafkaConfig {
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+        let brokers = match self {
+            Queue::Embedded(kafka) => kafka.bootstrap_servers(),
+            Queue::Broker(brokers) => brokers.clone(),
+        };
+        let config = KafkaConfig {
+            brokers,
+            topic: format!("prompts-{tag}"),
+            group_id: format!("g-{tag}"),
+            session_timeout_ms: 6_000,
+            auto_commit_interval_ms: 100,
+            max_message_bytes: 4096,
+            max_group_size: 16,
+            ..KafkaConfig::default()
+        };
+        match self {
+            Queue::Embedded(kafka) => kafka.create_topics(&config, 1).unwrap(),
+            Queue::Broker(brokers) => ensure_topics(&config, 1, 1)
+                .await
+                .unwrap_or_else(|e| panic!("creating a topic on the broker at {brokers}: {e}")),
+        }
+        config
+    }
 }
 
 /// The ledger status of prompt `id`, for assertions.
@@ -1114,8 +1142,16 @@ async fn drop_of(env: &Env, id: &str) -> Option<(DropReason, String)> {
 /// ledger with the reason, acknowledged. The valid prompt beside them runs.
 #[tokio::test]
 async fn prompts_that_cannot_run_are_rejected_at_intake_and_recorded() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let config = fresh_topic(&kafka);
+    rejected_at_intake(Queue::embedded()).await;
+}
+
+#[tokio::test]
+async fn prompts_that_cannot_run_are_rejected_at_intake_and_recorded_on_the_broker() {
+    rejected_at_intake(Queue::broker()).await;
+}
+
+async fn rejected_at_intake(queue: Queue) {
+    let config = queue.fresh_topic().await;
     let env = Env::new(
         rollout(RolloutMode::Partial, 4, 100_000),
         LengthDistribution::Fixed { tokens: 5 },
@@ -1168,8 +1204,16 @@ async fn prompts_that_cannot_run_are_rejected_at_intake_and_recorded() {
 /// and the partition's offset moves past it, so the prompts behind it run.
 #[tokio::test]
 async fn an_unwritable_dead_letter_does_not_pin_its_partition() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let sender = fresh_topic(&kafka);
+    unwritable_dead_letter(Queue::embedded()).await;
+}
+
+#[tokio::test]
+async fn an_unwritable_dead_letter_does_not_pin_its_partition_on_the_broker() {
+    unwritable_dead_letter(Queue::broker()).await;
+}
+
+async fn unwritable_dead_letter(queue: Queue) {
+    let sender = queue.fresh_topic().await;
     let mut config = sender.clone();
     config.max_message_bytes = 1500;
     config
