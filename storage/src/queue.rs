@@ -1232,6 +1232,23 @@ mod tests {
         assert!(reason.contains("group_size"), "{reason}");
     }
 
+    /// The build has TLS and SCRAM (OpenSSL linked in): clients configured for SASL_SSL are
+    /// created (connections are made later), as a deployment with `kafka.sasl` configures them.
+    #[tokio::test]
+    async fn clients_accept_sasl_over_tls() {
+        let mut config = KafkaConfig::default();
+        for (key, value) in [
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "flywheel"),
+            ("sasl.password", "secret"),
+        ] {
+            config.librdkafka.insert(key.into(), value.into());
+        }
+        PromptConsumer::new(&config).expect("a SASL_SSL consumer");
+        PromptProducer::new(&config).expect("a SASL_SSL producer");
+    }
+
     #[test]
     fn config_validation_names_the_problem() {
         assert!(KafkaConfig::default().validate().is_ok());
