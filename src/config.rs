@@ -20,7 +20,6 @@ use flywheel_storage::queue::KafkaConfig;
 use flywheel_task::TaskSection;
 use flywheel_trainer::TrainerConfig;
 use flywheel_worker::WorkerConfig;
-use flywheel_worker::engine::EngineConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
@@ -61,30 +60,31 @@ impl FileConfig {
         }
     }
 
-    /// Replaces checkpoints named by object-store URLs (`[trainer] hf_model`, the builtin
-    /// engine's `hf_model`) with their local copies ([`crate::checkpoint_source::local_dir`]).
+    /// Replaces checkpoints named by object-store URLs (`[trainer] hf_model`, the engine's
+    /// `hf_model`) with their local copies ([`crate::checkpoint_source::local_dir`]).
     pub async fn localize_checkpoints(&mut self) -> anyhow::Result<()> {
         use crate::checkpoint_source::local_dir;
         if !self.trainer.hf_model.is_empty() {
             let dir = local_dir(&self.trainer.hf_model).await?;
             self.trainer.hf_model = dir.display().to_string();
         }
-        if let EngineConfig::Builtin(b) = &mut self.worker.engine
-            && !b.hf_model.is_empty()
+        if let Some(hf_model) = self.worker.engine.hf_model_mut()
+            && !hf_model.is_empty()
         {
-            b.hf_model = local_dir(&b.hf_model).await?.display().to_string();
+            *hf_model = local_dir(hf_model).await?.display().to_string();
         }
         Ok(())
     }
 
-    /// What the worker service runs with. The builtin engine reads text with the tokenizer of
-    /// `[trainer] hf_model` unless its own `hf_model` names one: the run's model is named once.
+    /// What the worker service runs with. The engines that hold a tokenizer (builtin, vLLM,
+    /// SGLang) read text with the one of `[trainer] hf_model` unless their own `hf_model` names
+    /// one: the run's model is named once.
     pub fn worker(&self) -> flywheel_worker::ServiceConfig {
         let mut worker = self.worker.clone();
-        if let EngineConfig::Builtin(b) = &mut worker.engine
-            && b.hf_model.is_empty()
+        if let Some(hf_model) = worker.engine.hf_model_mut()
+            && hf_model.is_empty()
         {
-            b.hf_model = self.trainer.hf_model.clone();
+            hf_model.clone_from(&self.trainer.hf_model);
         }
         flywheel_worker::ServiceConfig {
             run: self.run(),

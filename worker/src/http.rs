@@ -1,5 +1,5 @@
-//! JSON over HTTP with bounded timeouts and retries, shared by the `openai` engine and the
-//! reward-service verifier.
+//! JSON over HTTP with bounded timeouts and retries, shared by the engines that call servers
+//! (`openai`, `vllm`, `sglang`) and the reward-service verifier.
 //!
 //! Retried: connection failures, timeouts, broken response bodies, HTTP 5xx and 429 (a rate
 //! limit says "later", not "never"). Not retried: any other 4xx, which says the request is
@@ -111,6 +111,28 @@ pub(crate) async fn post_json(
     bearer: Option<&str>,
     body: &serde_json::Value,
 ) -> Result<HttpReply, HttpFailure> {
+    request_json(client, config, url, bearer, Some(body)).await
+}
+
+/// GETs `url`, retrying transient failures as [`HttpConfig`] says.
+pub(crate) async fn get(
+    client: &reqwest::Client,
+    config: &HttpConfig,
+    url: &str,
+    bearer: Option<&str>,
+) -> Result<HttpReply, HttpFailure> {
+    request_json(client, config, url, bearer, None).await
+}
+
+/// A POST of `body` (a GET without one), with the retries of [`HttpConfig`].
+async fn request_json(
+    client: &reqwest::Client,
+    config: &HttpConfig,
+    url: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Result<HttpReply, HttpFailure> {
+    let method = if body.is_some() { "POST" } else { "GET" };
     let mut attempt = 1;
     loop {
         let last_error = match try_once(client, url, bearer, body).await {
@@ -120,7 +142,7 @@ pub(crate) async fn post_json(
         };
         if attempt >= config.max_attempts {
             return Err(HttpFailure::Unavailable(format!(
-                "POST {url}: {last_error} (gave up after {attempt} attempt(s))"
+                "{method} {url}: {last_error} (gave up after {attempt} attempt(s))"
             )));
         }
         let wait = config.backoff().delay(attempt);
@@ -142,9 +164,12 @@ async fn try_once(
     client: &reqwest::Client,
     url: &str,
     bearer: Option<&str>,
-    body: &serde_json::Value,
+    body: Option<&serde_json::Value>,
 ) -> Result<HttpReply, Attempt> {
-    let mut request = client.post(url).json(body);
+    let mut request = match body {
+        Some(body) => client.post(url).json(body),
+        None => client.get(url),
+    };
     if let Some(token) = bearer {
         request = request.bearer_auth(token);
     }

@@ -4,6 +4,7 @@
 //!   and its implementations (`sim`, `openai`, `builtin`);
 //! - [`verify`]: rewards for finished trajectories ([`verify::Verifier`]);
 //! - [`http`]: JSON over HTTP with bounded timeouts and retries, shared by both;
+//! - [`hf_dir`]: a published version as a Hugging Face directory (exports, engine servers);
 //! - [`intake`]: Kafka prompts → ledger + state registration → ack;
 //! - [`service`]: the segment loop (slots, budgets, leases, parking, resume, shutdown);
 //! - [`metrics`]: the worker's Prometheus metrics;
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod hf_dir;
 pub mod http;
 pub mod intake;
 pub mod metrics;

@@ -52,10 +52,12 @@ The run's config file: `config` from the values, with the fields the chart owns.
 {{- $_ := set $worker "metrics_addr" (printf "0.0.0.0:%d" (int .Values.worker.metricsPort)) -}}
 {{- $_ := set $worker "grace_period_ms" (mul (int .Values.worker.drainSeconds) 1000) -}}
 {{- if .Values.worker.engineSidecar.enabled -}}
+{{- /* The sidecar on loopback, loaded with each version through the shared /weights. */ -}}
 {{- $engine := get $worker "engine" | default dict -}}
-{{- $_ := set $engine "kind" "openai" -}}
-{{- $_ := set $engine "base_url" (printf "http://127.0.0.1:%d" (int .Values.worker.engineSidecar.port)) -}}
-{{- $_ := set $engine "model" .Values.worker.engineSidecar.model -}}
+{{- $_ := set $engine "kind" .Values.worker.engineSidecar.kind -}}
+{{- $_ := set $engine "servers" (list (printf "http://127.0.0.1:%d" (int .Values.worker.engineSidecar.port))) -}}
+{{- $_ := set $engine "weights_dir" "/weights" -}}
+{{- $_ := set $engine "model" "policy" -}}
 {{- $_ := set $worker "engine" $engine -}}
 {{- end -}}
 {{- $_ := set $config "worker" $worker -}}

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flywheel_model::{
-    CpuBackend, Model, ModelConfig, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
+    CpuBackend, Model, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
-use flywheel_storage::weights::{self, MODEL_CONFIG_KEY, WeightsConfig, WeightsManifest};
+use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
 use flywheel_storage::{FinishReason, PolicyVersion};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::{
-    Engine, EngineError, EngineLimits, SegmentOutput, SegmentRequest, acquire_slot, splitmix64,
-    trajectory_key,
+    Engine, EngineError, EngineLimits, SegmentOutput, SegmentRequest, acquire_slot, model_config,
+    run_limits, splitmix64, trajectory_key,
 };
 
 /// The name this engine reports.
@@ -95,8 +95,8 @@ pub struct BuiltinEngine {
     samplers: Arc<Mutex<Vec<Sampler<CpuBackend>>>>,
     /// Bounds the segments sampled at once to `slots`.
     permits: Semaphore,
-    /// The model's shape, read once (for [`Engine::limits`]).
-    shape: tokio::sync::OnceCell<ModelConfig>,
+    /// The model's vocabulary and context, read once.
+    limits: tokio::sync::OnceCell<EngineLimits>,
 }
 
 impl BuiltinEngine {
@@ -121,7 +121,7 @@ impl BuiltinEngine {
             tokenizer,
             versions: tokio::sync::Mutex::new(BTreeMap::new()),
             samplers: Arc::new(Mutex::new(Vec::new())),
-            shape: tokio::sync::OnceCell::new(),
+            limits: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -171,7 +171,7 @@ impl BuiltinEngine {
             engine: NAME.to_owned(),
             message,
         };
-        let model_config = model_config(&fetched.manifest)?;
+        let model_config = model_config(NAME, &fetched.manifest)?;
         if model_config.vocab_size < self.tokenizer.vocab_size() {
             return Err(EngineError::Config(format!(
                 "the model's vocabulary ({}) is smaller than the tokenizer's ({})",
@@ -278,47 +278,10 @@ impl Engine for BuiltinEngine {
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))
     }
 
-    /// The model's vocabulary and context, from the newest published version (every version
-    /// of a run has the same shape).
     async fn limits(&self) -> Result<EngineLimits, EngineError> {
-        let config = self
-            .shape
-            .get_or_try_init(|| async {
-                let latest = weights::latest_version(&self.blobs, &self.run)
-                    .await
-                    .map_err(|e| Self::unavailable(e.to_string()))?
-                    .ok_or_else(|| {
-                        Self::unavailable(format!(
-                            "run `{}` has no published weights yet",
-                            self.run
-                        ))
-                    })?;
-                let manifest = weights::load_manifest(&self.blobs, &self.run, latest)
-                    .await
-                    .map_err(|e| Self::unavailable(e.to_string()))?;
-                model_config(&manifest)
-            })
-            .await?;
-        Ok(EngineLimits {
-            vocab_size: u32::try_from(config.vocab_size).ok(),
-            context_tokens: u32::try_from(config.max_seq_len).ok(),
-        })
+        let limits = self
+            .limits
+            .get_or_try_init(|| run_limits(NAME, &self.blobs, &self.run));
+        limits.await.copied()
     }
-}
-
-/// The model's shape, from a version's metadata.
-fn model_config(manifest: &WeightsManifest) -> Result<ModelConfig, EngineError> {
-    let version = manifest.version;
-    let protocol = |message: String| EngineError::Protocol {
-        engine: NAME.to_owned(),
-        message,
-    };
-    let json = manifest.metadata.get(MODEL_CONFIG_KEY).ok_or_else(|| {
-        protocol(format!(
-            "weights version {version} carry no `{MODEL_CONFIG_KEY}` metadata: publish them \
-             with the trainer"
-        ))
-    })?;
-    serde_json::from_str(json)
-        .map_err(|e| protocol(format!("`{MODEL_CONFIG_KEY}` of version {version}: {e}")))
 }

@@ -10,14 +10,16 @@
 //! [`Engine::slots`] calls in flight so that batching has something to work with.
 //!
 //! Implementations: [`sim::SimEngine`] (a seedable load generator),
-//! [`openai::OpenAiEngine`] (any OpenAI-compatible completions server) and
-//! [`builtin::BuiltinEngine`] (the run's own policy on the CPU); `conformance` (feature
-//! `testsuite`) is the suite all of them pass.
+//! [`builtin::BuiltinEngine`] (the run's own policy on the CPU), [`remote::RemoteEngine`]
+//! (vLLM or SGLang servers kept in step with the policy version) and
+//! [`openai::OpenAiEngine`] (any OpenAI-compatible completions server whose weights someone
+//! else keeps in step); `conformance` (feature `testsuite`) is the suite all of them pass.
 
 pub mod builtin;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 pub mod openai;
+pub mod remote;
 pub mod sim;
 
 use std::sync::Arc;
@@ -294,6 +296,10 @@ pub enum EngineConfig {
     /// The built-in model with the run's published weights (built by
     /// [`EngineConfig::build_for_run`], which knows where the weights are).
     Builtin(builtin::BuiltinConfig),
+    /// vLLM servers, loaded with each version the worker generates under.
+    Vllm(remote::RemoteConfig),
+    /// SGLang servers, loaded with each version the worker generates under.
+    Sglang(remote::RemoteConfig),
 }
 
 impl Default for EngineConfig {
@@ -308,9 +314,9 @@ impl EngineConfig {
         Ok(match self {
             EngineConfig::Sim(config) => Arc::new(sim::SimEngine::new(config.clone())?),
             EngineConfig::Openai(config) => Arc::new(openai::OpenAiEngine::new(config.clone())?),
-            EngineConfig::Builtin(_) => {
+            EngineConfig::Builtin(_) | EngineConfig::Vllm(_) | EngineConfig::Sglang(_) => {
                 return Err(EngineError::Config(
-                    "the builtin engine reads the run's weights: build it with \
+                    "this engine reads the run's weights: build it with \
                      EngineConfig::build_for_run"
                         .into(),
                 ));
@@ -325,15 +331,79 @@ impl EngineConfig {
         blobs: &flywheel_storage::blob::BlobStore,
         run: &str,
     ) -> Result<Arc<dyn Engine>, EngineError> {
+        use remote::{RemoteEngine, ServerKind};
+        let remote = |kind, config: &remote::RemoteConfig| {
+            RemoteEngine::new(kind, blobs.clone(), run, config.clone())
+                .map(|e| Arc::new(e) as Arc<dyn Engine>)
+        };
         match self {
             EngineConfig::Builtin(config) => Ok(Arc::new(builtin::BuiltinEngine::new(
                 blobs.clone(),
                 run,
                 config.clone(),
             )?)),
+            EngineConfig::Vllm(config) => remote(ServerKind::Vllm, config),
+            EngineConfig::Sglang(config) => remote(ServerKind::Sglang, config),
             other => other.build(),
         }
     }
+
+    /// The Hugging Face checkpoint whose tokenizer the engine reads prompts with, for the
+    /// engines that hold one (empty: the run's `[trainer] hf_model` is taken).
+    pub fn hf_model_mut(&mut self) -> Option<&mut String> {
+        match self {
+            EngineConfig::Builtin(c) => Some(&mut c.hf_model),
+            EngineConfig::Vllm(c) | EngineConfig::Sglang(c) => Some(&mut c.hf_model),
+            EngineConfig::Sim(_) | EngineConfig::Openai(_) => None,
+        }
+    }
+}
+
+/// The model's shape, from a version's metadata (`engine` names the engine in errors).
+pub(crate) fn model_config(
+    engine: &str,
+    manifest: &flywheel_storage::weights::WeightsManifest,
+) -> Result<flywheel_model::ModelConfig, EngineError> {
+    use flywheel_storage::weights::MODEL_CONFIG_KEY;
+    let version = manifest.version;
+    let protocol = |message: String| EngineError::Protocol {
+        engine: engine.to_owned(),
+        message,
+    };
+    let json = manifest.metadata.get(MODEL_CONFIG_KEY).ok_or_else(|| {
+        protocol(format!(
+            "weights version {version} carry no `{MODEL_CONFIG_KEY}` metadata: publish them \
+             with the trainer"
+        ))
+    })?;
+    serde_json::from_str(json)
+        .map_err(|e| protocol(format!("`{MODEL_CONFIG_KEY}` of version {version}: {e}")))
+}
+
+/// The run's model's vocabulary and context, from its newest published version (every
+/// version of a run has the same shape). Unavailable before the first version.
+pub(crate) async fn run_limits(
+    engine: &str,
+    blobs: &flywheel_storage::blob::BlobStore,
+    run: &str,
+) -> Result<EngineLimits, EngineError> {
+    use flywheel_storage::weights;
+    let unavailable = |message: String| EngineError::Unavailable {
+        engine: engine.to_owned(),
+        message,
+    };
+    let latest = weights::latest_version(blobs, run)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .ok_or_else(|| unavailable(format!("run `{run}` has no published weights yet")))?;
+    let manifest = weights::load_manifest(blobs, run, latest)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let config = model_config(engine, &manifest)?;
+    Ok(EngineLimits {
+        vocab_size: u32::try_from(config.vocab_size).ok(),
+        context_tokens: u32::try_from(config.max_seq_len).ok(),
+    })
 }
 
 /// Waits for one of an engine's `slots` (a segment call in flight); an error once the engine

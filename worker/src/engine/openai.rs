@@ -121,44 +121,6 @@ impl OpenAiEngine {
         })
     }
 
-    /// The JSON body of a completions request for `req`.
-    fn completion_body(&self, req: &SegmentRequest) -> Value {
-        let prompt: Vec<u32> = req
-            .prompt
-            .iter()
-            .chain(req.committed.iter())
-            .copied()
-            .collect();
-        let mut body = json!({
-            "model": self.config.model,
-            "prompt": prompt,
-            "max_tokens": req.max_new_tokens,
-            "temperature": req.sampling.temperature,
-            "top_p": req.sampling.top_p,
-            "logprobs": 0,
-            "n": 1,
-            "stream": false,
-            "echo": false,
-            "return_token_ids": true,
-            "return_tokens_as_token_ids": true,
-            "skip_special_tokens": false,
-        });
-        let map = body.as_object_mut().expect("a JSON object literal");
-        if req.sampling.top_k > 0 {
-            map.insert("top_k".into(), json!(req.sampling.top_k));
-        }
-        if let Some(seed) = req.sampling.seed {
-            let key =
-                splitmix64(trajectory_key(seed, &req.trajectory) ^ req.committed.len() as u64);
-            // Servers take a signed 64-bit seed; keep it non-negative.
-            map.insert("seed".to_owned(), json!(key >> 1));
-        }
-        for (k, v) in &self.config.extra_body {
-            map.insert(k.clone(), v.clone());
-        }
-        body
-    }
-
     /// POSTs to `{base}{path}` and decodes the JSON answer.
     async fn call<T: for<'de> Deserialize<'de>>(
         &self,
@@ -193,15 +155,66 @@ impl OpenAiEngine {
     }
 }
 
+/// The JSON body of a completions request for `req` (see the module docs): `stop` lists
+/// token ids that end the sequence besides the server's own end-of-sequence.
+pub(super) fn completion_body(
+    model: &str,
+    extra_body: &Map<String, Value>,
+    req: &SegmentRequest,
+    stop: &[u32],
+) -> Value {
+    let prompt: Vec<u32> = req
+        .prompt
+        .iter()
+        .chain(req.committed.iter())
+        .copied()
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": req.max_new_tokens,
+        "temperature": req.sampling.temperature,
+        "top_p": req.sampling.top_p,
+        "logprobs": 0,
+        "n": 1,
+        "stream": false,
+        "echo": false,
+        "return_token_ids": true,
+        "return_tokens_as_token_ids": true,
+        "skip_special_tokens": false,
+    });
+    let map = body.as_object_mut().expect("a JSON object literal");
+    if req.sampling.top_k > 0 {
+        map.insert("top_k".into(), json!(req.sampling.top_k));
+    }
+    if !stop.is_empty() {
+        map.insert("stop_token_ids".into(), json!(stop));
+    }
+    if let Some(seed) = req.sampling.seed {
+        map.insert("seed".to_owned(), json!(segment_seed(seed, req)));
+    }
+    for (k, v) in extra_body {
+        map.insert(k.clone(), v.clone());
+    }
+    body
+}
+
+/// The seed of a segment: a fixed function of the base seed, the trajectory and its committed
+/// length, so the K samples of a group differ and a retried segment is resampled identically.
+/// Servers take a signed 64-bit seed: kept non-negative.
+pub(super) fn segment_seed(seed: u64, req: &SegmentRequest) -> u64 {
+    splitmix64(trajectory_key(seed, &req.trajectory) ^ req.committed.len() as u64) >> 1
+}
+
 /// The parts of a completions response that are read (see the module docs).
 #[derive(Debug, Deserialize)]
-struct CompletionResponse {
+pub(super) struct CompletionResponse {
     /// One choice per sample; `n` is 1, so only the first is read.
-    choices: Vec<Choice>,
+    pub(super) choices: Vec<Choice>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Choice {
+pub(super) struct Choice {
     /// Sampled token ids (vLLM >= 0.10.2 with `return_token_ids`).
     #[serde(default)]
     token_ids: Option<Vec<u32>>,
@@ -228,14 +241,16 @@ fn parse_token_string(s: &str) -> Option<u32> {
     s.strip_prefix("token_id:")?.parse().ok()
 }
 
-/// Turns a parsed response into a segment, per the rules of the module docs.
-fn decode_choice(
+/// Turns a parsed response into a segment, per the rules of the module docs; `engine` names
+/// the engine in errors.
+pub(super) fn decode_choice(
+    engine: &str,
     req: &SegmentRequest,
     choice: Choice,
     version: u64,
 ) -> Result<SegmentOutput, EngineError> {
     let protocol = |message: String| EngineError::Protocol {
-        engine: "openai".into(),
+        engine: engine.into(),
         message,
     };
     let logprobs = choice.logprobs.ok_or_else(|| {
@@ -283,7 +298,7 @@ fn decode_choice(
         Some("length") => req.finish_reason(tokens.len(), false),
         Some("abort") => {
             return Err(EngineError::Unavailable {
-                engine: "openai".into(),
+                engine: engine.into(),
                 message: "the server aborted the request".to_owned(),
             });
         }
@@ -295,7 +310,7 @@ fn decode_choice(
         finish,
         version,
     };
-    out.check("openai", req)?;
+    out.check(engine, req)?;
     Ok(out)
 }
 
@@ -312,7 +327,7 @@ impl Engine for OpenAiEngine {
     async fn generate(&self, req: SegmentRequest) -> Result<SegmentOutput, EngineError> {
         req.validate()?;
         let _permit = acquire_slot("openai", &self.slots).await?;
-        let body = self.completion_body(&req);
+        let body = completion_body(&self.config.model, &self.config.extra_body, &req, &[]);
         let (headers, response): (_, CompletionResponse) =
             self.call("/v1/completions", &body).await?;
         let version = match headers.get(POLICY_VERSION_HEADER) {
@@ -336,7 +351,7 @@ impl Engine for OpenAiEngine {
                 engine: "openai".into(),
                 message: "the response has no choices".to_owned(),
             })?;
-        decode_choice(&req, choice, version)
+        decode_choice("openai", &req, choice, version)
     }
 
     async fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
