@@ -8,6 +8,7 @@
 //! - [`model_cli`]: `flywheel model logprobs|generate` on a checkpoint directory;
 //! - [`weights_cli`]: `flywheel weights export`, a published version as a checkpoint directory.
 
+pub mod audit;
 pub mod bench;
 pub mod checkpoint_source;
 pub mod config;

@@ -133,6 +133,15 @@ enum Command {
     /// Published weights: export a version as a Hugging Face checkpoint directory.
     #[command(subcommand)]
     Weights(flywheel::weights_cli::WeightsCommand),
+    /// Check the run's accounting (ledger, object store, Redis, the prompt topic): every
+    /// consumed prompt trained once, dropped with a reason or in flight; steps and versions
+    /// without gaps; every trained segment verified; every checkpoint restorable. Exits 1 on
+    /// any violation, listing them.
+    Audit {
+        /// The run's config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Show the run's state from the coordinator's `/v1/status`: live progress bars on a
     /// terminal, JSON otherwise or with `--json`.
     Status {
@@ -305,6 +314,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Model(command) => flywheel::model_cli::run(command),
         Command::Bench(command) => flywheel::bench::run(command),
         Command::Weights(command) => flywheel::weights_cli::run(command).await,
+        Command::Audit { config } => {
+            let config = flywheel::config::load(config.as_deref())?;
+            let stores = RunStores::open(&config.run()).await?;
+            let kafka = stores.queue.clone();
+            let report =
+                flywheel::audit::audit(&stores, kafka.as_ref(), &config.trainer.optimizer).await?;
+            print!("{}", report.summary());
+            if !report.violations.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Status { json, url } => Ok(flywheel_coordinator::run_status(&url, json).await?),
     }
 }

@@ -110,7 +110,8 @@ async fn quick_demo_trains_a_checkpoint_of_each_architecture() {
 }
 
 /// The ledger accounts for every prompt the demo sent: each accepted, then trained in exactly
-/// one step or dropped with a reason; none left pending. Returns the ledger.
+/// one step or dropped with a reason; none left pending; the audit found nothing wrong.
+/// Returns the ledger.
 async fn assert_accounted(
     outcome: &flywheel::demo::run::DemoOutcome,
 ) -> std::sync::Arc<dyn flywheel_storage::ledger::Ledger> {
@@ -123,5 +124,13 @@ async fn assert_accounted(
     assert!(outcome.prompts_sent > 0);
     assert_eq!(trained + dropped, outcome.prompts_sent);
     assert!(trained > 0);
+    let audit = &outcome.audit;
+    assert!(audit.violations.is_empty(), "{}", audit.summary());
+    assert_eq!(
+        audit.messages_checked + audit.messages_unconsumed,
+        outcome.prompts_sent,
+        "the audit reads back every message sent"
+    );
+    assert!(audit.segments_verified > 0, "{}", audit.summary());
     ledger
 }

@@ -37,6 +37,7 @@ use super::args::{DemoArgs, Setup, report_folder, run_config, trainer_config};
 use super::progress::DemoProgress;
 use super::report::{DemoSummary, PhaseTiming, StepMetrics, write_report};
 use super::rl::{Evaluation, reinforce};
+use crate::audit::{AuditReport, audit};
 use crate::warm_start::{TaskWarmStart, warm_start_on_task};
 
 /// What a demo run produced.
@@ -54,6 +55,8 @@ pub struct DemoOutcome {
     pub ledger_url: String,
     /// Prompts sent to the queue.
     pub prompts_sent: u64,
+    /// The run's audit, taken once it stopped (no violation, or the demo fails).
+    pub audit: AuditReport,
 }
 
 /// The phases of a run, shown as they start and timed for the report.
@@ -94,6 +97,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
     let run = run_config(&a, &setup, &out, &kafka)?;
     let stores = RunStores::open(&run).await?;
     let trainer = trainer_config(&a, &setup)?;
+    let optimizer = trainer.optimizer.clone();
 
     let params = phases
         .run("warm-start", warm_start_v0(&stores, &trainer, &setup, &a))
@@ -122,6 +126,12 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
             reinforce(&stores, &run, trainer, &a, eval, progress.clone(), started),
         )
         .await?;
+    let audit = phases
+        .run("audit", audit(&stores, stores.queue.as_ref(), &optimizer))
+        .await?;
+    if !audit.violations.is_empty() {
+        bail!("the run's audit found violations:\n{}", audit.summary());
+    }
     drop(kafka);
     let final_params = latest_weights(&stores, &setup).await?;
     let final_accuracy = phases
@@ -172,6 +182,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
         run_id,
         ledger_url: run.storage.ledger_url.clone(),
         prompts_sent: rl.sent,
+        audit,
     })
 }
 

@@ -45,7 +45,7 @@ use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Prompt, PromptInput};
+use crate::types::{Prompt, PromptId, PromptInput};
 
 /// Header of a dead-lettered message that says why it was rejected (human-readable).
 pub const DLQ_REASON_HEADER: &str = "flywheel-dlq-reason";
@@ -327,6 +327,18 @@ pub fn check_prompt(prompt: &Prompt, config: &KafkaConfig) -> Result<(), Invalid
         return field("input", "is empty".into());
     }
     Ok(())
+}
+
+/// The ledger id of the message read at `source` ([`Receipt::source`]): its prompt id when
+/// the payload is a JSON object whose `id` is a valid one, else `kafka:<source>` (unique per
+/// message, the same on redelivery). The intake records a rejected message under it, and the
+/// audit looks every consumed message up by it.
+pub fn ledger_id(payload: &[u8], source: &str) -> PromptId {
+    let id = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("id")?.as_str().map(|s| PromptId(s.to_owned())))
+        .filter(|id| id.check().is_ok());
+    id.unwrap_or_else(|| PromptId(format!("kafka:{source}")))
 }
 
 /// Where a message landed: partition and offset.
@@ -997,6 +1009,117 @@ impl PromptConsumer {
         })
         .await?
     }
+}
+
+/// One message of the prompt topic, as read back by [`consumed_messages`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumedMessage {
+    /// `topic/partition/offset` ([`Receipt::source`]).
+    pub source: String,
+    /// Its payload (empty for a tombstone).
+    pub payload: Vec<u8>,
+}
+
+/// What the run's consumer group has consumed from the prompt topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumedLog {
+    /// Every message before the group's committed offset of its partition, in order.
+    pub messages: Vec<ConsumedMessage>,
+    /// Messages at or after the committed offsets: not consumed yet.
+    pub unconsumed: u64,
+}
+
+/// Reads back every message of the prompt topic that the run's group (`group_id`) has
+/// committed past, without joining the group or committing anything: what an audit checks
+/// against the ledger. Bounded: each broker call waits at most 30 s, and reading stops at the
+/// committed offsets (or at 60 s without a message).
+pub async fn consumed_messages(config: &KafkaConfig) -> Result<ConsumedLog, QueueError> {
+    config.validate()?;
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || read_consumed(&config)).await?
+}
+
+fn read_consumed(config: &KafkaConfig) -> Result<ConsumedLog, QueueError> {
+    let mut client = config.client_config();
+    client
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = config
+        .with_overrides(client)
+        .create()
+        .map_err(|source| QueueError::Client {
+            role: "consumer",
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+    let topic = &config.topic;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), BLOCKING_CALL_TIMEOUT)
+        .map_err(QueueError::Consume)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut wanted = TopicPartitionList::new();
+    for p in &partitions {
+        wanted.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, BLOCKING_CALL_TIMEOUT)
+        .map_err(QueueError::Offsets)?;
+    let mut log = ConsumedLog::default();
+    let mut assign = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, BLOCKING_CALL_TIMEOUT)
+            .map_err(QueueError::Consume)?;
+        let end = match committed
+            .find_partition(topic, *p)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o.clamp(low, high),
+            _ => low,
+        };
+        log.unconsumed += (high - end).max(0) as u64;
+        if end > low {
+            assign
+                .add_partition_offset(topic, *p, Offset::Offset(low))
+                .map_err(QueueError::Offsets)?;
+            ends.insert(*p, end);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(log);
+    }
+    consumer.assign(&assign).map_err(QueueError::Consume)?;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut idle = std::time::Instant::now();
+    while ends.iter().any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end) {
+        if idle.elapsed() > Duration::from_secs(60) {
+            return Err(QueueError::Consume(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::OperationTimedOut,
+            )));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message.map_err(QueueError::Consume)?;
+        idle = std::time::Instant::now();
+        let (p, o) = (message.partition(), message.offset());
+        next.insert(p, o + 1);
+        if ends.get(&p).is_some_and(|end| o < *end) {
+            log.messages.push(ConsumedMessage {
+                source: format!("{topic}/{p}/{o}"),
+                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            });
+        }
+    }
+    Ok(log)
 }
 
 /// Creates the prompt topic with `partitions` partitions and its dead-letter topic (one

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use flywheel_service::Backoff;
 use flywheel_storage::ledger::{DropReason, Ledger, LedgerError, PromptStatus, Recorded};
-use flywheel_storage::queue::{InvalidPrompt, PromptConsumer, QueueError, Receipt, Received};
+use flywheel_storage::queue::{
+    self, InvalidPrompt, PromptConsumer, QueueError, Receipt, Received,
+};
 use flywheel_storage::state::{Registration, StateStore};
 use flywheel_storage::{Prompt, PromptId, PromptInput};
 use tokio_util::sync::CancellationToken;
@@ -255,7 +257,7 @@ impl Intake {
                 Received::Invalid(message) => {
                     let rejection = Rejection::of_invalid(&message.invalid);
                     let reject = ToReject {
-                        id: ledger_id(&message.payload, &message.receipt),
+                        id: queue::ledger_id(&message.payload, &message.receipt.source()),
                         source: message.receipt.source(),
                         key: message.key.as_deref(),
                         payload: &message.payload,
@@ -377,17 +379,6 @@ impl Intake {
             _ = tokio::time::sleep(d) => {}
         }
     }
-}
-
-/// The id a rejected message is recorded under: its prompt id when the payload is a JSON
-/// object whose `id` is a valid one, else where it came from (unique per message, the same on
-/// redelivery).
-fn ledger_id(payload: &[u8], receipt: &Receipt) -> PromptId {
-    let id = serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
-        .and_then(|v| v.get("id")?.as_str().map(|s| PromptId(s.to_owned())))
-        .filter(|id| id.check().is_ok());
-    id.unwrap_or_else(|| PromptId(format!("kafka:{}", receipt.source())))
 }
 
 /// Records the prompt in the ledger and registers its trajectories (both idempotent). A
