@@ -123,7 +123,12 @@ async fn check_messages(
         if !seen.insert(id.clone()) {
             continue; // the same prompt sent twice: one ledger record
         }
-        if stores.ledger.prompt_status(&stores.run_id, &id).await?.is_none() {
+        if stores
+            .ledger
+            .prompt_status(&stores.run_id, &id)
+            .await?
+            .is_none()
+        {
             report.violations.push(format!(
                 "message {} (prompt {id}) was consumed but is not in the ledger",
                 m.source
@@ -169,12 +174,16 @@ async fn check_steps(
             Ok(body) => match serde_json::from_slice(&body) {
                 Ok(m) => m,
                 Err(e) => {
-                    report.violations.push(format!("step {s}: manifest {key}: {e}"));
+                    report
+                        .violations
+                        .push(format!("step {s}: manifest {key}: {e}"));
                     continue;
                 }
             },
             Err(e) => {
-                report.violations.push(format!("step {s}: manifest {key}: {e}"));
+                report
+                    .violations
+                    .push(format!("step {s}: manifest {key}: {e}"));
                 continue;
             }
         };
@@ -236,7 +245,12 @@ async fn check_segments(
         .map(|e| e.key)
         .collect();
     for (s, manifest) in manifests {
-        let entries: Vec<_> = manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries).collect();
+        let entries: Vec<_> = manifest
+            .ranks
+            .iter()
+            .flatten()
+            .flat_map(|mb| &mb.entries)
+            .collect();
         let mut present = 0u64;
         let mut missing = Vec::new();
         let mut unusable = Vec::new();
@@ -258,7 +272,9 @@ async fn check_segments(
                             Err(err) => bad = Some(format!("{}: {err}", r.key)),
                         }
                     }
-                    Err(BlobError::NotFound { .. }) => missing.push((e.trajectory.clone(), r.key.clone())),
+                    Err(BlobError::NotFound { .. }) => {
+                        missing.push((e.trajectory.clone(), r.key.clone()))
+                    }
                     Err(err) => return Err(err.into()),
                 }
             }
@@ -332,9 +348,10 @@ async fn check_checkpoints(
             Ok(bytes) => AdamW::from_state_bytes(optimizer.clone(), &bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|o| {
-                    (o.step_count() == version)
-                        .then_some(())
-                        .ok_or(format!("it has taken {} steps, not {version}", o.step_count()))
+                    (o.step_count() == version).then_some(()).ok_or(format!(
+                        "it has taken {} steps, not {version}",
+                        o.step_count()
+                    ))
                 }),
             Err(e) => Err(e.to_string()),
         };

@@ -4,6 +4,8 @@
 //!   (pure functions).
 //! - [`service`]: the coordinator loop: leader election, versions and budgets, the finished
 //!   stream, step cuts and the crash-safe commit protocol.
+//! - [`rebuild`]: the state store rebuilt from the ledger and the object store after it was
+//!   lost.
 //! - [`http`]: the HTTP API (status, admin).
 //! - [`status`]: the run's status report, for `/v1/status` and `flywheel status`.
 //! - [`config`]: the `[coordinator]` section and [`ServiceConfig`].
@@ -14,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod partition;
+pub mod rebuild;
 mod run;
 pub mod service;
 pub mod status;

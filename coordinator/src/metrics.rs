@@ -27,6 +27,8 @@ pub struct Metrics {
     pub groups_dropped: IntCounterVec,
     /// Times a spent version that could complete no group had its budget widened.
     pub budget_widenings: IntCounter,
+    /// Times this process found the state store empty and rebuilt it.
+    pub state_rebuilds: IntCounter,
     /// Live members by role (`worker`, `trainer`).
     pub members_alive: IntGaugeVec,
     /// 1 while this process leads.
@@ -96,6 +98,12 @@ impl Metrics {
                 &r,
                 "flywheel_coordinator_budget_widenings_total",
                 "Spent version budgets widened because no group could complete.",
+            ),
+            state_rebuilds: counter(
+                &r,
+                "flywheel_coordinator_state_rebuilds_total",
+                "Times the state store was found empty (Redis lost) and rebuilt from the ledger \
+                 and the object store.",
             ),
             members_alive: gauge_vec(
                 &r,

@@ -96,6 +96,7 @@ use crate::config::{CoordinatorConfig, ServiceConfig};
 use crate::http::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::partition;
+use crate::rebuild;
 use crate::status::StatusSources;
 
 /// Where a test makes the coordinator "crash" (return [`CoordinatorError::InjectedCrash`]
@@ -124,6 +125,9 @@ pub enum CoordinatorError {
     /// The object store failed.
     #[error("object store: {0}")]
     Blob(#[from] BlobError),
+    /// The published weights could not be listed.
+    #[error("weights: {0}")]
+    Weights(#[from] flywheel_storage::weights::WeightsError),
     /// A stored manifest cannot be read: the object store holds something this code did not
     /// write; inspect the key.
     #[error("manifest {key} is not a valid batch manifest: {reason}")]
@@ -390,6 +394,11 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
         }
+        if self.state.leader().await?.is_none() {
+            // A lost and rebuilt lock must not hand out a token the ledger would refuse.
+            let newest = self.ledger.leader_token(self.run_id()).await?;
+            self.state.raise_leader_token(newest).await?;
+        }
         let Some(l) = self.state.acquire_leader(&self.id, ttl).await? else {
             return Ok(false);
         };
@@ -439,10 +448,13 @@ impl Coordinator {
         e
     }
 
-    /// Finishes what a crashed leader left and rebuilds the book.
+    /// Rebuilds a lost state store, finishes what a crashed leader left and rebuilds the book.
     async fn recover(&mut self) -> Result<(), CoordinatorError> {
         let run = self.run_id().to_owned();
         self.book = Book::default();
+        if !self.state.initialised().await? {
+            self.rebuild_state().await?;
+        }
         let controls = self.ledger.controls(&run).await?;
         self.controls
             .paused
@@ -489,6 +501,40 @@ impl Coordinator {
                 self.handle_purged(purged).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Rebuilds the state store from the ledger and the object store (it is empty: a fresh
+    /// run, or Redis was lost) and marks it initialised; a rebuild of a run that had started
+    /// is noted in the ledger.
+    async fn rebuild_state(&mut self) -> Result<(), CoordinatorError> {
+        let run = self.run_id().to_owned();
+        let token = self.token();
+        let r = rebuild::rebuild(
+            self.state.as_ref(),
+            self.ledger.as_ref(),
+            &self.blobs,
+            &run,
+            token,
+        )
+        .await
+        .map_err(|e| self.fenced_out(e))?;
+        if r != rebuild::Rebuilt::default() {
+            let detail = format!(
+                "the state store was empty: rebuilt {} pending prompts ({} trajectories with \
+                 {} segments) and finished step {:?} from the ledger and the object store",
+                r.prompts, r.trajectories, r.segments, r.finished_step
+            );
+            warn!(prompts = r.prompts, trajectories = r.trajectories, segments = r.segments, finished_step = ?r.finished_step, "state store rebuilt");
+            let event = RunEvent {
+                key: format!("state-rebuilt/token-{token}"),
+                kind: EventKind::StateRebuilt,
+                detail,
+            };
+            self.ledger.record_event(&run, &event).await?;
+            self.metrics.state_rebuilds.inc();
+        }
+        self.state.mark_initialised().await?;
         Ok(())
     }
 

@@ -14,17 +14,9 @@ use flywheel_storage::ledger::conformance::TestLedger;
 use flywheel_storage::state::{RedisStateStore, StateStore};
 
 async fn real_world() -> (World, RedisStateStore, TestLedger) {
-    let redis = std::env::var("FLYWHEEL_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let run = run_config(&random_run());
-    let state = RedisStateStore::connect(&redis, &run.storage.run_id)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "Redis at {redis} (FLYWHEEL_TEST_REDIS_URL) is unreachable: {e}. \
-                 Start it with scripts/services.sh."
-            )
-        });
+    // Panics naming Redis and scripts/services.sh when it is unreachable.
+    let state = flywheel_storage::testkit::redis_state(&run.storage.run_id).await;
     // Panics naming PostgreSQL and scripts/services.sh when it is unreachable.
     let ledger = TestLedger::postgres().await;
     let shared: Arc<dyn StateStore> = Arc::new(state.clone());

@@ -10,7 +10,8 @@ use flywheel_coordinator::{CrashPoint, TickOutcome};
 use flywheel_storage::config::RolloutMode;
 use flywheel_storage::ledger::{DropReason, EventKind, LedgerError, PromptStatus};
 use flywheel_storage::state::{GiveUp, StateError, StreamCursor};
-use flywheel_storage::types::{SegmentRef, TrajectoryId, TrajectoryStatus};
+use flywheel_storage::types::{FinishReason, Segment, SegmentRef, TrajectoryId, TrajectoryStatus};
+use flywheel_storage::{codec, keys};
 
 #[tokio::test]
 async fn cuts_phi_tokens_announces_and_opens_the_next_version() {
@@ -568,4 +569,114 @@ async fn the_finished_stream_is_trimmed_after_each_step() {
     assert_eq!(outcomes.last(), Some(&TickOutcome::Idle), "{outcomes:?}");
     let snapshot = next.snapshot().read().unwrap().clone();
     assert_eq!((snapshot.groups_waiting, snapshot.waiting_tokens), (1, 60));
+}
+
+/// Writes a real segment object of `id` (seq, epoch, `n` tokens, ending with `finish`) and
+/// returns its reference.
+async fn put_segment(
+    w: &World,
+    id: &TrajectoryId,
+    seq: u32,
+    epoch: u64,
+    n: u32,
+    finish: FinishReason,
+) -> SegmentRef {
+    let segment = Segment {
+        trajectory: id.clone(),
+        seq,
+        version: 0,
+        lease_epoch: epoch,
+        tokens: (0..n).collect(),
+        logprobs: vec![-0.5; n as usize],
+        finish,
+    };
+    let key = keys::segment(&w.run.storage.run_id, &id.prompt, id.sample, seq, epoch);
+    w.blobs
+        .put(&key, codec::encode(&segment).unwrap())
+        .await
+        .unwrap();
+    SegmentRef {
+        seq,
+        key,
+        tokens: n,
+        version: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_lost_state_store_is_rebuilt_from_the_ledger_and_the_object_store() {
+    let w = World::memory().await;
+    let run = w.run.storage.run_id.clone();
+    let mut c = w.coordinator("c1");
+    tick_until_settled(&mut c).await;
+    // a#0: two committed segments, the second one final. a#1: seq 0 committed; seq 1 written
+    // by a later claim that died before committing it (a valid continuation); a stale seq 2
+    // of the first claim, cut back. b: accepted by the ledger, never registered.
+    let a = w.accept("a", 2).await;
+    let ids: Vec<TrajectoryId> = a.trajectory_ids().collect();
+    let (a0, a1) = (ids[0].clone(), ids[1].clone());
+    let e = w.state.claim(&a0, "w", LONG).await.unwrap().lease().epoch;
+    let mut a0_segments = Vec::new();
+    for (seq, finish) in [(0, FinishReason::None), (1, FinishReason::Eos)] {
+        let r = put_segment(&w, &a0, seq, e, 4, finish).await;
+        w.state.commit_segment(&a0, "w", e, &r, LONG).await.unwrap();
+        a0_segments.push(r);
+    }
+    let e1 = w.state.claim(&a1, "w", LONG).await.unwrap().lease().epoch;
+    let first = put_segment(&w, &a1, 0, e1, 3, FinishReason::None).await;
+    w.state
+        .commit_segment(&a1, "w", e1, &first, LONG)
+        .await
+        .unwrap();
+    put_segment(&w, &a1, 2, e1, 3, FinishReason::None).await;
+    let later = put_segment(&w, &a1, 1, e1 + 1, 5, FinishReason::None).await;
+    let b = w.accept("b", 1).await;
+    // Leaders before this one wrote the ledger with tokens up to 7.
+    w.ledger
+        .set_controls(&run, &Default::default(), 7)
+        .await
+        .unwrap();
+
+    let deleted = w.state.delete_run().await.unwrap();
+    assert!(deleted > 0);
+    tick_until_settled(&mut c).await;
+
+    assert!(c.lease().unwrap().token > 7, "{:?}", c.lease());
+    assert!(w.state.initialised().await.unwrap());
+    assert_eq!(w.state.current_version().await.unwrap(), Some(0));
+    let s0 = w.state.trajectory(&a0).await.unwrap().unwrap();
+    assert_eq!(
+        (s0.status, s0.segments.clone()),
+        (TrajectoryStatus::Parked, a0_segments)
+    );
+    let s1 = w.state.trajectory(&a1).await.unwrap().unwrap();
+    assert_eq!(
+        (s1.status, s1.segments.clone()),
+        (TrajectoryStatus::Parked, vec![first, later])
+    );
+    let sb = w
+        .state
+        .trajectory(&b.trajectory_ids().next().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sb.status, TrajectoryStatus::Pending);
+    let claim = w.state.claim(&a1, "w", LONG).await.unwrap();
+    assert!(
+        claim.lease().epoch > e1 + 1 + (1 << 19),
+        "{:?}",
+        claim.lease()
+    );
+    let events = w.ledger.events(&run).await.unwrap();
+    let rebuilt: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::StateRebuilt)
+        .collect();
+    assert_eq!(rebuilt.len(), 1, "{events:?}");
+    assert!(
+        rebuilt[0].detail.contains("2 pending prompts"),
+        "{}",
+        rebuilt[0].detail
+    );
+    assert_eq!(c.metrics().state_rebuilds.get(), 1);
 }

@@ -21,6 +21,11 @@ pub fn segment(run: &str, prompt: &PromptId, sample: u32, seq: u32, epoch: u64) 
     format!("{run}/segments/{prompt}/{sample}/{seq:08}-e{epoch}")
 }
 
+/// `{run}/segments/`: the prefix of every segment of the run.
+pub fn segments_prefix(run: &str) -> String {
+    format!("{run}/segments/")
+}
+
 /// `{run}/steps/{step:010}/manifest.json`: the batch manifest of step `step`.
 pub fn step_manifest(run: &str, step: StepId) -> String {
     format!("{run}/steps/{step:010}/manifest.json")

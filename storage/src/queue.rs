@@ -1046,14 +1046,15 @@ fn read_consumed(config: &KafkaConfig) -> Result<ConsumedLog, QueueError> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = config
-        .with_overrides(client)
-        .create()
-        .map_err(|source| QueueError::Client {
-            role: "consumer",
-            brokers: config.brokers.clone(),
-            source,
-        })?;
+    let consumer: BaseConsumer =
+        config
+            .with_overrides(client)
+            .create()
+            .map_err(|source| QueueError::Client {
+                role: "consumer",
+                brokers: config.brokers.clone(),
+                source,
+            })?;
     let topic = &config.topic;
     let metadata = consumer
         .fetch_metadata(Some(topic), BLOCKING_CALL_TIMEOUT)
@@ -1078,10 +1079,7 @@ fn read_consumed(config: &KafkaConfig) -> Result<ConsumedLog, QueueError> {
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, BLOCKING_CALL_TIMEOUT)
             .map_err(QueueError::Consume)?;
-        let end = match committed
-            .find_partition(topic, *p)
-            .map(|e| e.offset())
-        {
+        let end = match committed.find_partition(topic, *p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o.clamp(low, high),
             _ => low,
         };
@@ -1099,7 +1097,10 @@ fn read_consumed(config: &KafkaConfig) -> Result<ConsumedLog, QueueError> {
     consumer.assign(&assign).map_err(QueueError::Consume)?;
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut idle = std::time::Instant::now();
-    while ends.iter().any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end) {
+    while ends
+        .iter()
+        .any(|(p, end)| next.get(p).copied().unwrap_or(0) < *end)
+    {
         if idle.elapsed() > Duration::from_secs(60) {
             return Err(QueueError::Consume(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::OperationTimedOut,

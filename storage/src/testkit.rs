@@ -41,9 +41,19 @@ pub fn postgres_url() -> String {
     )
 }
 
-/// A state store of run `run` on the tests' Redis; fails the test, naming Redis, when it is
-/// unreachable.
+/// A state store of run `run` on the tests' Redis, initialised as the run's first leader
+/// would ([`StateStore::mark_initialised`](crate::state::StateStore::mark_initialised)); fails
+/// the test, naming Redis, when it is unreachable.
 pub async fn redis_state(run: &str) -> crate::state::RedisStateStore {
+    use crate::state::StateStore;
+    let store = redis_connect(run).await;
+    store.mark_initialised().await.unwrap();
+    store
+}
+
+/// A handle on run `run`'s state on the tests' Redis, as another process joining the run
+/// opens it (nothing written); fails the test, naming Redis, when it is unreachable.
+pub async fn redis_connect(run: &str) -> crate::state::RedisStateStore {
     let url = redis_url();
     crate::state::RedisStateStore::connect(&url, run)
         .await

@@ -21,23 +21,19 @@ impl Redis {
             runs: Default::default(),
         }
     }
-
-    async fn open(&self, run: &str) -> RedisStateStore {
-        flywheel_storage::testkit::redis_state(run).await
-    }
 }
 
 #[async_trait]
 impl StoreFactory for Redis {
     async fn fresh(&self) -> Arc<dyn StateStore> {
         let run = format!("test-{:016x}", rand::random::<u64>());
-        let store = self.open(&run).await;
+        let store = flywheel_storage::testkit::redis_state(&run).await;
         self.runs.lock().unwrap().push(store.clone());
         Arc::new(store)
     }
 
     async fn attach(&self, store: &Arc<dyn StateStore>) -> Arc<dyn StateStore> {
-        Arc::new(self.open(store.run_id()).await)
+        Arc::new(flywheel_storage::testkit::redis_connect(store.run_id()).await)
     }
 }
 

@@ -65,6 +65,8 @@ async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> RunStores 
              scripts/services.sh or set FLYWHEEL_TEST_REDIS_URL"
         ),
     };
+    // The test registers prompts itself, as the run's first leader lets workers do.
+    state.mark_initialised().await.unwrap();
     let ledger = ledger::open("sqlite::memory:").await.unwrap();
     ledger
         .create_run(run, &serde_json::json!({"test": true}))

@@ -25,9 +25,7 @@ use std::time::Duration;
 
 use flywheel_service::Backoff;
 use flywheel_storage::ledger::{DropReason, Ledger, LedgerError, PromptStatus, Recorded};
-use flywheel_storage::queue::{
-    self, InvalidPrompt, PromptConsumer, QueueError, Receipt, Received,
-};
+use flywheel_storage::queue::{self, InvalidPrompt, PromptConsumer, QueueError, Receipt, Received};
 use flywheel_storage::state::{Registration, StateStore};
 use flywheel_storage::{Prompt, PromptId, PromptInput};
 use tokio_util::sync::CancellationToken;

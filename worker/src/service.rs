@@ -116,6 +116,15 @@ impl SlotError {
     }
 }
 
+/// Whether a lease write failed because the lease is gone: fenced by a newer claim, or the
+/// trajectory is unknown (the state store was lost; the leader rebuilds it without leases).
+fn lease_lost(e: &StateError) -> bool {
+    matches!(
+        e,
+        StateError::Fenced { .. } | StateError::UnknownTrajectory(_)
+    )
+}
+
 /// A claimed trajectory's usable committed segments, read back.
 struct Loaded {
     /// Their tokens, in order.
@@ -431,7 +440,7 @@ impl SegmentLoop {
                 _ = tick.tick() => {
                     match self.state.renew(id, &self.worker_id, epoch, self.ttl()).await {
                         Ok(_) => {}
-                        Err(e @ StateError::Fenced { .. }) => return Err(Interrupted::Lost(e)),
+                        Err(e) if lease_lost(&e) => return Err(Interrupted::Lost(e)),
                         // A transient failure: the next tick (well before expiry) tries again.
                         Err(e) => warn!(trajectory = %id, error = %e, "lease renewal failed"),
                     }
@@ -451,7 +460,7 @@ impl SegmentLoop {
                 Some(status)
             }
             Err(e) => {
-                if matches!(e, StateError::Fenced { .. }) {
+                if lease_lost(&e) {
                     self.metrics.fenced_writes.inc();
                 }
                 warn!(trajectory = %id, error = %e, "release failed; the lease will expire");
@@ -534,7 +543,7 @@ impl SegmentLoop {
             }
             Err(e) => {
                 warn!(trajectory = %id, error = %e, "cannot record the failed attempt");
-                if !matches!(e, StateError::Fenced { .. }) {
+                if !lease_lost(&e) {
                     self.release(id, epoch).await;
                 }
             }
@@ -709,7 +718,7 @@ impl SegmentLoop {
                 self.metrics.segments_committed.inc();
                 Ok(true)
             }
-            Err(e @ StateError::Fenced { .. }) => {
+            Err(e) if lease_lost(&e) => {
                 // Another worker owns the trajectory now; its segments win. Our object is
                 // under our epoch's key, so it never overwrote theirs.
                 self.metrics.fenced_writes.inc();
@@ -771,7 +780,7 @@ impl SegmentLoop {
                 .await
             {
                 Ok(_) => break,
-                Err(e @ StateError::Fenced { .. }) => {
+                Err(e) if lease_lost(&e) => {
                     self.metrics.fenced_writes.inc();
                     warn!(trajectory = %id, error = %e, "lease lost while truncating");
                     return Ok(None);
@@ -819,7 +828,7 @@ impl SegmentLoop {
                 debug!(trajectory = %id, reward, tokens = entry.tokens, "finished");
                 Ok(())
             }
-            Err(e @ StateError::Fenced { .. }) => {
+            Err(e) if lease_lost(&e) => {
                 self.metrics.fenced_writes.inc();
                 warn!(trajectory = %id, error = %e, "finish fenced; dropped");
                 Ok(())

@@ -281,7 +281,8 @@ pub async fn events_are_recorded_once_per_key(ledger: Arc<dyn Ledger>) {
     }
 }
 
-/// The controls start at their defaults, are set by the live leader only, and read back.
+/// The controls start at their defaults, are set by the live leader only, and read back; the
+/// newest leader token is kept.
 pub async fn controls_are_durable_and_fenced(ledger: Arc<dyn Ledger>) {
     let ledger = &*ledger;
     let run = new_run(ledger).await;
@@ -290,8 +291,10 @@ pub async fn controls_are_durable_and_fenced(ledger: Arc<dyn Ledger>) {
         paused: true,
         version_budget_tokens: Some(5120),
     };
+    assert_eq!(ledger.leader_token(&run).await.unwrap(), 0);
     ledger.set_controls(&run, &paused, 2).await.unwrap();
     assert_eq!(ledger.controls(&run).await.unwrap(), paused);
+    assert_eq!(ledger.leader_token(&run).await.unwrap(), 2);
     match ledger.set_controls(&run, &RunControls::default(), 1).await {
         Err(LedgerError::LeaderFenced { token, newest, .. }) => assert_eq!((token, newest), (1, 2)),
         other => panic!("a deposed leader must be fenced, got {other:?}"),
@@ -306,10 +309,12 @@ pub async fn controls_are_durable_and_fenced(ledger: Arc<dyn Ledger>) {
         .await
         .unwrap();
     assert_eq!(ledger.controls(&run).await.unwrap(), RunControls::default());
+    assert_eq!(ledger.leader_token(&run).await.unwrap(), 3);
     assert_eq!(
         ledger.controls(&new_run_id()).await.unwrap(),
         RunControls::default()
     );
+    assert_eq!(ledger.leader_token(&new_run_id()).await.unwrap(), 0);
 }
 
 /// A fresh run id.

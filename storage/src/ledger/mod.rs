@@ -289,15 +289,19 @@ pub enum EventKind {
     EntryDropped,
     /// An operator paused or resumed the run, or changed Φ_r.
     ControlsChanged,
+    /// The state store was found empty (Redis lost) and rebuilt from the ledger and the
+    /// object store.
+    StateRebuilt,
 }
 
 impl EventKind {
     /// Every kind, for parsing.
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::BudgetWidened,
         EventKind::Regenerated,
         EventKind::EntryDropped,
         EventKind::ControlsChanged,
+        EventKind::StateRebuilt,
     ];
 
     /// The stable name stored in the ledger.
@@ -307,6 +311,7 @@ impl EventKind {
             EventKind::Regenerated => "regenerated",
             EventKind::EntryDropped => "entry_dropped",
             EventKind::ControlsChanged => "controls_changed",
+            EventKind::StateRebuilt => "state_rebuilt",
         }
     }
 }
@@ -463,4 +468,8 @@ pub trait Ledger: Send + Sync {
 
     /// The run's controls (the defaults for a run the ledger does not know).
     async fn controls(&self, run: &str) -> Result<RunControls>;
+
+    /// The newest leader fencing token the run's leader writes carried (0 before any): a
+    /// leader lock rebuilt after the state store was lost must hand out tokens above it.
+    async fn leader_token(&self, run: &str) -> Result<u64>;
 }

@@ -913,6 +913,16 @@ impl Ledger for SqlLedger {
                 .transpose()?,
         })
     }
+
+    async fn leader_token(&self, run: &str) -> Result<u64> {
+        let newest: Option<i64> = with_pool!(self, |pool: Db| {
+            sqlx::query_scalar(SELECT_LEADER_TOKEN)
+                .bind(run)
+                .fetch_optional(pool)
+                .await?
+        });
+        newest.map_or(Ok(0), |t| from_db(t, "leader_token"))
+    }
 }
 
 /// Checks a step record and returns it with its prompts sorted (the ledger's canonical form).

@@ -14,7 +14,8 @@ use tokio::sync::Barrier;
 
 use super::{
     ClaimSource, FailureRecorded, FenceReason, GiveUp, MAX_TOKENS, MemberRole, NotClaimable,
-    RankFenceReason, Registration, StateError, StateStore, StepAnnouncement, StreamCursor,
+    RankFenceReason, Registration, RestoredTrajectory, StateError, StateStore, StepAnnouncement,
+    StreamCursor,
 };
 use crate::ledger::DropReason;
 use crate::testkit::{prompt, trajectory as tid};
@@ -1606,6 +1607,131 @@ pub async fn finished_stream_is_trimmed(f: &dyn StoreFactory) {
 /// ```ignore
 /// flywheel_storage::state_store_conformance!(MyFactory::new());
 /// ```
+/// Losing the state: after [`StateStore::delete_run`] registrations and claims are refused
+/// until the leader has rebuilt it; a restored prompt's trajectories come back parked with
+/// their segments (or pending), their next claims get epochs above the restored ones, the
+/// board's finished step comes back, and leader tokens resume above the floor.
+pub async fn lost_state_is_refused_until_rebuilt(f: &dyn StoreFactory) {
+    let store = f.fresh().await;
+    assert!(store.initialised().await.unwrap());
+    let old = store.acquire_leader("a", LONG).await.unwrap().unwrap();
+    let p = prompt("lost", 3);
+    store.register_prompt(&p).await.unwrap();
+    assert!(store.delete_run().await.unwrap() > 0);
+
+    assert!(!store.initialised().await.unwrap());
+    assert_eq!(store.prompt(&p.id).await.unwrap(), None);
+    assert_eq!(store.leader().await.unwrap(), None);
+    let refused = |r: Result<(), StateError>| {
+        assert!(matches!(r, Err(StateError::NotInitialised { .. })), "{r:?}")
+    };
+    refused(store.register_prompt(&prompt("new", 1)).await.map(drop));
+    refused(store.claim_next("w", LONG).await.map(drop));
+    refused(store.claim(&tid("lost", 0), "w", LONG).await.map(drop));
+
+    let floor = old.token + 10;
+    store.raise_leader_token(floor).await.unwrap();
+    store.raise_leader_token(1).await.unwrap(); // never lowers it
+    let leader = store.acquire_leader("b", LONG).await.unwrap().unwrap();
+    assert!(leader.token > floor, "{} ≤ {floor}", leader.token);
+
+    let t0 = tid("lost", 0);
+    let segments = vec![seg(&t0, 0, 8, 3), seg(&t0, 1, 5, 4)];
+    let restored = [
+        RestoredTrajectory {
+            sample: 0,
+            segments: segments.clone(),
+            epoch: 4,
+        },
+        RestoredTrajectory {
+            sample: 1,
+            segments: Vec::new(),
+            epoch: 2,
+        },
+    ];
+    let err = store
+        .restore_prompt(&p, &restored, old.token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+    let bad = [RestoredTrajectory {
+        sample: 3,
+        segments: Vec::new(),
+        epoch: 1,
+    }];
+    let err = store
+        .restore_prompt(&p, &bad, leader.token)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Invalid(_)), "{err}");
+    assert_eq!(
+        store
+            .restore_prompt(&p, &restored, leader.token)
+            .await
+            .unwrap(),
+        Registration::Registered
+    );
+    assert_eq!(
+        store
+            .restore_prompt(&p, &restored, leader.token)
+            .await
+            .unwrap(),
+        Registration::AlreadyRegistered
+    );
+    assert_eq!(store.prompt(&p.id).await.unwrap(), Some(p.clone()));
+    let s0 = store.trajectory(&t0).await.unwrap().unwrap();
+    assert_eq!(s0.status, TrajectoryStatus::Parked);
+    assert_eq!(s0.segments, segments);
+    assert_eq!(
+        (s0.tokens, s0.first_version, s0.last_version),
+        (13, Some(3), Some(4))
+    );
+    assert_eq!(s0.retention, 0);
+
+    store.restore_finished_step(6, leader.token).await.unwrap();
+    store.restore_finished_step(2, leader.token).await.unwrap(); // never goes back
+    assert_eq!(store.finished_step().await.unwrap(), Some(6));
+    let err = store.restore_finished_step(7, old.token).await.unwrap_err();
+    assert!(matches!(err, StateError::LeaderFenced { .. }), "{err}");
+
+    // Still refused until the leader says the rebuild is complete.
+    refused(store.claim_next("w", LONG).await.map(drop));
+    store.mark_initialised().await.unwrap();
+    assert!(store.initialised().await.unwrap());
+
+    let c = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.id.clone(), c.source),
+        (t0.clone(), ClaimSource::Parked)
+    );
+    assert_eq!(c.lease().epoch, 5);
+    let next = seg(&t0, 2, 4, 7);
+    store
+        .commit_segment(&t0, "w", 5, &next, LONG)
+        .await
+        .unwrap();
+    let c = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.id.sample, c.source, c.lease().epoch),
+        (1, ClaimSource::Pending, 3)
+    );
+    let c = store.claim_next("w", LONG).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.id.sample, c.source, c.lease().epoch),
+        (2, ClaimSource::Pending, 1)
+    );
+    assert_eq!(store.counts().await.unwrap().prompts, 1);
+
+    // The board takes the next step's announcement.
+    let a = StepAnnouncement {
+        step: 7,
+        manifest_key: "steps/7".into(),
+        world_size: 1,
+    };
+    store.announce_step(&a, leader.token).await.unwrap();
+    assert!(store.claim_rank(7, "t", LONG).await.unwrap().is_some());
+}
+
 #[macro_export]
 macro_rules! state_store_conformance {
     ($factory:expr) => {
@@ -1631,6 +1757,7 @@ macro_rules! state_store_conformance {
             closing_a_group_stops_its_unfinished_trajectories,
             widening_adds_to_the_current_budget,
             finished_stream_is_trimmed,
+            lost_state_is_refused_until_rebuilt,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {

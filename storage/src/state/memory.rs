@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use super::board::Board;
 use super::{
     Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, GiveUp, LeaderLease,
-    Member, MemberRole, NotClaimable, RankClaim, RankDone, Registration, StateCounts, StateError,
-    StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
+    Member, MemberRole, NotClaimable, RankClaim, RankDone, Registration, RestoredTrajectory,
+    StateCounts, StateError, StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
 };
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
@@ -70,6 +70,8 @@ struct Inner {
     dropped_count: u64,
     /// The step board.
     board: Board,
+    /// Whether registrations and claims are served (see [`StateStore::initialised`]).
+    initialised: bool,
 }
 
 /// The member key of a trajectory: `<sample>:<prompt>` as in Redis.
@@ -86,12 +88,26 @@ fn now_ms() -> u64 {
 }
 
 impl MemoryStateStore {
-    /// An empty store for run `run_id`.
+    /// An empty, initialised store for run `run_id` (nothing was lost).
     pub fn new(run_id: impl Into<String>) -> Self {
         MemoryStateStore {
             run_id: run_id.into(),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                initialised: true,
+                ..Inner::default()
+            }),
         }
+    }
+
+    /// Refuses registrations and claims until the state is initialised.
+    fn lock_initialised(&self) -> Result<MutexGuard<'_, Inner>, StateError> {
+        let g = self.lock();
+        if !g.initialised {
+            return Err(StateError::NotInitialised {
+                run: self.run_id.clone(),
+            });
+        }
+        Ok(g)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -276,26 +292,23 @@ impl Inner {
     fn live_leader(&self, now: u64) -> Option<&LeaderLease> {
         self.leader.as_ref().filter(|l| l.expires_at_ms > now)
     }
-}
 
-#[async_trait]
-impl StateStore for MemoryStateStore {
-    fn run_id(&self) -> &str {
-        &self.run_id
-    }
-
-    async fn register_prompt(&self, prompt: &Prompt) -> Result<Registration, StateError> {
-        check::prompt(prompt)?;
-        let mut g = self.lock();
-        if g.prompts.contains_key(&prompt.id) {
-            return Ok(Registration::AlreadyRegistered);
+    /// Registers `prompt` (unless it is): trajectories in `restored` are parked with their
+    /// segments (pending without) and keep their epoch; the others are pending.
+    fn register(
+        &mut self,
+        prompt: &Prompt,
+        restored: &[RestoredTrajectory],
+        now: u64,
+    ) -> Registration {
+        if self.prompts.contains_key(&prompt.id) {
+            return Registration::AlreadyRegistered;
         }
-        g.prompts.insert(prompt.id.clone(), prompt.clone());
+        self.prompts.insert(prompt.id.clone(), prompt.clone());
         for id in prompt.trajectory_ids() {
-            let seq = g.next_seq;
-            g.next_seq += 1;
-            g.pending.insert(seq, id.clone());
-            let state = TrajectoryState {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let mut state = TrajectoryState {
                 id: id.clone(),
                 status: TrajectoryStatus::Pending,
                 segments: Vec::new(),
@@ -307,10 +320,50 @@ impl StateStore for MemoryStateStore {
                 reward: None,
                 failures: 0,
             };
-            g.members.insert(member_key(&id), id.clone());
-            g.trajectories.insert(id, Entry { state, seq });
+            let key = member_key(&id);
+            match restored.iter().find(|t| t.sample == id.sample) {
+                Some(t) => {
+                    // An ended lease keeps the epoch history, as a released one does.
+                    state.lease = (t.epoch > 0).then(|| Lease {
+                        owner: RESTORED_OWNER.to_owned(),
+                        epoch: t.epoch,
+                        expires_at_ms: now,
+                    });
+                    state.tokens = t.segments.iter().map(|s| u64::from(s.tokens)).sum();
+                    state.first_version = t.segments.first().map(|s| s.version);
+                    state.last_version = t.segments.last().map(|s| s.version);
+                    state.segments = t.segments.clone();
+                }
+                None => {}
+            }
+            match state.first_version {
+                Some(first) => {
+                    state.status = TrajectoryStatus::Parked;
+                    self.parked.insert((first, key.clone()));
+                }
+                None => {
+                    self.pending.insert(seq, id.clone());
+                }
+            }
+            self.members.insert(key, id.clone());
+            self.trajectories.insert(id, Entry { state, seq });
         }
-        Ok(Registration::Registered)
+        Registration::Registered
+    }
+}
+
+/// The owner recorded on a restored trajectory's ended lease (it holds the epoch history).
+pub(super) const RESTORED_OWNER: &str = "rebuild";
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    async fn register_prompt(&self, prompt: &Prompt) -> Result<Registration, StateError> {
+        check::prompt(prompt)?;
+        Ok(self.lock_initialised()?.register(prompt, &[], now_ms()))
     }
 
     async fn prompt(&self, id: &PromptId) -> Result<Option<Prompt>, StateError> {
@@ -324,7 +377,7 @@ impl StateStore for MemoryStateStore {
     async fn claim_next(&self, owner: &str, ttl: Duration) -> Result<Option<Claim>, StateError> {
         check::name("owner", owner)?;
         let ttl_ms = check::ttl(ttl)?;
-        let mut g = self.lock();
+        let mut g = self.lock_initialised()?;
         let now = now_ms();
         let expired = g
             .leases
@@ -351,7 +404,7 @@ impl StateStore for MemoryStateStore {
     ) -> Result<Claim, StateError> {
         check::name("owner", owner)?;
         let ttl_ms = check::ttl(ttl)?;
-        let mut g = self.lock();
+        let mut g = self.lock_initialised()?;
         let now = now_ms();
         let state = &g.entry(id)?.state;
         let source = match state.status {
@@ -859,5 +912,57 @@ impl StateStore for MemoryStateStore {
 
     async fn finished_step(&self) -> Result<Option<StepId>, StateError> {
         Ok(self.lock().board.finished)
+    }
+
+    async fn initialised(&self) -> Result<bool, StateError> {
+        Ok(self.lock().initialised)
+    }
+
+    async fn mark_initialised(&self) -> Result<(), StateError> {
+        self.lock().initialised = true;
+        Ok(())
+    }
+
+    async fn restore_prompt(
+        &self,
+        prompt: &Prompt,
+        trajectories: &[RestoredTrajectory],
+        leader_token: u64,
+    ) -> Result<Registration, StateError> {
+        check::restored(prompt, trajectories)?;
+        let mut g = self.lock();
+        let now = now_ms();
+        let live = g.live_leader(now).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        Ok(g.register(prompt, trajectories, now))
+    }
+
+    async fn restore_finished_step(
+        &self,
+        step: StepId,
+        leader_token: u64,
+    ) -> Result<(), StateError> {
+        check::tokens("step", step)?;
+        let mut g = self.lock();
+        let live = g.live_leader(now_ms()).cloned();
+        super::board::check_leader(live.as_ref(), leader_token)?;
+        if g.board.finished.is_none_or(|f| f < step) {
+            g.board.finished = Some(step);
+        }
+        Ok(())
+    }
+
+    async fn raise_leader_token(&self, floor: u64) -> Result<(), StateError> {
+        check::tokens("leader token", floor)?;
+        let mut g = self.lock();
+        g.leader_token = g.leader_token.max(floor);
+        Ok(())
+    }
+
+    async fn delete_run(&self) -> Result<u64, StateError> {
+        let mut g = self.lock();
+        let n = g.prompts.len() + g.trajectories.len() + g.finished.len();
+        *g = Inner::default();
+        Ok(n as u64)
     }
 }

@@ -256,6 +256,19 @@ pub enum FailureRecorded {
     GaveUp(FinishedEntry),
 }
 
+/// A trajectory as rebuilt from the object store after the state was lost
+/// ([`StateStore::restore_prompt`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoredTrajectory {
+    /// Its sample index within the group.
+    pub sample: u32,
+    /// Its committed segments, found intact in the object store: seq 0, 1, 2, … in order.
+    pub segments: Vec<SegmentRef>,
+    /// The highest lease epoch any of its objects was written under: its next claim gets a
+    /// higher one, so no new object overwrites an old one.
+    pub epoch: u64,
+}
+
 /// The current version's rollout budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Budget {
@@ -436,6 +449,17 @@ pub enum StateError {
         rank: u32,
         /// Why.
         reason: RankFenceReason,
+    },
+    /// Registrations and claims wait until a leader has initialised the run's state, or
+    /// rebuilt it after it was lost ([`StateStore::initialised`]).
+    #[error(
+        "the state of run {run} is not initialised: the leading coordinator initialises it, or \
+         rebuilds it from the ledger and the object store after it was lost (is a coordinator \
+         running?)"
+    )]
+    NotInitialised {
+        /// The run.
+        run: String,
     },
     /// An argument the store cannot accept (empty id, K = 0, NaN reward, …).
     #[error("invalid argument: {0}")]
@@ -711,6 +735,45 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The newest finished step.
     async fn finished_step(&self) -> Result<Option<StepId>, StateError>;
+
+    // --- losing the state (DESIGN.md §7) ---
+
+    /// Whether the run's state is initialised: by the first leader of a fresh run, or by the
+    /// leader that rebuilt it from the ledger and the object store after it was lost. Until
+    /// then registrations and claims are refused ([`StateError::NotInitialised`]), so no
+    /// work starts on a half-rebuilt state. A fresh memory store is initialised.
+    async fn initialised(&self) -> Result<bool, StateError>;
+
+    /// Marks the state initialised; the leader calls it once its rebuild is complete.
+    async fn mark_initialised(&self) -> Result<(), StateError>;
+
+    /// Registers `prompt` as rebuilt from the object store, before the state is initialised:
+    /// each restored trajectory with segments is parked with them (its retention starts
+    /// over), every other trajectory is pending, and each one's next claim gets an epoch
+    /// above its restored `epoch`. Idempotent per prompt id like
+    /// [`StateStore::register_prompt`]. A leader write, fenced by `leader_token`.
+    async fn restore_prompt(
+        &self,
+        prompt: &Prompt,
+        trajectories: &[RestoredTrajectory],
+        leader_token: u64,
+    ) -> Result<Registration, StateError>;
+
+    /// Sets the step board's finished step to `step` (rebuilt from the published weights)
+    /// unless it is already there or later. A leader write, fenced by `leader_token`.
+    async fn restore_finished_step(
+        &self,
+        step: StepId,
+        leader_token: u64,
+    ) -> Result<(), StateError>;
+
+    /// Makes every leader token handed out from now on greater than `floor` (the ledger's
+    /// newest): a leader elected on a lost and rebuilt state is not fenced out of the ledger.
+    async fn raise_leader_token(&self, floor: u64) -> Result<(), StateError>;
+
+    /// Deletes all of the run's state, as losing Redis would (the next leader rebuilds it).
+    /// Returns how many keys or entries it deleted.
+    async fn delete_run(&self) -> Result<u64, StateError>;
 }
 
 /// Opens the run's state store by URL: `memory://` (a fresh in-process store, the embedded
@@ -789,5 +852,30 @@ pub(crate) mod check {
     /// A segment's numbers fit the store.
     pub fn segment(s: &SegmentRef) -> Result<(), StateError> {
         tokens("segment version", s.version)
+    }
+
+    /// Restored trajectories of `p`: distinct samples below K, segments contiguous from 0.
+    pub fn restored(p: &Prompt, trajectories: &[RestoredTrajectory]) -> Result<(), StateError> {
+        prompt(p)?;
+        let mut seen = std::collections::HashSet::new();
+        for t in trajectories {
+            if t.sample >= p.group_size || !seen.insert(t.sample) {
+                return Err(StateError::Invalid(format!(
+                    "prompt {}: restored sample {} is repeated or not below K = {}",
+                    p.id, t.sample, p.group_size
+                )));
+            }
+            tokens("epoch", t.epoch)?;
+            for (i, s) in t.segments.iter().enumerate() {
+                segment(s)?;
+                if s.seq as usize != i {
+                    return Err(StateError::Invalid(format!(
+                        "prompt {} sample {}: restored segments must be seq 0, 1, 2, …",
+                        p.id, t.sample
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }

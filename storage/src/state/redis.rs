@@ -19,6 +19,7 @@
 //! | `regseq` | string | the registration sequence |
 //! | `board` | hash | the step board: announced step, manifest key, world size, finisher rank, finished step |
 //! | `board:ranks` | hash | per rank of the announced step: owner, epoch, expiry, done |
+//! | `initialised` | string | present once a leader initialised (or rebuilt) the run's state |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +33,8 @@ use super::memory::member_key;
 use super::{
     Budget, Claim, ClaimSource, FailureRecorded, FenceReason, FinishedEntry, GiveUp, LeaderLease,
     Member, MemberRole, NotClaimable, RankClaim, RankDone, RankFenceReason, Registration,
-    StateCounts, StateError, StateStore, StepAnnouncement, StreamCursor, VersionOpened, check,
+    RestoredTrajectory, StateCounts, StateError, StateStore, StepAnnouncement, StreamCursor,
+    VersionOpened, check,
 };
 use crate::types::{
     Lease, PolicyVersion, Prompt, PromptId, SegmentRef, StepId, TrajectoryId, TrajectoryState,
@@ -65,6 +67,7 @@ struct Scripts {
     leader: Script,
     counts: Script,
     board: Script,
+    restore: Script,
 }
 
 impl Scripts {
@@ -93,6 +96,7 @@ impl Scripts {
             leader: s(include_str!("lua/leader.lua")),
             counts: s(include_str!("lua/counts.lua")),
             board: s(include_str!("lua/board.lua")),
+            restore: s(include_str!("lua/restore.lua")),
         }
     }
 }
@@ -141,34 +145,6 @@ impl RedisStateStore {
         })
     }
 
-    /// Deletes every key of this run (to rebuild it from the object store and ledger, or to
-    /// clean up after a test).
-    pub async fn delete_run(&self) -> Result<u64, StateError> {
-        let mut conn = self.conn.clone();
-        // Escape glob metacharacters of the run id; the prefix must match literally.
-        let mut pattern = String::new();
-        for c in self.prefix.chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                pattern.push('\\');
-            }
-            pattern.push(c);
-        }
-        pattern.push('*');
-        let keys: Vec<String> = {
-            let mut iter = conn.scan_match::<_, String>(&pattern).await?;
-            let mut keys = Vec::new();
-            while let Some(k) = futures::StreamExt::next(&mut iter).await {
-                keys.push(k?);
-            }
-            keys
-        };
-        let mut deleted = 0;
-        for chunk in keys.chunks(500) {
-            deleted += conn.del::<_, u64>(chunk).await?;
-        }
-        Ok(deleted)
-    }
-
     /// Runs `script` with the key prefix as ARGV[1] followed by `args`.
     async fn run(&self, script: &Script, args: &[&dyn ArgLike]) -> Result<Value, StateError> {
         let mut inv = script.prepare_invoke();
@@ -194,6 +170,15 @@ fn leader_fenced(token: u64, reply: &[Value]) -> Result<StateError, StateError> 
         None
     };
     Ok(StateError::LeaderFenced { token, current })
+}
+
+/// `Some` when a gated script (registration, claims) answered `{'uninitialised'}`.
+fn uninitialised(run: &str, v: &Value) -> Option<StateError> {
+    let Value::Array(a) = v else { return None };
+    let refused = a.first().and_then(|x| text(x).ok()).as_deref() == Some("uninitialised");
+    refused.then(|| StateError::NotInitialised {
+        run: run.to_owned(),
+    })
 }
 
 /// A script argument of any of the kinds we pass (a dyn-friendly `ToRedisArgs`).
@@ -511,6 +496,9 @@ impl StateStore for RedisStateStore {
                 &[&prompt.id.0, &json, &prompt.group_size],
             )
             .await?;
+        if let Some(e) = uninitialised(&self.run_id, &v) {
+            return Err(e);
+        }
         Ok(match num(&v)? {
             1 => Registration::Registered,
             _ => Registration::AlreadyRegistered,
@@ -536,6 +524,9 @@ impl StateStore for RedisStateStore {
         check::name("owner", owner)?;
         let ttl = ms(ttl)?;
         let v = self.run(&self.scripts.claim_next, &[&owner, &ttl]).await?;
+        if let Some(e) = uninitialised(&self.run_id, &v) {
+            return Err(e);
+        }
         let a = arr(&v)?;
         if text(at(a, 0)?)? == "none" {
             return Ok(None);
@@ -556,6 +547,9 @@ impl StateStore for RedisStateStore {
         let v = self
             .run(&self.scripts.claim, &[&member_key(id), &owner, &ttl])
             .await?;
+        if let Some(e) = uninitialised(&self.run_id, &v) {
+            return Err(e);
+        }
         let a = ok_or_err(id, 0, &v)?;
         parse_claim(id, a)
     }
@@ -1165,5 +1159,110 @@ impl StateStore for RedisStateStore {
             return Ok(None);
         }
         num(&v).map(Some)
+    }
+
+    async fn initialised(&self) -> Result<bool, StateError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(format!("{}initialised", self.prefix)).await?)
+    }
+
+    async fn mark_initialised(&self) -> Result<(), StateError> {
+        let mut conn = self.conn.clone();
+        let () = conn.set(format!("{}initialised", self.prefix), 1).await?;
+        Ok(())
+    }
+
+    async fn restore_prompt(
+        &self,
+        prompt: &Prompt,
+        trajectories: &[RestoredTrajectory],
+        leader_token: u64,
+    ) -> Result<Registration, StateError> {
+        check::restored(prompt, trajectories)?;
+        let json = serde_json::to_string(prompt)
+            .map_err(|e| StateError::Invalid(format!("prompt {}: {e}", prompt.id)))?;
+        let mut args: Vec<Box<dyn ArgLike + Send>> = vec![
+            Box::new(leader_token),
+            Box::new(prompt.id.0.clone()),
+            Box::new(json),
+            Box::new(prompt.group_size),
+        ];
+        for t in trajectories {
+            let tokens: u64 = t.segments.iter().map(|s| u64::from(s.tokens)).sum();
+            let version = |s: Option<&SegmentRef>| s.map_or(0, |s| s.version);
+            args.push(Box::new(t.sample));
+            args.push(Box::new(t.epoch));
+            args.push(Box::new(tokens));
+            args.push(Box::new(version(t.segments.first())));
+            args.push(Box::new(version(t.segments.last())));
+            args.push(Box::new(t.segments.len() as u64));
+            for seg in &t.segments {
+                let json = serde_json::to_string(seg)
+                    .map_err(|e| StateError::Invalid(format!("segment {}: {e}", seg.key)))?;
+                args.push(Box::new(json));
+            }
+        }
+        let refs: Vec<&dyn ArgLike> = args.iter().map(|a| a.as_ref() as &dyn ArgLike).collect();
+        let v = self.run(&self.scripts.restore, &refs).await?;
+        let a = arr(&v)?;
+        match text(at(a, 0)?)?.as_str() {
+            "ok" if num(at(a, 1)?)? == 1 => Ok(Registration::Registered),
+            "ok" => Ok(Registration::AlreadyRegistered),
+            "leader" => Err(leader_fenced(leader_token, a)?),
+            other => Err(corrupt(format!("unexpected restore reply {other:?}"))),
+        }
+    }
+
+    async fn restore_finished_step(
+        &self,
+        step: StepId,
+        leader_token: u64,
+    ) -> Result<(), StateError> {
+        check::tokens("step", step)?;
+        let v = self
+            .run(
+                &self.scripts.board,
+                &[&"restore_finished", &step, &leader_token],
+            )
+            .await?;
+        let a = arr(&v)?;
+        match text(at(a, 0)?)?.as_str() {
+            "ok" => Ok(()),
+            "leader" => Err(leader_fenced(leader_token, a)?),
+            other => Err(corrupt(format!("unexpected board reply {other:?}"))),
+        }
+    }
+
+    async fn raise_leader_token(&self, floor: u64) -> Result<(), StateError> {
+        check::tokens("leader token", floor)?;
+        self.run(&self.scripts.leader, &[&"raise", &"", &floor, &1u64])
+            .await
+            .map(drop)
+    }
+
+    async fn delete_run(&self) -> Result<u64, StateError> {
+        let mut conn = self.conn.clone();
+        // Escape glob metacharacters of the run id; the prefix must match literally.
+        let mut pattern = String::new();
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let keys: Vec<String> = {
+            let mut iter = conn.scan_match::<_, String>(&pattern).await?;
+            let mut keys = Vec::new();
+            while let Some(k) = futures::StreamExt::next(&mut iter).await {
+                keys.push(k?);
+            }
+            keys
+        };
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            deleted += conn.del::<_, u64>(chunk).await?;
+        }
+        Ok(deleted)
     }
 }

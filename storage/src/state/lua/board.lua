@@ -2,6 +2,7 @@
 -- ARGV: prefix, op, then per op:
 --   announce: step, manifest key, world size, leader token
 --   get | finished: (none)
+--   restore_finished: step, leader token
 --   claim: step, trainer, ttl ms
 --   renew: step, rank, epoch, trainer, ttl ms
 --   complete: step, rank, epoch, trainer
@@ -19,6 +20,14 @@ if op == 'get' then
   return {b[1], b[2], b[3]}
 end
 if op == 'finished' then return b[5] or '' end
+
+if op == 'restore_finished' then
+  local step, token = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local fenced = check_leader(token, now)
+  if fenced then return fenced end
+  if not finished or finished < step then redis.call('HSET', bk, 'finished', ARGV[3]) end
+  return {'ok'}
+end
 
 if op == 'announce' then
   local step, key, w, token = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])

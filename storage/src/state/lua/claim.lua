@@ -1,4 +1,6 @@
 -- claim (a specific trajectory). ARGV: prefix, member, owner, ttl ms.
+local refused = uninitialised()
+if refused then return refused end
 local m, owner, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
 local h = redis.call('HMGET', tkey(m), 'status', 'owner', 'epoch', 'exp')

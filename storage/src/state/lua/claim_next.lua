@@ -1,4 +1,6 @@
 -- claim_next. ARGV: prefix, owner, ttl ms.
+local refused = uninitialised()
+if refused then return refused end
 local owner, ttl = ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local m = redis.call('ZRANGE', P .. 'parked', 0, 0)[1]

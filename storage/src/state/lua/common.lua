@@ -43,6 +43,13 @@ local function check_leader(token, now)
   return {'leader'}
 end
 
+-- The refusal of registrations and claims until a leader has initialised (or rebuilt) the
+-- run's state; nil once it has.
+local function uninitialised()
+  if redis.call('EXISTS', P .. 'initialised') == 0 then return {'uninitialised'} end
+  return nil
+end
+
 -- Gives m a new lease with the next epoch and returns the claim reply.
 local function take(m, owner, ttl, now, source)
   local k = tkey(m)

@@ -1,4 +1,6 @@
 -- register_prompt. ARGV: prefix, prompt id, prompt JSON, group size K.
+local refused = uninitialised()
+if refused then return refused end
 local id, json, k = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local pk = P .. 'prompt:' .. id
 if redis.call('EXISTS', pk) == 1 then return 0 end
