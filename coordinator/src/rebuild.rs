@@ -177,9 +177,18 @@ async fn chain(
         last_epoch = *epoch;
         picks.push((seq, *epoch, key.clone()));
     }
-    let reads = futures::stream::iter(picks.iter().map(|(_, _, key)| blobs.get(key)))
+    // Reads own their key and store: a borrowing stream held across the await would make the
+    // spawned coordinator future not `Send` for every lifetime.
+    let reads: Vec<_> = picks
+        .iter()
+        .map(|(_, _, key)| {
+            let (blobs, key) = (blobs.clone(), key.clone());
+            async move { blobs.get(&key).await }
+        })
+        .collect();
+    let reads: Vec<_> = futures::stream::iter(reads)
         .buffered(CONCURRENT_READS)
-        .collect::<Vec<_>>()
+        .collect()
         .await;
     let mut segments = Vec::new();
     for ((seq, epoch, key), read) in picks.into_iter().zip(reads) {

@@ -113,6 +113,25 @@ pub enum CrashPoint {
     AfterAnnounce,
 }
 
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "before_manifest" => CrashPoint::BeforeManifest,
+            "after_manifest" => CrashPoint::AfterManifest,
+            "after_ledger" => CrashPoint::AfterLedger,
+            "after_announce" => CrashPoint::AfterAnnounce,
+            other => {
+                return Err(format!(
+                    "unknown crash point {other:?}: use before_manifest, after_manifest, \
+                     after_ledger or after_announce"
+                ));
+            }
+        })
+    }
+}
+
 /// Errors of the coordinator loop.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -238,6 +257,9 @@ pub struct Coordinator {
     lease: Option<LeaderLease>,
     book: Book,
     crash_at: Option<CrashPoint>,
+    /// Whether reaching `crash_at` aborts the process (a kill at that point) rather than
+    /// failing the tick.
+    crash_aborts: bool,
 }
 
 impl Coordinator {
@@ -267,6 +289,7 @@ impl Coordinator {
             lease: None,
             book: Book::default(),
             crash_at: None,
+            crash_aborts: false,
         }
     }
 
@@ -292,6 +315,13 @@ impl Coordinator {
     /// Injects a crash at `point` of the next commit (tests).
     pub fn crash_at(&mut self, point: Option<CrashPoint>) {
         self.crash_at = point;
+    }
+
+    /// Aborts the process at `point` of the next commit, as a kill there would: nothing
+    /// after it runs, the lock is not given up (the chaos tests' process kills).
+    pub fn abort_at(&mut self, point: CrashPoint) {
+        self.crash_at = Some(point);
+        self.crash_aborts = true;
     }
 
     /// This candidate's id.
@@ -1008,6 +1038,10 @@ impl Coordinator {
 
     fn check_crash(&mut self, point: CrashPoint) -> Result<(), CoordinatorError> {
         if self.crash_at == Some(point) {
+            if self.crash_aborts {
+                tracing::error!(?point, "aborting at the injected crash point");
+                std::process::abort();
+            }
             self.crash_at = None;
             return Err(CoordinatorError::InjectedCrash(point));
         }
