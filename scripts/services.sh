@@ -28,8 +28,9 @@ KAFKA_PORT=9092
 S3_PORT=8014
 S3_ACCESS_KEY=flywheel
 S3_SECRET_KEY=flywheel-secret
-# Buckets the tests use (created through the S3 API once the server answers).
-S3_BUCKETS=(flywheel-test)
+# Buckets the tests use (created through the S3 API once the server answers): the runs' objects,
+# and the chaos suite's own Kafka broker's storage.
+S3_BUCKETS=(flywheel-test tansu-chaos)
 WAIT_S="${FLYWHEEL_SERVICES_WAIT_S:-60}"
 
 mkdir -p "$SERVICES_DIR/s3"

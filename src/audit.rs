@@ -10,8 +10,9 @@
 //!   steps; the board's finished step is a recorded one.
 //! - Every trained segment still stored decodes and matches its index entry (the codec's
 //!   checksum verifies it); an entry whose segments are unusable must be recorded as left out
-//!   of its step. A step whose segments are all gone was collected after a checkpoint (kept
-//!   apart, not a violation); one with some gone is a violation.
+//!   of its step. Segments may be gone only from steps a checkpoint covers (the trainer
+//!   collects those); one gone from a later step is a violation unless its entry is recorded
+//!   as left out.
 //! - Versions have no gap: the newest published version is the one after the newest finished
 //!   step.
 //! - Every checkpoint restores: its weights fetch and verify, its optimizer state decodes and
@@ -20,15 +21,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
+use futures::StreamExt;
+
 use flywheel_storage::RunStores;
 use flywheel_storage::blob::BlobError;
 use flywheel_storage::codec;
 use flywheel_storage::keys;
 use flywheel_storage::ledger::{EventKind, PromptStatus};
 use flywheel_storage::queue::{self, KafkaConfig};
-use flywheel_storage::types::{BatchManifest, PromptId, StepId};
+use flywheel_storage::types::{BatchManifest, PromptId, SegmentRef, StepId, TrajectoryId};
 use flywheel_storage::weights;
 use flywheel_trainer::{AdamW, AdamWConfig};
+
+/// Segment objects read at once.
+const CONCURRENT_READS: usize = 32;
 
 /// What the audit found.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +51,7 @@ pub struct AuditReport {
     pub segments_verified: u64,
     /// Entries left out of their step, as recorded.
     pub entries_left_out: u64,
-    /// Steps whose segments were collected after a checkpoint.
+    /// Steps, covered by a checkpoint, whose segments were collected (wholly or partly).
     pub steps_collected: u64,
     /// Checkpoints restored.
     pub checkpoints_restored: u64,
@@ -70,7 +76,7 @@ impl AuditReport {
         let _ = writeln!(
             s,
             "steps: {} recorded; {} segments verified, {} entries left out of their step, {} \
-             steps' segments collected",
+             steps' segments collected after a checkpoint",
             self.steps, self.segments_verified, self.entries_left_out, self.steps_collected
         );
         let _ = writeln!(s, "checkpoints: {} restored", self.checkpoints_restored);
@@ -244,6 +250,7 @@ async fn check_segments(
         .filter(|e| e.kind == EventKind::EntryDropped)
         .map(|e| e.key)
         .collect();
+    let covered = stores.ledger.latest_checkpoint(run).await?.map(|c| c.step);
     for (s, manifest) in manifests {
         let entries: Vec<_> = manifest
             .ranks
@@ -251,40 +258,46 @@ async fn check_segments(
             .flatten()
             .flat_map(|mb| &mb.entries)
             .collect();
-        let mut present = 0u64;
+        let refs: Vec<(&TrajectoryId, &SegmentRef)> = entries
+            .iter()
+            .flat_map(|e| e.segments.iter().map(move |r| (&e.trajectory, r)))
+            .collect();
+        let reads: Vec<_> = refs
+            .iter()
+            .map(|(_, r)| {
+                let (blobs, key) = (stores.blobs.clone(), r.key.clone());
+                async move { blobs.get(&key).await }
+            })
+            .collect();
+        let reads: Vec<_> = futures::stream::iter(reads)
+            .buffered(CONCURRENT_READS)
+            .collect()
+            .await;
         let mut missing = Vec::new();
-        let mut unusable = Vec::new();
-        for e in &entries {
-            let mut bad = None;
-            for r in &e.segments {
-                match stores.blobs.get(&r.key).await {
-                    Ok(bytes) => {
-                        present += 1;
-                        match codec::decode(&bytes) {
-                            Ok(seg)
-                                if seg.trajectory == e.trajectory
-                                    && seg.seq == r.seq
-                                    && seg.tokens.len() == r.tokens as usize =>
-                            {
-                                report.segments_verified += 1;
-                            }
-                            Ok(_) => bad = Some(format!("{} does not match its entry", r.key)),
-                            Err(err) => bad = Some(format!("{}: {err}", r.key)),
-                        }
+        let mut unusable: BTreeMap<TrajectoryId, String> = BTreeMap::new();
+        for ((t, r), read) in refs.into_iter().zip(reads) {
+            let bad = match read {
+                Ok(bytes) => match codec::decode(&bytes) {
+                    Ok(seg)
+                        if seg.trajectory == *t
+                            && seg.seq == r.seq
+                            && seg.tokens.len() == r.tokens as usize =>
+                    {
+                        report.segments_verified += 1;
+                        continue;
                     }
-                    Err(BlobError::NotFound { .. }) => {
-                        missing.push((e.trajectory.clone(), r.key.clone()))
-                    }
-                    Err(err) => return Err(err.into()),
+                    Ok(_) => format!("{} does not match its entry", r.key),
+                    Err(err) => format!("{}: {err}", r.key),
+                },
+                Err(BlobError::NotFound { .. }) => {
+                    missing.push((t.clone(), r.key.clone()));
+                    continue;
                 }
-            }
-            if let Some(why) = bad {
-                unusable.push((e.trajectory.clone(), why));
-            }
+                Err(err) => return Err(err.into()),
+            };
+            unusable.entry(t.clone()).or_insert(bad);
         }
-        let recorded = |t: &flywheel_storage::TrajectoryId| {
-            left_out.contains(&format!("entry-dropped/step-{s}/{t}"))
-        };
+        let recorded = |t: &TrajectoryId| left_out.contains(&format!("entry-dropped/step-{s}/{t}"));
         for (t, why) in unusable {
             if recorded(&t) {
                 report.entries_left_out += 1;
@@ -294,8 +307,8 @@ async fn check_segments(
                 ));
             }
         }
-        if present == 0 && !missing.is_empty() {
-            report.steps_collected += 1; // collected after a checkpoint
+        if !missing.is_empty() && covered.is_some_and(|c| *s <= c) {
+            report.steps_collected += 1;
             continue;
         }
         for (t, key) in missing {

@@ -17,11 +17,12 @@
 //!   budget (the leader opens the due version afresh).
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use flywheel_storage::blob::{BlobError, BlobStore};
 use flywheel_storage::ledger::{EventKind, Ledger};
 use flywheel_storage::state::{RestoredTrajectory, StateStore};
-use flywheel_storage::types::{PromptId, SegmentRef, TrajectoryId};
+use flywheel_storage::types::{Prompt, PromptId, SegmentRef, TrajectoryId};
 use flywheel_storage::{codec, keys, weights};
 use futures::StreamExt;
 
@@ -32,8 +33,10 @@ use crate::service::CoordinatorError;
 /// object. (2^53, the largest epoch the store holds, leaves room for 2^33 rebuilds.)
 pub const EPOCH_MARGIN: u64 = 1 << 20;
 
-/// Segment objects read at once.
+/// Segment objects of one trajectory read at once.
 const CONCURRENT_READS: usize = 16;
+/// Prompts rebuilt at once (and between two renewals of the leader lock at most).
+const PROMPTS_AT_ONCE: usize = 16;
 
 /// What a rebuild restored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,20 +54,33 @@ pub struct Rebuilt {
 /// One segment object of a trajectory: its seq and epoch (from the key) and the key.
 type Objects = BTreeMap<u32, Vec<(u64, String)>>;
 
-/// Restores the state of run `run` into `state` (which must hold the leader lock of
-/// `leader_token`); the caller marks it initialised afterwards.
+/// The leader lock the rebuild runs under: it is renewed as the rebuild goes, since a large
+/// run takes longer than the lock lasts.
+#[derive(Clone, Copy, Debug)]
+pub struct Lead<'a> {
+    /// The leader's candidate id.
+    pub candidate: &'a str,
+    /// Its fencing token.
+    pub token: u64,
+    /// How long a renewal holds the lock.
+    pub ttl: Duration,
+}
+
+/// Restores the state of run `run` into `state` under `lead`; the caller marks it
+/// initialised afterwards. Prompts an interrupted rebuild already restored are skipped, so a
+/// rebuild that loses the lead midway is finished by the next one.
 pub async fn rebuild(
     state: &dyn StateStore,
     ledger: &dyn Ledger,
     blobs: &BlobStore,
     run: &str,
-    leader_token: u64,
+    lead: Lead<'_>,
 ) -> Result<Rebuilt, CoordinatorError> {
     let mut rebuilt = Rebuilt::default();
     if let Some(v) = weights::latest_version(blobs, run).await?
         && v > 0
     {
-        state.restore_finished_step(v - 1, leader_token).await?;
+        state.restore_finished_step(v - 1, lead.token).await?;
         rebuilt.finished_step = Some(v - 1);
     }
     let pending = ledger.pending_prompts(run).await?;
@@ -73,29 +89,69 @@ pub async fn rebuild(
     }
     let regenerated = regenerated_epochs(ledger, run).await?;
     let mut objects = segment_objects(blobs, run).await?;
-    for prompt in pending {
-        let mut restored = Vec::new();
-        for id in prompt.trajectory_ids() {
-            let found = objects.remove(&id).unwrap_or_default();
-            let floor = regenerated.get(&id.to_string()).copied().unwrap_or(0);
-            let seen = found.values().flatten().map(|(e, _)| *e).max().unwrap_or(0);
-            let segments = chain(blobs, &id, &found, floor).await?;
-            if !segments.is_empty() {
-                rebuilt.trajectories += 1;
-                rebuilt.segments += segments.len() as u64;
-            }
-            restored.push(RestoredTrajectory {
-                sample: id.sample,
-                segments,
-                epoch: seen.max(floor) + EPOCH_MARGIN,
-            });
+    let mut renewed = Instant::now();
+    for batch in pending.chunks(PROMPTS_AT_ONCE) {
+        if renewed.elapsed() >= lead.ttl / 3 {
+            state
+                .renew_leader(lead.candidate, lead.token, lead.ttl)
+                .await?;
+            renewed = Instant::now();
         }
-        state
-            .restore_prompt(&prompt, &restored, leader_token)
-            .await?;
-        rebuilt.prompts += 1;
+        let mut reads = Vec::new();
+        for prompt in batch {
+            if state.prompt(&prompt.id).await?.is_some() {
+                continue; // restored by an interrupted rebuild
+            }
+            let found: Vec<(TrajectoryId, Objects, u64)> = prompt
+                .trajectory_ids()
+                .map(|id| {
+                    let floor = regenerated.get(&id.to_string()).copied().unwrap_or(0);
+                    let found = objects.remove(&id).unwrap_or_default();
+                    (id, found, floor)
+                })
+                .collect();
+            reads.push(restored_trajectories(blobs.clone(), prompt.clone(), found));
+        }
+        let reads: Vec<_> = futures::stream::iter(reads)
+            .buffered(PROMPTS_AT_ONCE)
+            .collect()
+            .await;
+        for read in reads {
+            let (prompt, restored) = read?;
+            for t in restored.iter().filter(|t| !t.segments.is_empty()) {
+                rebuilt.trajectories += 1;
+                rebuilt.segments += t.segments.len() as u64;
+            }
+            state.restore_prompt(&prompt, &restored, lead.token).await?;
+            rebuilt.prompts += 1;
+        }
     }
     Ok(rebuilt)
+}
+
+/// The trajectories of `prompt` as its objects (`found`: each trajectory's objects and the
+/// epoch of the generation a regeneration replaced) rebuild them. Owns what it reads from,
+/// so that many run at once inside the coordinator's spawned future.
+async fn restored_trajectories(
+    blobs: BlobStore,
+    prompt: Prompt,
+    found: Vec<(TrajectoryId, Objects, u64)>,
+) -> Result<(Prompt, Vec<RestoredTrajectory>), BlobError> {
+    let mut restored = Vec::new();
+    for (id, objects, floor) in found {
+        let seen = objects
+            .values()
+            .flatten()
+            .map(|(e, _)| *e)
+            .max()
+            .unwrap_or(0);
+        restored.push(RestoredTrajectory {
+            sample: id.sample,
+            segments: chain(&blobs, &id, &objects, floor).await?,
+            epoch: seen.max(floor) + EPOCH_MARGIN,
+        });
+    }
+    Ok((prompt, restored))
 }
 
 /// Every segment object of the run, by trajectory (one listing).

@@ -60,6 +60,9 @@ pub async fn run_until(
 fn crash_point_from_env() -> Result<Option<CrashPoint>, ConfigError> {
     std::env::var(CRASH_AT_ENV)
         .ok()
-        .map(|v| v.parse().map_err(|e: String| ConfigError::new(CRASH_AT_ENV, e)))
+        .map(|v| {
+            v.parse()
+                .map_err(|e: String| ConfigError::new(CRASH_AT_ENV, e))
+        })
         .transpose()
 }

@@ -540,15 +540,20 @@ impl Coordinator {
     async fn rebuild_state(&mut self) -> Result<(), CoordinatorError> {
         let run = self.run_id().to_owned();
         let token = self.token();
-        let r = rebuild::rebuild(
+        let lead = rebuild::Lead {
+            candidate: &self.id,
+            token,
+            ttl: self.config.leader_ttl(),
+        };
+        let rebuilt = rebuild::rebuild(
             self.state.as_ref(),
             self.ledger.as_ref(),
             &self.blobs,
             &run,
-            token,
+            lead,
         )
-        .await
-        .map_err(|e| self.fenced_out(e))?;
+        .await;
+        let r = rebuilt.map_err(|e| self.fenced_out(e))?;
         if r != rebuild::Rebuilt::default() {
             let detail = format!(
                 "the state store was empty: rebuilt {} pending prompts ({} trajectories with \

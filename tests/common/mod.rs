@@ -92,6 +92,14 @@ impl Processes {
         std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
+    /// How many times `needle` occurs in all the logs.
+    pub fn count_in_logs(&self, needle: &str) -> usize {
+        self.children
+            .iter()
+            .map(|(name, _)| self.log(name).matches(needle).count())
+            .sum()
+    }
+
     /// The last lines of every process's log.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -441,15 +441,20 @@ impl Trainer {
             if self.prompts.contains_key(&id) {
                 continue;
             }
-            let prompt = self
-                .stores
-                .state
-                .prompt(&id)
-                .await?
-                .ok_or_else(|| StepError::Prompt {
-                    prompt: id.clone(),
-                    reason: "not registered in the state store".into(),
-                })?;
+            // The state store forgets a trained prompt when it is lost and rebuilt; the
+            // ledger keeps every prompt.
+            let prompt = match self.stores.state.prompt(&id).await? {
+                Some(p) => p,
+                None => self
+                    .stores
+                    .ledger
+                    .prompt(&self.stores.run_id, &id)
+                    .await?
+                    .ok_or_else(|| StepError::Prompt {
+                        prompt: id.clone(),
+                        reason: "neither the state store nor the ledger has it".into(),
+                    })?,
+            };
             let tokens = prompt_tokens(&prompt, &self.tokenizer)?;
             self.prompts.insert(id, tokens);
         }

@@ -482,7 +482,10 @@ impl SegmentLoop {
         self.metrics.lease_claims.with_label_values(&[source]).inc();
         match claim.source {
             ClaimSource::Parked => self.metrics.resumed.inc(),
-            ClaimSource::Expired => self.metrics.lease_steals.inc(),
+            ClaimSource::Expired => {
+                self.metrics.lease_steals.inc();
+                info!(trajectory = %id, epoch, segments = claim.state.segments.len(), "resuming a trajectory whose lease expired");
+            }
             ClaimSource::Pending => {}
         }
         let _active = Active::new(&self.metrics);

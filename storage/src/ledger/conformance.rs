@@ -213,6 +213,7 @@ pub async fn rejecting_an_input_records_it_dropped(ledger: Arc<dyn Ledger>) {
                 .unwrap(),
             expected
         );
+        assert_eq!(ledger.prompt(&run, &bad).await.unwrap(), None, "no content");
     }
     assert_eq!(
         status(ledger, &run, "bad-tokens").await,
@@ -455,6 +456,11 @@ pub async fn accepting_a_prompt_is_idempotent(ledger: Arc<dyn Ledger>) {
     assert_eq!(status(ledger, &run, "nope").await, None);
     assert_eq!(counts(ledger, &run).await, (1, 0, 0));
     assert_eq!(ledger.pending_prompts(&run).await.unwrap(), vec![p.clone()]);
+    assert_eq!(ledger.prompt(&run, &p.id).await.unwrap(), Some(p.clone()));
+    assert_eq!(
+        ledger.prompt(&run, &PromptId::from("nope")).await.unwrap(),
+        None
+    );
 
     let mut reused = p.clone();
     reused.group_size = 8;

@@ -433,6 +433,10 @@ pub trait Ledger: Send + Sync {
     /// How many prompts of the run are pending, trained and dropped.
     async fn prompt_counts(&self, run: &str) -> Result<PromptCounts>;
 
+    /// The prompt as accepted; `None` for an unknown id, or a message rejected before it
+    /// could be read as a prompt.
+    async fn prompt(&self, run: &str, prompt: &PromptId) -> Result<Option<Prompt>>;
+
     /// The prompts accepted but neither trained nor dropped, in the order they were accepted:
     /// what must be re-registered after losing Redis.
     async fn pending_prompts(&self, run: &str) -> Result<Vec<Prompt>>;

@@ -719,6 +719,25 @@ impl Ledger for SqlLedger {
         })
     }
 
+    async fn prompt(&self, run: &str, prompt: &PromptId) -> Result<Option<Prompt>> {
+        let stored: Option<Option<String>> = with_pool!(self, |pool: Db| {
+            sqlx::query_scalar(SELECT_PROMPT_PAYLOAD)
+                .bind(run)
+                .bind(prompt.0.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        stored
+            .flatten()
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|e| LedgerError::Corrupt {
+                    what: "prompt",
+                    detail: format!("prompt {prompt}: {e}"),
+                })
+            })
+            .transpose()
+    }
+
     async fn pending_prompts(&self, run: &str) -> Result<Vec<Prompt>> {
         let mut rows: Vec<(i64, String, Option<String>)> = with_pool!(self, |pool: Db| {
             sqlx::query_as(SELECT_PENDING_PROMPTS)
