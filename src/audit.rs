@@ -21,8 +21,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
-use futures::StreamExt;
-
 use flywheel_storage::RunStores;
 use flywheel_storage::blob::BlobError;
 use flywheel_storage::codec;
@@ -262,17 +260,8 @@ async fn check_segments(
             .iter()
             .flat_map(|e| e.segments.iter().map(move |r| (&e.trajectory, r)))
             .collect();
-        let reads: Vec<_> = refs
-            .iter()
-            .map(|(_, r)| {
-                let (blobs, key) = (stores.blobs.clone(), r.key.clone());
-                async move { blobs.get(&key).await }
-            })
-            .collect();
-        let reads: Vec<_> = futures::stream::iter(reads)
-            .buffered(CONCURRENT_READS)
-            .collect()
-            .await;
+        let keys = refs.iter().map(|(_, r)| r.key.clone()).collect();
+        let reads = stores.blobs.get_all(keys, CONCURRENT_READS).await;
         let mut missing = Vec::new();
         let mut unusable: BTreeMap<TrajectoryId, String> = BTreeMap::new();
         for ((t, r), read) in refs.into_iter().zip(reads) {

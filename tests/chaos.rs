@@ -27,10 +27,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Processes;
+use common::{Processes, stores_toml_on};
 use flywheel_model::{ModelConfig, Tokenizer};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::ledger::conformance::TestLedger;
@@ -50,12 +50,9 @@ const GROUP_SIZE: u32 = 4;
 /// Supervised warm-start steps of version 0.
 const WARM_START_STEPS: &str = "100";
 
-/// The tests share two cores and some services: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The tests share two cores and some services: one at a time (an async lock: it is held
+/// across the whole test, and a failed test does not poison it).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Where a run's services are.
 struct Endpoints {
@@ -93,13 +90,13 @@ struct Chaos {
     /// Ports handed to this run's processes: a port `free_port` finds free can be handed out
     /// again before the first process binds it.
     ports: std::collections::HashSet<u16>,
-    _serial: MutexGuard<'static, ()>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Chaos {
     /// Writes the run's config and starts the reward service; the test starts the rest.
     async fn new(label: &str, endpoints: Endpoints) -> Chaos {
-        let serial = serial();
+        let serial = SERIAL.lock().await;
         let run_id = format!("chaos-{label}-{:08x}", rand::random::<u32>());
         let dir = std::env::temp_dir().join(format!("flywheel-{run_id}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -132,20 +129,7 @@ impl Chaos {
             ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
         };
         let config = format!(
-            r#"
-[storage]
-run_id = "{run_id}"
-state_url = "{redis}"
-blob_url = "{blob_url}"
-ledger_url = "{ledger_url}"
-
-[kafka]
-brokers = "{kafka}"
-topic = "{run_id}.prompts"
-group_id = "{run_id}.workers"
-session_timeout_ms = 6000
-auto_commit_interval_ms = 200
-
+            r#"{stores}
 [rollout]
 mode = "partial"
 version_budget_tokens = 640
@@ -191,8 +175,11 @@ keep_segment_steps = 2
 lr = 0.0003
 weight_decay = 0.0
 "#,
-            redis = endpoints.redis,
-            kafka = endpoints.kafka,
+            stores = stores_toml_on(
+                &run_id,
+                (&endpoints.redis, &blob_url, &ledger_url, &endpoints.kafka),
+                "session_timeout_ms = 6000\nauto_commit_interval_ms = 200",
+            ),
             max_terms = task.max_terms,
             group_size = task.group_size,
             model_toml = toml::to_string(&model).unwrap(),
@@ -358,10 +345,11 @@ weight_decay = 0.0
         }
     }
 
-    /// A kill of `name` while it holds a trajectory lease (mid-segment).
-    async fn kill_mid_segment(&mut self, name: &str) {
+    /// A kill of `name` while trajectories are generating (mid-segment); `except`: processes
+    /// already gone.
+    async fn kill_mid_segment(&mut self, name: &str, except: &[&str]) {
         let state = self.state.clone();
-        self.wait_for(&[], "a trajectory to be generating", || {
+        self.wait_for(except, "a trajectory to be generating", || {
             let state = state.clone();
             async move { state.counts().await.is_ok_and(|c| c.generating > 0) }
         })
@@ -376,7 +364,7 @@ async fn workers_killed_drained_and_joining() {
     run.start_all();
     run.ingest();
     run.wait_finished(1, &[]).await;
-    run.kill_mid_segment("worker-0").await;
+    run.kill_mid_segment("worker-0", &[]).await;
     run.wait_finished(2, &["worker-0"]).await;
     run.worker("worker-2");
     run.wait_finished(3, &["worker-0"]).await;
@@ -682,7 +670,8 @@ async fn soak() {
                 let i = rng.random_range(0..workers.len());
                 let name = workers.remove(i);
                 if rng.random_bool(0.5) {
-                    run.kill_mid_segment(&name).await;
+                    let except: Vec<&str> = gone.iter().map(String::as_str).collect();
+                    run.kill_mid_segment(&name, &except).await;
                     *kills.entry("worker SIGKILL").or_default() += 1;
                 } else {
                     run.procs.sigterm(&name);

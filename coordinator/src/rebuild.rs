@@ -233,19 +233,8 @@ async fn chain(
         last_epoch = *epoch;
         picks.push((seq, *epoch, key.clone()));
     }
-    // Reads own their key and store: a borrowing stream held across the await would make the
-    // spawned coordinator future not `Send` for every lifetime.
-    let reads: Vec<_> = picks
-        .iter()
-        .map(|(_, _, key)| {
-            let (blobs, key) = (blobs.clone(), key.clone());
-            async move { blobs.get(&key).await }
-        })
-        .collect();
-    let reads: Vec<_> = futures::stream::iter(reads)
-        .buffered(CONCURRENT_READS)
-        .collect()
-        .await;
+    let keys = picks.iter().map(|(_, _, key)| key.clone()).collect();
+    let reads = blobs.get_all(keys, CONCURRENT_READS).await;
     let mut segments = Vec::new();
     for ((seq, epoch, key), read) in picks.into_iter().zip(reads) {
         let bytes = match read {

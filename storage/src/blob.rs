@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flywheel_service::{Backoff, redact_url};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -598,6 +598,27 @@ impl BlobStore {
             Err(BlobError::NotFound { .. }) => Ok(()),
             other => other,
         }
+    }
+
+    /// The objects at `keys`, read `concurrency` at a time; the results in the order of
+    /// `keys`. The future owns what it reads from, so it is `Send` for any lifetime (a
+    /// stream borrowing the keys is not, inside a spawned service future).
+    pub async fn get_all(
+        &self,
+        keys: Vec<String>,
+        concurrency: usize,
+    ) -> Vec<Result<Bytes, BlobError>> {
+        let reads: Vec<_> = keys
+            .into_iter()
+            .map(|key| {
+                let store = self.clone();
+                async move { store.get(&key).await }
+            })
+            .collect();
+        futures::stream::iter(reads)
+            .buffered(concurrency.max(1))
+            .collect()
+            .await
     }
 
     /// Every object whose key lies under `prefix`, sorted by key. Prefixes match whole path

@@ -278,6 +278,18 @@ pub async fn http_get(url: &str) -> String {
 /// from the environment, topic `<run_id>.prompts`, group `<run_id>.workers`; `kafka_extra`
 /// holds more `[kafka]` lines.
 pub fn stores_toml(run_id: &str, blob_url: &str, ledger_url: &str, kafka_extra: &str) -> String {
+    let redis = flywheel_storage::testkit::redis_url();
+    let kafka = flywheel_storage::testkit::kafka_brokers();
+    stores_toml_on(run_id, (&redis, blob_url, ledger_url, &kafka), kafka_extra)
+}
+
+/// [`stores_toml`] on the given services: Redis URL, object store URL, ledger URL and Kafka
+/// brokers.
+pub fn stores_toml_on(
+    run_id: &str,
+    (redis, blob_url, ledger_url, kafka): (&str, &str, &str, &str),
+    kafka_extra: &str,
+) -> String {
     format!(
         r#"
 [storage]
@@ -287,12 +299,10 @@ blob_url = "{blob_url}"
 ledger_url = "{ledger_url}"
 
 [kafka]
-brokers = "{brokers}"
+brokers = "{kafka}"
 topic = "{run_id}.prompts"
 group_id = "{run_id}.workers"
 {kafka_extra}
-"#,
-        redis = flywheel_storage::testkit::redis_url(),
-        brokers = flywheel_storage::testkit::kafka_brokers(),
+"#
     )
 }

@@ -321,20 +321,17 @@ impl Inner {
                 failures: 0,
             };
             let key = member_key(&id);
-            match restored.iter().find(|t| t.sample == id.sample) {
-                Some(t) => {
-                    // An ended lease keeps the epoch history, as a released one does.
-                    state.lease = (t.epoch > 0).then(|| Lease {
-                        owner: RESTORED_OWNER.to_owned(),
-                        epoch: t.epoch,
-                        expires_at_ms: now,
-                    });
-                    state.tokens = t.segments.iter().map(|s| u64::from(s.tokens)).sum();
-                    state.first_version = t.segments.first().map(|s| s.version);
-                    state.last_version = t.segments.last().map(|s| s.version);
-                    state.segments = t.segments.clone();
-                }
-                None => {}
+            if let Some(t) = restored.iter().find(|t| t.sample == id.sample) {
+                // An ended lease keeps the epoch history, as a released one does.
+                state.lease = (t.epoch > 0).then(|| Lease {
+                    owner: RESTORED_OWNER.to_owned(),
+                    epoch: t.epoch,
+                    expires_at_ms: now,
+                });
+                state.tokens = t.segments.iter().map(|s| u64::from(s.tokens)).sum();
+                state.first_version = t.segments.first().map(|s| s.version);
+                state.last_version = t.segments.last().map(|s| s.version);
+                state.segments = t.segments.clone();
             }
             match state.first_version {
                 Some(first) => {
