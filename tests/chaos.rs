@@ -345,11 +345,10 @@ weight_decay = 0.0
         }
     }
 
-    /// A kill of `name` while trajectories are generating (mid-segment); `except`: processes
-    /// already gone.
-    async fn kill_mid_segment(&mut self, name: &str, except: &[&str]) {
+    /// A kill of `name` while trajectories are generating (mid-segment).
+    async fn kill_mid_segment(&mut self, name: &str) {
         let state = self.state.clone();
-        self.wait_for(except, "a trajectory to be generating", || {
+        self.wait_for(&[], "a trajectory to be generating", || {
             let state = state.clone();
             async move { state.counts().await.is_ok_and(|c| c.generating > 0) }
         })
@@ -364,7 +363,7 @@ async fn workers_killed_drained_and_joining() {
     run.start_all();
     run.ingest();
     run.wait_finished(1, &[]).await;
-    run.kill_mid_segment("worker-0", &[]).await;
+    run.kill_mid_segment("worker-0").await;
     run.wait_finished(2, &["worker-0"]).await;
     run.worker("worker-2");
     run.wait_finished(3, &["worker-0"]).await;
@@ -606,7 +605,8 @@ async fn object_store_failing_and_stalling() {
 /// What a worker logs when it resumes a trajectory whose lease expired (its holder died).
 const STEAL_LOG: &str = "resuming a trajectory whose lease expired";
 
-/// Prompts per batch of the soak; another batch is sent whenever fewer are in flight.
+/// Prompts per batch of the soak; another batch is sent whenever fewer are in flight (not
+/// yet trained or dropped).
 const SOAK_BATCH: u64 = 200;
 
 /// The soak (`scripts/soak`): the job runs for `FLYWHEEL_SOAK_SECONDS` (default 900) with
@@ -660,7 +660,7 @@ async fn soak() {
         }
         let counts = run.ledger.prompt_counts(&run.run_id).await.unwrap();
         if counts.pending + (run.ingested - counts.pending - counts.trained - counts.dropped)
-            < SOAK_BATCH / 2
+            < SOAK_BATCH
         {
             run.ingest_batch(SOAK_BATCH, 1000 + batches);
             batches += 1;
@@ -670,8 +670,7 @@ async fn soak() {
                 let i = rng.random_range(0..workers.len());
                 let name = workers.remove(i);
                 if rng.random_bool(0.5) {
-                    let except: Vec<&str> = gone.iter().map(String::as_str).collect();
-                    run.kill_mid_segment(&name, &except).await;
+                    run.procs.kill(&name);
                     *kills.entry("worker SIGKILL").or_default() += 1;
                 } else {
                     run.procs.sigterm(&name);

@@ -123,13 +123,21 @@ impl std::fmt::Debug for RedisStateStore {
 }
 
 impl RedisStateStore {
-    /// Connects to Redis at `url` (`redis://host:port/db`) for run `run_id`, failing at once if
-    /// the server does not answer.
+    /// Connects to Redis at `url` for run `run_id`, failing at once if the server does not
+    /// answer. `redis://[:password@]host:port/db`, or `rediss://…` for TLS: the server's
+    /// certificate is checked against the system's trusted roots (`#insecure` at the end of
+    /// the URL skips the check, for a test server's self-signed certificate).
     pub async fn connect(url: &str, run_id: &str) -> Result<Self, StateError> {
         if run_id.is_empty() || run_id.len() > 128 || run_id.contains(['{', '}']) {
             return Err(StateError::Invalid(format!(
                 "run id {run_id:?} must be 1..=128 bytes without '{{' or '}}'"
             )));
+        }
+        if url.starts_with("rediss://") {
+            // Two TLS providers are linked (object_store's and reqwest's): rustls needs the
+            // process's default chosen before the Redis client builds its TLS config. A
+            // provider installed earlier stays.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         }
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
