@@ -54,7 +54,7 @@ metrics_addr = "127.0.0.1:{worker_port}"
     procs
         .wait_until(
             &[],
-            "the coordinator to lead and answer",
+            "the coordinator to lead (recovered) and answer",
             DEADLINE,
             || async {
                 // Not listening yet is "not yet", not a failure.
@@ -64,7 +64,7 @@ metrics_addr = "127.0.0.1:{worker_port}"
                 ready.status().is_success()
                     && http_get(&format!("{base}/v1/status"))
                         .await
-                        .contains("\"leader\":\"")
+                        .contains("\"answering_is_leader\":true")
             },
         )
         .await;

@@ -12,8 +12,8 @@
 //! missing or wrong token is 401 and changes nothing; with no token configured every admin
 //! call is 401 too (admin is disabled). A change is written to the ledger by the leader
 //! (fenced by its leader token) before it takes effect, so it survives a restart and a
-//! failover; a standby answers 409 naming the leader, and a ledger failure is 503 (nothing
-//! changed).
+//! failover; a standby answers 409 naming the leader; a leader still recovering the run and a
+//! ledger failure answer 503 (nothing changed).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -43,6 +43,9 @@ pub struct ApiState {
     pub admin_token: Option<String>,
     /// The smallest Φ_r accepted (one segment, S).
     pub min_budget: u64,
+    /// This coordinator's candidate id: it tells "holds the lock, still recovering" (try
+    /// again) from "a standby" (ask the leader).
+    pub id: String,
 }
 
 /// The router of the API's `/v1` routes.
@@ -152,6 +155,13 @@ async fn change(s: &ApiState, paused: bool, version_budget: u64, what: &str) -> 
     let token = s.controls.leader_token.load(Ordering::SeqCst);
     if token == 0 {
         let leader = match s.sources.state.leader().await {
+            Ok(Some(l)) if l.holder == s.id => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this coordinator took the leader lock and is still recovering the run; \
+                     try again shortly",
+                );
+            }
             Ok(Some(l)) => format!("the leader is {}", l.holder),
             Ok(None) => "no coordinator leads right now; try again shortly".into(),
             Err(e) => format!("the leader cannot be read: {e}"),

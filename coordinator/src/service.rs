@@ -309,6 +309,7 @@ impl Coordinator {
             snapshot: self.snapshot(),
             admin_token,
             min_budget: u64::from(self.run.rollout.segment_tokens),
+            id: self.id.clone(),
         })
     }
 

@@ -268,6 +268,32 @@ async fn admin_changes_survive_a_failover_and_a_standby_refuses_them() {
     assert_eq!(events.len(), 3, "pause, budget, resume noted: {events:?}");
 }
 
+/// Between taking the lock and finishing recovery a coordinator is not yet the leader the API
+/// may write as: an admin call then answers 503 (try again), not 409 (ask someone else), and
+/// changes nothing.
+#[tokio::test]
+async fn a_leader_still_recovering_asks_to_try_again() {
+    let w = World::memory().await;
+    let c = w.coordinator("c");
+    let api = serve(&w, &c, Some(TOKEN)).await;
+    // The lock taken under c's id, as a takeover does before it recovers.
+    w.state
+        .acquire_leader(c.id(), std::time::Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/pause"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.text().await.unwrap().contains("recovering"));
+    assert!(!c.controls().paused.load(Ordering::SeqCst));
+    assert!(w.ledger.events(&w.run.storage.run_id).await.unwrap().is_empty());
+}
+
 /// Ticks until the coordinator leads and is paused (or idle); bounded.
 async fn tick_until_settled_or_paused(c: &mut Coordinator) -> Vec<TickOutcome> {
     let mut seen = Vec::new();
