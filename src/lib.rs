@@ -1,6 +1,7 @@
 //! The `flywheel` library: the pieces of the `flywheel` binary that examples and tests reuse.
 //!
-//! - [`bench`]: `flywheel bench trainer`, throughput beside PyTorch eager;
+//! - [`bench`]: `flywheel bench trainer` (throughput beside PyTorch eager) and `bench weights`
+//!   (publishing and loading a version, incremental against whole);
 //! - [`checkpoint_source`]: a checkpoint directory or object-store URL, as a local folder;
 //! - [`config`]: the run's config file and its environment overrides;
 //! - [`warm_start`]: the built-in task's warm start and its publication as version 0;

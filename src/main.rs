@@ -127,7 +127,8 @@ enum Command {
     /// Score or sample a Hugging Face checkpoint directory (Llama, Qwen2, Qwen3).
     #[command(subcommand)]
     Model(flywheel::model_cli::ModelCommand),
-    /// Measure throughput (`bench trainer`: training step and sampling, beside PyTorch).
+    /// Measure throughput (`bench trainer`: training step and sampling, beside PyTorch;
+    /// `bench weights`: publishing and loading a policy version, incremental against whole).
     #[command(subcommand)]
     Bench(flywheel::bench::BenchCommand),
     /// Published weights: export a version as a Hugging Face checkpoint directory.
@@ -312,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => flywheel::demo::run::run(args).await.map(|_| ()),
         Command::Model(command) => flywheel::model_cli::run(command),
-        Command::Bench(command) => flywheel::bench::run(command),
+        Command::Bench(command) => flywheel::bench::run(command).await,
         Command::Weights(command) => flywheel::weights_cli::run(command).await,
         Command::Audit { config } => {
             let config = flywheel::config::load(config.as_deref())?;

@@ -332,14 +332,12 @@ impl Recorder {
     }
 }
 
-/// The mean reward of the trajectories a step trains, and its trained tokens by staleness
-/// (versions between the segment's policy and θ_old = version `step`).
+/// The mean reward of the trajectories a step trains, and its trained tokens by staleness.
 async fn step_rewards(
     state: &Arc<dyn StateStore>,
     manifest: &BatchManifest,
 ) -> Result<(f64, BTreeMap<u64, u64>)> {
     let (mut sum, mut n) = (0.0f64, 0u64);
-    let mut staleness = BTreeMap::new();
     for entry in manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries) {
         if let Some(t) = state.trajectory(&entry.trajectory).await?
             && let Some(r) = t.reward
@@ -347,6 +345,15 @@ async fn step_rewards(
             sum += f64::from(r);
             n += 1;
         }
+    }
+    Ok((sum / n.max(1) as f64, trained_staleness(manifest)))
+}
+
+/// A step's trained tokens by staleness (versions between the segment's policy and
+/// θ_old = version `step`).
+pub fn trained_staleness(manifest: &BatchManifest) -> BTreeMap<u64, u64> {
+    let mut staleness = BTreeMap::new();
+    for entry in manifest.ranks.iter().flatten().flat_map(|mb| &mb.entries) {
         let mut pos = 0u32;
         for seg in &entry.segments {
             let (lo, hi) = (
@@ -361,5 +368,5 @@ async fn step_rewards(
             pos += seg.tokens;
         }
     }
-    Ok((sum / n.max(1) as f64, staleness))
+    staleness
 }

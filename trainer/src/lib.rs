@@ -46,6 +46,6 @@ pub use loss::{
 };
 pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
 pub use service::{
-    FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer, TrainerError, run_observed,
-    run_until,
+    FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer, TrainerError, publish_params,
+    run_observed, run_until,
 };

@@ -60,7 +60,8 @@ use flywheel_storage::keys;
 use flywheel_storage::ledger::{Checkpoint, EventKind, LedgerError, RunEvent};
 use flywheel_storage::state::{MemberRole, RankClaim, StateError, StateStore, StepAnnouncement};
 use flywheel_storage::weights::{
-    self, Dtype, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsError, WeightsManifest,
+    self, Dtype, HF_SOURCE_KEY, MODEL_CONFIG_KEY, TensorBytes, WeightsConfig, WeightsError,
+    WeightsManifest,
 };
 use flywheel_storage::{BatchManifest, PolicyVersion, PromptId, StepId};
 use futures::{StreamExt, TryStreamExt};
@@ -272,7 +273,16 @@ impl Trainer {
             };
             let metadata = weights_metadata(&config);
             let report =
-                publish_params(&stores.blobs, &run, 0, &params, None, &metadata, &config).await?;
+                publish_params(
+                    &stores.blobs,
+                    &run,
+                    0,
+                    &params,
+                    None,
+                    &metadata,
+                    &config.weights,
+                )
+                .await?;
             tracing::info!(
                 run = %run,
                 bytes = report.bytes_total,
@@ -639,7 +649,7 @@ impl Trainer {
             &params,
             Some(&self.manifest),
             &self.manifest.metadata,
-            &self.config,
+            &self.config.weights,
         )
         .await?;
         phases.end("publish");
@@ -994,16 +1004,16 @@ fn weights_metadata(config: &TrainerConfig) -> BTreeMap<String, String> {
 }
 
 /// Publishes `params` as `version` with `metadata` (see [`weights_metadata`]; later versions
-/// carry their predecessor's forward).
+/// carry their predecessor's forward); changed chunks become deltas against `previous`.
 #[allow(clippy::too_many_arguments)]
-async fn publish_params(
+pub async fn publish_params(
     blob: &BlobStore,
     run: &str,
     version: PolicyVersion,
     params: &Params,
     previous: Option<&WeightsManifest>,
     metadata: &BTreeMap<String, String>,
-    config: &TrainerConfig,
+    config: &WeightsConfig,
 ) -> Result<weights::PublishReport, WeightsError> {
     let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
     let views: Vec<TensorBytes<'_>> = params
@@ -1024,7 +1034,7 @@ async fn publish_params(
         &views,
         previous,
         metadata,
-        &config.weights,
+        config,
     )
     .await
 }

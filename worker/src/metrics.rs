@@ -34,6 +34,8 @@ pub struct WorkerMetrics {
     pub engine_errors: IntCounter,
     /// Seconds per engine call (one segment).
     pub engine_latency: Histogram,
+    /// Seconds to store a segment (object write, then index commit under the lease).
+    pub segment_commit_latency: Histogram,
     /// Trajectories this worker holds right now.
     pub active_trajectories: IntGauge,
     /// Prompts newly registered by this worker's intake.
@@ -124,6 +126,12 @@ impl WorkerMetrics {
                 "flywheel_worker_engine_latency_seconds",
                 "Seconds per engine call (one segment).",
                 exponential_buckets(0.005, 2.0, 16),
+            ),
+            segment_commit_latency: histogram(
+                &r,
+                "flywheel_worker_segment_commit_seconds",
+                "Seconds to store a segment: object write, then index commit under the lease.",
+                exponential_buckets(0.0005, 1.5, 24),
             ),
             active_trajectories: gauge(
                 &r,

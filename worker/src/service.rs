@@ -688,6 +688,7 @@ impl SegmentLoop {
     /// lease. Returns whether it is committed; `false` when the turn ended instead (aborted
     /// by shutdown: the lease is released; the lease lost: the work is dropped).
     async fn store_segment(&self, segment: &Segment) -> Result<bool, SlotError> {
+        let started = std::time::Instant::now();
         let (id, seq, epoch) = (&segment.trajectory, segment.seq, segment.lease_epoch);
         let key = keys::segment(self.state.run_id(), &id.prompt, id.sample, seq, epoch);
         let encoded = codec::encode(segment)?;
@@ -719,6 +720,9 @@ impl SegmentLoop {
         {
             Ok(_) => {
                 self.metrics.segments_committed.inc();
+                self.metrics
+                    .segment_commit_latency
+                    .observe(started.elapsed().as_secs_f64());
                 Ok(true)
             }
             Err(e) if lease_lost(&e) => {

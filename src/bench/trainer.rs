@@ -5,29 +5,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_model::{
-    Architecture, Checkpoint, Model, ModelConfig, Params, SampleConfig, Sampler, Sequence,
-    Tokenizer, hf,
-};
-use flywheel_trainer::{AdamW, AdamWConfig};
-use rand::{Rng, SeedableRng};
+use flywheel_model::{Checkpoint, Params, SampleConfig, Sampler, hf};
+use flywheel_trainer::AdamWConfig;
+use rand::SeedableRng;
 
-/// What `flywheel bench` measures.
-#[derive(clap::Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Tokens per second of a training step (forward, backward, AdamW) and of KV-cached
-    /// sampling.
-    Trainer(TrainerBench),
-}
-
-/// Models the bench builds with random weights.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Preset {
-    /// The demo's built-in model (a tiny Qwen2 over the arithmetic characters).
-    Demo,
-    /// A Qwen2-shaped model of about 100M parameters (hidden 768, 12 layers, vocab 32000).
-    Qwen2_100m,
-}
+use super::{Preset, TrainSteps, preset};
 
 /// Options of `flywheel bench trainer`.
 #[derive(clap::Args, Debug)]
@@ -60,8 +42,7 @@ pub struct TrainerBench {
 }
 
 /// Runs the bench and prints its report.
-pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Trainer(b) = command;
+pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
     if b.device != "cpu" {
         bail!(
             "--device {}: this build runs on the CPU only (--device cpu)",
@@ -104,7 +85,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         "batch {} x {} tokens, {} timed steps, {} sampled tokens, {threads} threads",
         b.batch, b.seq_len, b.iters, b.sample_tokens
     );
-    let (train, sample) = measure(params, &b)?;
+    let (train, sample) = measure(params, b)?;
     println!("flywheel (cpu): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
     if let Some(python) = &b.torch {
         let dir = tempfile::tempdir()?;
@@ -151,80 +132,29 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             sample / t_sample
         );
     }
-    println!(
-        "reproduce: {}",
-        std::env::args().collect::<Vec<_>>().join(" ")
-    );
+    println!("reproduce: {}", super::reproduce());
     Ok(())
-}
-
-/// The preset's config with room for `context` tokens.
-fn preset(p: Preset, context: usize) -> ModelConfig {
-    match p {
-        Preset::Demo => ModelConfig {
-            max_seq_len: context,
-            ..ModelConfig::tiny(Tokenizer::arithmetic().vocab_size())
-        },
-        Preset::Qwen2_100m => ModelConfig {
-            architecture: Architecture::Qwen2,
-            vocab_size: 32_000,
-            d_model: 768,
-            n_layers: 12,
-            n_heads: 12,
-            n_kv_heads: Some(2),
-            d_ff: 2048,
-            max_seq_len: context,
-            tie_embeddings: true,
-            rope_theta: 1e6,
-            ..ModelConfig::tiny(32_000)
-        },
-    }
 }
 
 /// Training tokens/s (forward, backward, AdamW on `batch × (seq_len − 1)` scored tokens) and
 /// sampling tokens/s.
 fn measure(mut params: Params, b: &TrainerBench) -> anyhow::Result<(f64, f64)> {
-    let config = params.config().clone();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let seqs: Vec<Vec<u32>> = (0..b.batch)
-        .map(|_| {
-            (0..b.seq_len)
-                .map(|_| rng.random_range(0..config.vocab_size as u32))
-                .collect()
-        })
-        .collect();
-    let batch: Vec<Sequence<'_>> = seqs
-        .iter()
-        .map(|s| Sequence {
-            tokens: s,
-            response_start: 1,
-        })
-        .collect();
-    let mut model = Model::cpu(&params)?;
-    let mut optimizer = AdamW::new(AdamWConfig::default())?;
-    let mut grads = model.new_gradients()?;
-    let mut step = |model: &mut Model, params: &mut Params| -> anyhow::Result<()> {
-        model.zero_gradients(&mut grads)?;
-        let cache = model.forward(&batch)?;
-        let n = cache.logprobs().len();
-        model.backward(&cache, &vec![-1.0 / n as f32; n], None, &mut grads)?;
-        let g = model.gradients_to_params(&grads)?;
-        flywheel_trainer::step::apply_update(model, params, &mut optimizer, &g)?;
-        Ok(())
-    };
-    step(&mut model, &mut params)?;
+    let mut steps = TrainSteps::new(&params, b.batch, b.seq_len, AdamWConfig::default().lr)?;
+    steps.step(&mut params)?;
     let start = Instant::now();
     for _ in 0..b.iters {
-        step(&mut model, &mut params)?;
+        steps.step(&mut params)?;
     }
     let per_step = start.elapsed().as_secs_f64() / b.iters as f64;
     let train = (b.batch * (b.seq_len - 1)) as f64 / per_step;
 
-    let mut sampler = Sampler::new(&model)?;
+    let (model, seqs) = (&steps.model, &steps.seqs);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut sampler = Sampler::new(model)?;
     let (mut toks, mut lps) = (Vec::new(), Vec::new());
-    sampler.prefill(&model, &seqs[0][..8])?;
+    sampler.prefill(model, &seqs[0][..8])?;
     sampler.generate(
-        &model,
+        model,
         &SampleConfig::default(),
         4,
         &[],
@@ -232,12 +162,12 @@ fn measure(mut params: Params, b: &TrainerBench) -> anyhow::Result<(f64, f64)> {
         &mut toks,
         &mut lps,
     )?;
-    sampler.prefill(&model, &seqs[0][..8])?;
+    sampler.prefill(model, &seqs[0][..8])?;
     toks.clear();
     lps.clear();
     let start = Instant::now();
     sampler.generate(
-        &model,
+        model,
         &SampleConfig::default(),
         b.sample_tokens,
         &[],

@@ -1,0 +1,163 @@
+//! Each `flywheel bench` runs once on a tiny configuration, to prove that it works and prints
+//! its comparison and how to reproduce it. Nothing here asserts on time.
+
+mod common;
+
+use std::process::Command;
+
+use common::stores_toml;
+use flywheel_storage::blob::BlobStore;
+use flywheel_storage::ledger::conformance::TestLedger;
+use flywheel_storage::testkit::{self, S3Server};
+
+/// Runs `flywheel bench ARGS`; returns its stdout, failing with its stderr.
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "flywheel bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("reproduce: "), "{stdout}");
+    stdout
+}
+
+#[test]
+fn trainer_bench_runs() {
+    let out = bench(&[
+        "trainer",
+        "--batch",
+        "1",
+        "--seq-len",
+        "16",
+        "--iters",
+        "1",
+        "--sample-tokens",
+        "4",
+    ]);
+    assert!(out.contains("tokens/s"), "{out}");
+}
+
+/// On the S3 server, and it leaves nothing behind.
+#[tokio::test]
+async fn weights_bench_runs_on_s3_and_cleans_up() {
+    let s3 = S3Server::from_env();
+    let prefix = testkit::unique_id("bench-weights");
+    let url = s3.url(&prefix);
+    let out = bench(&["weights", "--versions", "2", "--blob-url", &url]);
+    for line in [
+        "publish incremental / whole: bytes",
+        "load from v-1 / from scratch: bytes",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    let rows = out
+        .lines()
+        .filter(|l| l.split('|').next().is_some_and(|v| v.trim().parse::<u64>().is_ok()))
+        .count();
+    assert_eq!(rows, 2, "a row per version:\n{out}");
+    assert!(!out.contains(&s3.secret_key), "the S3 secret is printed:\n{out}");
+    let left = BlobStore::open(&url).unwrap().list("").await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The three modes, one measured step each, on the test services (Redis, PostgreSQL, Kafka,
+/// S3) with a sim engine that costs no time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_bench_runs_every_mode_on_the_services() {
+    let s3 = S3Server::from_env();
+    let ledger = TestLedger::postgres().await;
+    let prefix = testkit::unique_id("bench-modes");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flywheel.toml");
+    std::fs::write(&config, stores_toml(&prefix, &s3.url(&prefix), ledger.url(), "")).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        bench(&[
+            "modes",
+            "--config",
+            config.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--workers",
+            "1",
+            "--slots",
+            "4",
+            "--decode-tokens-per-s",
+            "0",
+            "--length-median",
+            "16",
+            "--length-cap",
+            "64",
+            "--token-budget",
+            "256",
+            "--segment-tokens",
+            "16",
+        ])
+    })
+    .await
+    .unwrap();
+    for line in [
+        "Sync: end-to-end per step",
+        "Partial: end-to-end per step",
+        "Async: end-to-end per step",
+        "Partial/sync: end-to-end time per step",
+        "Async/sync: end-to-end time per step",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    ledger.teardown().await;
+}
+
+/// One worker count for a second and a small step cut, on the test services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataplane_bench_runs_on_the_services() {
+    let s3 = S3Server::from_env();
+    let ledger = TestLedger::postgres().await;
+    let prefix = testkit::unique_id("bench-dataplane");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flywheel.toml");
+    std::fs::write(&config, stores_toml(&prefix, &s3.url(&prefix), ledger.url(), "")).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        bench(&[
+            "dataplane",
+            "--config",
+            config.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--seconds",
+            "1",
+            "--cut-prompts",
+            "8",
+            "--cut-group-size",
+            "2",
+        ])
+    })
+    .await
+    .unwrap();
+    for line in [
+        "1 workers: ",
+        "segments/s, ",
+        "commit latency p50 ",
+        "alone at concurrency 16: state store ",
+        "of the slower store's limit",
+        "step cut: 8 prompts x 2 samples x 50 tokens = Φ 800 tokens",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    ledger.teardown().await;
+}
+
+#[test]
+fn weights_bench_refuses_bad_options() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["bench", "weights", "--lr", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lr must be a positive number"));
+}
