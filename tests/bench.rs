@@ -58,10 +58,17 @@ async fn weights_bench_runs_on_s3_and_cleans_up() {
     }
     let rows = out
         .lines()
-        .filter(|l| l.split('|').next().is_some_and(|v| v.trim().parse::<u64>().is_ok()))
+        .filter(|l| {
+            l.split('|')
+                .next()
+                .is_some_and(|v| v.trim().parse::<u64>().is_ok())
+        })
         .count();
     assert_eq!(rows, 2, "a row per version:\n{out}");
-    assert!(!out.contains(&s3.secret_key), "the S3 secret is printed:\n{out}");
+    assert!(
+        !out.contains(&s3.secret_key),
+        "the S3 secret is printed:\n{out}"
+    );
     let left = BlobStore::open(&url).unwrap().list("").await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -75,7 +82,11 @@ async fn modes_bench_runs_every_mode_on_the_services() {
     let prefix = testkit::unique_id("bench-modes");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("flywheel.toml");
-    std::fs::write(&config, stores_toml(&prefix, &s3.url(&prefix), ledger.url(), "")).unwrap();
+    std::fs::write(
+        &config,
+        stores_toml(&prefix, &s3.url(&prefix), ledger.url(), ""),
+    )
+    .unwrap();
     let out = tokio::task::spawn_blocking(move || {
         bench(&[
             "modes",
@@ -121,7 +132,11 @@ async fn dataplane_bench_runs_on_the_services() {
     let prefix = testkit::unique_id("bench-dataplane");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("flywheel.toml");
-    std::fs::write(&config, stores_toml(&prefix, &s3.url(&prefix), ledger.url(), "")).unwrap();
+    std::fs::write(
+        &config,
+        stores_toml(&prefix, &s3.url(&prefix), ledger.url(), ""),
+    )
+    .unwrap();
     let out = tokio::task::spawn_blocking(move || {
         bench(&[
             "dataplane",

@@ -291,7 +291,13 @@ async fn a_leader_still_recovering_asks_to_try_again() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.text().await.unwrap().contains("recovering"));
     assert!(!c.controls().paused.load(Ordering::SeqCst));
-    assert!(w.ledger.events(&w.run.storage.run_id).await.unwrap().is_empty());
+    assert!(
+        w.ledger
+            .events(&w.run.storage.run_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Ticks until the coordinator leads and is paused (or idle); bounded.

@@ -94,7 +94,9 @@ pub async fn run(b: &DataplaneBench) -> anyhow::Result<()> {
     let mut first = None;
     let mut rates = Vec::new();
     for &n in &b.workers {
-        let m = segments(b, &base, n).await.with_context(|| format!("{n} workers"))?;
+        let m = segments(b, &base, n)
+            .await
+            .with_context(|| format!("{n} workers"))?;
         let per_s = m.segments as f64 / m.secs;
         let scaling = first.map_or(1.0, |f: f64| per_s / f);
         first.get_or_insert(per_s);
@@ -179,7 +181,12 @@ async fn segments(b: &DataplaneBench, base: &RunConfig, n: usize) -> anyhow::Res
             .map(|w| w.metrics.segments_committed.get())
             .sum()
     };
-    let tokens = || -> u64 { workers.iter().map(|w| w.metrics.tokens_generated.get()).sum() };
+    let tokens = || -> u64 {
+        workers
+            .iter()
+            .map(|w| w.metrics.tokens_generated.get())
+            .sum()
+    };
     let histograms: Vec<&Histogram> = workers
         .iter()
         .map(|w| &w.metrics.segment_commit_latency)
@@ -403,9 +410,7 @@ async fn step_cut(b: &DataplaneBench, base: &RunConfig) -> anyhow::Result<(f64, 
                         version: 0,
                     };
                     state.commit_segment(&id, "bench", epoch, &r, ttl).await?;
-                    state
-                        .finish(&id, "bench", epoch, id.sample as f32)
-                        .await?;
+                    state.finish(&id, "bench", epoch, id.sample as f32).await?;
                 }
                 anyhow::Ok(())
             }

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use flywheel_model::ModelConfig;
-use flywheel_storage::types::TrajectoryStatus;
 use flywheel_storage::BatchManifest;
 use flywheel_storage::config::{RolloutMode, RunConfig};
 use flywheel_storage::queue::PromptProducer;
+use flywheel_storage::types::TrajectoryStatus;
 use flywheel_trainer::{StepObserver, StepOutcome, Trainer};
 use flywheel_worker::engine::sim::{LengthDistribution, SimConfig};
 use tokio_util::sync::CancellationToken;
@@ -274,7 +274,10 @@ async fn run_mode(
     for n in 0..sent {
         for id in prompt(n, b.group_size).trajectory_ids() {
             if let Some(t) = stores.state.trajectory(&id).await?
-                && matches!(t.status, TrajectoryStatus::Purged | TrajectoryStatus::Dropped)
+                && matches!(
+                    t.status,
+                    TrajectoryStatus::Purged | TrajectoryStatus::Dropped
+                )
             {
                 purged += 1;
                 purged_tokens += t.tokens;

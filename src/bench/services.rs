@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use flywheel_coordinator::CoordinatorConfig;
 use flywheel_model::{ModelConfig, Params};
+use flywheel_storage::RunStores;
 use flywheel_storage::config::{RunConfig, StorageConfig};
 use flywheel_storage::queue::ensure_topics;
 use flywheel_storage::types::{Prompt, PromptId, PromptInput, VerifierSpec};
-use flywheel_storage::RunStores;
 use flywheel_trainer::warm_start::publish_initial;
 use flywheel_trainer::{AdamWConfig, TrainerConfig};
 use flywheel_worker::engine::EngineConfig;
@@ -133,9 +133,7 @@ pub fn prompt(n: u64, group_size: u32) -> Prompt {
     Prompt {
         id: PromptId(format!("p{n:07}")),
         input: PromptInput::Tokens((1..=PROMPT_TOKENS as u32).collect()),
-        verifier: VerifierSpec::ExactMatch {
-            answer: "-".into(),
-        },
+        verifier: VerifierSpec::ExactMatch { answer: "-".into() },
         group_size,
         metadata: BTreeMap::new(),
     }

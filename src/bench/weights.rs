@@ -101,7 +101,12 @@ pub async fn run(b: &WeightsBench) -> anyhow::Result<()> {
     let mut held = weights::fetch(&blobs, &run, 0, None, &config).await?;
     println!(
         "{:>7} | {:>20} {:>20} | {:>20} {:>20} | {:>9}",
-        "version", "publish incremental", "publish whole", "load from v-1", "load from scratch", "to model"
+        "version",
+        "publish incremental",
+        "publish whole",
+        "load from v-1",
+        "load from scratch",
+        "to model"
     );
     let mut rows = Vec::new();
     for v in 1..=b.versions as u64 {
@@ -193,10 +198,16 @@ pub async fn run(b: &WeightsBench) -> anyhow::Result<()> {
             seconds
         ),
         median_spread(
-            &rows.iter().map(|r| r.load_incremental.1).collect::<Vec<_>>(),
+            &rows
+                .iter()
+                .map(|r| r.load_incremental.1)
+                .collect::<Vec<_>>(),
             seconds
         ),
-        median_spread(&rows.iter().map(|r| r.into_model).collect::<Vec<_>>(), seconds),
+        median_spread(
+            &rows.iter().map(|r| r.into_model).collect::<Vec<_>>(),
+            seconds
+        ),
     );
     println!("reproduce: {}", super::reproduce());
     Ok(())

@@ -24,8 +24,15 @@ impl TlsRedis {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let made = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -51,7 +58,10 @@ impl TlsRedis {
             .expect("redis-server (the Debian package redis-server, built with TLS)");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not open its TLS port");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not open its TLS port"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         TlsRedis {

@@ -272,17 +272,16 @@ impl Trainer {
                 None => config.initial_params()?,
             };
             let metadata = weights_metadata(&config);
-            let report =
-                publish_params(
-                    &stores.blobs,
-                    &run,
-                    0,
-                    &params,
-                    None,
-                    &metadata,
-                    &config.weights,
-                )
-                .await?;
+            let report = publish_params(
+                &stores.blobs,
+                &run,
+                0,
+                &params,
+                None,
+                &metadata,
+                &config.weights,
+            )
+            .await?;
             tracing::info!(
                 run = %run,
                 bytes = report.bytes_total,
@@ -1027,16 +1026,7 @@ pub async fn publish_params(
             bytes: b,
         })
         .collect();
-    weights::publish_with_metadata(
-        blob,
-        run,
-        version,
-        &views,
-        previous,
-        metadata,
-        config,
-    )
-    .await
+    weights::publish_with_metadata(blob, run, version, &views, previous, metadata, config).await
 }
 
 /// Reads a batch manifest and checks it against its announcement (its world size, when

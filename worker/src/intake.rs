@@ -204,7 +204,6 @@ impl Intake {
     async fn take_prompts(self) -> Self {
         let backoff = Backoff::new(self.poll, Duration::from_secs(10));
         let mut receive_failures = 0;
-        let mut paused = false;
         let mut lag_recorded: Option<tokio::time::Instant> = None;
         loop {
             if self.stop.is_cancelled() {
@@ -215,17 +214,17 @@ impl Intake {
                     .record_consumer_lag(&self.consumer.consumer_lag());
                 lag_recorded = Some(tokio::time::Instant::now());
             }
+            // Both are set on the assignment of the moment, every pass: a rebalance can hand
+            // back partitions still paused (or take them while a resume ran on an empty
+            // assignment), so "resumed once" does not mean "fetching now".
             let full = self.backlog_full().await;
             let flow = if full {
                 self.consumer.pause()
-            } else if paused {
-                self.consumer.resume()
             } else {
-                Ok(())
+                self.consumer.resume()
             };
-            match flow {
-                Ok(()) => paused = full,
-                Err(e) => warn!(error = %e, "cannot pause or resume the prompt partitions"),
+            if let Err(e) = flow {
+                warn!(error = %e, "cannot pause or resume the prompt partitions");
             }
             // `recv_any` is cancellation-safe (nothing is taken before it returns): an idle
             // member still wakes every second to report its lag.
