@@ -77,41 +77,26 @@ async fn weights_bench_runs_on_s3_and_cleans_up() {
 /// S3) with a sim engine that costs no time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modes_bench_runs_every_mode_on_the_services() {
-    let s3 = S3Server::from_env();
-    let ledger = TestLedger::postgres().await;
-    let prefix = testkit::unique_id("bench-modes");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("flywheel.toml");
-    std::fs::write(
-        &config,
-        stores_toml(&prefix, &s3.url(&prefix), ledger.url(), ""),
-    )
-    .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        bench(&[
-            "modes",
-            "--config",
-            config.to_str().unwrap(),
-            "--steps",
-            "1",
-            "--workers",
-            "1",
-            "--slots",
-            "4",
-            "--decode-tokens-per-s",
-            "0",
-            "--length-median",
-            "16",
-            "--length-cap",
-            "64",
-            "--token-budget",
-            "256",
-            "--segment-tokens",
-            "16",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = bench_on_services(&[
+        "modes",
+        "--steps",
+        "1",
+        "--workers",
+        "1",
+        "--slots",
+        "4",
+        "--decode-tokens-per-s",
+        "0",
+        "--length-median",
+        "16",
+        "--length-cap",
+        "64",
+        "--token-budget",
+        "256",
+        "--segment-tokens",
+        "16",
+    ])
+    .await;
     for line in [
         "Sync: end-to-end per step",
         "Partial: end-to-end per step",
@@ -121,39 +106,23 @@ async fn modes_bench_runs_every_mode_on_the_services() {
     ] {
         assert!(out.contains(line), "{line:?} missing:\n{out}");
     }
-    ledger.teardown().await;
 }
 
 /// One worker count for a second and a small step cut, on the test services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dataplane_bench_runs_on_the_services() {
-    let s3 = S3Server::from_env();
-    let ledger = TestLedger::postgres().await;
-    let prefix = testkit::unique_id("bench-dataplane");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("flywheel.toml");
-    std::fs::write(
-        &config,
-        stores_toml(&prefix, &s3.url(&prefix), ledger.url(), ""),
-    )
-    .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        bench(&[
-            "dataplane",
-            "--config",
-            config.to_str().unwrap(),
-            "--workers",
-            "1",
-            "--seconds",
-            "1",
-            "--cut-prompts",
-            "8",
-            "--cut-group-size",
-            "2",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = bench_on_services(&[
+        "dataplane",
+        "--workers",
+        "1",
+        "--seconds",
+        "1",
+        "--cut-prompts",
+        "8",
+        "--cut-group-size",
+        "2",
+    ])
+    .await;
     for line in [
         "1 workers: ",
         "segments/s, ",
@@ -164,7 +133,30 @@ async fn dataplane_bench_runs_on_the_services() {
     ] {
         assert!(out.contains(line), "{line:?} missing:\n{out}");
     }
+}
+
+/// `flywheel bench ARGS --config F` with F naming the test services (a fresh ledger schema,
+/// a fresh object-store prefix).
+async fn bench_on_services(args: &[&str]) -> String {
+    let s3 = S3Server::from_env();
+    let ledger = TestLedger::postgres().await;
+    let prefix = testkit::unique_id(&format!("bench-{}", args[0]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flywheel.toml");
+    std::fs::write(
+        &config,
+        stores_toml(&prefix, &s3.url(&prefix), ledger.url(), ""),
+    )
+    .unwrap();
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["--config".to_owned(), config.to_str().unwrap().to_owned()]);
+    let out = tokio::task::spawn_blocking(move || {
+        bench(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
     ledger.teardown().await;
+    out
 }
 
 #[test]

@@ -172,7 +172,9 @@ async fn segments(b: &DataplaneBench, base: &RunConfig, n: usize) -> anyhow::Res
     };
     let (workers, _) = start_sim_workers(&stores, &run, n, &sim).await?;
     let producer = PromptProducer::new(&run.kafka)?;
-    let group_size = 4;
+    let group_size = 4u32;
+    // Unfinished trajectories kept in flight: twice the slots (nothing is trained here, so
+    // the ledger's pending prompts only grow; the state store's counts tell what is left).
     let backlog = (2 * n * b.slots) as u64;
     let mut sent = 0u64;
     let committed = || -> u64 {
@@ -198,11 +200,15 @@ async fn segments(b: &DataplaneBench, base: &RunConfig, n: usize) -> anyhow::Res
     let mut started: Option<Instant> = None;
     let mut start: Option<(Instant, u64, u64, Vec<u64>)> = None;
     loop {
-        let counts = stores.ledger.prompt_counts(&run.storage.run_id).await?;
-        let in_flight = sent.saturating_sub(counts.total()) + counts.pending;
-        for _ in in_flight..backlog {
+        let c = stores.state.counts().await?;
+        let mut in_flight = sent.saturating_sub(c.prompts) * u64::from(group_size)
+            + c.pending
+            + c.generating
+            + c.parked;
+        while in_flight < backlog {
             producer.send(&prompt(sent, group_size)).await?;
             sent += 1;
+            in_flight += u64::from(group_size);
         }
         if started.is_none() && committed() > 0 {
             started = Some(Instant::now());
