@@ -465,6 +465,47 @@ async fn scenario_consumer_lag_is_reported(cluster: &Cluster) {
     assert_eq!(lag.len(), 1, "{lag:?}");
 }
 
+/// A member that paused its partitions (its intake's backlog full) and lost them to a
+/// rebalance gets them back still paused: it fetches nothing until it resumes the new
+/// assignment. So "resumed once" does not mean "fetching now": the intake resumes on every
+/// pass while its backlog has room.
+async fn scenario_paused_partitions_come_back_paused(cluster: &Cluster) {
+    const PARTITIONS: i32 = 2;
+    let brokers = &cluster.brokers();
+    let config = fresh_config(brokers, "pause");
+    cluster.create_topics(&config, PARTITIONS).await;
+    let producer = PromptProducer::new(&config).unwrap();
+    send_prompts(&producer, "pause", 10).await;
+    let a = PromptConsumer::new(&config).unwrap();
+    let first = bounded("a prompt", a.recv()).await.unwrap();
+    first.receipt.ack().unwrap();
+    bounded("the commit", a.commit()).await.unwrap();
+    a.pause().unwrap();
+    // B joins and takes a partition, then leaves: A gets both back.
+    let b = PromptConsumer::new(&config).unwrap();
+    bounded("B to be given a partition", async {
+        while b.assigned_partitions().unwrap().is_empty() {
+            let _ = tokio::time::timeout(Duration::from_millis(100), b.recv()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(100), a.recv()).await;
+        }
+    })
+    .await;
+    bounded("B to leave", b.close()).await.unwrap();
+    bounded("A to own both partitions again", async {
+        while a.assigned_partitions().unwrap().len() < PARTITIONS as usize {
+            let _ = tokio::time::timeout(Duration::from_millis(100), a.recv()).await;
+        }
+    })
+    .await;
+    let while_paused = tokio::time::timeout(Duration::from_secs(5), a.recv()).await;
+    assert!(
+        while_paused.is_err(),
+        "a reassigned partition fetched while paused: {while_paused:?}"
+    );
+    a.resume().unwrap();
+    bounded("a prompt once resumed", a.recv()).await.unwrap();
+}
+
 /// Environment variable that turns [`kafka_member_process`] into a group member for
 /// [`scenario_killed_member_prompts_are_redelivered`]: the queue config as JSON.
 const CHILD_CONFIG_ENV: &str = "FLYWHEEL_TEST_KAFKA_CHILD_CONFIG";
@@ -607,6 +648,11 @@ async fn broker_out_of_order_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_consumer_lag_is_reported() {
     scenario_consumer_lag_is_reported(&Cluster::broker().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_paused_partitions_come_back_paused() {
+    scenario_paused_partitions_come_back_paused(&Cluster::broker().await).await;
 }
 
 // ---------------------------------------------------------------------------------------------
