@@ -159,7 +159,7 @@ async fn segments(b: &DataplaneBench, base: &RunConfig, n: usize) -> anyhow::Res
     run.rollout.segment_tokens = b.segment_tokens;
     run.rollout.max_response_tokens = 8 * b.segment_tokens;
     run.batch.filter_zero_variance = false;
-    let stores = open_run(&run, 8 * b.segment_tokens).await?;
+    let (stores, _) = open_run(&run, 8 * b.segment_tokens, 0).await?;
     let stop = CancellationToken::new();
     let coordinator = start_coordinator(&stores, &run, &stop);
     let sim = SimConfig {
@@ -297,7 +297,7 @@ async fn stores_alone(
     concurrency: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let run = fresh_run(base, "dataplane-alone");
-    let stores = open_run(&run, 8 * b.segment_tokens).await?;
+    let (stores, _) = open_run(&run, 8 * b.segment_tokens, 0).await?;
     let state = stores.state.clone();
     // This bench plays the leader: the store is fresh, so there is nothing to rebuild.
     state.mark_initialised().await?;
@@ -385,7 +385,7 @@ async fn step_cut(b: &DataplaneBench, base: &RunConfig) -> anyhow::Result<(f64, 
     run.batch.filter_zero_variance = false;
     run.rollout.version_budget_tokens = phi;
     run.rollout.max_response_tokens = b.cut_tokens.max(run.rollout.segment_tokens);
-    let stores = open_run(&run, run.rollout.max_response_tokens).await?;
+    let (stores, _) = open_run(&run, run.rollout.max_response_tokens, 0).await?;
     let mut coordinator = Coordinator::new(
         stores.clone(),
         flywheel_coordinator::ServiceConfig {

@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::services::{
     VOCAB, fresh_run, open_run, prompt, services_run, start_coordinator, start_sim_workers,
-    trainer_config,
 };
 use super::{median, median_spread};
 use crate::demo::rl::trained_staleness;
@@ -203,8 +202,7 @@ async fn run_mode(
     // The sim engine's responses earn no reward; the workload is their shape, so every group
     // is trained.
     run.batch.filter_zero_variance = false;
-    let stores = open_run(&run, b.length_cap).await?;
-    let trainer = trainer_config(&run_id, b.seed, b.length_cap)?;
+    let (stores, trainer) = open_run(&run, b.length_cap, b.seed).await?;
     let stop = CancellationToken::new();
     let coordinator = start_coordinator(&stores, &run, &stop);
     let sim = SimConfig {

@@ -48,18 +48,23 @@ pub fn fresh_run(base: &RunConfig, label: &str) -> RunConfig {
 }
 
 /// Creates the run's topic, opens its stores and publishes version 0 of the small model (for
-/// responses up to `max_response` tokens).
-pub async fn open_run(run: &RunConfig, max_response: u32) -> anyhow::Result<RunStores> {
+/// responses up to `max_response` tokens, initialised from `seed`); returns the stores and the
+/// config of the trainer that trains that model.
+pub async fn open_run(
+    run: &RunConfig,
+    max_response: u32,
+    seed: u64,
+) -> anyhow::Result<(RunStores, TrainerConfig)> {
     run.validate()?;
     ensure_topics(&run.kafka, 2, 1).await?;
     let stores = RunStores::open(run).await?;
-    let trainer = trainer_config(&run.storage.run_id, 0, max_response)?;
-    publish_initial(&stores, &trainer, Params::init(&trainer.model, 0)?).await?;
-    Ok(stores)
+    let trainer = trainer_config(&run.storage.run_id, seed, max_response)?;
+    publish_initial(&stores, &trainer, Params::init(&trainer.model, seed)?).await?;
+    Ok((stores, trainer))
 }
 
 /// The trainer of the small model over the sim engine's vocabulary.
-pub fn trainer_config(run_id: &str, seed: u64, max_response: u32) -> anyhow::Result<TrainerConfig> {
+fn trainer_config(run_id: &str, seed: u64, max_response: u32) -> anyhow::Result<TrainerConfig> {
     let config = TrainerConfig {
         id: format!("{run_id}-trainer"),
         seed,
