@@ -2,7 +2,7 @@
 //! KV-cached sampling (tokens/s).
 //!
 //! Reproduce: `cargo bench -p flywheel-model --bench throughput` (optionally
-//! `MATMUL_NUM_THREADS=N`). Sizes: `THROUGHPUT_D_MODEL`, `THROUGHPUT_LAYERS`,
+//! `RAYON_NUM_THREADS=N`). Sizes: `THROUGHPUT_D_MODEL`, `THROUGHPUT_LAYERS`,
 //! `THROUGHPUT_SEQ_LEN`, `THROUGHPUT_BATCH` (defaults: the demo-sized model).
 
 use std::time::Instant;

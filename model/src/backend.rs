@@ -126,6 +126,16 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Number of values in `buf`.
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Number of values `buf` can hold without a new allocation.
+    fn capacity(&self, buf: &Self::Buf) -> usize {
+        self.len(buf)
+    }
+    /// A zero-filled buffer of `len` values, made from `buf`'s memory where the backend can
+    /// (a new allocation otherwise).
+    fn reuse(&self, buf: Self::Buf, len: usize) -> Result<Self::Buf> {
+        drop(buf);
+        self.alloc(len)
+    }
     /// Copies host values into the start of `buf`.
     fn upload(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()>;
     /// Copies `out.len()` values starting at `offset` of `buf` to the host.

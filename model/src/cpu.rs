@@ -1,16 +1,22 @@
-//! The CPU implementation of [`Backend`]: `matrixmultiply` (threaded) for products, plain
-//! loops for the row-wise ops.
+//! The CPU implementation of [`Backend`]: `matrixmultiply` for products, plain loops for the
+//! row-wise ops, rayon's pool for what is large enough to split.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 use crate::error::{ModelError, Result};
 
-/// Runs the model on the CPU, on all cores: large matrix products use `matrixmultiply` with
-/// its `threading` feature (up to 4 threads, the physical cores by default;
-/// `MATMUL_NUM_THREADS` overrides), batches of small products (attention heads) and large
-/// row-wise ops run on rayon's pool (`RAYON_NUM_THREADS` overrides). Small work (one-token
-/// decoding) stays on the calling thread.
+/// Runs the model on the CPU, on rayon's pool (all cores; `RAYON_NUM_THREADS` overrides): large
+/// matrix products split by rows of the output, batches of small products (attention heads)
+/// and large row-wise ops by batch entry and row. Small work (one-token decoding) stays on the
+/// calling thread.
+///
+/// Every split goes through rayon, whose idle threads sleep and whose callers take work back
+/// from a busy pool. `matrixmultiply`'s own threading (its `threading` feature) is not used:
+/// its caller spins on `sched_yield` until its helper thread has run, which on a machine whose
+/// cores are all busy (a trainer beside sampling workers) burns the time in the kernel.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
@@ -25,12 +31,22 @@ fn check(what: &str, end: usize, len: usize) -> Result<()> {
 }
 
 /// Row-wise work on fewer values than this runs on the calling thread: handing it to rayon
-/// costs more than it saves, and single-token decoding never crosses it.
-const PAR_MIN: usize = 1 << 14;
+/// (a wake-up of the pool's threads, tens of microseconds) costs more than it saves, and
+/// single-token decoding never crosses it.
+const PAR_MIN: usize = 1 << 17;
 
-/// Batched products smaller than this (m·k·n) run their batch entries in parallel; larger
-/// ones run one after the other, each threaded by `matrixmultiply`.
+/// Batched products smaller than this (m·k·n) run their batch entries in parallel (when all
+/// of them together reach [`PAR_GEMM_MIN`]); larger ones run one after the other, each split
+/// by rows.
 const PAR_GEMM_MAX: usize = 1 << 18;
+
+/// Products (or batches of them) of fewer multiply-adds than this run on the calling thread:
+/// they cost less than the hand-off. Larger ones split the rows of their output over the
+/// pool, in blocks of at least [`PAR_GEMM_ROWS`] rows.
+const PAR_GEMM_MIN: usize = 1 << 21;
+
+/// The fewest rows of a block of a split product.
+const PAR_GEMM_ROWS: usize = 32;
 
 /// Runs `f(row index, row)` over the `cols`-wide rows of `out`, in parallel when large.
 fn for_rows<F>(out: &mut [f32], cols: usize, f: F)
@@ -91,6 +107,17 @@ impl Backend for CpuBackend {
 
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
+    }
+
+    fn capacity(&self, buf: &Vec<f32>) -> usize {
+        buf.capacity()
+    }
+
+    fn reuse(&self, mut buf: Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        // Within the capacity this writes zeros into pages that are already mapped.
+        buf.clear();
+        buf.resize(len, 0.0);
+        Ok(buf)
     }
 
     fn upload(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
@@ -161,37 +188,58 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let ptrs = SendPtrs(a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        let one = |bi: usize| {
+        // Rows `rows` of batch entry `bi`.
+        let block = |bi: usize, rows: Range<usize>| {
             let p = ptrs;
+            let (a_at, c_at) = (
+                g.a.offset + bi * g.a.batch_stride + rows.start * g.a.row_stride,
+                g.c.offset + bi * g.c.batch_stride + rows.start * g.c.row_stride,
+            );
             // SAFETY: every element touched is within the buffers (checked above), `c` is a
-            // distinct, exclusively borrowed buffer, its strides do not alias, and batch
-            // entries run concurrently only when their outputs are disjoint.
+            // distinct, exclusively borrowed buffer, its strides do not alias, and blocks run
+            // concurrently only when their outputs are disjoint (batch entries: checked by
+            // `batches_disjoint`; row blocks: rows of a row-major C are disjoint ranges).
             unsafe {
                 matrixmultiply::sgemm(
-                    g.m,
+                    rows.len(),
                     g.k,
                     g.n,
                     g.alpha,
-                    p.0.add(g.a.offset + bi * g.a.batch_stride),
+                    p.0.add(a_at),
                     g.a.row_stride as isize,
                     g.a.col_stride as isize,
                     p.1.add(g.b.offset + bi * g.b.batch_stride),
                     g.b.row_stride as isize,
                     g.b.col_stride as isize,
                     g.beta,
-                    p.2.add(g.c.offset + bi * g.c.batch_stride),
+                    p.2.add(c_at),
                     g.c.row_stride as isize,
                     g.c.col_stride as isize,
                 );
             }
         };
+        let work = g.m * g.k * g.n;
         if g.batch > 1
-            && g.m * g.k * g.n <= PAR_GEMM_MAX
+            && work <= PAR_GEMM_MAX
+            && g.batch * work >= PAR_GEMM_MIN
             && batches_disjoint(&g.c, g.batch, g.m, g.n)
         {
-            (0..g.batch).into_par_iter().for_each(one);
-        } else {
-            (0..g.batch).for_each(one);
+            (0..g.batch)
+                .into_par_iter()
+                .for_each(|bi| block(bi, 0..g.m));
+            return Ok(());
+        }
+        let blocks = (g.m / PAR_GEMM_ROWS).min(rayon::current_num_threads());
+        let rows_disjoint = g.c.col_stride == 1 && g.c.row_stride >= g.n;
+        for bi in 0..g.batch {
+            if work >= PAR_GEMM_MIN && blocks > 1 && rows_disjoint {
+                let per = g.m.div_ceil(blocks);
+                (0..blocks)
+                    .into_par_iter()
+                    .for_each(|i| block(bi, i * per..((i + 1) * per).min(g.m)));
+            } else {
+                block(bi, 0..g.m);
+            }
         }
         Ok(())
     }
@@ -651,8 +699,6 @@ fn lse_entropy(z: &[f32]) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
-    use std::ops::Range;
-
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -913,13 +959,50 @@ mod tests {
         assert_eq!(dz, s_dz);
     }
 
+    /// Products large enough to be split by rows of the output, plain and batched, with a
+    /// transposed operand and accumulation into C.
+    #[test]
+    fn split_gemm_matches_naive() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let be = CpuBackend;
+        let (m, k, n, batch) = (200, 128, 96, 2);
+        assert!(m * k * n >= PAR_GEMM_MIN && m / PAR_GEMM_ROWS > 1);
+        let g = Gemm {
+            m,
+            k,
+            n,
+            batch,
+            alpha: 0.5,
+            beta: 1.0,
+            a: MatLayout::row_major(k).batched(m * k),
+            b: MatLayout::row_major(k).t().batched(k * n),
+            c: MatLayout::at(3, n + 5).batched(m * (n + 5)),
+        };
+        let fill = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+        };
+        let a = fill(g.a.end(batch, m, k), &mut rng);
+        let b = fill(g.b.end(batch, k, n), &mut rng);
+        let c0 = fill(g.c.end(batch, m, n), &mut rng);
+        let mut want = c0.clone();
+        naive(&g, &a, &b, &mut want);
+        let mut got = c0;
+        be.gemm(&g, &a, &b, &mut got).unwrap();
+        for (w, v) in want.iter().zip(&got) {
+            assert!((w - v).abs() < 1e-4, "{w} vs {v}");
+        }
+    }
+
     /// Attention heads: side-by-side column blocks of one matrix, written in parallel.
     #[test]
     fn parallel_head_gemm_matches_naive() {
         let be = CpuBackend;
         let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let (n_rows, heads, hd) = (12, 4, 8);
+        // Large enough in all for the batch entries to run in parallel.
+        let (n_rows, heads, hd) = (64, 16, 32);
         let d = heads * hd;
+        let work = n_rows * n_rows * hd;
+        assert!(work <= PAR_GEMM_MAX && heads * work >= PAR_GEMM_MIN);
         let q: Vec<f32> = (0..n_rows * d)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
@@ -943,7 +1026,7 @@ mod tests {
         let mut got = vec![0.0; n_rows * d];
         be.gemm(&g, &p, &q, &mut got).unwrap();
         for (a, b) in want.iter().zip(&got) {
-            assert!((a - b).abs() < 1e-5);
+            assert!((a - b).abs() < 1e-4);
         }
         // Overlapping outputs are never written concurrently.
         let overlapping = MatLayout::at(0, d).batched(1);

@@ -62,6 +62,7 @@ mod error;
 pub mod hf;
 mod model;
 mod params;
+mod pool;
 mod sample;
 mod text;
 mod tokenizer;

@@ -7,12 +7,14 @@
 //! `x += (silu(h2·Wgᵀ) ⊙ h2·Wuᵀ)·Wdᵀ`. Then a final RMSNorm and the LM head.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::error::{ModelError, Result};
 use crate::params::{LayerIndex, Linear, ParamIndex, Params, param_index};
+use crate::pool::BufPool;
 
 /// The model's weights, resident on a backend, ready for forward, backward and sampling.
 ///
@@ -33,6 +35,8 @@ pub struct Model<B: Backend = CpuBackend> {
     rope_cos: B::Buf,
     /// RoPE sines, same layout.
     rope_sin: B::Buf,
+    /// Activation and scratch buffers of finished passes, reused by the next ones.
+    pool: Arc<BufPool<B>>,
 }
 
 /// Gradient accumulators on the backend, one buffer per parameter tensor (stable order).
@@ -94,25 +98,38 @@ pub(crate) struct QkPreNorm<B: Backend> {
 }
 
 impl<B: Backend> Qkv<B> {
-    /// Buffers for `rows` positions of `cfg`.
-    pub(crate) fn alloc(be: &B, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+    /// Buffers for `rows` positions of `cfg`, each from `alloc` (zero-filled, given a length).
+    pub(crate) fn alloc(
+        cfg: &ModelConfig,
+        rows: usize,
+        alloc: impl Fn(usize) -> Result<B::Buf>,
+    ) -> Result<Self> {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let pre_norm = if cfg.qk_norm {
             Some(QkPreNorm {
-                q: be.alloc(rows * qd)?,
-                k: be.alloc(rows * kvd)?,
-                q_rstd: be.alloc(rows * cfg.n_heads)?,
-                k_rstd: be.alloc(rows * cfg.kv_heads())?,
+                q: alloc(rows * qd)?,
+                k: alloc(rows * kvd)?,
+                q_rstd: alloc(rows * cfg.n_heads)?,
+                k_rstd: alloc(rows * cfg.kv_heads())?,
             })
         } else {
             None
         };
         Ok(Qkv {
-            q: be.alloc(rows * qd)?,
-            k: be.alloc(rows * kvd)?,
-            v: be.alloc(rows * kvd)?,
+            q: alloc(rows * qd)?,
+            k: alloc(rows * kvd)?,
+            v: alloc(rows * kvd)?,
             pre_norm,
         })
+    }
+
+    /// Every buffer, for the pool.
+    fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
+        let pre = self
+            .pre_norm
+            .into_iter()
+            .flat_map(|p| [p.q, p.k, p.q_rstd, p.k_rstd]);
+        [self.q, self.k, self.v].into_iter().chain(pre)
     }
 }
 
@@ -144,6 +161,41 @@ struct LayerActs<B: Backend> {
     act: B::Buf,
 }
 
+impl<B: Backend> LayerActs<B> {
+    /// Every buffer, for the pool.
+    fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
+        [
+            self.x_in, self.rstd1, self.h1, self.probs, self.att, self.x_mid, self.rstd2,
+            self.h2, self.gate, self.up, self.act,
+        ]
+        .into_iter()
+        .chain(self.qkv.into_bufs())
+    }
+}
+
+/// The activations a forward pass saves for the backward pass.
+struct Activations<B: Backend> {
+    /// Saved activations per block.
+    layers: Vec<LayerActs<B>>,
+    /// Residual stream after the last block.
+    x_final: B::Buf,
+    /// Reciprocal RMS of the final norm's rows.
+    rstd_f: B::Buf,
+    /// Normalised final hidden states.
+    hf: B::Buf,
+    /// LM-head outputs (`rows × vocab`).
+    logits: B::Buf,
+}
+
+impl<B: Backend> Activations<B> {
+    /// Every buffer, for the pool.
+    fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
+        [self.x_final, self.rstd_f, self.hf, self.logits]
+            .into_iter()
+            .chain(self.layers.into_iter().flat_map(LayerActs::into_bufs))
+    }
+}
+
 /// The result of [`Model::forward`]: response log-probs and entropies, and everything the
 /// backward pass needs.
 pub struct ForwardCache<B: Backend = CpuBackend> {
@@ -159,20 +211,22 @@ pub struct ForwardCache<B: Backend = CpuBackend> {
     targets: Vec<u32>,
     /// Row of each flat response output.
     out_rows: Vec<usize>,
-    /// Saved activations per block.
-    layers: Vec<LayerActs<B>>,
-    /// Residual stream after the last block.
-    x_final: B::Buf,
-    /// Reciprocal RMS of the final norm's rows.
-    rstd_f: B::Buf,
-    /// Normalised final hidden states.
-    hf: B::Buf,
-    /// LM-head outputs (`rows × vocab`).
-    logits: B::Buf,
+    /// The saved activations; taken only when the cache is dropped.
+    acts: Option<Activations<B>>,
     /// log π(token) of every response token, sequence after sequence.
     logprobs: Vec<f32>,
     /// Entropy of the predictive distribution at every response token.
     entropies: Vec<f32>,
+    /// The model's pool, which gets the activations back when the cache is dropped.
+    pool: Arc<BufPool<B>>,
+}
+
+impl<B: Backend> Drop for ForwardCache<B> {
+    fn drop(&mut self) {
+        if let Some(acts) = self.acts.take() {
+            self.pool.give(acts.into_bufs());
+        }
+    }
 }
 
 impl<B: Backend> ForwardCache<B> {
@@ -205,6 +259,12 @@ impl<B: Backend> ForwardCache<B> {
     /// Entropies at sequence `i`'s response tokens.
     pub fn sequence_entropies(&self, i: usize) -> Option<&[f32]> {
         Some(&self.entropies[self.sequence_range(i)?])
+    }
+
+    fn acts(&self) -> Result<&Activations<B>> {
+        self.acts
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("forward cache already released".into()))
     }
 }
 
@@ -353,6 +413,7 @@ impl<B: Backend> Model<B> {
             weights,
             rope_cos,
             rope_sin,
+            pool: Arc::new(BufPool::new()),
         })
     }
 
@@ -682,7 +743,8 @@ impl<B: Backend> Model<B> {
             }
         }
 
-        let mut x = be.alloc(rows * d)?;
+        let take = |len| self.pool.take(be, len);
+        let mut x = take(rows * d)?;
         be.embed(&w[ix.tok_emb], &tokens, &mut x, d)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for li in &ix.layers {
@@ -690,10 +752,10 @@ impl<B: Backend> Model<B> {
             layers.push(acts);
             x = x_out;
         }
-        let mut rstd_f = be.alloc(rows)?;
-        let mut hf = be.alloc(rows * d)?;
+        let mut rstd_f = take(rows)?;
+        let mut hf = take(rows * d)?;
         self.norm(ix.final_norm, &x, &mut hf, &mut rstd_f, rows)?;
-        let mut logits = be.alloc(rows * v)?;
+        let mut logits = take(rows * v)?;
         matmul(
             be,
             rows,
@@ -718,13 +780,16 @@ impl<B: Backend> Model<B> {
             positions,
             targets,
             out_rows,
-            layers,
-            x_final: x,
-            rstd_f,
-            hf,
-            logits,
+            acts: Some(Activations {
+                layers,
+                x_final: x,
+                rstd_f,
+                hf,
+                logits,
+            }),
             logprobs,
             entropies,
+            pool: self.pool.clone(),
         })
     }
 
@@ -741,13 +806,14 @@ impl<B: Backend> Model<B> {
         let (be, cfg) = (&self.backend, &self.config);
         let (d, ff, qd, kvd) = (cfg.d_model, cfg.d_ff, cfg.q_dim(), cfg.kv_dim());
         let rows = positions.len();
-        let mut rstd1 = be.alloc(rows)?;
-        let mut h1 = be.alloc(rows * d)?;
+        let take = |len| self.pool.take(be, len);
+        let mut rstd1 = take(rows)?;
+        let mut h1 = take(rows * d)?;
         self.norm(li.norm1, &x, &mut h1, &mut rstd1, rows)?;
-        let mut qkv = Qkv::alloc(be, cfg, rows)?;
+        let mut qkv = Qkv::alloc(cfg, rows, take)?;
         self.project_qkv(li, &h1, positions, &mut qkv)?;
-        let mut probs = be.alloc(p_len)?;
-        let mut att = be.alloc(rows * qd)?;
+        let mut probs = take(p_len)?;
+        let mut att = take(rows * qd)?;
         for m in metas {
             attention_forward(
                 be,
@@ -764,20 +830,16 @@ impl<B: Backend> Model<B> {
             )?;
         }
         // x_mid = x + att·Woᵀ, in a new buffer: x stays saved for the backward pass.
-        let mut x_mid = be.alloc(rows * d)?;
+        let mut x_mid = take(rows * d)?;
         let layout = MatLayout::row_major(d);
         be.copy(&x, layout, &mut x_mid, layout, rows, d)?;
         self.linear(&li.o, &att, rows, 1.0, &mut x_mid)?;
 
-        let mut rstd2 = be.alloc(rows)?;
-        let mut h2 = be.alloc(rows * d)?;
+        let mut rstd2 = take(rows)?;
+        let mut h2 = take(rows * d)?;
         self.norm(li.norm2, &x_mid, &mut h2, &mut rstd2, rows)?;
-        let (mut gate, mut up, mut act) = (
-            be.alloc(rows * ff)?,
-            be.alloc(rows * ff)?,
-            be.alloc(rows * ff)?,
-        );
-        let mut x_out = be.alloc(rows * d)?;
+        let (mut gate, mut up, mut act) = (take(rows * ff)?, take(rows * ff)?, take(rows * ff)?);
+        let mut x_out = take(rows * d)?;
         be.copy(&x_mid, layout, &mut x_out, layout, rows, d)?;
         self.mlp(li, &h2, rows, &mut gate, &mut up, &mut act, &mut x_out)?;
         let acts = LayerActs {
@@ -928,9 +990,11 @@ impl<B: Backend> Model<B> {
             row_dlp[r] = d_logprob[k];
             row_dent[r] = d_entropy.map_or(0.0, |de| de[k]);
         }
-        let mut dlogits = be.alloc(rows * v)?;
+        let acts = cache.acts()?;
+        let take = |len| self.pool.take(be, len);
+        let mut dlogits = take(rows * v)?;
         be.token_logprobs_backward(
-            &cache.logits,
+            &acts.logits,
             &cache.targets,
             v,
             &row_dlp,
@@ -945,12 +1009,12 @@ impl<B: Backend> Model<B> {
             d,
             &dlogits,
             true,
-            &cache.hf,
+            &acts.hf,
             false,
             1.0,
             &mut gr[ix.lm_head],
         )?;
-        let mut dh = be.alloc(rows * d)?;
+        let mut dh = take(rows * d)?;
         matmul(
             be,
             rows,
@@ -963,19 +1027,19 @@ impl<B: Backend> Model<B> {
             0.0,
             &mut dh,
         )?;
-        drop(dlogits);
-        let mut dx = be.alloc(rows * d)?;
+        let mut dx = take(rows * d)?;
         let gamma = &w[ix.final_norm];
         be.rms_norm_backward(
-            &cache.x_final,
+            &acts.x_final,
             gamma,
-            &cache.rstd_f,
+            &acts.rstd_f,
             &dh,
             &mut dx,
             &mut gr[ix.final_norm],
             rows,
             d,
         )?;
+        self.pool.give([dlogits, dh]);
         Ok(dx)
     }
 
@@ -1067,7 +1131,8 @@ impl<B: Backend> Model<B> {
                 de.len()
             )));
         }
-        if grads.bufs.len() != w.len() || cache.layers.len() != cfg.n_layers {
+        let layers = &cache.acts()?.layers;
+        if grads.bufs.len() != w.len() || layers.len() != cfg.n_layers {
             return Err(ModelError::InvalidInput(
                 "gradients or forward cache belong to a model of another config".into(),
             ));
@@ -1076,8 +1141,8 @@ impl<B: Backend> Model<B> {
 
         let mut dx = self.head_backward(cache, d_logprob, d_entropy, gr)?;
         let max_len = cache.seqs.iter().map(|m| m.len).max().unwrap_or(0);
-        let mut s = Scratch::alloc(be, cfg, rows, max_len)?;
-        for (li, acts) in ix.layers.iter().zip(&cache.layers).rev() {
+        let mut s = Scratch::alloc(cfg, rows, max_len, |len| self.pool.take(be, len))?;
+        for (li, acts) in ix.layers.iter().zip(layers).rev() {
             self.mlp_backward(li, acts, &mut dx, &mut s, gr, rows)?;
             // x_mid = x_in + att·Woᵀ: d_att = dx·Wo.
             self.linear_backward(&li.o, &acts.att, &dx, rows, Some((&mut s.datt, 0.0)), gr)?;
@@ -1094,11 +1159,13 @@ impl<B: Backend> Model<B> {
                 cfg.d_model,
             )?;
         }
-        be.embed_backward(&dx, &cache.tokens, &mut gr[ix.tok_emb], cfg.d_model)
+        be.embed_backward(&dx, &cache.tokens, &mut gr[ix.tok_emb], cfg.d_model)?;
+        self.pool.give(s.into_bufs().chain([dx]));
+        Ok(())
     }
 }
 
-/// Scratch buffers of the backward pass, allocated once per call and reused by every block.
+/// Scratch buffers of the backward pass, taken once per call and reused by every block.
 struct Scratch<B: Backend> {
     /// Gradient w.r.t. a normalised residual (`rows × d`).
     dh: B::Buf,
@@ -1123,25 +1190,41 @@ struct Scratch<B: Backend> {
 }
 
 impl<B: Backend> Scratch<B> {
-    fn alloc(be: &B, cfg: &ModelConfig, rows: usize, max_len: usize) -> Result<Self> {
+    fn alloc(
+        cfg: &ModelConfig,
+        rows: usize,
+        max_len: usize,
+        alloc: impl Fn(usize) -> Result<B::Buf>,
+    ) -> Result<Self> {
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
         let qk_pre = if cfg.qk_norm {
-            Some((be.alloc(rows * qd)?, be.alloc(rows * kvd)?))
+            Some((alloc(rows * qd)?, alloc(rows * kvd)?))
         } else {
             None
         };
         Ok(Scratch {
-            dh: be.alloc(rows * cfg.d_model)?,
-            datt: be.alloc(rows * qd)?,
-            dp: be.alloc(cfg.n_heads * max_len * max_len)?,
-            dq: be.alloc(rows * qd)?,
-            dk: be.alloc(rows * kvd)?,
-            dv: be.alloc(rows * kvd)?,
+            dh: alloc(rows * cfg.d_model)?,
+            datt: alloc(rows * qd)?,
+            dp: alloc(cfg.n_heads * max_len * max_len)?,
+            dq: alloc(rows * qd)?,
+            dk: alloc(rows * kvd)?,
+            dv: alloc(rows * kvd)?,
             qk_pre,
-            d_act: be.alloc(rows * ff)?,
-            d_gate: be.alloc(rows * ff)?,
-            d_up: be.alloc(rows * ff)?,
+            d_act: alloc(rows * ff)?,
+            d_gate: alloc(rows * ff)?,
+            d_up: alloc(rows * ff)?,
         })
+    }
+
+    /// Every buffer, for the pool.
+    fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
+        let pre = self.qk_pre.into_iter().flat_map(|(q, k)| [q, k]);
+        [
+            self.dh, self.datt, self.dp, self.dq, self.dk, self.dv, self.d_act, self.d_gate,
+            self.d_up,
+        ]
+        .into_iter()
+        .chain(pre)
     }
 }
 

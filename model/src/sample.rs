@@ -138,7 +138,7 @@ impl<B: Backend> Sampler<B> {
             x: be.alloc(chunk * d)?,
             h: be.alloc(chunk * d)?,
             att: be.alloc(chunk * cfg.q_dim())?,
-            qkv: Qkv::alloc(be, &cfg, chunk)?,
+            qkv: Qkv::alloc(&cfg, chunk, |len| be.alloc(len))?,
             gate: be.alloc(chunk * ff)?,
             up: be.alloc(chunk * ff)?,
             act: be.alloc(chunk * ff)?,

@@ -150,13 +150,10 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
         phases: phases.timings,
     };
     let files = write_report(&out, &summary, &rl.steps)?;
-    // The run's objects (segments, weights, checkpoints) served the run; the report folder
-    // keeps the report and the ledger.
+    // The run's objects (segments, weights, checkpoints) served the run and go with the
+    // process; the report folder keeps the report and the ledger.
     let run_id = stores.run_id.clone();
     drop(stores);
-    let blobs = out.join("blobs");
-    std::fs::remove_dir_all(&blobs)
-        .with_context(|| format!("removing the run's objects in {}", blobs.display()))?;
     progress.finish(&summary);
     println!(
         "held-out accuracy ({} problems): warm start {:.1}%  →  after RL {:.1}%  ({:+.1} points); \
