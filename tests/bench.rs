@@ -173,3 +173,37 @@ fn weights_bench_refuses_bad_options() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lr must be a positive number"));
 }
+
+/// Both arms on the demo's `--quick` setup, one seed: every run's line, the per-arm summary,
+/// the verdict, and the CSV and plots in `--out`.
+#[test]
+fn icepop_bench_runs_both_arms() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("icepop");
+    let out = bench(&[
+        "icepop",
+        "--quick",
+        "--seeds",
+        "1",
+        "--noise",
+        "0.2",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    for line in ["grpo   seed 0:", "icepop seed 0:", "the paper's finding"] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    let csv = std::fs::read_to_string(out_dir.join("runs.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("grpo,0,")), "{csv}");
+    assert!(csv.lines().any(|l| l.starts_with("icepop,0,")), "{csv}");
+    for png in [
+        "reward.png",
+        "held_out_accuracy.png",
+        "mean_abs_log_k.png",
+        "masked_fraction.png",
+        "grad_norm.png",
+    ] {
+        let bytes = std::fs::read(out_dir.join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+    }
+}

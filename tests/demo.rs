@@ -15,6 +15,41 @@ struct Cli {
     demo: DemoArgs,
 }
 
+/// A policy that never solves the task has every group filtered (one reward for all its
+/// samples), so no step is ever trained; the demo says so after `--stall-secs` instead of
+/// feeding prompts for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_that_trains_nothing_stops_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    // An untrained model (no warm start) with the zero-variance filter on (no `--quick`),
+    // sampled from weights drowned in noise: the logits saturate, the K samples of a prompt
+    // are the same text, and every group has one reward.
+    let cli = Cli::parse_from([
+        "demo",
+        "--engine-weight-noise=1000",
+        "--steps=3",
+        "--d-model=16",
+        "--layers=1",
+        "--heads=2",
+        "--sft-steps=0",
+        "--eval-size=16",
+        "--eval-every=0",
+        "--group-size=4",
+        "--token-budget=128",
+        "--version-budget=1024",
+        "--segment-tokens=8",
+        "--max-terms=6",
+        "--stall-secs=5",
+        &format!("--out={}", out.display()),
+    ]);
+    let ran = tokio::time::timeout(std::time::Duration::from_secs(120), run(cli.demo))
+        .await
+        .expect("the demo stops on its own");
+    let err = format!("{:#}", ran.expect_err("a run that trains nothing fails"));
+    assert!(err.contains("no step was trained for 5 s"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_demo_writes_its_report_and_accounts_for_every_prompt() {
     let dir = tempfile::tempdir().unwrap();

@@ -938,7 +938,9 @@ impl Coordinator {
             return Ok(TickOutcome::Idle);
         }
         let phi = self.run.batch.token_budget;
-        let mut due = self.waiting_tokens() >= phi;
+        // In `sync` mode a step trains what its version generated, all of it finished: a full
+        // budget of waiting groups is not enough while the version's trajectories still run.
+        let mut due = self.run.rollout.mode != RolloutMode::Sync && self.waiting_tokens() >= phi;
         if !due {
             let counts = self.state.counts().await?;
             let drained = counts.pending == 0 && counts.generating == 0 && counts.parked == 0;

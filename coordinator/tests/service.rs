@@ -532,6 +532,41 @@ async fn sync_waits_for_parked_work_before_cutting() {
     }
 }
 
+/// `sync`: a step trains what its version generated once all of it has finished; Φ tokens
+/// of complete groups do not cut it while a trajectory of the version still runs (`partial`
+/// cuts at Φ).
+#[tokio::test]
+async fn sync_cuts_only_once_its_version_has_finished() {
+    for mode in [RolloutMode::Sync, RolloutMode::Partial] {
+        let w = World::memory().await;
+        let mut run = w.run.clone();
+        run.rollout.mode = mode;
+        let w = World { run, ..w };
+        let mut c = w.coordinator("c");
+        tick_until_settled(&mut c).await;
+        // 180 tokens of complete groups (Φ = 100), and one trajectory still running.
+        three_groups(&w).await;
+        let running = w.accept("running", 1).await;
+        let id = TrajectoryId {
+            prompt: running.id.clone(),
+            sample: 0,
+        };
+        let epoch = w.generate(&id, 10).await;
+        let out = c.tick().await.unwrap();
+        if mode == RolloutMode::Partial {
+            assert_eq!(out, TickOutcome::Committed(0), "partial cuts at Φ");
+            continue;
+        }
+        assert_eq!(
+            out,
+            TickOutcome::Idle,
+            "sync waits for the running trajectory"
+        );
+        w.state.finish(&id, "w", epoch, 1.0).await.unwrap();
+        assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+    }
+}
+
 /// After a step the finished stream keeps only the entries of prompts still open, so a new
 /// leader reads little; it rebuilds the same waiting groups from what is left.
 #[tokio::test]

@@ -165,8 +165,8 @@ impl<B: Backend> LayerActs<B> {
     /// Every buffer, for the pool.
     fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
         [
-            self.x_in, self.rstd1, self.h1, self.probs, self.att, self.x_mid, self.rstd2,
-            self.h2, self.gate, self.up, self.act,
+            self.x_in, self.rstd1, self.h1, self.probs, self.att, self.x_mid, self.rstd2, self.h2,
+            self.gate, self.up, self.act,
         ]
         .into_iter()
         .chain(self.qkv.into_bufs())
@@ -1220,7 +1220,14 @@ impl<B: Backend> Scratch<B> {
     fn into_bufs(self) -> impl Iterator<Item = B::Buf> {
         let pre = self.qk_pre.into_iter().flat_map(|(q, k)| [q, k]);
         [
-            self.dh, self.datt, self.dp, self.dq, self.dk, self.dv, self.d_act, self.d_gate,
+            self.dh,
+            self.datt,
+            self.dp,
+            self.dq,
+            self.dk,
+            self.dv,
+            self.d_act,
+            self.d_gate,
             self.d_up,
         ]
         .into_iter()

@@ -103,7 +103,9 @@ fn a_training_pass_of_a_known_shape_allocates_no_large_buffer() {
         let before = allocations().1;
         let cache = model.forward(&seqs).unwrap();
         let d_logprob = vec![0.1; cache.logprobs().len()];
-        model.backward(&cache, &d_logprob, None, &mut grads).unwrap();
+        model
+            .backward(&cache, &d_logprob, None, &mut grads)
+            .unwrap();
         drop(cache);
         allocations().1 - before
     };

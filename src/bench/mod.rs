@@ -2,12 +2,15 @@
 //! against a baseline run side by side.
 //!
 //! - `dataplane`: the platform's own ceiling beside each store's;
+//! - `icepop`: IcePop against vanilla GRPO under a controlled training/inference
+//!   mismatch;
 //! - `modes`: `sync`, `partial` and `async` rollouts of one long-tailed workload;
 //! - `trainer`: training-step and sampling throughput, beside PyTorch eager;
 //! - `weights`: publishing a policy version incrementally against publishing it whole, and a
 //!   worker loading it from the version it holds against loading it from scratch.
 
 mod dataplane;
+mod icepop;
 mod modes;
 mod services;
 mod trainer;
@@ -18,6 +21,7 @@ use flywheel_trainer::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 
 pub use dataplane::DataplaneBench;
+pub use icepop::IcepopBench;
 pub use modes::ModesBench;
 pub use trainer::TrainerBench;
 pub use weights::WeightsBench;
@@ -37,6 +41,9 @@ pub enum BenchCommand {
     /// Bytes and time to publish a policy version (incremental against whole) and to load it
     /// (from the previous version against from scratch).
     Weights(WeightsBench),
+    /// IcePop against vanilla GRPO, several seeds each, with the engine sampling
+    /// from perturbed weights (a controlled training/inference mismatch).
+    Icepop(IcepopBench),
 }
 
 /// Runs a bench and prints its report.
@@ -46,6 +53,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Weights(b) => weights::run(&b).await,
         BenchCommand::Modes(b) => modes::run(&b).await,
         BenchCommand::Dataplane(b) => dataplane::run(&b).await,
+        BenchCommand::Icepop(b) => icepop::run(&b).await,
     }
 }
 

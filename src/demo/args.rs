@@ -10,7 +10,7 @@ use flywheel_storage::config::{
 };
 use flywheel_storage::queue::{EmbeddedKafka, KafkaConfig};
 use flywheel_task::TaskConfig;
-use flywheel_trainer::{AdamWConfig, LossConfig, TrainerConfig};
+use flywheel_trainer::{AdamWConfig, LossConfig, LossMode, TrainerConfig};
 
 /// The settings of a demo run. The model, task, warm start, K and Φ follow
 /// examples/demo_recipe.rs; the RL schedule is calibrated on the embedded loop itself:
@@ -74,6 +74,14 @@ pub struct DemoArgs {
     /// (1 keeps it constant).
     #[arg(long, default_value_t = 0.1)]
     pub rl_lr_final: f64,
+    /// Noise on the weights the workers sample with, relative to each tensor's RMS (0: none):
+    /// a controlled training/inference mismatch, for experiments (`flywheel bench icepop`).
+    #[arg(long, default_value_t = 0.0)]
+    pub engine_weight_noise: f32,
+    /// Train vanilla GRPO instead of IcePop: every token counts with weight 1 whatever the
+    /// training/inference mismatch (PPO's clip still applies), for comparison.
+    #[arg(long)]
+    pub vanilla_grpo: bool,
     /// GRPO group size K (samples per prompt).
     #[arg(long, default_value_t = 8)]
     pub group_size: u32,
@@ -101,6 +109,10 @@ pub struct DemoArgs {
     /// Also evaluate every this many steps (0: only before and after).
     #[arg(long, default_value_t = 50)]
     pub eval_every: u64,
+    /// Fail when no step is trained for this many seconds while prompts are fed (every group
+    /// dropped, say, because the policy never solves the task).
+    #[arg(long, default_value_t = 120)]
+    pub stall_secs: u64,
     /// Most terms per problem.
     #[arg(long, default_value_t = TaskConfig::default().max_terms)]
     pub max_terms: usize,
@@ -293,14 +305,22 @@ pub fn hf_model_string(setup: &Setup) -> String {
         .unwrap_or_default()
 }
 
-/// The trainer of the run: IcePop, AdamW with the learning rate decaying over the run.
+/// The trainer of the run: IcePop (unless `--vanilla-grpo`), AdamW with the learning rate
+/// decaying over the run.
 pub fn trainer_config(a: &DemoArgs, setup: &Setup) -> Result<TrainerConfig> {
     let config = TrainerConfig {
         id: "demo-trainer".into(),
         seed: a.seed,
         model: setup.model.clone(),
         hf_model: hf_model_string(setup),
-        loss: LossConfig::default(),
+        loss: LossConfig {
+            mode: if a.vanilla_grpo {
+                LossMode::Grpo
+            } else {
+                LossMode::Icepop
+            },
+            ..LossConfig::default()
+        },
         optimizer: AdamWConfig {
             lr: a.rl_lr,
             weight_decay: 0.0,

@@ -281,14 +281,16 @@ pub fn write_report(
         for (name, _) in PLOTS {
             let path = out_dir.join(name);
             match name {
-                "reward_accuracy.png" => {
-                    line_chart(&path, steps, reward_accuracy_chart(summary, steps))?
-                }
+                "reward_accuracy.png" => line_chart(
+                    &path,
+                    step_range(steps),
+                    reward_accuracy_chart(summary, steps),
+                )?,
                 "tokens_per_second.png" => {
-                    line_chart(&path, steps, tokens_per_second_chart(steps))?
+                    line_chart(&path, step_range(steps), tokens_per_second_chart(steps))?
                 }
-                "staleness.png" => line_chart(&path, steps, staleness_chart(steps))?,
-                "icepop_masked.png" => line_chart(&path, steps, icepop_chart(steps))?,
+                "staleness.png" => line_chart(&path, step_range(steps), staleness_chart(steps))?,
+                "icepop_masked.png" => line_chart(&path, step_range(steps), icepop_chart(steps))?,
                 _ => plot_step_time(&path, steps)?,
             }
             plots.push(path);
@@ -665,7 +667,8 @@ struct LineChart {
     lines: Vec<Line>,
 }
 
-fn line_chart(path: &Path, steps: &[StepMetrics], chart: LineChart) -> Result<(), ReportError> {
+/// Draws `chart` over the x range `(x0, x1)` into the PNG at `path`.
+fn line_chart(path: &Path, (x0, x1): (f64, f64), chart: LineChart) -> Result<(), ReportError> {
     let LineChart {
         title,
         y,
@@ -675,7 +678,6 @@ fn line_chart(path: &Path, steps: &[StepMetrics], chart: LineChart) -> Result<()
     let err = plot_error(path);
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (x0, x1) = step_range(steps);
     let (y0, y1) = value_range(
         lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)),
         y.from_zero,
@@ -739,6 +741,55 @@ fn line_chart(path: &Path, steps: &[StepMetrics], chart: LineChart) -> Result<()
     draw_legend(&mut chart, legend).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// One run's values of a metric, for [`plot_runs`].
+pub struct RunSeries {
+    /// The legend's label.
+    pub label: String,
+    /// Runs of the same arm of an experiment share a colour.
+    pub arm: usize,
+    /// (RL step, value) points.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart of one metric over several runs, written as a PNG at `path`: how the arms of
+/// an experiment (`flywheel bench icepop`) compare, seed by seed.
+pub fn plot_runs(
+    path: &Path,
+    title: &'static str,
+    y_desc: &'static str,
+    percent: bool,
+    runs: Vec<RunSeries>,
+) -> Result<(), ReportError> {
+    ensure_font()?;
+    let (x0, x1) = runs
+        .iter()
+        .flat_map(|r| r.points.iter().map(|p| p.0))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+    let x = if x1 > x0 { (x0, x1) } else { (0.0, 1.0) };
+    let colors = [C_BLUE, C_RED, C_GREEN, C_ORANGE];
+    let lines = runs
+        .into_iter()
+        .map(|r| Line {
+            label: r.label,
+            color: colors[r.arm % colors.len()],
+            // Sparse series (held-out accuracy) get a marker on every point.
+            markers: r.points.len() < 30,
+            points: r.points,
+            dashed: false,
+        })
+        .collect();
+    let y = YAxis::from_zero(y_desc);
+    let chart = LineChart {
+        title,
+        y: if percent { y.percent() } else { y },
+        legend: SeriesLabelPosition::UpperRight,
+        lines,
+    };
+    line_chart(path, x, chart)
 }
 
 fn reward_accuracy_chart(summary: &DemoSummary, steps: &[StepMetrics]) -> LineChart {

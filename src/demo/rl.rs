@@ -168,6 +168,7 @@ async fn start_workers(
                     slots: a.slots,
                     seed: mix(&[a.seed, 6, i as u64]),
                     hf_model: hf_model.to_owned(),
+                    weight_noise: a.engine_weight_noise,
                     ..BuiltinConfig::default()
                 }),
                 rewards: rewards.clone(),
@@ -189,7 +190,9 @@ async fn start_workers(
 
 /// Feeds prompts until `a.steps` steps are (nearly) trained, then waits until every prompt
 /// sent is trained or dropped and the trainer finished the last committed step. Returns the
-/// prompts sent; fails when nothing moves for two minutes or the trainer stops.
+/// prompts sent; fails when the trainer stops, when nothing moves for `--stall-secs`, or when
+/// no step is trained for that long while prompts are fed (dropped prompts are movement, but
+/// a run that drops every group would otherwise feed for ever).
 async fn feed(
     stores: &RunStores,
     run: &RunConfig,
@@ -207,7 +210,9 @@ async fn feed(
     let backlog = (3 * a.version_budget / (u64::from(a.group_size) * 20)).max(4);
     let drain_steps = (backlog * u64::from(a.group_size) * 20).div_ceil(a.token_budget);
     let mut sent = 0u64;
+    let stall = Duration::from_secs(a.stall_secs);
     let mut last_progress = (Instant::now(), 0u64, 0u64);
+    let mut last_step = (Instant::now(), 0u64);
     loop {
         if trainer_stopped() {
             bail!("the trainer stopped before the run drained; see the log above");
@@ -235,11 +240,25 @@ async fn feed(
         let marker = (finished, counts.trained + counts.dropped);
         if marker != (last_progress.1, last_progress.2) {
             last_progress = (Instant::now(), marker.0, marker.1);
-        } else if last_progress.0.elapsed() > Duration::from_secs(120) {
+        } else if last_progress.0.elapsed() > stall {
             bail!(
-                "the run made no progress for 2 minutes (step {finished}, {} prompts pending, \
-                 {} trained, {} dropped); see the log above",
+                "the run made no progress for {} s (step {finished}, {} prompts pending, {} \
+                 trained, {} dropped); see the log above",
+                a.stall_secs,
                 counts.pending,
+                counts.trained,
+                counts.dropped
+            );
+        }
+        if finished != last_step.1 {
+            last_step = (Instant::now(), finished);
+        } else if feeding && last_step.0.elapsed() > stall {
+            bail!(
+                "no step was trained for {} s while prompts were fed (step {finished}; {} \
+                 prompts trained, {} dropped: most likely every group had one reward for all \
+                 its samples and was filtered, i.e. the policy never solves the task; start \
+                 from a stronger warm start or lower --engine-weight-noise)",
+                a.stall_secs,
                 counts.trained,
                 counts.dropped
             );

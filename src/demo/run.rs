@@ -122,7 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
     };
     let rl = phases
         .run(
-            "RL (partial rollouts, IcePop)",
+            "RL (partial rollouts)",
             reinforce(&stores, &run, trainer, &a, eval, progress.clone(), started),
         )
         .await?;
@@ -284,7 +284,18 @@ fn summary_config(
             a.sft_steps, a.sft_batch, a.sft_lr
         ),
     );
-    put("mode", "partial (C3PO++), IcePop".into());
+    let loss = if a.vanilla_grpo {
+        "vanilla GRPO (no IcePop)"
+    } else {
+        "IcePop"
+    };
+    put("mode", format!("partial (C3PO++), {loss}"));
+    if a.engine_weight_noise > 0.0 {
+        put(
+            "engine weight noise",
+            format!("{} × each tensor's RMS", a.engine_weight_noise),
+        );
+    }
     put(
         "rl lr",
         if a.rl_lr_final == 1.0 {

@@ -196,11 +196,11 @@ impl TrainerConfig {
         self.loss
             .validate()
             .map_err(|e| err("trainer.loss", e.to_string()))?;
-        if self.loss.mode != LossMode::Icepop {
+        if self.loss.mode == LossMode::Supervised {
             return Err(err(
                 "trainer.loss.mode",
-                "must be `icepop` for the trainer service; supervised warm-starts run through \
-                 `flywheel_trainer::step::supervised_step`"
+                "must be `icepop` (or `grpo`) for the trainer service; supervised warm-starts \
+                 run through `flywheel_trainer::step::supervised_step`"
                     .into(),
             ));
         }

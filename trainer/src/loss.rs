@@ -19,6 +19,10 @@ pub enum LossMode {
     /// Reinforcement learning: the IcePop-masked PPO-clip loss of [`PolicyLoss`].
     #[default]
     Icepop,
+    /// Reinforcement learning with the same PPO-clip loss and no correction for the
+    /// training/inference mismatch: every token counts with weight 1, whatever k (vanilla
+    /// GRPO, the baseline IcePop is measured against).
+    Grpo,
     /// Supervised fine-tuning on reference solutions: [`supervised_loss`].
     Supervised,
 }
@@ -288,9 +292,11 @@ impl PolicyLoss {
     }
 
     /// IcePop's mask weight M(k) for a token with log k = `log_k`: k inside [α, β]
-    /// (inclusive), 0 outside.
+    /// (inclusive), 0 outside; always 1 in [`LossMode::Grpo`].
     pub fn icepop_weight(&self, log_k: f64) -> f64 {
-        if log_k >= self.log_alpha && log_k <= self.log_beta {
+        if self.config.mode == LossMode::Grpo {
+            1.0
+        } else if log_k >= self.log_alpha && log_k <= self.log_beta {
             log_k.exp()
         } else {
             0.0
@@ -595,6 +601,27 @@ mod tests {
         assert_close(out.loss(), -5.5, 1e-6);
         assert_close(f64::from(out.grad[0]), -0.5, 1e-6);
         assert_close(f64::from(out.grad[1]), -5.0, 1e-6);
+    }
+
+    #[test]
+    fn grpo_weighs_every_token_one_whatever_k() {
+        let grpo = PolicyLoss::new(LossConfig {
+            mode: LossMode::Grpo,
+            token_budget: 1,
+            ..LossConfig::default()
+        })
+        .unwrap();
+        // k = 2 (IcePop: weight 2) and k = 10 (IcePop: masked); r = 1, A = 1.
+        let toks = [tok_log_k(2.0f32.ln(), 1.0), tok_log_k(10.0f32.ln(), 1.0)];
+        let out = run(&grpo, &toks);
+        assert_eq!(out.stats.tokens_masked, 0);
+        assert_close(out.loss(), -2.0, 1e-6);
+        assert_eq!(out.grad, vec![-1.0, -1.0]);
+        let icepop = run(&loss_with(1, 0.0), &toks);
+        assert_eq!(icepop.stats.tokens_masked, 1);
+        assert_close(f64::from(icepop.grad[0]), -2.0, 1e-6);
+        // |log k| is measured either way.
+        assert_eq!(out.stats.sum_abs_log_k, icepop.stats.sum_abs_log_k);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use flywheel_model::{
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
 use flywheel_storage::{FinishReason, PolicyVersion};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -58,6 +58,11 @@ pub struct BuiltinConfig {
     pub weights: WeightsConfig,
     /// How long a segment waits for its version's weights to be published, in ms.
     pub weights_wait_ms: u64,
+    /// Standard deviation of Gaussian noise added to every weight the engine samples with,
+    /// relative to the RMS of the weight's tensor; 0 (the default) adds none. A controlled
+    /// training/inference mismatch for experiments (`flywheel bench icepop`), never for a run
+    /// that should learn its best. The noise of a version is the same on every worker.
+    pub weight_noise: f32,
 }
 
 impl Default for BuiltinConfig {
@@ -69,6 +74,7 @@ impl Default for BuiltinConfig {
             hf_model: String::new(),
             weights: WeightsConfig::default(),
             weights_wait_ms: 60_000,
+            weight_noise: 0.0,
         }
     }
 }
@@ -111,6 +117,12 @@ impl BuiltinEngine {
             .weights
             .validate()
             .map_err(|e| EngineError::Config(format!("builtin engine weights: {e}")))?;
+        if !(config.weight_noise.is_finite() && config.weight_noise >= 0.0) {
+            return Err(EngineError::Config(format!(
+                "builtin engine: weight_noise = {} must be a finite number ≥ 0 (0: none)",
+                config.weight_noise
+            )));
+        }
         let tokenizer = TextCodec::open(&config.hf_model, &config.charset)
             .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
         Ok(BuiltinEngine {
@@ -179,8 +191,9 @@ impl BuiltinEngine {
                 self.tokenizer.vocab_size()
             )));
         }
-        let params = Params::from_bytes_map(&model_config, &fetched.tensors)
+        let mut params = Params::from_bytes_map(&model_config, &fetched.tensors)
             .map_err(|e| protocol(format!("weights version {version}: {e}")))?;
+        perturb(&mut params, self.config.weight_noise, version);
         let model = Model::cpu(&params).map_err(|e| protocol(e.to_string()))?;
         let loaded = Arc::new(Loaded {
             model: Arc::new(model),
@@ -192,6 +205,24 @@ impl BuiltinEngine {
             versions.pop_first();
         }
         Ok(loaded)
+    }
+}
+
+/// Adds noise of standard deviation `sigma` × (the tensor's RMS) to every weight, drawn from a
+/// stream fixed by `version` alone, so that every worker samples from the same perturbed
+/// policy. `sigma = 0` leaves the weights as published.
+fn perturb(params: &mut Params, sigma: f32, version: PolicyVersion) {
+    if sigma == 0.0 {
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(version ^ 0x1ce9_0b5e));
+    for t in params.tensors_mut() {
+        let rms = (t.data.iter().map(|&w| f64::from(w).powi(2)).sum::<f64>()
+            / t.data.len().max(1) as f64)
+            .sqrt() as f32;
+        for w in &mut t.data {
+            *w += sigma * rms * rng.sample::<f32, _>(rand_distr::StandardNormal);
+        }
     }
 }
 
@@ -283,5 +314,50 @@ impl Engine for BuiltinEngine {
             .limits
             .get_or_try_init(|| run_limits(NAME, &self.blobs, &self.run));
         limits.await.copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flywheel_model::ModelConfig;
+
+    use super::*;
+
+    #[test]
+    fn perturbation_is_relative_to_each_tensor_and_fixed_by_the_version() {
+        let params = Params::init(&ModelConfig::tiny(20), 0).unwrap();
+        let perturbed = |sigma: f32, version| {
+            let mut p = params.clone();
+            perturb(&mut p, sigma, version);
+            p
+        };
+        assert_eq!(
+            perturbed(0.0, 3),
+            params,
+            "no noise leaves the weights alone"
+        );
+        assert_eq!(
+            perturbed(0.1, 3),
+            perturbed(0.1, 3),
+            "same version, same noise"
+        );
+        assert_ne!(perturbed(0.1, 3), perturbed(0.1, 4));
+        let noisy = perturbed(0.1, 3);
+        for (t, n) in params.tensors().iter().zip(noisy.tensors()) {
+            let len = t.data.len() as f64;
+            let rms = (t.data.iter().map(|&w| f64::from(w).powi(2)).sum::<f64>() / len).sqrt();
+            let noise = (t.data.iter().zip(&n.data))
+                .map(|(&a, &b)| f64::from(b - a).powi(2))
+                .sum::<f64>()
+                / len;
+            let relative = noise.sqrt() / rms;
+            if t.data.len() >= 1000 {
+                assert!(
+                    (0.08..0.12).contains(&relative),
+                    "{}: noise is {relative:.3} of the RMS, not 0.1",
+                    t.name
+                );
+            }
+        }
     }
 }
