@@ -78,9 +78,10 @@ async fn weights_bench_runs_on_s3_and_cleans_up() {
 }
 
 /// The three modes, one measured step each, on the test services (Redis, PostgreSQL, Kafka,
-/// S3) with a sim engine that costs no time.
+/// S3) with a sim engine that costs no time; the plots land in `--out`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modes_bench_runs_every_mode_on_the_services() {
+    let dir = tempfile::tempdir().unwrap();
     let out = bench_on_services(&[
         "modes",
         "--steps",
@@ -99,14 +100,20 @@ async fn modes_bench_runs_every_mode_on_the_services() {
         "256",
         "--segment-tokens",
         "16",
+        "--out",
+        dir.path().to_str().unwrap(),
     ])
     .await;
+    for png in ["step_time.png", "rollout_time.png"] {
+        let bytes = std::fs::read(dir.path().join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+    }
     for line in [
         "Sync: end-to-end per step",
         "Partial: end-to-end per step",
         "Async: end-to-end per step",
-        "Partial/sync: end-to-end time per step",
-        "Async/sync: end-to-end time per step",
+        "Partial/sync: trained tokens/s",
+        "Async/sync: trained tokens/s",
     ] {
         assert!(out.contains(line), "{line:?} missing:\n{out}");
     }

@@ -959,8 +959,14 @@ impl Coordinator {
             .await?
             .len()
             .clamp(1, flywheel_storage::state::MAX_WORLD_SIZE as usize) as u32;
+        // A `sync` step trains its version's whole batch, whatever its size: leaving part of
+        // it for the next step would train that part one version stale.
+        let budget = match self.run.rollout.mode {
+            RolloutMode::Sync => phi.max(self.waiting_tokens()),
+            RolloutMode::Partial | RolloutMode::Async => phi,
+        };
         let plan_config = PlanConfig {
-            token_budget: phi,
+            token_budget: budget,
             micro_batch_tokens: self.run.batch.micro_batch_tokens,
             partition: Default::default(),
         };

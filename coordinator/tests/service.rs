@@ -532,9 +532,9 @@ async fn sync_waits_for_parked_work_before_cutting() {
     }
 }
 
-/// `sync`: a step trains what its version generated once all of it has finished; Φ tokens
-/// of complete groups do not cut it while a trajectory of the version still runs (`partial`
-/// cuts at Φ).
+/// `sync`: a step trains what its version generated once all of it has finished, all of it;
+/// Φ tokens of complete groups do not cut it while a trajectory of the version still runs
+/// (`partial` cuts at Φ).
 #[tokio::test]
 async fn sync_cuts_only_once_its_version_has_finished() {
     for mode in [RolloutMode::Sync, RolloutMode::Partial] {
@@ -564,6 +564,12 @@ async fn sync_cuts_only_once_its_version_has_finished() {
         );
         w.state.finish(&id, "w", epoch, 1.0).await.unwrap();
         assert_eq!(c.tick().await.unwrap(), TickOutcome::Committed(0));
+        // The step is the version's whole batch, beyond Φ: the three groups' 180 tokens (the
+        // one-sample group has no reward variance and is filtered). Nothing is left to be
+        // trained a version late.
+        let m = manifest(&w, 0).await;
+        assert_eq!((m.total_tokens, m.token_budget), (180, 180));
+        assert_eq!(m.prompts.len(), 3);
     }
 }
 

@@ -8,7 +8,7 @@ use crate::error::Result;
 /// Buffers of passes that have finished, for the next pass to reuse. A training step's
 /// activations and scratch buffers have much the same sizes step after step; allocating them
 /// afresh costs the CPU a page fault for every page touched (and a GPU a device allocation per
-/// buffer). The pool holds at most what one pass held at its peak.
+/// buffer). The pool holds at most what the passes that ran at once held at their peak.
 pub(crate) struct BufPool<B: Backend> {
     /// Buffers nobody uses now.
     free: Mutex<Vec<B::Buf>>,

@@ -11,7 +11,7 @@
 //! the start of every service).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use super::services::{
     VOCAB, fresh_run, open_run, prompt, services_run, start_coordinator, start_sim_workers,
 };
 use super::{median, median_spread};
+use crate::demo::report::{RunSeries, plot_runs};
 use crate::demo::rl::trained_staleness;
 
 /// Options of `flywheel bench modes`.
@@ -81,6 +82,10 @@ pub struct ModesBench {
     /// Seed of the workload (lengths, tokens) and of the model.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also draw the measured steps' times, a line per mode, as `step_time.png` and
+    /// `rollout_time.png` in this folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// A rollout mode, as the command line names it.
@@ -172,15 +177,51 @@ pub async fn run(b: &ModesBench) -> anyhow::Result<()> {
     if let Some(sync) = results.iter().find(|r| r.mode == Mode::Sync) {
         for r in results.iter().filter(|r| r.mode != Mode::Sync) {
             println!(
-                "{:?}/sync: end-to-end time per step {:.2}x, rollout time per step {:.2}x, trained tokens/s {:.2}x",
+                "{:?}/sync: trained tokens/s {:.2}x; end-to-end time per step {:.2}x, rollout time per step {:.2}x (a sync step is its version's whole batch, which may exceed Φ)",
                 r.mode,
+                throughput(r) / throughput(sync),
                 median(&r.step_secs) / median(&sync.step_secs),
                 median(&r.rollout_secs) / median(&sync.rollout_secs),
-                throughput(r) / throughput(sync),
             );
         }
     }
+    if let Some(dir) = &b.out {
+        plot(dir, &results)?;
+        println!("wrote {}: step_time.png, rollout_time.png", dir.display());
+    }
     println!("reproduce: {}", super::reproduce());
+    Ok(())
+}
+
+/// The measured steps' end-to-end and rollout times, a line per mode.
+fn plot(dir: &Path, results: &[ModeResult]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let series = |secs: fn(&ModeResult) -> &[f64]| -> Vec<RunSeries> {
+        results
+            .iter()
+            .map(|r| RunSeries {
+                label: format!("{:?}", r.mode).to_lowercase(),
+                arm: r.mode as usize,
+                points: (secs(r).iter().enumerate())
+                    .map(|(i, &s)| (i as f64 + 1.0, s))
+                    .collect(),
+            })
+            .collect()
+    };
+    plot_runs(
+        &dir.join("step_time.png"),
+        "End-to-end time per step",
+        "seconds",
+        false,
+        series(|r| &r.step_secs),
+    )?;
+    plot_runs(
+        &dir.join("rollout_time.png"),
+        "Rollout phase per step (the trainer waiting)",
+        "seconds",
+        false,
+        series(|r| &r.rollout_secs),
+    )?;
     Ok(())
 }
 
@@ -378,10 +419,11 @@ fn print_mode(r: &ModeResult) {
         .sum::<f64>()
         / trained.max(1) as f64;
     println!(
-        "{:?}: end-to-end per step {}, rollout phase per step {}, {:.0} trained tokens/s, slots busy {:.0}%, staleness: {:.0}% of trained tokens stale (mean {:.2} versions, {:?}), {} tokens purged or dropped ({} trajectories), {:.2} generated tokens per trained token",
+        "{:?}: end-to-end per step {}, rollout phase per step {}, {:.0} trained tokens per step, {:.0} trained tokens/s, slots busy {:.0}%, staleness: {:.0}% of trained tokens stale (mean {:.2} versions, {:?}), {} tokens purged or dropped ({} trajectories), {:.2} generated tokens per trained token",
         r.mode,
         median_spread(&r.step_secs, secs),
         median_spread(&r.rollout_secs, secs),
+        r.tokens_trained as f64 / r.step_secs.len().max(1) as f64,
         throughput(r),
         100.0 * r.slot_utilisation,
         100.0 * stale as f64 / trained.max(1) as f64,
