@@ -730,6 +730,17 @@ mod tests {
         }
     }
 
+    /// Random A, B and C buffers covering `g`'s views.
+    fn operands(g: &Gemm, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut fill =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        (
+            fill(g.a.end(g.batch, g.m, g.k)),
+            fill(g.b.end(g.batch, g.k, g.n)),
+            fill(g.c.end(g.batch, g.m, g.n)),
+        )
+    }
+
     #[test]
     fn gemm_matches_naive_for_strided_transposed_batched_views() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -762,12 +773,7 @@ mod tests {
                 b: layout(k, n),
                 c: layout(m, n),
             };
-            let fill = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
-                (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-            };
-            let a = fill(g.a.end(batch, m, k), &mut rng);
-            let b = fill(g.b.end(batch, k, n), &mut rng);
-            let c0 = fill(g.c.end(batch, m, n), &mut rng);
+            let (a, b, c0) = operands(&g, &mut rng);
             let mut want = c0.clone();
             naive(&g, &a, &b, &mut want);
             let mut got = c0.clone();
@@ -978,12 +984,7 @@ mod tests {
             b: MatLayout::row_major(k).t().batched(k * n),
             c: MatLayout::at(3, n + 5).batched(m * (n + 5)),
         };
-        let fill = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
-            (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
-        };
-        let a = fill(g.a.end(batch, m, k), &mut rng);
-        let b = fill(g.b.end(batch, k, n), &mut rng);
-        let c0 = fill(g.c.end(batch, m, n), &mut rng);
+        let (a, b, c0) = operands(&g, &mut rng);
         let mut want = c0.clone();
         naive(&g, &a, &b, &mut want);
         let mut got = c0;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use crate::demo::args::DemoArgs;
+use crate::demo::args::{DemoArgs, report_folder};
 use crate::demo::report::{RunSeries, StepMetrics, percent, plot_runs};
 use crate::demo::run::DemoOutcome;
 
@@ -138,16 +138,7 @@ pub async fn run(b: &IcepopBench) -> anyhow::Result<()> {
     if !(b.noise.is_finite() && b.noise >= 0.0) {
         bail!("--noise = {} must be a finite number ≥ 0", b.noise);
     }
-    let out = match &b.out {
-        Some(dir) => dir.clone(),
-        None => {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            PathBuf::from(format!("runs/bench-icepop-{secs}"))
-        }
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = report_folder(b.out.as_deref(), "bench-icepop")?;
     println!(
         "workload: the demo's task and model, {} RL steps a run, engine weight noise {} × each \
          tensor's RMS, held-out evaluation every {} steps; arms: vanilla GRPO and IcePop \

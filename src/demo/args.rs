@@ -227,15 +227,15 @@ impl Setup {
     }
 }
 
-/// The report folder: `out`, or `runs/demo-<unix time>/`; created, absolute.
-pub fn report_folder(out: Option<&Path>) -> Result<PathBuf> {
+/// The report folder: `out`, or `runs/<name>-<unix time>/`; created, absolute.
+pub fn report_folder(out: Option<&Path>, name: &str) -> Result<PathBuf> {
     let out = match out {
         Some(p) => p.to_path_buf(),
         None => {
             let secs = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            PathBuf::from(format!("runs/demo-{secs}"))
+            PathBuf::from(format!("runs/{name}-{secs}"))
         }
     };
     std::fs::create_dir_all(&out)

@@ -85,7 +85,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoOutcome> {
     let a = args.effective();
     a.check()?;
     let setup = Setup::new(&a)?;
-    let out = report_folder(a.out.as_deref())?;
+    let out = report_folder(a.out.as_deref(), "demo")?;
     let progress = Arc::new(DemoProgress::new(a.steps));
     let mut phases = Phases {
         progress: progress.clone(),
