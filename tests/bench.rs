@@ -104,10 +104,7 @@ async fn modes_bench_runs_every_mode_on_the_services() {
         dir.path().to_str().unwrap(),
     ])
     .await;
-    for png in ["step_time.png", "rollout_time.png"] {
-        let bytes = std::fs::read(dir.path().join(png)).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
-    }
+    assert_pngs(dir.path(), &["step_time.png", "rollout_time.png"]);
     for line in [
         "Sync: end-to-end per step",
         "Partial: end-to-end per step",
@@ -203,14 +200,22 @@ fn icepop_bench_runs_both_arms() {
     let csv = std::fs::read_to_string(out_dir.join("runs.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("grpo,0,")), "{csv}");
     assert!(csv.lines().any(|l| l.starts_with("icepop,0,")), "{csv}");
-    for png in [
-        "reward.png",
-        "held_out_accuracy.png",
-        "mean_abs_log_k.png",
-        "masked_fraction.png",
-        "grad_norm.png",
-    ] {
-        let bytes = std::fs::read(out_dir.join(png)).unwrap();
+    assert_pngs(
+        &out_dir,
+        &[
+            "reward.png",
+            "held_out_accuracy.png",
+            "mean_abs_log_k.png",
+            "masked_fraction.png",
+            "grad_norm.png",
+        ],
+    );
+}
+
+/// Fails unless each of `files` in `dir` is a PNG.
+fn assert_pngs(dir: &std::path::Path, files: &[&str]) {
+    for png in files {
+        let bytes = std::fs::read(dir.join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
     }
 }

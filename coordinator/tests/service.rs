@@ -508,10 +508,7 @@ async fn a_spent_budget_that_can_complete_no_group_is_widened() {
 #[tokio::test]
 async fn sync_waits_for_parked_work_before_cutting() {
     for (mode, waits) in [(RolloutMode::Sync, true), (RolloutMode::Partial, false)] {
-        let w = World::memory().await;
-        let mut run = w.run.clone();
-        run.rollout.mode = mode;
-        let w = World { run, ..w };
+        let w = World::memory_in(mode).await;
         let mut c = w.coordinator("c");
         tick_until_settled(&mut c).await;
         w.finish_prompt("a", &[30, 30], &[1.0, 0.0]).await;
@@ -538,10 +535,7 @@ async fn sync_waits_for_parked_work_before_cutting() {
 #[tokio::test]
 async fn sync_cuts_only_once_its_version_has_finished() {
     for mode in [RolloutMode::Sync, RolloutMode::Partial] {
-        let w = World::memory().await;
-        let mut run = w.run.clone();
-        run.rollout.mode = mode;
-        let w = World { run, ..w };
+        let w = World::memory_in(mode).await;
         let mut c = w.coordinator("c");
         tick_until_settled(&mut c).await;
         // 180 tokens of complete groups (Φ = 100), and one trajectory still running.

@@ -56,6 +56,13 @@ impl World {
         Self::with(run, state, ledger).await
     }
 
+    /// [`World::memory`] with the rollouts in `mode`.
+    pub async fn memory_in(mode: RolloutMode) -> World {
+        let mut w = Self::memory().await;
+        w.run.rollout.mode = mode;
+        w
+    }
+
     pub async fn with(
         run: RunConfig,
         state: Arc<dyn StateStore>,
