@@ -1,5 +1,5 @@
 //! A run of a Hugging Face checkpoint: the trainer publishes the checkpoint's weights as
-//! version 0 (with its EOS and tokenizer source), and `flywheel weights export` writes them back
+//! version 0 in their dtype (with its EOS and tokenizer source), and `flywheel weights export` writes them back
 //! as a checkpoint directory with the same model, tokenizer and EOS. (scripts/model_fixtures.py
 //! `--check-export DIR qwen2` checks such a directory in transformers.)
 
@@ -42,6 +42,17 @@ async fn a_checkpoint_run_publishes_and_exports_the_checkpoint() {
         };
         let trainer = Trainer::start(stores.clone(), config).await.unwrap();
         assert_eq!(trainer.version(), 0);
+        let original = Checkpoint::open(&fixture(name), None).unwrap();
+        let manifest = flywheel_storage::weights::load_manifest(&stores.blobs, "hf-weights", 0)
+            .await
+            .unwrap();
+        let bytes_per_value = original.config.dtype.size() as u64;
+        let values = original.params.num_elements() as u64;
+        assert_eq!(
+            manifest.total_bytes,
+            values * bytes_per_value,
+            "{name}: published in the checkpoint's dtype"
+        );
 
         let out = tempfile::tempdir().unwrap();
         let text = ExportText::default();
@@ -49,7 +60,6 @@ async fn a_checkpoint_run_publishes_and_exports_the_checkpoint() {
             .await
             .unwrap();
         assert_eq!(v, 0);
-        let original = Checkpoint::open(&fixture(name), None).unwrap();
         let exported = Checkpoint::open(out.path(), None).unwrap();
         assert_eq!(exported.config, original.config, "{name}");
         assert_eq!(

@@ -81,6 +81,62 @@ impl WeightDtype {
             WeightDtype::F16 => "float16",
         }
     }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        }
+    }
+
+    /// `value` as stored in this dtype, read back (bf16 and f16 round to nearest even).
+    pub fn round(self, value: f32) -> f32 {
+        match self {
+            WeightDtype::F32 => value,
+            WeightDtype::Bf16 => half::bf16::from_f32(value).to_f32(),
+            WeightDtype::F16 => half::f16::from_f32(value).to_f32(),
+        }
+    }
+
+    /// The values in this dtype, little-endian (bf16 and f16 round to nearest even).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        match self {
+            WeightDtype::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            WeightDtype::Bf16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            WeightDtype::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        }
+        out
+    }
+
+    /// Replaces `out` with the little-endian values of `bytes` (a whole number of values).
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            WeightDtype::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            WeightDtype::Bf16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            WeightDtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+    }
 }
 
 /// The shape of one model of the family.

@@ -423,48 +423,19 @@ pub fn load_params(dir: &Path, config: &ModelConfig) -> Result<(Params, WeightDt
 
 /// The values of a tensor as `f32`, and the dtype they had.
 fn to_f32(view: &TensorView<'_>) -> std::result::Result<(Vec<f32>, WeightDtype), String> {
-    let data = view.data();
-    let out = match view.dtype() {
-        Dtype::F32 => (
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            WeightDtype::F32,
-        ),
-        Dtype::BF16 => (
-            data.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            WeightDtype::Bf16,
-        ),
-        Dtype::F16 => (
-            data.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            WeightDtype::F16,
-        ),
+    let dtype = match view.dtype() {
+        Dtype::F32 => WeightDtype::F32,
+        Dtype::BF16 => WeightDtype::Bf16,
+        Dtype::F16 => WeightDtype::F16,
         other => {
             return Err(format!(
                 "dtype {other:?} is not supported (f32, bf16 or f16)"
             ));
         }
     };
-    Ok(out)
-}
-
-/// The values in `dtype`, little-endian (bf16 and f16 rounded to nearest even).
-pub fn encode_values(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
-    match dtype {
-        WeightDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WeightDtype::Bf16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        WeightDtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-    }
+    let mut values = Vec::new();
+    dtype.decode_into(view.data(), &mut values);
+    Ok((values, dtype))
 }
 
 /// Writes `params` as a complete checkpoint directory: `config.json`, `model.safetensors` (in
@@ -478,7 +449,7 @@ pub fn save(dir: &Path, params: &Params, eos: &[u32], source: Option<&Path>) -> 
         .map(|t| {
             (
                 t.name.as_str(),
-                (encode_values(&t.data, config.dtype), t.shape.as_slice()),
+                (t.encode(config.dtype), t.shape.as_slice()),
             )
         })
         .collect();

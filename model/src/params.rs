@@ -28,36 +28,29 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    /// The values as little-endian `f32` bytes (the published wire format).
-    pub fn to_le_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.data.len() * 4);
-        for v in &self.data {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out
+    /// The values as little-endian bytes of `dtype` (the published wire format).
+    pub fn encode(&self, dtype: WeightDtype) -> Vec<u8> {
+        dtype.encode(&self.data)
     }
 
-    /// Replaces the values with the little-endian `f32` bytes `bytes`, which must hold exactly
-    /// `numel()` values.
-    pub fn load_le_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        if bytes.len() != self.numel() * 4 {
+    /// Replaces the values with the little-endian `dtype` values `bytes`, which must hold
+    /// exactly `numel()` values.
+    pub fn load_bytes(&mut self, bytes: &[u8], dtype: WeightDtype) -> Result<()> {
+        let want = self.numel() * dtype.size();
+        if bytes.len() != want {
             return Err(ModelError::BadParameter {
                 name: self.name.clone(),
                 reason: format!(
-                    "expected {} bytes ({} f32 values of shape {:?}), got {}",
-                    self.numel() * 4,
+                    "expected {want} bytes ({} {} values of shape {:?}), got {}: were these \
+                     weights published in another dtype or for another model config?",
                     self.numel(),
+                    dtype.hf_name(),
                     self.shape,
                     bytes.len()
                 ),
             });
         }
-        self.data.clear();
-        self.data.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        dtype.decode_into(bytes, &mut self.data);
         Ok(())
     }
 }
@@ -329,16 +322,18 @@ impl Params {
         }
     }
 
-    /// Each tensor's values as little-endian `f32` bytes, keyed by name.
+    /// Each tensor's values as little-endian bytes of the config's dtype, keyed by name (what
+    /// is published).
     pub fn to_bytes_map(&self) -> BTreeMap<String, Vec<u8>> {
         self.tensors
             .iter()
-            .map(|t| (t.name.clone(), t.to_le_bytes()))
+            .map(|t| (t.name.clone(), t.encode(self.config.dtype)))
             .collect()
     }
 
-    /// Builds parameters for `config` from a map name → little-endian `f32` bytes. Every tensor
-    /// the config defines must be present with the exact byte length, and no other key may be.
+    /// Builds parameters for `config` from a map name → little-endian bytes of `config.dtype`.
+    /// Every tensor the config defines must be present with the exact byte length, and no
+    /// other key may be.
     pub fn from_bytes_map(config: &ModelConfig, map: &BTreeMap<String, Vec<u8>>) -> Result<Self> {
         let mut params = Params::zeros(config)?;
         for t in &mut params.tensors {
@@ -348,7 +343,7 @@ impl Params {
                          config?"
                     .into(),
             })?;
-            t.load_le_bytes(bytes)?;
+            t.load_bytes(bytes, config.dtype)?;
         }
         if let Some(extra) = map.keys().find(|k| params.get(k).is_none()) {
             return Err(ModelError::BadParameter {

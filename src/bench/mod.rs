@@ -100,7 +100,7 @@ struct TrainSteps {
 
 impl TrainSteps {
     /// `batch` random sequences of `seq_len` tokens (seeded) for `params`' model; AdamW at a
-    /// constant learning rate `lr`.
+    /// constant learning rate `lr`, on f32 masters when the weights' dtype is narrower.
     fn new(params: &Params, batch: usize, seq_len: usize, lr: f64) -> anyhow::Result<TrainSteps> {
         let vocab = params.config().vocab_size as u32;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -112,10 +112,13 @@ impl TrainSteps {
         Ok(TrainSteps {
             seqs,
             model,
-            optimizer: AdamW::new(AdamWConfig {
-                lr,
-                ..AdamWConfig::default()
-            })?,
+            optimizer: AdamW::with_weight_dtype(
+                AdamWConfig {
+                    lr,
+                    ..AdamWConfig::default()
+                },
+                params.config().dtype,
+            )?,
             grads,
         })
     }

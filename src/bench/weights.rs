@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::bail;
-use flywheel_model::{Model, Params};
+use flywheel_model::{Model, Params, WeightDtype};
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
 
@@ -35,6 +35,10 @@ pub struct WeightsBench {
     /// step changes more bits, so deltas grow with it).
     #[arg(long, default_value_t = 4e-4)]
     pub lr: f64,
+    /// The dtype versions are published in: f32, or bf16 / f16 (AdamW then steps f32 masters,
+    /// as the trainer of a bf16 checkpoint does).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: WeightDtype,
     /// The object store (as `storage.blob_url`, e.g. `s3://bucket/prefix?endpoint=…`);
     /// default a temporary directory. Everything written is deleted at the end.
     #[arg(long)]
@@ -72,14 +76,20 @@ pub async fn run(b: &WeightsBench) -> anyhow::Result<()> {
     };
     let blobs = BlobStore::open(&url)?;
     let config = WeightsConfig::default();
-    let mut params = Params::init(&preset(b.preset, 64), 0)?;
-    let model_config = params.config().clone();
-    let version_bytes = params.num_elements() as u64 * 4;
+    let mut model_config = preset(b.preset, 64);
+    model_config.dtype = b.dtype;
+    let mut params = Params::init(&model_config, 0)?;
+    // Version 0 as published: rounded to the dtype.
+    for t in params.tensors_mut() {
+        t.data.iter_mut().for_each(|v| *v = b.dtype.round(*v));
+    }
+    let version_bytes = (params.num_elements() * b.dtype.size()) as u64;
     println!(
-        "model: {:?} preset, {:.1}M parameters, {} per version (f32); store {}",
+        "model: {:?} preset, {:.1}M parameters, {} per version ({}); store {}",
         b.preset,
         params.num_elements() as f64 / 1e6,
         mib(version_bytes),
+        b.dtype.hf_name(),
         blobs
     );
     println!(
@@ -211,6 +221,17 @@ pub async fn run(b: &WeightsBench) -> anyhow::Result<()> {
     );
     println!("reproduce: {}", super::reproduce());
     Ok(())
+}
+
+fn parse_dtype(name: &str) -> Result<WeightDtype, String> {
+    match name {
+        "f32" => Ok(WeightDtype::F32),
+        "bf16" => Ok(WeightDtype::Bf16),
+        "f16" => Ok(WeightDtype::F16),
+        other => Err(format!(
+            "`{other}` is not a weight dtype: use f32, bf16 or f16"
+        )),
+    }
 }
 
 /// Publishes `params` as `version` of `run` through the trainer's own call; returns the

@@ -6,7 +6,17 @@
 //! [`Param`]s (name, values, gradient). The first step fixes the list; every later step, and
 //! every restored state, must present the same names and sizes in the same order, so a
 //! checkpoint can never silently be applied to the wrong tensors.
+//!
+//! # Weights stored in bf16 or f16
+//!
+//! A small learning rate moves a weight by far less than one bf16 step, so stepping rounded
+//! weights would lose most updates. [`AdamW::with_weight_dtype`] keeps an `f32` *master* copy of
+//! every tensor in the optimizer state (initialised from the values of the first step): each
+//! step updates the masters and hands back the masters rounded to the dtype, which is what
+//! the model computes with and what is published. The masters travel in
+//! [`AdamW::state_bytes`], so a restored optimizer continues bit for bit.
 
+use flywheel_model::WeightDtype;
 use flywheel_storage::codec::{ByteReader, Truncated};
 use serde::{Deserialize, Serialize};
 
@@ -159,12 +169,15 @@ pub enum OptimError {
     #[error("optimizer state is corrupt or truncated: {0}; restore from another checkpoint")]
     CorruptState(&'static str),
     /// Serialised optimizer state was written by an unknown format version.
-    #[error("optimizer state has format version {0}, this build reads version {FORMAT_VERSION}")]
+    #[error(
+        "optimizer state has format version {0}, this build reads versions \
+         {FORMAT_F32_WEIGHTS} and {FORMAT_WITH_MASTERS}"
+    )]
     UnsupportedVersion(u32),
 }
 
-/// One tensor handed to [`AdamW::step`]: its name, its values (updated in place) and its
-/// gradient.
+/// One tensor handed to [`AdamW::step`]: its name, its values (updated in place; rounded to
+/// the optimizer's weight dtype) and its gradient.
 #[derive(Debug)]
 pub struct Param<'a> {
     /// A name unique within the model, stable across runs (it keys the optimizer state).
@@ -194,6 +207,9 @@ struct Moments {
     m: Vec<f32>,
     /// Second-moment (uncentred variance) estimate.
     v: Vec<f32>,
+    /// The `f32` weights the steps move when the stepped values are stored in a narrower
+    /// dtype (their rounding is what the caller holds); empty for `f32` weights.
+    master: Vec<f32>,
 }
 
 /// AdamW (Loshchilov & Hutter) with bias correction, decoupled weight decay and global
@@ -205,22 +221,42 @@ pub struct AdamW {
     step: u64,
     /// One entry per tensor, in the order the steps pass them; empty before the first step.
     moments: Vec<Moments>,
+    /// The dtype the stepped values are stored in; anything but `f32` keeps masters.
+    weight_dtype: WeightDtype,
 }
 
 /// Magic bytes opening serialised optimizer state.
 const MAGIC: &[u8; 8] = b"FWADAMW\0";
-/// The format version [`AdamW::state_bytes`] writes.
-const FORMAT_VERSION: u32 = 1;
+/// The format of states of `f32` weights (no masters).
+const FORMAT_F32_WEIGHTS: u32 = 1;
+/// The format of states that keep masters: the weight dtype after the step count, and each
+/// tensor's masters after its moments.
+const FORMAT_WITH_MASTERS: u32 = 2;
 
 impl AdamW {
-    /// A fresh optimizer; its state is created by the first step.
+    /// A fresh optimizer of `f32` weights; its state is created by the first step.
     pub fn new(config: AdamWConfig) -> Result<Self, OptimError> {
+        Self::with_weight_dtype(config, WeightDtype::F32)
+    }
+
+    /// A fresh optimizer of weights stored in `weight_dtype`, keeping `f32` masters unless that
+    /// is `f32` (module docs).
+    pub fn with_weight_dtype(
+        config: AdamWConfig,
+        weight_dtype: WeightDtype,
+    ) -> Result<Self, OptimError> {
         config.validate()?;
         Ok(Self {
             config,
             step: 0,
             moments: Vec::new(),
+            weight_dtype,
         })
+    }
+
+    /// The dtype the stepped values are stored in.
+    pub fn weight_dtype(&self) -> WeightDtype {
+        self.weight_dtype
     }
 
     /// The configuration in use.
@@ -265,6 +301,7 @@ impl AdamW {
             1.0
         };
 
+        let keeps_masters = self.weight_dtype != WeightDtype::F32;
         if self.moments.is_empty() {
             self.moments = params
                 .iter()
@@ -272,6 +309,11 @@ impl AdamW {
                     name: p.name.to_string(),
                     m: vec![0.0; p.value.len()],
                     v: vec![0.0; p.value.len()],
+                    master: if keeps_masters {
+                        p.value.to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .collect();
         }
@@ -290,16 +332,28 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powf(t);
         let bias2 = 1.0 - beta2.powf(t);
         let decay = 1.0 - lr * weight_decay;
+        let dtype = self.weight_dtype;
         for (param, state) in params.iter_mut().zip(&mut self.moments) {
-            let values = param.value.iter_mut().zip(param.grad);
-            for ((p, &g), (m, v)) in values.zip(state.m.iter_mut().zip(state.v.iter_mut())) {
+            // The weights stepped: the masters, or the values themselves.
+            let weights: &mut [f32] = if keeps_masters {
+                &mut state.master
+            } else {
+                param.value
+            };
+            let moments = state.m.iter_mut().zip(state.v.iter_mut());
+            for ((w, &g), (m, v)) in weights.iter_mut().zip(param.grad).zip(moments) {
                 let g = f64::from(g) * clip_scale;
                 let m_new = beta1 * f64::from(*m) + (1.0 - beta1) * g;
                 let v_new = beta2 * f64::from(*v) + (1.0 - beta2) * g * g;
                 *m = m_new as f32;
                 *v = v_new as f32;
                 let update = (m_new / bias1) / ((v_new / bias2).sqrt() + eps);
-                *p = (f64::from(*p) * decay - lr * update) as f32;
+                *w = (f64::from(*w) * decay - lr * update) as f32;
+            }
+            if keeps_masters {
+                for (p, w) in param.value.iter_mut().zip(&state.master) {
+                    *p = dtype.round(*w);
+                }
             }
         }
         Ok(StepReport {
@@ -349,21 +403,32 @@ impl AdamW {
         Ok(())
     }
 
-    /// Serialises the state (step count, and each tensor's name and moments) to bytes:
-    /// magic, format version, little-endian fields, and a trailing crc32c of everything
-    /// before it. The configuration is not included: it comes from the config file.
+    /// Serialises the state (step count, the weight dtype unless `f32`, and each tensor's
+    /// name, moments and masters) to bytes: magic, format version, little-endian fields, and a
+    /// trailing crc32c of everything before it. The configuration is not included: it comes
+    /// from the config file.
     pub fn state_bytes(&self) -> Vec<u8> {
-        let floats: usize = self.moments.iter().map(|s| s.m.len() * 2).sum();
+        let floats: usize = self
+            .moments
+            .iter()
+            .map(|s| s.m.len() * 2 + s.master.len())
+            .sum();
         let mut out = Vec::with_capacity(32 + floats * 4);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.step.to_le_bytes());
+        if self.weight_dtype == WeightDtype::F32 {
+            out.extend_from_slice(&FORMAT_F32_WEIGHTS.to_le_bytes());
+            out.extend_from_slice(&self.step.to_le_bytes());
+        } else {
+            out.extend_from_slice(&FORMAT_WITH_MASTERS.to_le_bytes());
+            out.extend_from_slice(&self.step.to_le_bytes());
+            out.push(dtype_code(self.weight_dtype));
+        }
         out.extend_from_slice(&(self.moments.len() as u64).to_le_bytes());
         for s in &self.moments {
             out.extend_from_slice(&(s.name.len() as u64).to_le_bytes());
             out.extend_from_slice(s.name.as_bytes());
             out.extend_from_slice(&(s.m.len() as u64).to_le_bytes());
-            for x in s.m.iter().chain(&s.v) {
+            for x in s.m.iter().chain(&s.v).chain(&s.master) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
@@ -389,7 +454,7 @@ impl AdamW {
             ));
         }
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_F32_WEIGHTS && version != FORMAT_WITH_MASTERS {
             return Err(OptimError::UnsupportedVersion(version));
         }
         let stored_crc = u32::from_le_bytes(crc.try_into().expect("split_at left 4 bytes"));
@@ -397,6 +462,20 @@ impl AdamW {
             return Err(OptimError::CorruptState("checksum mismatch"));
         }
         let step = r.u64()?;
+        let weight_dtype = if version == FORMAT_WITH_MASTERS {
+            match r.take(1)?[0] {
+                1 => WeightDtype::Bf16,
+                2 => WeightDtype::F16,
+                _ => return Err(OptimError::CorruptState("unknown weight dtype")),
+            }
+        } else {
+            WeightDtype::F32
+        };
+        let per_value = if weight_dtype == WeightDtype::F32 {
+            2
+        } else {
+            3
+        };
         let count = r.u64()?;
         let mut moments: Vec<Moments> = Vec::new();
         for _ in 0..count {
@@ -410,15 +489,16 @@ impl AdamW {
             let n = read_len(&mut r)?;
             // Check the size against what is left before allocating anything.
             let floats = r.take(
-                n.checked_mul(8)
+                n.checked_mul(4 * per_value)
                     .ok_or(OptimError::CorruptState("tensor size overflows"))?,
             )?;
             let mut values = floats
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4")));
             let m: Vec<f32> = values.by_ref().take(n).collect();
-            let v: Vec<f32> = values.collect();
-            moments.push(Moments { name, m, v });
+            let v: Vec<f32> = values.by_ref().take(n).collect();
+            let master: Vec<f32> = values.collect();
+            moments.push(Moments { name, m, v, master });
         }
         if r.remaining() > 0 {
             return Err(OptimError::CorruptState(
@@ -432,7 +512,17 @@ impl AdamW {
             config,
             step,
             moments,
+            weight_dtype,
         })
+    }
+}
+
+/// The byte naming a narrow weight dtype in [`FORMAT_WITH_MASTERS`].
+fn dtype_code(dtype: WeightDtype) -> u8 {
+    match dtype {
+        WeightDtype::F32 => 0,
+        WeightDtype::Bf16 => 1,
+        WeightDtype::F16 => 2,
     }
 }
 
@@ -634,6 +724,65 @@ mod tests {
             assert_eq!(a, b);
         }
         assert_eq!(opt.state_bytes(), restored.state_bytes());
+    }
+
+    #[test]
+    fn bf16_weights_accumulate_updates_smaller_than_one_bf16_step() {
+        // Just below 1.0 a bf16 step is 2⁻⁸ ≈ 0.0039; each update here is ≈ 1e-4.
+        let cfg = config(1e-4, 0.0, 0.0);
+        let mut opt = AdamW::with_weight_dtype(cfg.clone(), WeightDtype::Bf16).unwrap();
+        let mut w: Tensors = vec![("w".into(), vec![1.0, -1.0])];
+        for _ in 0..100 {
+            step(&mut opt, &mut w, &[vec![1.0, -1.0]]);
+            for x in &w[0].1 {
+                assert_eq!(*x, WeightDtype::Bf16.round(*x), "handed back unrounded");
+            }
+        }
+        // 100 updates of 1e-4 move the masters to ±0.99, which rounds to ±(1 − 3·2⁻⁸).
+        assert_eq!(w[0].1, vec![0.98828125, -0.98828125]);
+        // Stepping the rounded weights themselves loses every update.
+        let mut plain = AdamW::new(cfg).unwrap();
+        let mut rounded: Tensors = vec![("w".into(), vec![1.0, -1.0])];
+        for _ in 0..100 {
+            step(&mut plain, &mut rounded, &[vec![1.0, -1.0]]);
+            for x in &mut rounded[0].1 {
+                *x = WeightDtype::Bf16.round(*x);
+            }
+        }
+        assert_eq!(rounded[0].1, vec![1.0, -1.0]);
+    }
+
+    #[test]
+    fn restored_masters_continue_bit_for_bit() {
+        let cfg = config(1e-3, 0.01, 1.0);
+        let sizes = [7, 3];
+        let start = |dtype: WeightDtype| {
+            let w: Tensors = sizes
+                .iter()
+                .enumerate()
+                .map(|(t, &n)| {
+                    let values = (0..n).map(|i| dtype.round(i as f32 * 0.37 - t as f32));
+                    (format!("t{t}"), values.collect())
+                })
+                .collect();
+            (AdamW::with_weight_dtype(cfg.clone(), dtype).unwrap(), w)
+        };
+        for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+            let (mut opt, mut w) = start(dtype);
+            for s in 0..3 {
+                step(&mut opt, &mut w, &grads_at(s, &sizes));
+            }
+            let saved = opt.state_bytes();
+            let mut restored = AdamW::from_state_bytes(cfg.clone(), &saved).unwrap();
+            assert_eq!(restored.weight_dtype(), dtype);
+            let mut w_restored = w.clone();
+            for s in 3..8 {
+                step(&mut opt, &mut w, &grads_at(s, &sizes));
+                step(&mut restored, &mut w_restored, &grads_at(s, &sizes));
+            }
+            assert_eq!(w, w_restored);
+            assert_eq!(opt.state_bytes(), restored.state_bytes());
+        }
     }
 
     #[test]
@@ -841,10 +990,10 @@ mod tests {
         }
         // A future format version is named as such.
         let mut future = good.clone();
-        future[8..12].copy_from_slice(&2u32.to_le_bytes());
+        future[8..12].copy_from_slice(&3u32.to_le_bytes());
         assert_eq!(
             restore(&future).unwrap_err(),
-            OptimError::UnsupportedVersion(2)
+            OptimError::UnsupportedVersion(3)
         );
     }
 
@@ -853,7 +1002,7 @@ mod tests {
         // Forge a state claiming one tensor of 2^60 values, with a correct checksum.
         let mut body = Vec::new();
         body.extend_from_slice(MAGIC);
-        body.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        body.extend_from_slice(&FORMAT_F32_WEIGHTS.to_le_bytes());
         body.extend_from_slice(&1u64.to_le_bytes());
         body.extend_from_slice(&1u64.to_le_bytes());
         body.extend_from_slice(&1u64.to_le_bytes());
@@ -872,8 +1021,13 @@ mod tests {
         }
 
         #[test]
-        fn state_round_trips(steps in 0u64..4, sizes in proptest::collection::vec(0usize..6, 0..4)) {
-            let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+        fn state_round_trips(
+            steps in 0u64..4,
+            sizes in proptest::collection::vec(0usize..6, 0..4),
+            masters in any::<bool>(),
+        ) {
+            let dtype = if masters { WeightDtype::Bf16 } else { WeightDtype::F32 };
+            let mut opt = AdamW::with_weight_dtype(AdamWConfig::default(), dtype).unwrap();
             let mut w: Tensors = sizes
                 .iter()
                 .enumerate()
@@ -885,6 +1039,7 @@ mod tests {
             let bytes = opt.state_bytes();
             let back = AdamW::from_state_bytes(AdamWConfig::default(), &bytes).unwrap();
             prop_assert_eq!(back.step_count(), opt.step_count());
+            prop_assert_eq!(back.weight_dtype(), dtype);
             prop_assert_eq!(back.state_bytes(), bytes);
         }
     }

@@ -16,12 +16,20 @@
 //!
 //! # Optimizer state
 //!
-//! Any trainer may finish the next step, so the optimizer state after step s is written at
-//! every step to `checkpoints/step-{s}/optimizer` (a trainer that finished step s−1 itself
-//! reuses its in-memory state and does not read it back). A *checkpoint* is the ledger record
-//! naming that state and the weights manifest of version s+1; optimizer states of steps that
-//! are not kept checkpoints are deleted once superseded. The state's step count is checked
-//! against the step (after step s it is s+1), so a stale state is never applied.
+//! Any trainer may finish the next step. At every `checkpoint_every`-th step the finisher
+//! writes the optimizer state after step s to `checkpoints/step-{s}/optimizer`; a *checkpoint*
+//! is the ledger record naming that state and the weights manifest of version s+1. A trainer
+//! that finished step s−1 itself reuses its in-memory state; any other finisher rebuilds it by
+//! replaying the steps since the newest checkpoint (deterministic, so it reaches the same
+//! bits). The state's step count is checked against the step (after step s it is s+1), so a
+//! stale state is never applied.
+//!
+//! # Weight dtype
+//!
+//! Versions are published in the model's dtype (a bf16 checkpoint's run publishes bf16), which
+//! is what every rank computes with and what exports write. For a narrower dtype than `f32`
+//! the optimizer state holds the `f32` master weights (`optim` module docs), so they are
+//! checkpointed and replayed with it.
 //!
 //! # Resume
 //!
@@ -51,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Model, ModelConfig, ModelError, Params, TextCodec};
+use flywheel_model::{Model, ModelConfig, ModelError, Params, TextCodec, WeightDtype};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
@@ -299,8 +307,9 @@ impl Trainer {
     /// Returns the trainer and the checkpoint.
     pub async fn restore(
         stores: RunStores,
-        config: TrainerConfig,
+        mut config: TrainerConfig,
     ) -> Result<(Self, Checkpoint), TrainerError> {
+        config.resolve_hf_model()?;
         config.validate()?;
         let run = stores.run_id.clone();
         let checkpoint = stores
@@ -322,16 +331,7 @@ impl Trainer {
                 checkpoint.step
             )));
         }
-        let state = stores.blobs.get(&checkpoint.optimizer_key).await?;
-        let optimizer = AdamW::from_state_bytes(config.optimizer.clone(), &state)?;
-        if optimizer.step_count() != version {
-            return Err(TrainerError::Inconsistent(format!(
-                "optimizer state `{}` has taken {} steps; the checkpoint of step {} needs {version}",
-                checkpoint.optimizer_key,
-                optimizer.step_count(),
-                checkpoint.step
-            )));
-        }
+        let optimizer = load_optimizer(&stores.blobs, &config, &checkpoint).await?;
         let trainer = Self::at_version(stores, config, version, Some(optimizer)).await?;
         tracing::info!(run = %run, step = checkpoint.step, version, "restored checkpoint");
         Ok((trainer, checkpoint))
@@ -728,8 +728,14 @@ impl Trainer {
             .into_iter()
             .find(|c| c.step < step);
         let (mut optimizer, from) = match &checkpoint {
-            Some(c) => (self.load_optimizer(c).await?, c.step + 1),
-            None => (AdamW::new(self.config.optimizer.clone())?, 0),
+            Some(c) => (
+                load_optimizer(&self.stores.blobs, &self.config, c).await?,
+                c.step + 1,
+            ),
+            None => (
+                AdamW::with_weight_dtype(self.config.optimizer.clone(), self.config.model.dtype)?,
+                0,
+            ),
         };
         if from == step {
             return Ok((optimizer, 0));
@@ -814,23 +820,6 @@ impl Trainer {
         let size = ranks.iter().map(|(_, n)| n).sum();
         let grads: Vec<Params> = ranks.into_iter().map(|(g, _)| g.grads).collect();
         Ok((sum_gradients(model_cfg, &grads)?, stats, size))
-    }
-
-    /// The optimizer state a checkpoint names, checked against its step.
-    async fn load_optimizer(&self, checkpoint: &Checkpoint) -> Result<AdamW, TrainerError> {
-        let key = &checkpoint.optimizer_key;
-        let bytes = self.stores.blobs.get(key).await?;
-        let optimizer = AdamW::from_state_bytes(self.config.optimizer.clone(), &bytes)?;
-        let want = checkpoint.step + 1;
-        if optimizer.step_count() != want {
-            return Err(TrainerError::Inconsistent(format!(
-                "optimizer state `{key}` has taken {} steps; the checkpoint of step {} needs \
-                 {want}",
-                optimizer.step_count(),
-                checkpoint.step
-            )));
-        }
-        Ok(optimizer)
     }
 
     /// Keeps the last `keep_checkpoints` checkpoints and, until step `step` is marked
@@ -1002,8 +991,37 @@ fn weights_metadata(config: &TrainerConfig) -> BTreeMap<String, String> {
     metadata
 }
 
-/// Publishes `params` as `version` with `metadata` (see [`weights_metadata`]; later versions
-/// carry their predecessor's forward); changed chunks become deltas against `previous`.
+/// The optimizer state a checkpoint names, checked against its step and the model's dtype.
+async fn load_optimizer(
+    blob: &BlobStore,
+    config: &TrainerConfig,
+    checkpoint: &Checkpoint,
+) -> Result<AdamW, TrainerError> {
+    let key = &checkpoint.optimizer_key;
+    let bytes = blob.get(key).await?;
+    let optimizer = AdamW::from_state_bytes(config.optimizer.clone(), &bytes)?;
+    let want = checkpoint.step + 1;
+    if optimizer.step_count() != want {
+        return Err(TrainerError::Inconsistent(format!(
+            "optimizer state `{key}` has taken {} steps; the checkpoint of step {} needs {want}",
+            optimizer.step_count(),
+            checkpoint.step
+        )));
+    }
+    if optimizer.weight_dtype() != config.model.dtype {
+        return Err(TrainerError::Inconsistent(format!(
+            "optimizer state `{key}` steps {} weights but the model's are {}: the checkpoint \
+             belongs to another model",
+            optimizer.weight_dtype().hf_name(),
+            config.model.dtype.hf_name()
+        )));
+    }
+    Ok(optimizer)
+}
+
+/// Publishes `params` as `version` in their config's dtype, with `metadata` (see
+/// [`weights_metadata`]; later versions carry their predecessor's forward); changed chunks
+/// become deltas against `previous`.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish_params(
     blob: &BlobStore,
@@ -1014,7 +1032,8 @@ pub async fn publish_params(
     metadata: &BTreeMap<String, String>,
     config: &WeightsConfig,
 ) -> Result<weights::PublishReport, WeightsError> {
-    let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
+    let dtype = params.config().dtype;
+    let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.encode(dtype)).collect();
     let views: Vec<TensorBytes<'_>> = params
         .tensors()
         .iter()
@@ -1022,7 +1041,11 @@ pub async fn publish_params(
         .map(|(t, b)| TensorBytes {
             name: &t.name,
             shape: &t.shape,
-            dtype: Dtype::F32,
+            dtype: match dtype {
+                WeightDtype::F32 => Dtype::F32,
+                WeightDtype::Bf16 => Dtype::Bf16,
+                WeightDtype::F16 => Dtype::F16,
+            },
             bytes: b,
         })
         .collect();

@@ -751,3 +751,88 @@ async fn a_fault_at_any_point_of_finishing_leaves_a_step_any_trainer_finishes() 
         }
     }
 }
+
+/// A bf16 checkpoint's run publishes every version in bf16 while AdamW steps f32 masters
+/// kept in its state: a step redone after a fault (the optimizer rebuilt by replay from a
+/// checkpoint) and a run restored from a checkpoint reach the same bits as an uninterrupted one.
+#[tokio::test]
+async fn a_bf16_checkpoint_publishes_bf16_and_resumes_from_its_f32_masters() {
+    use flywheel_model::WeightDtype;
+    use flywheel_trainer::FinishPoint;
+    use flywheel_trainer::loss::{LossConfig, LossMode};
+    let cfg = TrainerConfig {
+        hf_model: concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../model/tests/fixtures/hf/qwen2-bf16"
+        )
+        .into(),
+        checkpoint_every: 2,
+        optimizer: AdamWConfig {
+            lr: 1e-3,
+            ..config().optimizer
+        },
+        // The fixture's behaviour log-probs are far from this model's: IcePop would mask
+        // every token, and nothing would train.
+        loss: LossConfig {
+            mode: LossMode::Grpo,
+            ..LossConfig::default()
+        },
+        ..config()
+    };
+    let blob = BlobStore::open("memory://").unwrap();
+
+    // A fault after publishing step 3: the redo replays step 2 from the checkpoint of step 1.
+    let s = services("bf16-redo", &blob).await;
+    let manifests = fixture(&s, 4, 2).await;
+    let mut a = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+    let initial = weight_bits(&a);
+    for m in &manifests {
+        if m.step == 3 {
+            for rank in 0..m.world_size {
+                let g = a.train_rank(m, rank).await.unwrap();
+                a.put_rank(&g).await.unwrap();
+            }
+            a.fail_at(Some(FinishPoint::AfterPublish));
+            assert!(a.finish(m).await.is_err());
+            assert_eq!(a.finish(m).await.unwrap().replayed, 1);
+        } else {
+            train_step(&mut a, m).await;
+        }
+    }
+    assert_eq!(a.optimizer().unwrap().weight_dtype(), WeightDtype::Bf16);
+    let trained = weight_bits(&a);
+    assert!(trained != initial, "no weight moved");
+    let kept = weights::list_versions(&blob, "bf16-redo").await.unwrap();
+    assert!(kept.contains(&4), "{kept:?}");
+    for version in kept {
+        let m = weights::load_manifest(&blob, "bf16-redo", version)
+            .await
+            .unwrap();
+        let values: u64 = m
+            .tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>())
+            .sum();
+        assert_eq!(
+            m.total_bytes,
+            values * 2,
+            "version {version} is not 2 bytes a value"
+        );
+        assert!(m.tensors.iter().all(|t| t.dtype == weights::Dtype::Bf16));
+    }
+
+    // Two steps, a restore from their checkpoint, two more.
+    let s = services("bf16-resume", &blob).await;
+    let manifests = fixture(&s, 4, 2).await;
+    let mut b = Trainer::start(s.clone(), cfg.clone()).await.unwrap();
+    for m in &manifests[..2] {
+        train_step(&mut b, m).await;
+    }
+    drop(b);
+    let (mut b, checkpoint) = Trainer::restore(s.clone(), cfg.clone()).await.unwrap();
+    assert_eq!(checkpoint.step, 1);
+    for m in &manifests[2..] {
+        train_step(&mut b, m).await;
+    }
+    assert!(weight_bits(&b) == trained, "resumed weights differ");
+}

@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use flywheel_model::{ModelConfig, Params, Tokenizer};
 use flywheel_storage::RunStores;
 use flywheel_storage::config::RunConfig;
-use flywheel_storage::weights::{self, Dtype, TensorBytes};
+use flywheel_storage::weights;
 use flywheel_storage::{PromptId, TrajectoryId};
 use flywheel_trainer::TrainerConfig;
 use flywheel_trainer::warm_start::publish_initial;
@@ -417,23 +417,11 @@ impl Run {
             .unwrap();
         let mut params = Params::from_bytes_map(&self.model, &fetched.tensors).unwrap();
         params.tensors_mut()[0].data[0] += 0.5;
-        let bytes: Vec<Vec<u8>> = params.tensors().iter().map(|t| t.to_le_bytes()).collect();
-        let views: Vec<TensorBytes<'_>> = params
-            .tensors()
-            .iter()
-            .zip(&bytes)
-            .map(|(t, b)| TensorBytes {
-                name: &t.name,
-                shape: &t.shape,
-                dtype: Dtype::F32,
-                bytes: b,
-            })
-            .collect();
-        weights::publish_with_metadata(
+        flywheel_trainer::publish_params(
             blobs,
             "run",
             version,
-            &views,
+            &params,
             Some(&previous),
             &previous.metadata,
             &Default::default(),
