@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """PyTorch eager reference for `flywheel bench trainer`: the same model (a config.json written
-by the bench), the same batch shape and thread count, on the CPU. Prints one JSON line:
+by the bench), the same batch shape and thread count, on the CPU or a GPU (f32 on both; on the
+GPU TF32 is off, as in Flywheel's f32 path). Prints one JSON line:
 {"train_tokens_per_s": …, "sample_tokens_per_s": …}.
 
     .venv-torch/bin/python scripts/bench_torch.py --config DIR --batch 4 --seq-len 128 \
-        --iters 3 --sample-tokens 64 --threads 2
+        --iters 3 --sample-tokens 64 --threads 2 [--device cuda]
 """
 
 import argparse
@@ -26,14 +27,18 @@ def main():
     ap.add_argument("--iters", type=int, required=True)
     ap.add_argument("--sample-tokens", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
+    device = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(a.config)
     cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(cfg).float()
+    model = AutoModelForCausalLM.from_config(cfg).float().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq_len))
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq_len)).to(device)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -44,9 +49,11 @@ def main():
         opt.step()
 
     train_step()  # warm-up
+    sync()
     start = time.perf_counter()
     for _ in range(a.iters):
         train_step()
+    sync()
     train_s = (time.perf_counter() - start) / a.iters
     tokens = a.batch * (a.seq_len - 1)
 
@@ -54,9 +61,11 @@ def main():
     prompt = ids[:1, :8]
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=True, min_new_tokens=4)  # warm-up
+        sync()
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=a.sample_tokens, min_new_tokens=a.sample_tokens,
                        do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+        sync()
         sample_s = time.perf_counter() - start
     print(json.dumps({"train_tokens_per_s": tokens / train_s,
                       "sample_tokens_per_s": a.sample_tokens / sample_s}))

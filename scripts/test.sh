@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # THE test command (README, CI): brings up the real services on loopback
 # (scripts/services.sh; the first run on a new machine builds tansu and s3s-fs, ~15 minutes on
-# 2 cores), installs the chart tests' tools (scripts/chart_tools.sh, under a minute), points the
-# tests at the services, then runs every test of the workspace.
+# 2 cores), installs the chart tests' tools (scripts/chart_tools.sh, under a minute) and NVRTC
+# (scripts/nvrtc.sh, under a minute), points the tests at the services, then runs every test of
+# the workspace.
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p flywheel-storage`.
 set -euo pipefail
 
@@ -12,6 +13,10 @@ cd "$ROOT"
 scripts/services.sh
 # The chart tests' tools (Helm's library, the Kubernetes and CRD schemas, promtool).
 scripts/chart_tools.sh
+# NVRTC, which compiles the CUDA kernels (no GPU needed); the GPU tests themselves are
+# ignored here and run by scripts/gpu_check.sh on a GPU machine.
+LD_LIBRARY_PATH="$(scripts/nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
 
 # Where the tests find the services (the same defaults the tests use; override to point
 # them elsewhere).

@@ -21,7 +21,7 @@ use crate::error::{ModelError, Result};
 pub struct CpuBackend;
 
 /// Fails unless `end` values fit in a buffer of `len`.
-fn check(what: &str, end: usize, len: usize) -> Result<()> {
+pub(crate) fn check(what: &str, end: usize, len: usize) -> Result<()> {
     if end > len {
         return Err(ModelError::Backend(format!(
             "{what}: view needs {end} values but the buffer holds {len}"
@@ -670,7 +670,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Fails if a target is neither a token of the vocabulary nor [`IGNORE_TARGET`].
-fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
+pub(crate) fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
     match targets
         .iter()
         .find(|&&t| t != IGNORE_TARGET && t as usize >= vocab)

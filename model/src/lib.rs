@@ -58,6 +58,8 @@
 mod backend;
 mod config;
 mod cpu;
+pub mod cuda;
+mod device;
 mod error;
 pub mod hf;
 mod model;
@@ -70,6 +72,8 @@ mod tokenizer;
 pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
 pub use config::{Architecture, Llama3Rope, ModelConfig, WeightDtype};
 pub use cpu::CpuBackend;
+pub use cuda::CudaBackend;
+pub use device::Device;
 pub use error::{ModelError, Result};
 pub use hf::Checkpoint;
 pub use model::{ForwardCache, Gradients, Model, Sequence};

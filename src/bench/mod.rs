@@ -16,7 +16,9 @@ mod services;
 mod trainer;
 mod weights;
 
-use flywheel_model::{Architecture, Model, ModelConfig, Params, Sequence, Tokenizer};
+use flywheel_model::{
+    Architecture, Backend, CpuBackend, Model, ModelConfig, Params, Sequence, Tokenizer,
+};
 use flywheel_trainer::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 
@@ -64,6 +66,8 @@ pub enum Preset {
     Demo,
     /// A Qwen2-shaped model of about 100M parameters (hidden 768, 12 layers, vocab 32000).
     Qwen2_100m,
+    /// Qwen2.5-0.5B's shape, about 494M parameters (hidden 896, 24 layers, vocab 151936).
+    Qwen2_500m,
 }
 
 /// The preset's config with room for `context` tokens.
@@ -86,28 +90,56 @@ fn preset(p: Preset, context: usize) -> ModelConfig {
             rope_theta: 1e6,
             ..ModelConfig::tiny(32_000)
         },
+        Preset::Qwen2_500m => ModelConfig {
+            architecture: Architecture::Qwen2,
+            vocab_size: 151_936,
+            d_model: 896,
+            n_layers: 24,
+            n_heads: 14,
+            n_kv_heads: Some(2),
+            d_ff: 4864,
+            max_seq_len: context,
+            tie_embeddings: true,
+            qkv_bias: true,
+            rope_theta: 1e6,
+            ..ModelConfig::tiny(151_936)
+        },
     }
 }
 
 /// Real training steps (forward, backward, AdamW) on a fixed batch of random tokens: what the trainer bench times, and what changes the weights between
 /// the versions of the weights bench the way training does.
-struct TrainSteps {
+struct TrainSteps<B: Backend = CpuBackend> {
     seqs: Vec<Vec<u32>>,
-    model: Model,
+    model: Model<B>,
     optimizer: AdamW,
-    grads: flywheel_model::Gradients,
+    grads: flywheel_model::Gradients<B>,
 }
 
 impl TrainSteps {
-    /// `batch` random sequences of `seq_len` tokens (seeded) for `params`' model; AdamW at a
-    /// constant learning rate `lr`, on f32 masters when the weights' dtype is narrower.
+    /// [`TrainSteps::on`] the CPU.
     fn new(params: &Params, batch: usize, seq_len: usize, lr: f64) -> anyhow::Result<TrainSteps> {
+        TrainSteps::on(CpuBackend, params, batch, seq_len, lr)
+    }
+}
+
+impl<B: Backend> TrainSteps<B> {
+    /// `batch` random sequences of `seq_len` tokens (seeded) for `params`' model on `backend`;
+    /// AdamW at a constant learning rate `lr`, on f32 masters when the weights' dtype is
+    /// narrower.
+    fn on(
+        backend: B,
+        params: &Params,
+        batch: usize,
+        seq_len: usize,
+        lr: f64,
+    ) -> anyhow::Result<TrainSteps<B>> {
         let vocab = params.config().vocab_size as u32;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let seqs = (0..batch)
             .map(|_| (0..seq_len).map(|_| rng.random_range(0..vocab)).collect())
             .collect();
-        let model = Model::cpu(params)?;
+        let model = Model::new(backend, params)?;
         let grads = model.new_gradients()?;
         Ok(TrainSteps {
             seqs,

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use flywheel_model::{Checkpoint, Params, SampleConfig, Sampler, hf};
+use flywheel_model::{
+    Backend, Checkpoint, CpuBackend, CudaBackend, Device, Params, SampleConfig, Sampler, hf,
+};
 use flywheel_trainer::AdamWConfig;
 use rand::SeedableRng;
 
@@ -20,9 +22,10 @@ pub struct TrainerBench {
     /// The model to build when no `--model` is given.
     #[arg(long, value_enum, default_value = "demo")]
     pub preset: Preset,
-    /// Where to run: `cpu` (the only backend in this build).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Where to run: `auto` (the first GPU when CUDA is usable, else the CPU), `cpu`, `cuda` or
+    /// `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
     /// Sequences per training step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -43,12 +46,8 @@ pub struct TrainerBench {
 
 /// Runs the bench and prints its report.
 pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
-    if b.device != "cpu" {
-        bail!(
-            "--device {}: this build runs on the CPU only (--device cpu)",
-            b.device
-        );
-    }
+    let (device, why) = b.device.resolve()?;
+    println!("device: {device} ({why})");
     if b.seq_len < 2 || b.batch == 0 || b.iters == 0 {
         bail!("--seq-len must be at least 2, --batch and --iters at least 1");
     }
@@ -85,8 +84,15 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
         "batch {} x {} tokens, {} timed steps, {} sampled tokens, {threads} threads",
         b.batch, b.seq_len, b.iters, b.sample_tokens
     );
-    let (train, sample) = measure(params, b)?;
-    println!("flywheel (cpu): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
+    let (train, sample) = match device {
+        Device::Cuda(n) => {
+            let backend = CudaBackend::new(n)?;
+            println!("gpu: {}", backend.device_name());
+            measure(backend, params, b)?
+        }
+        _ => measure(CpuBackend, params, b)?,
+    };
+    println!("flywheel ({device}): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
     if let Some(python) = &b.torch {
         let dir = tempfile::tempdir()?;
         let json = serde_json::to_string_pretty(&hf::config_to_json(&config, &[]))?;
@@ -105,6 +111,10 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
             .args(["--iters", &b.iters.to_string()])
             .args(["--sample-tokens", &b.sample_tokens.to_string()])
             .args(["--threads", &threads.to_string()])
+            .args([
+                "--device",
+                if device == Device::Cpu { "cpu" } else { "cuda" },
+            ])
             .output()
             .with_context(|| format!("running {} {}", python.display(), script.display()))?;
         if !out.status.success() {
@@ -125,7 +135,9 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
             v["train_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
             v["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
         );
-        println!("pytorch eager (cpu): train {t_train:.0} tokens/s, sample {t_sample:.1} tokens/s");
+        println!(
+            "pytorch eager ({device}): train {t_train:.0} tokens/s, sample {t_sample:.1} tokens/s"
+        );
         println!(
             "ratio flywheel / pytorch: train {:.2}x, sample {:.2}x",
             train / t_train,
@@ -138,8 +150,13 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
 
 /// Training tokens/s (forward, backward, AdamW on `batch × (seq_len − 1)` scored tokens) and
 /// sampling tokens/s.
-fn measure(mut params: Params, b: &TrainerBench) -> anyhow::Result<(f64, f64)> {
-    let mut steps = TrainSteps::new(&params, b.batch, b.seq_len, AdamWConfig::default().lr)?;
+fn measure<B: Backend>(
+    backend: B,
+    mut params: Params,
+    b: &TrainerBench,
+) -> anyhow::Result<(f64, f64)> {
+    let lr = AdamWConfig::default().lr;
+    let mut steps = TrainSteps::on(backend, &params, b.batch, b.seq_len, lr)?;
     steps.step(&mut params)?;
     let start = Instant::now();
     for _ in 0..b.iters {

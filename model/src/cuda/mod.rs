@@ -1,0 +1,759 @@
+//! The CUDA implementation of [`Backend`], through cudarc: cuBLAS for the matrix products, the
+//! CUDA C kernels of `kernels.cu` (compiled at run time by NVRTC, no CUDA headers needed) for
+//! everything else. Every library is loaded when a backend is created, never at build time,
+//! so this module builds (and the CPU runs) where no CUDA is installed; a missing library is
+//! a [`ModelError::Backend`] naming it, not a panic.
+//!
+//! All work goes to the context's default stream, in order; copies to the host wait for it.
+//! Buffers are `CudaSlice<f32>`; the small per-row vectors of the trait (token ids, targets,
+//! log-probs) are copied per call.
+
+mod gemm;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm as _};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::backend::{Backend, Gemm, MatLayout};
+use crate::cpu::check;
+use crate::error::{ModelError, Result};
+
+pub use gemm::{ColMajorGemm, Operand};
+
+/// The CUDA C source of the kernels.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// The kernels `KERNELS` defines, loaded by name.
+const KERNEL_NAMES: [&str; 16] = [
+    "copy_2d",
+    "add_assign",
+    "embed",
+    "embed_backward_cols",
+    "rms_norm_rows",
+    "rms_norm_backward_rows",
+    "rms_norm_gamma_cols",
+    "add_bias",
+    "bias_backward_cols",
+    "swiglu",
+    "swiglu_backward",
+    "rope",
+    "causal_softmax_rows",
+    "softmax_backward_rows",
+    "token_logprobs_rows",
+    "token_logprobs_backward_rows",
+];
+
+/// Threads per block of the row kernels (`ROW_THREADS` in `kernels.cu`).
+const ROW_THREADS: u32 = 256;
+
+/// Blocks of a grid-stride launch at most (each thread then loops).
+const MAX_BLOCKS: usize = 4096;
+
+/// The CUDA libraries this backend loads, each with what provides it, that are not found.
+pub fn missing_libraries() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    // Safety: these only try to dlopen the library (no symbol is called).
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            missing.push("libcuda.so (the NVIDIA driver)");
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            missing.push("libnvrtc.so.13 (CUDA 13 NVRTC)");
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            missing.push("libcublas.so.13 (CUDA 13 cuBLAS)");
+        }
+    }
+    missing
+}
+
+/// Runs `f`, turning a panic of cudarc (a library or symbol it cannot load) into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(ModelError::Backend(format!("{what}: {reason}")))
+    })
+}
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> ModelError + '_ {
+    move |e| ModelError::Backend(format!("CUDA {what}: {e}"))
+}
+
+/// Compiles [`KERNELS`] to PTX for `arch` (`compute_90` for an H100/H200) with NVRTC.
+pub fn compile_kernels(arch: &str) -> Result<Ptx> {
+    if unsafe { !cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(ModelError::Backend(
+            "libnvrtc.so.13 (CUDA 13 NVRTC) is not found: install the CUDA 13 toolkit or the \
+             nvidia-cuda-nvrtc wheel and put its lib directory on LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    guarded("NVRTC", || {
+        let options = CompileOptions {
+            options: vec![format!("--gpu-architecture={arch}")],
+            ..CompileOptions::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(KERNELS, options)
+            .map_err(|e| ModelError::Backend(format!("NVRTC could not compile the kernels: {e:?}")))
+    })
+}
+
+/// Runs the model on one NVIDIA GPU (module docs).
+pub struct CudaBackend {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+}
+
+impl CudaBackend {
+    /// The number of GPUs the driver sees (0 when there is no driver).
+    pub fn device_count() -> usize {
+        if unsafe { !cudarc::driver::sys::is_culib_present() } {
+            return 0;
+        }
+        guarded("CUDA driver", || {
+            CudaContext::device_count().map_err(cuda_err("device count"))
+        })
+        .map_or(0, |n| n.max(0) as usize)
+    }
+
+    /// A backend on GPU `ordinal`: loads the libraries, creates the context and the cuBLAS
+    /// handle, and compiles the kernels for the GPU's architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let missing = missing_libraries();
+        if !missing.is_empty() {
+            return Err(ModelError::Backend(format!(
+                "CUDA is not usable: {} not found (put the CUDA 13 libraries on \
+                 LD_LIBRARY_PATH, or use --device cpu)",
+                missing.join(", ")
+            )));
+        }
+        guarded("CUDA", || {
+            let ctx = CudaContext::new(ordinal).map_err(cuda_err("context"))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(cuda_err("compute capability"))?;
+            let ptx = compile_kernels(&format!("compute_{major}{minor}"))?;
+            let module = ctx.load_module(ptx).map_err(cuda_err("module load"))?;
+            let mut kernels = HashMap::new();
+            for name in KERNEL_NAMES {
+                let f = module.load_function(name).map_err(cuda_err(name))?;
+                kernels.insert(name, f);
+            }
+            let stream = ctx.default_stream();
+            let blas = CudaBlas::new(stream.clone())
+                .map_err(|e| ModelError::Backend(format!("cuBLAS: {e}")))?;
+            Ok(CudaBackend {
+                ordinal,
+                stream,
+                blas,
+                kernels,
+            })
+        })
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn device_name(&self) -> String {
+        self.stream
+            .context()
+            .name()
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    fn kernel(&self, name: &str) -> &CudaFunction {
+        &self.kernels[name]
+    }
+
+    /// A launch of enough blocks for `n` grid-stride items.
+    fn items(n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, MAX_BLOCKS);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// A launch of one block per row.
+    fn rows(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Copies small host values (token ids, targets) to the device.
+    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream.clone_htod(values).map_err(cuda_err("upload"))
+    }
+
+    /// Copies `out.len()` values of a device buffer of `f32` to the host.
+    fn download_f32(&self, buf: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&buf.slice(..out.len()), out)
+            .map_err(cuda_err("download"))
+    }
+}
+
+/// Runs one launch: `$args` are pushed in order (one statement, so temporaries live through
+/// the launch).
+macro_rules! launch {
+    ($self:ident, $name:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        // Safety: the arguments match the kernel's parameters in `kernels.cu`, and the caller
+        // checked every index the kernel reaches against its buffer's length.
+        unsafe {
+            $self
+                .stream
+                .launch_builder($self.kernel($name))
+                $(.arg($arg))+
+                .launch($cfg)
+        }
+        .map_err(cuda_err($name))?
+    };
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        if len == 0 {
+            return self.stream.null().map_err(cuda_err("alloc"));
+        }
+        self.stream
+            .alloc_zeros::<f32>(len)
+            .map_err(cuda_err("alloc"))
+    }
+
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+
+    fn upload(&self, src: &[f32], buf: &mut CudaSlice<f32>) -> Result<()> {
+        check("upload", src.len(), buf.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(src, &mut buf.slice_mut(..src.len()))
+            .map_err(cuda_err("upload"))
+    }
+
+    fn download(&self, buf: &CudaSlice<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
+        check("download", offset + out.len(), buf.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&buf.slice(offset..offset + out.len()), out)
+            .map_err(cuda_err("download"))
+    }
+
+    fn fill_zero(&self, buf: &mut CudaSlice<f32>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.stream.memset_zeros(buf).map_err(cuda_err("memset"))
+    }
+
+    fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        src_at: MatLayout,
+        dst: &mut CudaSlice<f32>,
+        dst_at: MatLayout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("copy src", src_at.end(1, rows, cols), src.len())?;
+        check("copy dst", dst_at.end(1, rows, cols), dst.len())?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let v = |x: usize| x as i64;
+        launch!(
+            self,
+            "copy_2d",
+            Self::items(rows * cols),
+            src,
+            &v(src_at.offset),
+            &v(src_at.row_stride),
+            &v(src_at.col_stride),
+            dst,
+            &v(dst_at.offset),
+            &v(dst_at.row_stride),
+            &v(dst_at.col_stride),
+            &v(rows),
+            &v(cols),
+        );
+        Ok(())
+    }
+
+    fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, len: usize) -> Result<()> {
+        check("add_assign dst", len, dst.len())?;
+        check("add_assign src", len, src.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "add_assign",
+            Self::items(len),
+            dst,
+            src,
+            &(len as i64)
+        );
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        check("gemm a", g.a.end(g.batch, g.m, g.k), a.len())?;
+        check("gemm b", g.b.end(g.batch, g.k, g.n), b.len())?;
+        check("gemm c", g.c.end(g.batch, g.m, g.n), c.len())?;
+        let plan = ColMajorGemm::plan(g)?;
+        let (first, second) = match plan.first {
+            Operand::A => (a, b),
+            Operand::B => (b, a),
+        };
+        let first = first.slice(plan.first_offset..);
+        let second = second.slice(plan.second_offset..);
+        let mut out = c.slice_mut(plan.c_offset..);
+        // Safety: `plan` describes views inside the three buffers (checked above).
+        unsafe {
+            self.blas
+                .gemm_strided_batched(plan.config(g), &first, &second, &mut out)
+        }
+        .map_err(|e| ModelError::Backend(format!("cuBLAS sgemm: {e}")))
+    }
+
+    fn embed(
+        &self,
+        tok_emb: &CudaSlice<f32>,
+        tokens: &[u32],
+        out: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check("embed out", tokens.len() * d, out.len())?;
+        if let Some(&t) = tokens.iter().max() {
+            check("embed token", (t as usize + 1) * d, tok_emb.len())?;
+        }
+        if tokens.is_empty() || d == 0 {
+            return Ok(());
+        }
+        let ids = self.upload_u32(tokens)?;
+        let (rows, d) = (tokens.len() as i64, d as i64);
+        launch!(
+            self,
+            "embed",
+            Self::items(tokens.len() * d as usize),
+            tok_emb,
+            &ids,
+            out,
+            &rows,
+            &d
+        );
+        Ok(())
+    }
+
+    fn embed_backward(
+        &self,
+        d_out: &CudaSlice<f32>,
+        tokens: &[u32],
+        d_tok: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check("embed_backward d_out", tokens.len() * d, d_out.len())?;
+        if let Some(&t) = tokens.iter().max() {
+            check("embed_backward token", (t as usize + 1) * d, d_tok.len())?;
+        }
+        if tokens.is_empty() || d == 0 {
+            return Ok(());
+        }
+        let ids = self.upload_u32(tokens)?;
+        let (rows, cols) = (tokens.len() as i64, d as i64);
+        launch!(
+            self,
+            "embed_backward_cols",
+            Self::items(d),
+            d_out,
+            &ids,
+            d_tok,
+            &rows,
+            &cols
+        );
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        eps: f32,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("rms_norm x", rows * cols, x.len())?;
+        check("rms_norm out", rows * cols, out.len())?;
+        check("rms_norm rstd", rows, rstd.len())?;
+        check("rms_norm gamma", cols, gamma.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "rms_norm_rows",
+            Self::rows(rows),
+            &eps,
+            x,
+            gamma,
+            out,
+            rstd,
+            &(cols as i64)
+        );
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        d_out: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        d_gamma: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("rms_norm_backward x", rows * cols, x.len())?;
+        check("rms_norm_backward d_out", rows * cols, d_out.len())?;
+        check("rms_norm_backward dx", rows * cols, dx.len())?;
+        check("rms_norm_backward rstd", rows, rstd.len())?;
+        check("rms_norm_backward gamma", cols, gamma.len())?;
+        check("rms_norm_backward d_gamma", cols, d_gamma.len())?;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i64, cols as i64);
+        launch!(
+            self,
+            "rms_norm_gamma_cols",
+            Self::items(cols),
+            x,
+            rstd,
+            d_out,
+            d_gamma,
+            &r,
+            &c
+        );
+        launch!(
+            self,
+            "rms_norm_backward_rows",
+            Self::rows(rows),
+            x,
+            gamma,
+            rstd,
+            d_out,
+            dx,
+            &c
+        );
+        Ok(())
+    }
+
+    fn add_bias(
+        &self,
+        x: &mut CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("add_bias x", rows * cols, x.len())?;
+        check("add_bias bias", cols, bias.len())?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i64, cols as i64);
+        launch!(self, "add_bias", Self::items(rows * cols), x, bias, &r, &c);
+        Ok(())
+    }
+
+    fn bias_backward(
+        &self,
+        d_out: &CudaSlice<f32>,
+        d_bias: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("bias_backward d_out", rows * cols, d_out.len())?;
+        check("bias_backward d_bias", cols, d_bias.len())?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i64, cols as i64);
+        launch!(
+            self,
+            "bias_backward_cols",
+            Self::items(cols),
+            d_out,
+            d_bias,
+            &r,
+            &c
+        );
+        Ok(())
+    }
+
+    fn swiglu(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        len: usize,
+    ) -> Result<()> {
+        check("swiglu gate", len, gate.len())?;
+        check("swiglu up", len, up.len())?;
+        check("swiglu out", len, out.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "swiglu",
+            Self::items(len),
+            gate,
+            up,
+            out,
+            &(len as i64)
+        );
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        d_out: &CudaSlice<f32>,
+        d_gate: &mut CudaSlice<f32>,
+        d_up: &mut CudaSlice<f32>,
+        len: usize,
+    ) -> Result<()> {
+        check("swiglu_backward gate", len, gate.len())?;
+        check("swiglu_backward up", len, up.len())?;
+        check("swiglu_backward d_out", len, d_out.len())?;
+        check("swiglu_backward d_gate", len, d_gate.len())?;
+        check("swiglu_backward d_up", len, d_up.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "swiglu_backward",
+            Self::items(len),
+            gate,
+            up,
+            d_out,
+            d_gate,
+            d_up,
+            &(len as i64)
+        );
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &[u32],
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let (rows, half) = (positions.len(), hd / 2);
+        check("rope x", rows * heads * hd, x.len())?;
+        if let Some(&p) = positions.iter().max() {
+            check("rope cos", (p as usize + 1) * half, cos.len())?;
+            check("rope sin", (p as usize + 1) * half, sin.len())?;
+        }
+        if rows * heads * half == 0 {
+            return Ok(());
+        }
+        let at = self.upload_u32(positions)?;
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let (r, h, d) = (rows as i64, heads as i64, hd as i64);
+        launch!(
+            self,
+            "rope",
+            Self::items(rows * heads * half),
+            x,
+            &at,
+            cos,
+            sin,
+            &r,
+            &h,
+            &d,
+            &sign
+        );
+        Ok(())
+    }
+
+    fn causal_softmax(
+        &self,
+        scores: &mut CudaSlice<f32>,
+        offset: usize,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        past: usize,
+    ) -> Result<()> {
+        check("causal_softmax", offset + batch * rows * cols, scores.len())?;
+        if batch * rows * cols == 0 {
+            return Ok(());
+        }
+        let (o, r, c, p) = (offset as i64, rows as i64, cols as i64, past as i64);
+        launch!(
+            self,
+            "causal_softmax_rows",
+            Self::rows(batch * rows),
+            scores,
+            &o,
+            &r,
+            &c,
+            &p
+        );
+        Ok(())
+    }
+
+    fn softmax_backward(
+        &self,
+        p: &CudaSlice<f32>,
+        p_offset: usize,
+        dp: &mut CudaSlice<f32>,
+        dp_offset: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check("softmax_backward p", p_offset + rows * cols, p.len())?;
+        check("softmax_backward dp", dp_offset + rows * cols, dp.len())?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (po, dpo, c) = (p_offset as i64, dp_offset as i64, cols as i64);
+        launch!(
+            self,
+            "softmax_backward_rows",
+            Self::rows(rows),
+            p,
+            &po,
+            dp,
+            &dpo,
+            &c
+        );
+        Ok(())
+    }
+
+    fn token_logprobs(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        vocab: usize,
+        logprob: &mut [f32],
+        entropy: &mut [f32],
+    ) -> Result<()> {
+        let rows = targets.len();
+        check("token_logprobs logits", rows * vocab, logits.len())?;
+        check("token_logprobs logprob", rows, logprob.len())?;
+        check("token_logprobs entropy", rows, entropy.len())?;
+        crate::cpu::check_targets(targets, vocab)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let t = self.upload_u32(targets)?;
+        let mut lp = self.alloc(rows)?;
+        let mut ent = self.alloc(rows)?;
+        launch!(
+            self,
+            "token_logprobs_rows",
+            Self::rows(rows),
+            logits,
+            &t,
+            &(vocab as i64),
+            &mut lp,
+            &mut ent
+        );
+        self.download_f32(&lp, &mut logprob[..rows])?;
+        self.download_f32(&ent, &mut entropy[..rows])
+    }
+
+    fn token_logprobs_backward(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        vocab: usize,
+        d_logprob: &[f32],
+        d_entropy: &[f32],
+        d_logits: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = targets.len();
+        check("token_logprobs_backward logits", rows * vocab, logits.len())?;
+        check(
+            "token_logprobs_backward d_logits",
+            rows * vocab,
+            d_logits.len(),
+        )?;
+        check("token_logprobs_backward d_logprob", rows, d_logprob.len())?;
+        check("token_logprobs_backward d_entropy", rows, d_entropy.len())?;
+        crate::cpu::check_targets(targets, vocab)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let t = self.upload_u32(targets)?;
+        let glp = self
+            .stream
+            .clone_htod(&d_logprob[..rows])
+            .map_err(cuda_err("upload"))?;
+        let gent = self
+            .stream
+            .clone_htod(&d_entropy[..rows])
+            .map_err(cuda_err("upload"))?;
+        launch!(
+            self,
+            "token_logprobs_backward_rows",
+            Self::rows(rows),
+            logits,
+            &t,
+            &(vocab as i64),
+            &glp,
+            &gent,
+            d_logits
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,393 @@
+//! The CUDA backend against the CPU backend.
+//!
+//! `the_kernels_compile_with_nvrtc` needs only libnvrtc (scripts/test.sh installs NVIDIA's
+//! wheel of it and puts it on `LD_LIBRARY_PATH`). The others need a GPU: they are ignored by
+//! default, so a machine without one counts them as skipped, and scripts/gpu_check.sh runs
+//! them with `--ignored` on the GPU machine, where a missing GPU or library fails them.
+//!
+//! Tolerances (f32 on both sides; the GPU sums in another order and cuBLAS may use FMA):
+//! 1e-4 absolute on log-probs and entropies, 1e-3 relative (to the tensor's largest entry) on
+//! gradients and on every op's output.
+
+use flywheel_model::cuda::compile_kernels;
+use flywheel_model::{
+    Backend, Checkpoint, CpuBackend, CudaBackend, Gemm, MatLayout, Model, Params, Sequence,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[test]
+fn the_kernels_compile_with_nvrtc() {
+    // compute_80 (A100) and compute_90 (H100, H200): the architectures of the trainers.
+    for arch in ["compute_80", "compute_90"] {
+        if let Err(e) = compile_kernels(arch) {
+            panic!(
+                "{e}\nscripts/test.sh installs NVRTC (scripts/nvrtc.sh) and sets LD_LIBRARY_PATH"
+            );
+        }
+    }
+}
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"))
+}
+
+fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+}
+
+/// Uploads `values` to `be`.
+fn put<B: Backend>(be: &B, values: &[f32]) -> B::Buf {
+    let mut buf = be.alloc(values.len()).unwrap();
+    be.upload(values, &mut buf).unwrap();
+    buf
+}
+
+fn get<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
+    let mut out = vec![0.0; be.len(buf)];
+    be.download(buf, 0, &mut out).unwrap();
+    out
+}
+
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], rel: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    let scale = cpu.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (g - c).abs() <= rel * scale,
+            "{what}[{i}]: gpu {g} cpu {c} (scale {scale})"
+        );
+    }
+}
+
+/// Runs `op` on both backends over the same host inputs and compares every buffer after it.
+fn same_on_both(
+    what: &str,
+    gpu: &CudaBackend,
+    inputs: &[Vec<f32>],
+    op_cpu: impl Fn(&CpuBackend, &mut [Vec<f32>]),
+    op_gpu: impl Fn(&CudaBackend, &mut [<CudaBackend as Backend>::Buf]),
+) {
+    let mut on_cpu: Vec<Vec<f32>> = inputs.to_vec();
+    op_cpu(&CpuBackend, &mut on_cpu);
+    let mut on_gpu: Vec<_> = inputs.iter().map(|v| put(gpu, v)).collect();
+    op_gpu(gpu, &mut on_gpu);
+    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+        assert_close(&format!("{what} buffer {i}"), &get(gpu, g), c, 1e-3);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
+fn every_op_matches_the_cpu() {
+    let be = gpu();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let (rows, cols) = (7, 300);
+    let x = random(&mut rng, rows * cols);
+    let gamma = random(&mut rng, cols);
+    let d_out = random(&mut rng, rows * cols);
+
+    same_on_both(
+        "rms_norm",
+        &be,
+        &[
+            x.clone(),
+            gamma.clone(),
+            vec![0.0; rows * cols],
+            vec![0.0; rows],
+        ],
+        |b, v| {
+            let [x, g, out, rstd] = v else { unreachable!() };
+            b.rms_norm(1e-6, x, g, out, rstd, rows, cols).unwrap();
+        },
+        |b, v| {
+            let [x, g, out, rstd] = v else { unreachable!() };
+            b.rms_norm(1e-6, x, g, out, rstd, rows, cols).unwrap();
+        },
+    );
+    let rstd: Vec<f32> = (0..rows).map(|_| rng.random_range(0.5..2.0)).collect();
+    let inputs = [
+        x.clone(),
+        gamma.clone(),
+        rstd,
+        d_out.clone(),
+        random(&mut rng, rows * cols),
+        random(&mut rng, cols),
+    ];
+    same_on_both(
+        "rms_norm_backward",
+        &be,
+        &inputs,
+        |b, v| {
+            let [x, g, r, d, dx, dg] = v else {
+                unreachable!()
+            };
+            b.rms_norm_backward(x, g, r, d, dx, dg, rows, cols).unwrap();
+        },
+        |b, v| {
+            let [x, g, r, d, dx, dg] = v else {
+                unreachable!()
+            };
+            b.rms_norm_backward(x, g, r, d, dx, dg, rows, cols).unwrap();
+        },
+    );
+    same_on_both(
+        "bias",
+        &be,
+        &[
+            x.clone(),
+            gamma.clone(),
+            d_out.clone(),
+            random(&mut rng, cols),
+        ],
+        |b, v| {
+            let [x, bias, d, db] = v else { unreachable!() };
+            b.add_bias(x, bias, rows, cols).unwrap();
+            b.bias_backward(d, db, rows, cols).unwrap();
+        },
+        |b, v| {
+            let [x, bias, d, db] = v else { unreachable!() };
+            b.add_bias(x, bias, rows, cols).unwrap();
+            b.bias_backward(d, db, rows, cols).unwrap();
+        },
+    );
+    let n = rows * cols;
+    same_on_both(
+        "swiglu",
+        &be,
+        &[
+            x.clone(),
+            d_out.clone(),
+            gamma.repeat(rows),
+            vec![0.0; n],
+            vec![0.0; n],
+            vec![0.0; n],
+        ],
+        |b, v| {
+            let [g, u, d, out, dg, du] = v else {
+                unreachable!()
+            };
+            b.swiglu(g, u, out, n).unwrap();
+            b.swiglu_backward(g, u, d, dg, du, n).unwrap();
+        },
+        |b, v| {
+            let [g, u, d, out, dg, du] = v else {
+                unreachable!()
+            };
+            b.swiglu(g, u, out, n).unwrap();
+            b.swiglu_backward(g, u, d, dg, du, n).unwrap();
+        },
+    );
+    let (heads, hd) = (3, 10);
+    let positions = [0u32, 3, 1, 7, 2, 2, 5];
+    let table = random(&mut rng, 8 * hd / 2);
+    same_on_both(
+        "rope",
+        &be,
+        &[
+            random(&mut rng, rows * heads * hd),
+            table.clone(),
+            table.iter().map(|v| v * 0.5).collect(),
+        ],
+        |b, v| {
+            let [x, c, s] = v else { unreachable!() };
+            b.rope(x, &positions, c, s, heads, hd, false).unwrap();
+        },
+        |b, v| {
+            let [x, c, s] = v else { unreachable!() };
+            b.rope(x, &positions, c, s, heads, hd, false).unwrap();
+        },
+    );
+    let (batch, q, k, past) = (2, 3, 9, 4);
+    same_on_both(
+        "softmax",
+        &be,
+        &[
+            random(&mut rng, 5 + batch * q * k),
+            random(&mut rng, 5 + batch * q * k),
+        ],
+        |b, v| {
+            let [s, dp] = v else { unreachable!() };
+            b.causal_softmax(s, 5, batch, q, k, past).unwrap();
+            b.softmax_backward(s, 5, dp, 5, batch * q, k).unwrap();
+        },
+        |b, v| {
+            let [s, dp] = v else { unreachable!() };
+            b.causal_softmax(s, 5, batch, q, k, past).unwrap();
+            b.softmax_backward(s, 5, dp, 5, batch * q, k).unwrap();
+        },
+    );
+    let (vocab, d) = (50, 12);
+    let tokens = [3u32, 49, 3, 0, 17];
+    same_on_both(
+        "embed",
+        &be,
+        &[
+            random(&mut rng, vocab * d),
+            vec![0.0; tokens.len() * d],
+            random(&mut rng, tokens.len() * d),
+            random(&mut rng, vocab * d),
+        ],
+        |b, v| {
+            let [emb, out, d_out, d_emb] = v else {
+                unreachable!()
+            };
+            b.embed(emb, &tokens, out, d).unwrap();
+            b.embed_backward(d_out, &tokens, d_emb, d).unwrap();
+        },
+        |b, v| {
+            let [emb, out, d_out, d_emb] = v else {
+                unreachable!()
+            };
+            b.embed(emb, &tokens, out, d).unwrap();
+            b.embed_backward(d_out, &tokens, d_emb, d).unwrap();
+        },
+    );
+    // Strided copies, accumulation and products of every layout the model uses.
+    same_on_both(
+        "copy, add, gemm",
+        &be,
+        &[
+            random(&mut rng, 6 * 10),
+            vec![0.0; 6 * 10],
+            random(&mut rng, 6 * 10),
+            vec![0.0; 2 * 5 * 7],
+        ],
+        |b, v| {
+            let [src, dst, other, c] = v else {
+                unreachable!()
+            };
+            b.copy(
+                src,
+                MatLayout::at(2, 10),
+                dst,
+                MatLayout::row_major(6).t(),
+                5,
+                6,
+            )
+            .unwrap();
+            b.add_assign(dst, other, 60).unwrap();
+            let g = Gemm {
+                m: 5,
+                k: 3,
+                n: 7,
+                batch: 2,
+                alpha: 0.7,
+                beta: 0.0,
+                a: MatLayout::at(1, 10).batched(3),
+                b: MatLayout::row_major(3).t().batched(21),
+                c: MatLayout::row_major(7).batched(35),
+            };
+            b.gemm(&g, src, other, c).unwrap();
+        },
+        |b, v| {
+            let [src, dst, other, c] = v else {
+                unreachable!()
+            };
+            b.copy(
+                src,
+                MatLayout::at(2, 10),
+                dst,
+                MatLayout::row_major(6).t(),
+                5,
+                6,
+            )
+            .unwrap();
+            b.add_assign(dst, other, 60).unwrap();
+            let g = Gemm {
+                m: 5,
+                k: 3,
+                n: 7,
+                batch: 2,
+                alpha: 0.7,
+                beta: 0.0,
+                a: MatLayout::at(1, 10).batched(3),
+                b: MatLayout::row_major(3).t().batched(21),
+                c: MatLayout::row_major(7).batched(35),
+            };
+            b.gemm(&g, src, other, c).unwrap();
+        },
+    );
+
+    // Log-probs and their backward (host outputs).
+    let targets = [4u32, u32::MAX, 0, 49, 7];
+    let logits = random(&mut rng, targets.len() * vocab);
+    let (mut lp_c, mut ent_c) = (vec![0.0; 5], vec![0.0; 5]);
+    CpuBackend
+        .token_logprobs(&logits, &targets, vocab, &mut lp_c, &mut ent_c)
+        .unwrap();
+    let (mut lp_g, mut ent_g) = (vec![0.0; 5], vec![0.0; 5]);
+    let on_gpu = put(&be, &logits);
+    be.token_logprobs(&on_gpu, &targets, vocab, &mut lp_g, &mut ent_g)
+        .unwrap();
+    assert_close("logprob", &lp_g, &lp_c, 1e-4);
+    assert_close("entropy", &ent_g, &ent_c, 1e-4);
+    let (d_lp, d_ent) = (random(&mut rng, 5), random(&mut rng, 5));
+    let mut dz_c = vec![0.0; logits.len()];
+    CpuBackend
+        .token_logprobs_backward(&logits, &targets, vocab, &d_lp, &d_ent, &mut dz_c)
+        .unwrap();
+    let mut dz_g = be.alloc(logits.len()).unwrap();
+    be.token_logprobs_backward(&on_gpu, &targets, vocab, &d_lp, &d_ent, &mut dz_g)
+        .unwrap();
+    assert_close("d_logits", &get(&be, &dz_g), &dz_c, 1e-3);
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+/// A whole forward and backward pass of each architecture's fixture on both backends.
+#[test]
+#[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
+fn forward_and_backward_match_the_cpu_on_every_architecture() {
+    for name in ["qwen2", "llama", "qwen3", "qwen2-bf16"] {
+        let params: Params = Checkpoint::open(&fixture(name), None).unwrap().params;
+        let cpu = Model::cpu(&params).unwrap();
+        let gpu_model = Model::new(gpu(), &params).unwrap();
+        let s1: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+        let s2: Vec<u32> = (0..17).map(|i| (i * 11 + 1) % 300).collect();
+        let seqs = [
+            Sequence {
+                tokens: &s1,
+                response_start: 5,
+            },
+            Sequence {
+                tokens: &s2,
+                response_start: 1,
+            },
+        ];
+        let (c, g) = (
+            cpu.forward(&seqs).unwrap(),
+            gpu_model.forward(&seqs).unwrap(),
+        );
+        assert_close(
+            &format!("{name} logprobs"),
+            g.logprobs(),
+            c.logprobs(),
+            1e-4,
+        );
+        assert_close(
+            &format!("{name} entropies"),
+            g.entropies(),
+            c.entropies(),
+            1e-4,
+        );
+        let n = c.logprobs().len();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (a, b) = (random(&mut rng, n), random(&mut rng, n));
+        let mut gc = cpu.new_gradients().unwrap();
+        cpu.backward(&c, &a, Some(&b), &mut gc).unwrap();
+        let mut gg = gpu_model.new_gradients().unwrap();
+        gpu_model.backward(&g, &a, Some(&b), &mut gg).unwrap();
+        let (gc, gg) = (
+            cpu.gradients_to_params(&gc).unwrap(),
+            gpu_model.gradients_to_params(&gg).unwrap(),
+        );
+        for (x, y) in gg.tensors().iter().zip(gc.tensors()) {
+            assert_close(&format!("{name} d{}", x.name), &x.data, &y.data, 1e-3);
+        }
+    }
+}
