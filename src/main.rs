@@ -90,6 +90,10 @@ enum Command {
         /// The run's config file (shared sections plus `[worker]`).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the builtin engine samples (overrides `[worker.engine] device`): auto, cpu,
+        /// cuda or cuda:N.
+        #[arg(long)]
+        device: Option<flywheel_model::Device>,
     },
     /// Run a trainer: claim ranks of announced steps, train them, and (as the finisher of a
     /// step) apply AdamW and publish the next weights version and checkpoints.
@@ -100,6 +104,9 @@ enum Command {
         /// Restore the ledger's latest checkpoint (weights and optimizer state) first.
         #[arg(long)]
         resume: bool,
+        /// Where the model trains (overrides `[trainer] device`): auto, cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<flywheel_model::Device>,
         /// Before serving: warm-start the model with this many supervised steps on the
         /// built-in task's reference responses (the config's `[task]`) and publish the result
         /// as version 0 — unless version 0 exists already (another trainer's warm start won).
@@ -260,8 +267,17 @@ async fn main() -> anyhow::Result<()> {
                     .await?,
             )
         }
-        Command::Worker { config } => {
+        Command::Worker { config, device } => {
             let mut config = flywheel::config::load(config.as_deref())?;
+            if let Some(device) = device {
+                match &mut config.worker.engine {
+                    flywheel_worker::engine::EngineConfig::Builtin(c) => c.device = device,
+                    _ => anyhow::bail!(
+                        "--device applies to the builtin engine; vLLM and SGLang choose their \
+                         GPUs themselves"
+                    ),
+                }
+            }
             config.localize_checkpoints().await?;
             let stores = RunStores::open(&config.run()).await?;
             Ok(flywheel_worker::run_until(stores, config.worker(), shutdown::signal()).await?)
@@ -269,11 +285,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Trainer {
             config,
             resume,
+            device,
             warm_start_steps,
             warm_start_batch,
             warm_start_lr,
         } => {
             let mut config = flywheel::config::load(config.as_deref())?;
+            if let Some(device) = device {
+                config.trainer.device = device;
+            }
             config.localize_checkpoints().await?;
             let stores = RunStores::open(&config.run()).await?;
             if warm_start_steps > 0 {

@@ -51,6 +51,20 @@ impl fmt::Display for Device {
     }
 }
 
+/// In configs, a device is its command-line spelling (`device = "cuda:1"`).
+impl serde::Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Device {
     /// The device to run on (`Cpu` or `Cuda(n)`, never `Auto`) and why, for the log. `auto`
     /// takes GPU 0 when the CUDA libraries load and the driver sees a GPU, else the CPU;
@@ -117,6 +131,17 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn configs_spell_devices_as_the_command_line_does() {
+        let d: Device = serde_json::from_str(r#""cuda:1""#).unwrap();
+        assert_eq!(d, Device::Cuda(1));
+        assert_eq!(serde_json::to_string(&Device::Cpu).unwrap(), r#""cpu""#);
+        let err = serde_json::from_str::<Device>(r#""tpu""#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use auto, cpu, cuda or cuda:N"), "{err}");
     }
 
     #[test]

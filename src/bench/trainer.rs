@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use flywheel_model::{
-    Backend, Checkpoint, CpuBackend, CudaBackend, Device, Params, SampleConfig, Sampler, hf,
+    Backend, Checkpoint, CpuBackend, CudaBackend, Device, ModelConfig, Params, SampleConfig,
+    Sampler, hf,
 };
 use flywheel_trainer::AdamWConfig;
 use rand::SeedableRng;
@@ -84,20 +85,45 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
         "batch {} x {} tokens, {} timed steps, {} sampled tokens, {threads} threads",
         b.batch, b.seq_len, b.iters, b.sample_tokens
     );
+    let mut peak = None;
     let (train, sample) = match device {
         Device::Cuda(n) => {
             let backend = CudaBackend::new(n)?;
-            println!("gpu: {}", backend.device_name());
+            let name = backend.device_name();
+            peak = f32_peak_flops(&name);
+            println!("gpu: {name}");
             measure(backend, params, b)?
         }
         _ => measure(CpuBackend, params, b)?,
     };
     println!("flywheel ({device}): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
+    let flops = train * train_flops_per_token(&config, b.seq_len);
+    match peak {
+        Some(peak) => println!(
+            "model FLOP/s (6 per matrix weight + attention, per trained token): {:.2} TFLOP/s, \
+             MFU {:.1}% of the GPU's {:.1} TFLOP/s f32 peak",
+            flops / 1e12,
+            100.0 * flops / peak,
+            peak / 1e12
+        ),
+        None => println!(
+            "model FLOP/s (6 per matrix weight + attention, per trained token): {:.2} GFLOP/s",
+            flops / 1e9
+        ),
+    }
     if let Some(python) = &b.torch {
         let dir = tempfile::tempdir()?;
         let json = serde_json::to_string_pretty(&hf::config_to_json(&config, &[]))?;
         std::fs::write(dir.path().join("config.json"), json)?;
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch.py");
+        // From the repository root (scripts/gpu_check.sh runs the binary on another machine),
+        // else where this build's sources are.
+        let script = [
+            PathBuf::from("scripts/bench_torch.py"),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_torch.py"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("scripts/bench_torch.py not found: run from the repository root")?;
         let out = std::process::Command::new(python)
             .arg(&script)
             .arg("--config")
@@ -146,6 +172,26 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
     }
     println!("reproduce: {}", super::reproduce());
     Ok(())
+}
+
+/// Model FLOPs of training on one token (forward and backward) in a sequence of `seq_len`:
+/// 6 per weight of a matrix product (the attention and MLP projections, the LM head) and
+/// 12 · layers · q_dim · seq_len for the attention scores and their use (PaLM's accounting,
+/// appendix B).
+fn train_flops_per_token(c: &ModelConfig, seq_len: usize) -> f64 {
+    let (d, q, kv) = (c.d_model, c.q_dim(), c.kv_dim());
+    let per_layer = d * q + 2 * d * kv + q * d + 3 * d * c.d_ff;
+    let matrix_weights = c.n_layers * per_layer + c.vocab_size * d;
+    (6 * matrix_weights + 12 * c.n_layers * q * seq_len) as f64
+}
+
+/// The dense f32 (non-tensor-core) peak of the GPUs Flywheel's trainers run on, by the name
+/// the driver reports; `None` for others.
+fn f32_peak_flops(name: &str) -> Option<f64> {
+    [("H200", 67e12), ("H100", 67e12), ("A100", 19.5e12)]
+        .into_iter()
+        .find(|(model, _)| name.contains(model))
+        .map(|(_, peak)| peak)
 }
 
 /// Training tokens/s (forward, backward, AdamW on `batch × (seq_len − 1)` scored tokens) and

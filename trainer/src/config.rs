@@ -23,7 +23,7 @@
 //! [trainer.weights]         # chunk_bytes, concurrency of weight publication
 //! ```
 
-use flywheel_model::{Checkpoint, ModelConfig, ModelError, Params, TextCodec, Tokenizer};
+use flywheel_model::{Checkpoint, Device, ModelConfig, ModelError, Params, TextCodec, Tokenizer};
 use flywheel_service::{ConfigError, admin};
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
@@ -51,6 +51,9 @@ pub struct TrainerConfig {
     /// Characters of the built-in character tokenizer (text prompts of the built-in model);
     /// BOS, EOS and PAD are added in front.
     pub charset: String,
+    /// Where the forward and backward passes run: `auto` (the first GPU when CUDA is usable,
+    /// else the CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: Device,
     /// The training objective. Its `token_budget` is replaced by each step's manifest (Φ is
     /// decided by the coordinator).
     pub loss: LossConfig,
@@ -90,6 +93,7 @@ impl Default for TrainerConfig {
             model: ModelConfig::tiny(Tokenizer::arithmetic().vocab_size()),
             hf_model: String::new(),
             charset: Tokenizer::ARITHMETIC_CHARSET.to_owned(),
+            device: Device::Auto,
             loss: LossConfig::default(),
             optimizer: AdamWConfig::default(),
             weights: WeightsConfig::default(),

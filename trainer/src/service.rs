@@ -59,7 +59,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flywheel_model::{Model, ModelConfig, ModelError, Params, TextCodec, WeightDtype};
+use flywheel_model::{
+    DeviceBackend, Model, ModelConfig, ModelError, Params, TextCodec, WeightDtype,
+};
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
 use flywheel_storage::RunStores;
@@ -84,6 +86,9 @@ use crate::step::{
     DroppedEntry, StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update,
     load_rank, prompt_tokens,
 };
+
+/// The model on the trainer's device (`[trainer] device`).
+type DeviceModel = Model<DeviceBackend>;
 
 /// Errors of the trainer service.
 #[derive(Debug, Error)]
@@ -232,7 +237,9 @@ pub struct Trainer {
     params: Params,
     /// The model holding `params`; `None` while a rank is computed on a blocking thread (or
     /// after such a computation was cancelled: it is then rebuilt from `params`).
-    model: Option<Model>,
+    model: Option<DeviceModel>,
+    /// Where the model runs (every model of this trainer shares it).
+    backend: DeviceBackend,
     /// The manifest of `version`.
     manifest: WeightsManifest,
     /// `version`'s tensors as published bytes (what incremental fetches reuse).
@@ -352,8 +359,11 @@ impl Trainer {
         )
         .await?;
         let params = Params::from_bytes_map(&config.model, &fetched.tensors)?;
-        let model = Model::cpu(&params)?;
+        let (backend, device) = DeviceBackend::open(config.device)?;
+        tracing::info!(%device, "trainer device");
+        let model = Model::new(backend.clone(), &params)?;
         Ok(Trainer {
+            backend,
             tokenizer: config.text_codec()?,
             stores,
             config,
@@ -424,9 +434,9 @@ impl Trainer {
     }
 
     /// The model; rebuilt from the host weights if a cancelled rank computation took it.
-    fn model_mut(&mut self) -> Result<&mut Model, ModelError> {
+    fn model_mut(&mut self) -> Result<&mut DeviceModel, ModelError> {
         if self.model.is_none() {
-            self.model = Some(Model::cpu(&self.params)?);
+            self.model = Some(Model::new(self.backend.clone(), &self.params)?);
         }
         Ok(self.model.as_mut().expect("just set"))
     }
@@ -501,7 +511,7 @@ impl Trainer {
                 Ok(done) => done,
                 Err(e) => {
                     // The model went with a failed computation: rebuild it from the host weights.
-                    self.model = Some(Model::cpu(&self.params)?);
+                    self.model = Some(Model::new(self.backend.clone(), &self.params)?);
                     return Err(e);
                 }
             };
@@ -525,10 +535,10 @@ impl Trainer {
     /// `model` (replay: a model at the step's θ_old that is not this trainer's).
     async fn compute_rank_on(
         &mut self,
-        model: Model,
+        model: DeviceModel,
         manifest: &BatchManifest,
         rank: u32,
-    ) -> Result<(Params, TrainStats, Model), TrainerError> {
+    ) -> Result<(Params, TrainStats, DeviceModel), TrainerError> {
         self.resolve_prompts(manifest, rank).await?;
         let loaded = load_rank(
             &self.stores.blobs,
@@ -545,10 +555,10 @@ impl Trainer {
     /// comes back with the result.
     async fn compute_on(
         &self,
-        model: Model,
+        model: DeviceModel,
         manifest: &BatchManifest,
         batch: Vec<Vec<Stitched>>,
-    ) -> Result<(Params, TrainStats, Model), TrainerError> {
+    ) -> Result<(Params, TrainStats, DeviceModel), TrainerError> {
         let loss = PolicyLoss::new(LossConfig {
             token_budget: manifest.token_budget,
             ..self.config.loss.clone()
@@ -743,7 +753,7 @@ impl Trainer {
         let fetched =
             weights::fetch(&self.stores.blobs, &run, from, None, &self.config.weights).await?;
         let mut params = Params::from_bytes_map(&self.config.model, &fetched.tensors)?;
-        let mut model = Model::cpu(&params)?;
+        let mut model = Model::new(self.backend.clone(), &params)?;
         for t in from..step {
             let key = keys::step_manifest(&run, t);
             let manifest = load_batch_manifest(&self.stores.blobs, &key, t, None).await?;
@@ -965,7 +975,7 @@ fn sum_gradients(model: &ModelConfig, ranks: &[Params]) -> Result<Params, Traine
 
 /// The forward/loss/backward of every micro-batch of a rank; returns the summed gradient.
 fn compute_rank(
-    model: &Model,
+    model: &DeviceModel,
     loss: &PolicyLoss,
     batch: &[Vec<Stitched>],
 ) -> Result<(Params, TrainStats), StepError> {

@@ -1,4 +1,5 @@
-//! The built-in engine: the run's own policy ([`flywheel_model::Model`]) sampled on the CPU.
+//! The built-in engine: the run's own policy ([`flywheel_model::Model`]) sampled on `device`
+//! (the CPU, or a GPU through [`flywheel_model::DeviceBackend`]).
 //!
 //! Weights come from the object store exactly as the trainer published them
 //! ([`flywheel_storage::weights`]): version v is fetched when a segment asks for it, reusing
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flywheel_model::{
-    CpuBackend, Model, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
+    Device, DeviceBackend, Model, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
@@ -58,6 +59,9 @@ pub struct BuiltinConfig {
     pub weights: WeightsConfig,
     /// How long a segment waits for its version's weights to be published, in ms.
     pub weights_wait_ms: u64,
+    /// Where the model runs: `auto` (the first GPU when CUDA is usable, else the CPU), `cpu`,
+    /// `cuda` or `cuda:N`.
+    pub device: Device,
     /// Standard deviation of Gaussian noise added to every weight the engine samples with,
     /// relative to the RMS of the weight's tensor; 0 (the default) adds none. A controlled
     /// training/inference mismatch for experiments (`flywheel bench icepop`), never for a run
@@ -74,6 +78,7 @@ impl Default for BuiltinConfig {
             hf_model: String::new(),
             weights: WeightsConfig::default(),
             weights_wait_ms: 60_000,
+            device: Device::Auto,
             weight_noise: 0.0,
         }
     }
@@ -82,7 +87,7 @@ impl Default for BuiltinConfig {
 /// One version of the policy, loaded.
 struct Loaded {
     /// The model with the version's weights.
-    model: Arc<Model>,
+    model: Arc<Model<DeviceBackend>>,
     /// Its manifest (for incremental fetches of the next version).
     manifest: WeightsManifest,
     /// Its tensors' bytes (idem).
@@ -98,7 +103,9 @@ pub struct BuiltinEngine {
     /// Loaded versions (at most two, the newest kept).
     versions: tokio::sync::Mutex<BTreeMap<PolicyVersion, Arc<Loaded>>>,
     /// Samplers not in use, keyed by nothing: all versions of a run share one shape.
-    samplers: Arc<Mutex<Vec<Sampler<CpuBackend>>>>,
+    samplers: Arc<Mutex<Vec<Sampler<DeviceBackend>>>>,
+    /// Where the models run (shared by every version's model).
+    backend: DeviceBackend,
     /// Bounds the segments sampled at once to `slots`.
     permits: Semaphore,
     /// The model's vocabulary and context, read once.
@@ -125,7 +132,11 @@ impl BuiltinEngine {
         }
         let tokenizer = TextCodec::open(&config.hf_model, &config.charset)
             .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
+        let (backend, device) = DeviceBackend::open(config.device)
+            .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
+        tracing::info!(%device, "builtin engine device");
         Ok(BuiltinEngine {
+            backend,
             blobs,
             run: run.to_owned(),
             permits: Semaphore::new(config.slots),
@@ -194,7 +205,8 @@ impl BuiltinEngine {
         let mut params = Params::from_bytes_map(&model_config, &fetched.tensors)
             .map_err(|e| protocol(format!("weights version {version}: {e}")))?;
         perturb(&mut params, self.config.weight_noise, version);
-        let model = Model::cpu(&params).map_err(|e| protocol(e.to_string()))?;
+        let model =
+            Model::new(self.backend.clone(), &params).map_err(|e| protocol(e.to_string()))?;
         let loaded = Arc::new(Loaded {
             model: Arc::new(model),
             manifest: fetched.manifest,
