@@ -1,4 +1,5 @@
-//! `flywheel ingest`: JSON-lines prompts → the run's prompt topic.
+//! `flywheel ingest`: JSON-lines prompts, or a dataset's rows (JSON lines or Parquet) → the
+//! run's prompt topic.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -8,15 +9,24 @@ use flywheel_model::{ChatMessage, HfTokenizer};
 use flywheel_storage::queue::{KafkaConfig, PromptProducer, check_prompt, ensure_topics};
 use flywheel_storage::{Prompt, PromptId, PromptInput, VerifierSpec};
 
-/// One non-empty input line, checked.
+/// One non-empty input line (or dataset row), checked.
 enum Line {
     Valid(Prompt),
-    /// Not a valid prompt: the text and why.
+    /// Not a valid prompt: where it is (`line 3`, `row 3`), its text and why.
     Invalid {
-        line_no: usize,
+        at: String,
         text: String,
         why: String,
     },
+}
+
+/// A dataset file of `flywheel ingest`.
+#[derive(Clone, Debug)]
+pub enum DatasetFile {
+    /// One JSON object per line (`--jsonl`).
+    Jsonl(std::path::PathBuf),
+    /// A Parquet file whose rows are the objects (`--parquet`).
+    Parquet(std::path::PathBuf),
 }
 
 /// Send every line of `file` (`-`: standard input) as a prompt. The whole file is checked
@@ -129,11 +139,11 @@ fn dataset_prompt(
     })
 }
 
-/// Sends every line of the dataset `file` as a prompt (see [`DatasetSpec`]); nothing is sent
-/// if any line is bad, and the error lists the bad lines by number.
+/// Sends every line (row) of the dataset `file` as a prompt (see [`DatasetSpec`]); nothing is
+/// sent if any is bad, and the error lists the bad ones by number.
 pub async fn run_dataset(
     kafka: &KafkaConfig,
-    file: &Path,
+    file: &DatasetFile,
     spec: &DatasetSpec,
     chat: Option<&HfTokenizer>,
     partitions: i32,
@@ -149,21 +159,60 @@ pub async fn run_dataset(
 
 fn read_dataset(
     kafka: &KafkaConfig,
-    file: &Path,
+    file: &DatasetFile,
     spec: &DatasetSpec,
     chat: Option<&HfTokenizer>,
 ) -> anyhow::Result<Vec<Line>> {
-    let stem = file
+    let (DatasetFile::Jsonl(path) | DatasetFile::Parquet(path)) = file;
+    let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("line")
         .to_owned();
-    read_each(file, |line_no, text| {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let prompt = dataset_prompt(&value, spec, format!("{stem}-{line_no}"), chat)?;
+    let prompt = |number: usize, value: &serde_json::Value| {
+        let prompt = dataset_prompt(value, spec, format!("{stem}-{number}"), chat)?;
         check_prompt(&prompt, kafka).map_err(|e| e.to_string())?;
         Ok(prompt)
-    })
+    };
+    match file {
+        DatasetFile::Jsonl(path) => read_each(path, |line_no, text| {
+            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            prompt(line_no, &value)
+        }),
+        DatasetFile::Parquet(path) => read_parquet_rows(path, prompt),
+    }
+}
+
+/// Every row of the Parquet file `file`, as a JSON object of its columns, through `parse`.
+/// A file that cannot be read is an error; a row `parse` refuses is an invalid line.
+fn read_parquet_rows(
+    file: &Path,
+    parse: impl Fn(usize, &serde_json::Value) -> Result<Prompt, String>,
+) -> anyhow::Result<Vec<Line>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(file)
+        .with_context(|| format!("cannot open dataset file {}", file.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .with_context(|| format!("{} is not a readable Parquet file", file.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .with_context(|| format!("cannot read the rows of {}", file.display()))?;
+    let mut lines = Vec::new();
+    for (index, row) in rows.enumerate() {
+        let row_no = index + 1;
+        let value = row
+            .with_context(|| format!("cannot read row {row_no} of {}", file.display()))?
+            .to_json_value();
+        lines.push(match parse(row_no, &value) {
+            Ok(prompt) => Line::Valid(prompt),
+            Err(why) => Line::Invalid {
+                at: format!("row {row_no}"),
+                text: value.to_string(),
+                why,
+            },
+        });
+    }
+    Ok(lines)
 }
 
 /// Sends checked lines: refuses (listing the bad lines) unless `raw`, which sends bad lines
@@ -177,7 +226,7 @@ async fn send_lines(
     let invalid: Vec<String> = lines
         .iter()
         .filter_map(|l| match l {
-            Line::Invalid { line_no, why, .. } => Some(format!("line {line_no}: {why}")),
+            Line::Invalid { at, why, .. } => Some(format!("{at}: {why}")),
             Line::Valid(_) => None,
         })
         .collect();
@@ -261,7 +310,11 @@ fn read_each(
         }
         lines.push(match parse(line_no, &text) {
             Ok(prompt) => Line::Valid(prompt),
-            Err(why) => Line::Invalid { line_no, text, why },
+            Err(why) => Line::Invalid {
+                at: format!("line {line_no}"),
+                text,
+                why,
+            },
         });
     }
     Ok(lines)
@@ -283,8 +336,8 @@ mod tests {
         let lines = read_lines(&KafkaConfig::default(), &path).unwrap();
         assert_eq!(lines.len(), 3);
         assert!(matches!(&lines[0], Line::Valid(p) if p.id.0 == "p1"));
-        assert!(matches!(&lines[1], Line::Invalid { line_no: 3, .. }));
-        assert!(matches!(&lines[2], Line::Invalid { line_no: 4, .. }));
+        assert!(matches!(&lines[1], Line::Invalid { at, .. } if at == "line 3"));
+        assert!(matches!(&lines[2], Line::Invalid { at, .. } if at == "line 4"));
 
         // The brokers are never contacted: the check fails before any connection.
         let kafka = KafkaConfig {
@@ -332,7 +385,8 @@ mod tests {
             ),
         )
         .unwrap();
-        let read = read_dataset(&KafkaConfig::default(), &path, &spec(), None).unwrap();
+        let file = DatasetFile::Jsonl(path);
+        let read = read_dataset(&KafkaConfig::default(), &file, &spec(), None).unwrap();
         let valid: Vec<&Prompt> = read
             .iter()
             .filter_map(|l| match l {
@@ -362,14 +416,11 @@ mod tests {
                 answer: "12".into()
             }
         );
-        let bad: Vec<(usize, &str)> = read
-            .iter()
-            .filter_map(|l| match l {
-                Line::Invalid { line_no, why, .. } => Some((*line_no, why.as_str())),
-                Line::Valid(_) => None,
-            })
-            .collect();
-        assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [3, 4, 5]);
+        let bad = invalid(&read);
+        assert_eq!(
+            bad.iter().map(|b| b.0).collect::<Vec<_>>(),
+            ["line 3", "line 4", "line 5"]
+        );
         assert!(bad[0].1.contains("no field `answer`"), "{bad:?}");
         assert!(
             bad[2]
@@ -385,12 +436,68 @@ mod tests {
         };
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let err = runtime
-            .block_on(run_dataset(&kafka, &path, &spec(), None, 1))
+            .block_on(run_dataset(&kafka, &file, &spec(), None, 1))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("3 of 6 lines") && err.contains("line 5"),
             "{err}"
+        );
+    }
+
+    /// Where and why each invalid line is.
+    fn invalid(lines: &[Line]) -> Vec<(&str, &str)> {
+        lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Invalid { at, why, .. } => Some((at.as_str(), why.as_str())),
+                Line::Valid(_) => None,
+            })
+            .collect()
+    }
+
+    /// A Parquet dataset (scripts/dataset_fixtures.py writes the fixtures: the same rows in
+    /// pyarrow's default snappy and in zstd) reads like JSON lines, bad rows numbered.
+    #[test]
+    fn parquet_rows_become_prompts_and_bad_rows_are_numbered() {
+        for name in ["gsm8k-snappy.parquet", "gsm8k-zstd.parquet"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/datasets")
+                .join(name);
+            let file = DatasetFile::Parquet(path);
+            let read = read_dataset(&KafkaConfig::default(), &file, &spec(), None).unwrap();
+            assert_eq!(read.len(), 4, "{name}");
+            let Line::Valid(first) = &read[0] else {
+                panic!("{name}: row 1 is invalid")
+            };
+            assert_eq!(
+                first.id.0,
+                name.trim_end_matches(".parquet").to_owned() + "-1"
+            );
+            assert_eq!(
+                first.verifier,
+                VerifierSpec::Math {
+                    answer: "72".into()
+                }
+            );
+            assert!(matches!(&first.input, PromptInput::Text(t) if t.starts_with("Natalia")));
+            let bad = invalid(&read);
+            assert_eq!(
+                bad.iter().map(|b| b.0).collect::<Vec<_>>(),
+                ["row 3"],
+                "{name}"
+            );
+            assert!(bad[0].1.contains("`answer` is null"), "{name}: {bad:?}");
+        }
+        let not_parquet = DatasetFile::Parquet(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"),
+        );
+        let err = read_dataset(&KafkaConfig::default(), &not_parquet, &spec(), None)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("is not a readable Parquet file"),
+            "{err:#}"
         );
     }
 
@@ -410,7 +517,13 @@ mod tests {
             verifier: DatasetVerifier::Exact,
             group_size: 2,
         };
-        let read = read_dataset(&KafkaConfig::default(), &path, &spec, Some(&tok)).unwrap();
+        let read = read_dataset(
+            &KafkaConfig::default(),
+            &DatasetFile::Jsonl(path),
+            &spec,
+            Some(&tok),
+        )
+        .unwrap();
         let Line::Valid(p) = &read[0] else {
             panic!("a valid line")
         };

@@ -28,37 +28,42 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Send prompts from a JSON-lines file (one `Prompt` per line) to the run's prompt topic.
+    #[command(group(clap::ArgGroup::new("dataset").args(["jsonl", "parquet"])))]
     Ingest {
         /// The run's config file (its `[kafka]` section names brokers and topic).
         #[arg(long)]
         config: Option<PathBuf>,
         /// JSON-lines file of prompts; `-` reads standard input.
-        #[arg(required_unless_present_any = ["demo_task", "jsonl"])]
+        #[arg(required_unless_present_any = ["demo_task", "jsonl", "parquet"])]
         file: Option<PathBuf>,
         /// Instead of a file of prompts: a dataset file (GSM8K / MATH style JSON lines) whose
         /// `--prompt-field` and `--answer-field` become prompts; bad lines are reported by
         /// number and nothing is sent.
         #[arg(long, conflicts_with_all = ["file", "demo_task", "raw"], requires_all = ["prompt_field", "answer_field"])]
         jsonl: Option<PathBuf>,
+        /// Like `--jsonl`, for a Parquet dataset file (snappy, zstd or uncompressed): each row
+        /// is an object of its columns; bad rows are reported by number.
+        #[arg(long, conflicts_with_all = ["file", "demo_task", "raw", "jsonl"], requires_all = ["prompt_field", "answer_field"])]
+        parquet: Option<PathBuf>,
         /// The dataset field holding the question.
-        #[arg(long, requires = "jsonl")]
+        #[arg(long, requires = "dataset")]
         prompt_field: Option<String>,
         /// The dataset field holding the answer (GSM8K's `#### N` and MATH's `\boxed{}` are
         /// reduced to the final answer).
-        #[arg(long, requires = "jsonl")]
+        #[arg(long, requires = "dataset")]
         answer_field: Option<String>,
         /// The dataset field holding a unique id; default `<file stem>-<line number>`.
-        #[arg(long, requires = "jsonl")]
+        #[arg(long, requires = "dataset")]
         id_field: Option<String>,
         /// How responses are scored.
-        #[arg(long, value_enum, default_value = "math", requires = "jsonl")]
+        #[arg(long, value_enum, default_value = "math", requires = "dataset")]
         verifier: ingest::DatasetVerifier,
         /// Render each question as a user message through the chat template of `[trainer]
         /// hf_model` (the prompt then carries its token ids).
-        #[arg(long, requires = "jsonl")]
+        #[arg(long, requires = "dataset")]
         chat_template: bool,
         /// K: samples per dataset prompt.
-        #[arg(long, default_value_t = 8, requires = "jsonl")]
+        #[arg(long, default_value_t = 8, requires = "dataset")]
         group_size: u32,
         /// Instead of a file: generate this many training prompts of the built-in addition
         /// task, shaped by the config's `[task]` section.
@@ -199,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             raw,
             partitions,
             jsonl,
+            parquet,
             prompt_field,
             answer_field,
             id_field,
@@ -207,7 +213,10 @@ async fn main() -> anyhow::Result<()> {
             group_size,
         } => {
             let mut config = flywheel::config::load(config.as_deref())?;
-            if let Some(dataset) = jsonl {
+            let dataset = jsonl
+                .map(ingest::DatasetFile::Jsonl)
+                .or(parquet.map(ingest::DatasetFile::Parquet));
+            if let Some(dataset) = dataset {
                 let spec = ingest::DatasetSpec {
                     prompt_field: prompt_field.unwrap_or_default(),
                     answer_field: answer_field.unwrap_or_default(),
