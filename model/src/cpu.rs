@@ -6,7 +6,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
-use crate::error::{ModelError, Result};
+use crate::checks;
+use crate::error::Result;
 
 /// Runs the model on the CPU, on rayon's pool (all cores; `RAYON_NUM_THREADS` overrides): large
 /// matrix products split by rows of the output, batches of small products (attention heads)
@@ -19,16 +20,6 @@ use crate::error::{ModelError, Result};
 /// cores are all busy (a trainer beside sampling workers) burns the time in the kernel.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
-
-/// Fails unless `end` values fit in a buffer of `len`.
-pub(crate) fn check(what: &str, end: usize, len: usize) -> Result<()> {
-    if end > len {
-        return Err(ModelError::Backend(format!(
-            "{what}: view needs {end} values but the buffer holds {len}"
-        )));
-    }
-    Ok(())
-}
 
 /// Row-wise work on fewer values than this runs on the calling thread: handing it to rayon
 /// (a wake-up of the pool's threads, tens of microseconds) costs more than it saves, and
@@ -121,13 +112,13 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
-        check("upload", src.len(), buf.len())?;
+        checks::check("upload", src.len(), buf.len())?;
         buf[..src.len()].copy_from_slice(src);
         Ok(())
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
-        check("download", offset + out.len(), buf.len())?;
+        checks::check("download", offset + out.len(), buf.len())?;
         out.copy_from_slice(&buf[offset..offset + out.len()]);
         Ok(())
     }
@@ -146,8 +137,7 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("copy src", src_at.end(1, rows, cols), src.len())?;
-        check("copy dst", dst_at.end(1, rows, cols), dst.len())?;
+        checks::copy(src.len(), &src_at, dst.len(), &dst_at, rows, cols)?;
         for i in 0..rows {
             let s = src_at.offset + i * src_at.row_stride;
             let d = dst_at.offset + i * dst_at.row_stride;
@@ -163,8 +153,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
-        check("add_assign dst", len, dst.len())?;
-        check("add_assign src", len, src.len())?;
+        checks::add_assign(dst.len(), src.len(), len)?;
         for (d, s) in dst[..len].iter_mut().zip(&src[..len]) {
             *d += s;
         }
@@ -175,14 +164,7 @@ impl Backend for CpuBackend {
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        check("gemm A", g.a.end(g.batch, g.m, g.k), a.len())?;
-        check("gemm B", g.b.end(g.batch, g.k, g.n), b.len())?;
-        check("gemm C", g.c.end(g.batch, g.m, g.n), c.len())?;
-        if (g.m > 1 && g.c.row_stride == 0) || (g.n > 1 && g.c.col_stride == 0) {
-            return Err(ModelError::Backend(
-                "gemm C: zero stride aliases outputs".into(),
-            ));
-        }
+        checks::gemm(g, a.len(), b.len(), c.len())?;
         if g.m <= SMALL_M {
             gemm_small(g, a, b, c);
             return Ok(());
@@ -251,10 +233,9 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         d: usize,
     ) -> Result<()> {
-        check("embed out", tokens.len() * d, out.len())?;
+        checks::embed("embed", tok_emb.len(), tokens, out.len(), d)?;
         for (r, &t) in tokens.iter().enumerate() {
             let t = t as usize * d;
-            check("embed token", t + d, tok_emb.len())?;
             out[r * d..(r + 1) * d].copy_from_slice(&tok_emb[t..t + d]);
         }
         Ok(())
@@ -267,10 +248,9 @@ impl Backend for CpuBackend {
         d_tok: &mut Vec<f32>,
         d: usize,
     ) -> Result<()> {
-        check("embed_backward d_out", tokens.len() * d, d_out.len())?;
+        checks::embed("embed_backward", d_tok.len(), tokens, d_out.len(), d)?;
         for (r, &t) in tokens.iter().enumerate() {
             let t = t as usize * d;
-            check("embed_backward token", t + d, d_tok.len())?;
             for (o, v) in d_tok[t..t + d].iter_mut().zip(&d_out[r * d..(r + 1) * d]) {
                 *o += v;
             }
@@ -288,10 +268,7 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("rms_norm x", rows * cols, x.len())?;
-        check("rms_norm out", rows * cols, out.len())?;
-        check("rms_norm rstd", rows, rstd.len())?;
-        check("rms_norm gamma", cols, gamma.len())?;
+        checks::rms_norm(x.len(), gamma.len(), out.len(), rstd.len(), rows, cols)?;
         // Statistics first (cheap, serial), then the normalised rows (in parallel).
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
@@ -319,12 +296,16 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("rms_norm_backward x", rows * cols, x.len())?;
-        check("rms_norm_backward d_out", rows * cols, d_out.len())?;
-        check("rms_norm_backward dx", rows * cols, dx.len())?;
-        check("rms_norm_backward rstd", rows, rstd.len())?;
-        check("rms_norm_backward gamma", cols, gamma.len())?;
-        check("rms_norm_backward d_gamma", cols, d_gamma.len())?;
+        checks::rms_norm_backward(
+            x.len(),
+            gamma.len(),
+            rstd.len(),
+            d_out.len(),
+            dx.len(),
+            d_gamma.len(),
+            rows,
+            cols,
+        )?;
         // Parameter gradients: a reduction over rows (serial).
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
@@ -352,8 +333,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) -> Result<()> {
-        check("add_bias x", rows * cols, x.len())?;
-        check("add_bias bias", cols, bias.len())?;
+        checks::bias("add_bias", x.len(), bias.len(), rows, cols)?;
         for_rows(&mut x[..rows * cols], cols, |_, xr| {
             xr.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
         });
@@ -367,8 +347,7 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("bias_backward d_out", rows * cols, d_out.len())?;
-        check("bias_backward d_bias", cols, d_bias.len())?;
+        checks::bias("bias_backward", d_out.len(), d_bias.len(), rows, cols)?;
         for gr in d_out[..rows * cols].chunks_exact(cols) {
             d_bias.iter_mut().zip(gr).for_each(|(b, g)| *b += g);
         }
@@ -376,9 +355,7 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>, len: usize) -> Result<()> {
-        check("swiglu gate", len, gate.len())?;
-        check("swiglu up", len, up.len())?;
-        check("swiglu out", len, out.len())?;
+        checks::elementwise("swiglu", &[gate.len(), up.len(), out.len()], len)?;
         for_rows(&mut out[..len], ELEMENTWISE_CHUNK, |i, o| {
             let at = i * ELEMENTWISE_CHUNK;
             for ((o, &g), &u) in o.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
@@ -397,11 +374,8 @@ impl Backend for CpuBackend {
         d_up: &mut Vec<f32>,
         len: usize,
     ) -> Result<()> {
-        check("swiglu_backward gate", len, gate.len())?;
-        check("swiglu_backward up", len, up.len())?;
-        check("swiglu_backward d_out", len, d_out.len())?;
-        check("swiglu_backward d_gate", len, d_gate.len())?;
-        check("swiglu_backward d_up", len, d_up.len())?;
+        let lens = [gate.len(), up.len(), d_out.len(), d_gate.len(), d_up.len()];
+        checks::elementwise("swiglu_backward", &lens, len)?;
         for_rows(&mut d_up[..len], ELEMENTWISE_CHUNK, |i, du| {
             let at = i * ELEMENTWISE_CHUNK;
             for ((du, &g), &d) in du.iter_mut().zip(&gate[at..]).zip(&d_out[at..]) {
@@ -431,11 +405,7 @@ impl Backend for CpuBackend {
         inverse: bool,
     ) -> Result<()> {
         let (rows, half, width) = (positions.len(), hd / 2, heads * hd);
-        check("rope x", rows * width, x.len())?;
-        if let Some(&p) = positions.iter().max() {
-            check("rope cos", (p as usize + 1) * half, cos.len())?;
-            check("rope sin", (p as usize + 1) * half, sin.len())?;
-        }
+        checks::rope(x.len(), positions, cos.len(), sin.len(), heads, hd)?;
         let sign = if inverse { -1.0 } else { 1.0 };
         for_rows(&mut x[..rows * width], width, |r, xr| {
             let at = positions[r] as usize * half;
@@ -462,7 +432,7 @@ impl Backend for CpuBackend {
         cols: usize,
         past: usize,
     ) -> Result<()> {
-        check("causal_softmax", offset + batch * rows * cols, scores.len())?;
+        checks::check("causal_softmax", offset + batch * rows * cols, scores.len())?;
         let block = &mut scores[offset..offset + batch * rows * cols];
         for_rows(block, cols, |r, row| {
             {
@@ -496,8 +466,7 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("softmax_backward p", p_offset + rows * cols, p.len())?;
-        check("softmax_backward dp", dp_offset + rows * cols, dp.len())?;
+        checks::softmax_backward(p.len(), p_offset, dp.len(), dp_offset, rows, cols)?;
         let block = &mut dp[dp_offset..dp_offset + rows * cols];
         for_rows(block, cols, |r, dr| {
             let pr = &p[p_offset + r * cols..p_offset + (r + 1) * cols];
@@ -518,10 +487,8 @@ impl Backend for CpuBackend {
         entropy: &mut [f32],
     ) -> Result<()> {
         let rows = targets.len();
-        check("token_logprobs logits", rows * vocab, logits.len())?;
-        check("token_logprobs logprob", rows, logprob.len())?;
-        check("token_logprobs entropy", rows, entropy.len())?;
-        check_targets(targets, vocab)?;
+        let per_row = [logprob.len(), entropy.len()];
+        checks::token_logprobs("token_logprobs", &[logits.len()], &per_row, targets, vocab)?;
         let one = |(r, (lp, ent)): (usize, (&mut f32, &mut f32))| {
             let t = targets[r];
             if t == IGNORE_TARGET {
@@ -560,15 +527,13 @@ impl Backend for CpuBackend {
         d_logits: &mut Vec<f32>,
     ) -> Result<()> {
         let rows = targets.len();
-        check("token_logprobs_backward logits", rows * vocab, logits.len())?;
-        check(
-            "token_logprobs_backward d_logits",
-            rows * vocab,
-            d_logits.len(),
+        checks::token_logprobs(
+            "token_logprobs_backward",
+            &[logits.len(), d_logits.len()],
+            &[d_logprob.len(), d_entropy.len()],
+            targets,
+            vocab,
         )?;
-        check("token_logprobs_backward d_logprob", rows, d_logprob.len())?;
-        check("token_logprobs_backward d_entropy", rows, d_entropy.len())?;
-        check_targets(targets, vocab)?;
         for_rows(&mut d_logits[..rows * vocab], vocab, |r, dz| {
             let t = targets[r];
             if t == IGNORE_TARGET || (d_logprob[r] == 0.0 && d_entropy[r] == 0.0) {
@@ -667,19 +632,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
-}
-
-/// Fails if a target is neither a token of the vocabulary nor [`IGNORE_TARGET`].
-pub(crate) fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
-    match targets
-        .iter()
-        .find(|&&t| t != IGNORE_TARGET && t as usize >= vocab)
-    {
-        Some(t) => Err(ModelError::InvalidInput(format!(
-            "target token {t} is outside the vocabulary of {vocab}"
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// Log-sum-exp and entropy of the softmax of `z`, in f64.

@@ -56,6 +56,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod checks;
 mod config;
 mod cpu;
 pub mod cuda;

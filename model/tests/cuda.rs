@@ -60,21 +60,27 @@ fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], rel: f32) {
     }
 }
 
-/// Runs `op` on both backends over the same host inputs and compares every buffer after it.
-fn same_on_both(
-    what: &str,
-    gpu: &CudaBackend,
-    inputs: &[Vec<f32>],
-    op_cpu: impl Fn(&CpuBackend, &mut [Vec<f32>]),
-    op_gpu: impl Fn(&CudaBackend, &mut [<CudaBackend as Backend>::Buf]),
-) {
-    let mut on_cpu: Vec<Vec<f32>> = inputs.to_vec();
-    op_cpu(&CpuBackend, &mut on_cpu);
-    let mut on_gpu: Vec<_> = inputs.iter().map(|v| put(gpu, v)).collect();
-    op_gpu(gpu, &mut on_gpu);
-    for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-        assert_close(&format!("{what} buffer {i}"), &get(gpu, g), c, 1e-3);
-    }
+/// Runs `$body` on both backends, `$b` the backend and `$buf…` the buffers made from
+/// `$input…`, then compares every buffer.
+macro_rules! same_on_both {
+    ($what:expr, $gpu:expr, [$($input:expr),+ $(,)?], |$b:ident, [$($buf:ident),+]| $body:block) => {{
+        let inputs: Vec<Vec<f32>> = vec![$($input),+];
+        let mut on_cpu = inputs.clone();
+        {
+            let $b = &CpuBackend;
+            let [$($buf),+] = &mut on_cpu[..] else { unreachable!() };
+            $body
+        }
+        let mut on_gpu: Vec<_> = inputs.iter().map(|v| put($gpu, v)).collect();
+        {
+            let $b = $gpu;
+            let [$($buf),+] = &mut on_gpu[..] else { unreachable!() };
+            $body
+        }
+        for (i, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            assert_close(&format!("{} buffer {i}", $what), &get($gpu, g), c, 1e-3);
+        }
+    }};
 }
 
 #[test]
@@ -87,75 +93,54 @@ fn every_op_matches_the_cpu() {
     let gamma = random(&mut rng, cols);
     let d_out = random(&mut rng, rows * cols);
 
-    same_on_both(
+    same_on_both!(
         "rms_norm",
         &be,
-        &[
+        [
             x.clone(),
             gamma.clone(),
             vec![0.0; rows * cols],
             vec![0.0; rows],
         ],
-        |b, v| {
-            let [x, g, out, rstd] = v else { unreachable!() };
+        |b, [x, g, out, rstd]| {
             b.rms_norm(1e-6, x, g, out, rstd, rows, cols).unwrap();
-        },
-        |b, v| {
-            let [x, g, out, rstd] = v else { unreachable!() };
-            b.rms_norm(1e-6, x, g, out, rstd, rows, cols).unwrap();
-        },
+        }
     );
     let rstd: Vec<f32> = (0..rows).map(|_| rng.random_range(0.5..2.0)).collect();
-    let inputs = [
-        x.clone(),
-        gamma.clone(),
-        rstd,
-        d_out.clone(),
-        random(&mut rng, rows * cols),
-        random(&mut rng, cols),
-    ];
-    same_on_both(
+    same_on_both!(
         "rms_norm_backward",
         &be,
-        &inputs,
-        |b, v| {
-            let [x, g, r, d, dx, dg] = v else {
-                unreachable!()
-            };
+        [
+            x.clone(),
+            gamma.clone(),
+            rstd,
+            d_out.clone(),
+            random(&mut rng, rows * cols),
+            random(&mut rng, cols)
+        ],
+        |b, [x, g, r, d, dx, dg]| {
             b.rms_norm_backward(x, g, r, d, dx, dg, rows, cols).unwrap();
-        },
-        |b, v| {
-            let [x, g, r, d, dx, dg] = v else {
-                unreachable!()
-            };
-            b.rms_norm_backward(x, g, r, d, dx, dg, rows, cols).unwrap();
-        },
+        }
     );
-    same_on_both(
+    same_on_both!(
         "bias",
         &be,
-        &[
+        [
             x.clone(),
             gamma.clone(),
             d_out.clone(),
             random(&mut rng, cols),
         ],
-        |b, v| {
-            let [x, bias, d, db] = v else { unreachable!() };
+        |b, [x, bias, d, db]| {
             b.add_bias(x, bias, rows, cols).unwrap();
             b.bias_backward(d, db, rows, cols).unwrap();
-        },
-        |b, v| {
-            let [x, bias, d, db] = v else { unreachable!() };
-            b.add_bias(x, bias, rows, cols).unwrap();
-            b.bias_backward(d, db, rows, cols).unwrap();
-        },
+        }
     );
     let n = rows * cols;
-    same_on_both(
+    same_on_both!(
         "swiglu",
         &be,
-        &[
+        [
             x.clone(),
             d_out.clone(),
             gamma.repeat(rows),
@@ -163,100 +148,66 @@ fn every_op_matches_the_cpu() {
             vec![0.0; n],
             vec![0.0; n],
         ],
-        |b, v| {
-            let [g, u, d, out, dg, du] = v else {
-                unreachable!()
-            };
+        |b, [g, u, d, out, dg, du]| {
             b.swiglu(g, u, out, n).unwrap();
             b.swiglu_backward(g, u, d, dg, du, n).unwrap();
-        },
-        |b, v| {
-            let [g, u, d, out, dg, du] = v else {
-                unreachable!()
-            };
-            b.swiglu(g, u, out, n).unwrap();
-            b.swiglu_backward(g, u, d, dg, du, n).unwrap();
-        },
+        }
     );
     let (heads, hd) = (3, 10);
     let positions = [0u32, 3, 1, 7, 2, 2, 5];
     let table = random(&mut rng, 8 * hd / 2);
-    same_on_both(
+    same_on_both!(
         "rope",
         &be,
-        &[
+        [
             random(&mut rng, rows * heads * hd),
             table.clone(),
             table.iter().map(|v| v * 0.5).collect(),
         ],
-        |b, v| {
-            let [x, c, s] = v else { unreachable!() };
+        |b, [x, c, s]| {
             b.rope(x, &positions, c, s, heads, hd, false).unwrap();
-        },
-        |b, v| {
-            let [x, c, s] = v else { unreachable!() };
-            b.rope(x, &positions, c, s, heads, hd, false).unwrap();
-        },
+        }
     );
     let (batch, q, k, past) = (2, 3, 9, 4);
-    same_on_both(
+    same_on_both!(
         "softmax",
         &be,
-        &[
+        [
             random(&mut rng, 5 + batch * q * k),
             random(&mut rng, 5 + batch * q * k),
         ],
-        |b, v| {
-            let [s, dp] = v else { unreachable!() };
+        |b, [s, dp]| {
             b.causal_softmax(s, 5, batch, q, k, past).unwrap();
             b.softmax_backward(s, 5, dp, 5, batch * q, k).unwrap();
-        },
-        |b, v| {
-            let [s, dp] = v else { unreachable!() };
-            b.causal_softmax(s, 5, batch, q, k, past).unwrap();
-            b.softmax_backward(s, 5, dp, 5, batch * q, k).unwrap();
-        },
+        }
     );
     let (vocab, d) = (50, 12);
     let tokens = [3u32, 49, 3, 0, 17];
-    same_on_both(
+    same_on_both!(
         "embed",
         &be,
-        &[
+        [
             random(&mut rng, vocab * d),
             vec![0.0; tokens.len() * d],
             random(&mut rng, tokens.len() * d),
             random(&mut rng, vocab * d),
         ],
-        |b, v| {
-            let [emb, out, d_out, d_emb] = v else {
-                unreachable!()
-            };
+        |b, [emb, out, d_out, d_emb]| {
             b.embed(emb, &tokens, out, d).unwrap();
             b.embed_backward(d_out, &tokens, d_emb, d).unwrap();
-        },
-        |b, v| {
-            let [emb, out, d_out, d_emb] = v else {
-                unreachable!()
-            };
-            b.embed(emb, &tokens, out, d).unwrap();
-            b.embed_backward(d_out, &tokens, d_emb, d).unwrap();
-        },
+        }
     );
     // Strided copies, accumulation and products of every layout the model uses.
-    same_on_both(
+    same_on_both!(
         "copy, add, gemm",
         &be,
-        &[
+        [
             random(&mut rng, 6 * 10),
             vec![0.0; 6 * 10],
             random(&mut rng, 6 * 10),
             vec![0.0; 2 * 5 * 7],
         ],
-        |b, v| {
-            let [src, dst, other, c] = v else {
-                unreachable!()
-            };
+        |b, [src, dst, other, c]| {
             b.copy(
                 src,
                 MatLayout::at(2, 10),
@@ -279,34 +230,7 @@ fn every_op_matches_the_cpu() {
                 c: MatLayout::row_major(7).batched(35),
             };
             b.gemm(&g, src, other, c).unwrap();
-        },
-        |b, v| {
-            let [src, dst, other, c] = v else {
-                unreachable!()
-            };
-            b.copy(
-                src,
-                MatLayout::at(2, 10),
-                dst,
-                MatLayout::row_major(6).t(),
-                5,
-                6,
-            )
-            .unwrap();
-            b.add_assign(dst, other, 60).unwrap();
-            let g = Gemm {
-                m: 5,
-                k: 3,
-                n: 7,
-                batch: 2,
-                alpha: 0.7,
-                beta: 0.0,
-                a: MatLayout::at(1, 10).batched(3),
-                b: MatLayout::row_major(3).t().batched(21),
-                c: MatLayout::row_major(7).batched(35),
-            };
-            b.gemm(&g, src, other, c).unwrap();
-        },
+        }
     );
 
     // Log-probs and their backward (host outputs).

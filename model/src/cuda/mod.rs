@@ -21,7 +21,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::backend::{Backend, Gemm, MatLayout};
-use crate::cpu::check;
+use crate::checks::{self, check};
 use crate::error::{ModelError, Result};
 
 pub use gemm::{ColMajorGemm, Operand};
@@ -283,8 +283,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("copy src", src_at.end(1, rows, cols), src.len())?;
-        check("copy dst", dst_at.end(1, rows, cols), dst.len())?;
+        checks::copy(src.len(), &src_at, dst.len(), &dst_at, rows, cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
@@ -308,8 +307,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, len: usize) -> Result<()> {
-        check("add_assign dst", len, dst.len())?;
-        check("add_assign src", len, src.len())?;
+        checks::add_assign(dst.len(), src.len(), len)?;
         if len == 0 {
             return Ok(());
         }
@@ -334,9 +332,7 @@ impl Backend for CudaBackend {
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        check("gemm a", g.a.end(g.batch, g.m, g.k), a.len())?;
-        check("gemm b", g.b.end(g.batch, g.k, g.n), b.len())?;
-        check("gemm c", g.c.end(g.batch, g.m, g.n), c.len())?;
+        checks::gemm(g, a.len(), b.len(), c.len())?;
         let plan = ColMajorGemm::plan(g)?;
         let (first, second) = match plan.first {
             Operand::A => (a, b),
@@ -360,10 +356,7 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         d: usize,
     ) -> Result<()> {
-        check("embed out", tokens.len() * d, out.len())?;
-        if let Some(&t) = tokens.iter().max() {
-            check("embed token", (t as usize + 1) * d, tok_emb.len())?;
-        }
+        checks::embed("embed", tok_emb.len(), tokens, out.len(), d)?;
         if tokens.is_empty() || d == 0 {
             return Ok(());
         }
@@ -389,10 +382,7 @@ impl Backend for CudaBackend {
         d_tok: &mut CudaSlice<f32>,
         d: usize,
     ) -> Result<()> {
-        check("embed_backward d_out", tokens.len() * d, d_out.len())?;
-        if let Some(&t) = tokens.iter().max() {
-            check("embed_backward token", (t as usize + 1) * d, d_tok.len())?;
-        }
+        checks::embed("embed_backward", d_tok.len(), tokens, d_out.len(), d)?;
         if tokens.is_empty() || d == 0 {
             return Ok(());
         }
@@ -421,10 +411,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("rms_norm x", rows * cols, x.len())?;
-        check("rms_norm out", rows * cols, out.len())?;
-        check("rms_norm rstd", rows, rstd.len())?;
-        check("rms_norm gamma", cols, gamma.len())?;
+        checks::rms_norm(x.len(), gamma.len(), out.len(), rstd.len(), rows, cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -453,12 +440,16 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("rms_norm_backward x", rows * cols, x.len())?;
-        check("rms_norm_backward d_out", rows * cols, d_out.len())?;
-        check("rms_norm_backward dx", rows * cols, dx.len())?;
-        check("rms_norm_backward rstd", rows, rstd.len())?;
-        check("rms_norm_backward gamma", cols, gamma.len())?;
-        check("rms_norm_backward d_gamma", cols, d_gamma.len())?;
+        checks::rms_norm_backward(
+            x.len(),
+            gamma.len(),
+            rstd.len(),
+            d_out.len(),
+            dx.len(),
+            d_gamma.len(),
+            rows,
+            cols,
+        )?;
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -495,8 +486,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("add_bias x", rows * cols, x.len())?;
-        check("add_bias bias", cols, bias.len())?;
+        checks::bias("add_bias", x.len(), bias.len(), rows, cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
@@ -512,8 +502,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("bias_backward d_out", rows * cols, d_out.len())?;
-        check("bias_backward d_bias", cols, d_bias.len())?;
+        checks::bias("bias_backward", d_out.len(), d_bias.len(), rows, cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
@@ -537,9 +526,7 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         len: usize,
     ) -> Result<()> {
-        check("swiglu gate", len, gate.len())?;
-        check("swiglu up", len, up.len())?;
-        check("swiglu out", len, out.len())?;
+        checks::elementwise("swiglu", &[gate.len(), up.len(), out.len()], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -564,11 +551,8 @@ impl Backend for CudaBackend {
         d_up: &mut CudaSlice<f32>,
         len: usize,
     ) -> Result<()> {
-        check("swiglu_backward gate", len, gate.len())?;
-        check("swiglu_backward up", len, up.len())?;
-        check("swiglu_backward d_out", len, d_out.len())?;
-        check("swiglu_backward d_gate", len, d_gate.len())?;
-        check("swiglu_backward d_up", len, d_up.len())?;
+        let lens = [gate.len(), up.len(), d_out.len(), d_gate.len(), d_up.len()];
+        checks::elementwise("swiglu_backward", &lens, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -597,11 +581,7 @@ impl Backend for CudaBackend {
         inverse: bool,
     ) -> Result<()> {
         let (rows, half) = (positions.len(), hd / 2);
-        check("rope x", rows * heads * hd, x.len())?;
-        if let Some(&p) = positions.iter().max() {
-            check("rope cos", (p as usize + 1) * half, cos.len())?;
-            check("rope sin", (p as usize + 1) * half, sin.len())?;
-        }
+        checks::rope(x.len(), positions, cos.len(), sin.len(), heads, hd)?;
         if rows * heads * half == 0 {
             return Ok(());
         }
@@ -660,8 +640,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check("softmax_backward p", p_offset + rows * cols, p.len())?;
-        check("softmax_backward dp", dp_offset + rows * cols, dp.len())?;
+        checks::softmax_backward(p.len(), p_offset, dp.len(), dp_offset, rows, cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
@@ -688,10 +667,8 @@ impl Backend for CudaBackend {
         entropy: &mut [f32],
     ) -> Result<()> {
         let rows = targets.len();
-        check("token_logprobs logits", rows * vocab, logits.len())?;
-        check("token_logprobs logprob", rows, logprob.len())?;
-        check("token_logprobs entropy", rows, entropy.len())?;
-        crate::cpu::check_targets(targets, vocab)?;
+        let per_row = [logprob.len(), entropy.len()];
+        checks::token_logprobs("token_logprobs", &[logits.len()], &per_row, targets, vocab)?;
         if rows == 0 {
             return Ok(());
         }
@@ -722,15 +699,13 @@ impl Backend for CudaBackend {
         d_logits: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let rows = targets.len();
-        check("token_logprobs_backward logits", rows * vocab, logits.len())?;
-        check(
-            "token_logprobs_backward d_logits",
-            rows * vocab,
-            d_logits.len(),
+        checks::token_logprobs(
+            "token_logprobs_backward",
+            &[logits.len(), d_logits.len()],
+            &[d_logprob.len(), d_entropy.len()],
+            targets,
+            vocab,
         )?;
-        check("token_logprobs_backward d_logprob", rows, d_logprob.len())?;
-        check("token_logprobs_backward d_entropy", rows, d_entropy.len())?;
-        crate::cpu::check_targets(targets, vocab)?;
         if rows == 0 {
             return Ok(());
         }
