@@ -4,8 +4,9 @@
 use crate::backend::{Gemm, IGNORE_TARGET, MatLayout};
 use crate::error::{ModelError, Result};
 
-/// Fails unless `end` values fit in a buffer of `len`.
-pub(crate) fn check(what: &str, end: usize, len: usize) -> Result<()> {
+/// Fails unless `end` values fit in a buffer of `len`. `what` is formatted only on failure
+/// (the ops run per sampled token, which must not allocate).
+pub(crate) fn check(what: impl std::fmt::Display, end: usize, len: usize) -> Result<()> {
     if end > len {
         return Err(ModelError::Backend(format!(
             "{what}: view needs {end} values but the buffer holds {len}"
@@ -60,9 +61,9 @@ pub(crate) fn gemm(g: &Gemm, a: usize, b: usize, c: usize) -> Result<()> {
 /// `embed` and `embed_backward`: `rows` is the buffer of `tokens.len()` rows of `d`, `table`
 /// the embedding (or its gradient).
 pub(crate) fn embed(what: &str, table: usize, tokens: &[u32], rows: usize, d: usize) -> Result<()> {
-    check(&format!("{what} rows"), tokens.len() * d, rows)?;
+    check(format_args!("{what} rows"), tokens.len() * d, rows)?;
     if let Some(&t) = tokens.iter().max() {
-        check(&format!("{what} token"), (t as usize + 1) * d, table)?;
+        check(format_args!("{what} token"), (t as usize + 1) * d, table)?;
     }
     Ok(())
 }
@@ -102,8 +103,8 @@ pub(crate) fn rms_norm_backward(
 
 /// `add_bias` and `bias_backward`: `x` is the `rows × cols` block, `bias` its bias (gradient).
 pub(crate) fn bias(what: &str, x: usize, bias: usize, rows: usize, cols: usize) -> Result<()> {
-    check(&format!("{what} rows"), rows * cols, x)?;
-    check(&format!("{what} bias"), cols, bias)
+    check(format_args!("{what} rows"), rows * cols, x)?;
+    check(format_args!("{what} bias"), cols, bias)
 }
 
 /// Element-wise ops: every buffer holds at least `len` values.
@@ -150,10 +151,10 @@ pub(crate) fn token_logprobs(
 ) -> Result<()> {
     let rows = targets.len();
     for &n in logits {
-        check(&format!("{what} logits"), rows * vocab, n)?;
+        check(format_args!("{what} logits"), rows * vocab, n)?;
     }
     for &n in per_row {
-        check(&format!("{what} rows"), rows, n)?;
+        check(format_args!("{what} rows"), rows, n)?;
     }
     check_targets(targets, vocab)
 }
