@@ -338,6 +338,12 @@ impl Backend for CudaBackend {
             Operand::A => (a, b),
             Operand::B => (b, a),
         };
+        // cuBLAS runs in the calling thread's current context (kernel launches and copies
+        // bind it themselves); the model is driven from several threads.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(cuda_err("context"))?;
         let first = first.slice(plan.first_offset..);
         let second = second.slice(plan.second_offset..);
         let mut out = c.slice_mut(plan.c_offset..);
