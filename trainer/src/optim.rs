@@ -18,6 +18,7 @@
 
 use flywheel_model::WeightDtype;
 use flywheel_storage::codec::{ByteReader, Truncated};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Configuration of AdamW (a table of the trainer's config).
@@ -225,6 +226,10 @@ pub struct AdamW {
     weight_dtype: WeightDtype,
 }
 
+/// Values of a tensor one thread updates at a time; a tensor of fewer than two chunks is
+/// updated on the calling thread (handing it to rayon's pool costs more than it saves).
+const PAR_CHUNK: usize = 1 << 16;
+
 /// Magic bytes opening serialised optimizer state.
 const MAGIC: &[u8; 8] = b"FWADAMW\0";
 /// The format of states of `f32` weights (no masters).
@@ -333,15 +338,9 @@ impl AdamW {
         let bias2 = 1.0 - beta2.powf(t);
         let decay = 1.0 - lr * weight_decay;
         let dtype = self.weight_dtype;
-        for (param, state) in params.iter_mut().zip(&mut self.moments) {
-            // The weights stepped: the masters, or the values themselves.
-            let weights: &mut [f32] = if keeps_masters {
-                &mut state.master
-            } else {
-                param.value
-            };
-            let moments = state.m.iter_mut().zip(state.v.iter_mut());
-            for ((w, &g), (m, v)) in weights.iter_mut().zip(param.grad).zip(moments) {
+        // Element-wise: chunks in parallel give the same bits as one loop.
+        let update = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
                 let g = f64::from(g) * clip_scale;
                 let m_new = beta1 * f64::from(*m) + (1.0 - beta1) * g;
                 let v_new = beta2 * f64::from(*v) + (1.0 - beta2) * g * g;
@@ -350,10 +349,31 @@ impl AdamW {
                 let update = (m_new / bias1) / ((v_new / bias2).sqrt() + eps);
                 *w = (f64::from(*w) * decay - lr * update) as f32;
             }
-            if keeps_masters {
-                for (p, w) in param.value.iter_mut().zip(&state.master) {
-                    *p = dtype.round(*w);
+        };
+        for (param, state) in params.iter_mut().zip(&mut self.moments) {
+            let Moments { m, v, master, .. } = state;
+            // The weights stepped: the masters, or the values themselves.
+            let weights: &mut [f32] = if keeps_masters { master } else { param.value };
+            let round = |p: &mut [f32], w: &[f32]| {
+                p.iter_mut().zip(w).for_each(|(p, w)| *p = dtype.round(*w));
+            };
+            if weights.len() < 2 * PAR_CHUNK {
+                update(weights, param.grad, m, v);
+                if keeps_masters {
+                    round(param.value, master);
                 }
+                continue;
+            }
+            weights
+                .par_chunks_mut(PAR_CHUNK)
+                .zip(param.grad.par_chunks(PAR_CHUNK))
+                .zip(m.par_chunks_mut(PAR_CHUNK))
+                .zip(v.par_chunks_mut(PAR_CHUNK))
+                .for_each(|(((w, g), m), v)| update(w, g, m, v));
+            if keeps_masters {
+                (param.value.par_chunks_mut(PAR_CHUNK))
+                    .zip(master.par_chunks(PAR_CHUNK))
+                    .for_each(|(p, w)| round(p, w));
             }
         }
         Ok(StepReport {
@@ -782,6 +802,43 @@ mod tests {
             }
             assert_eq!(w, w_restored);
             assert_eq!(opt.state_bytes(), restored.state_bytes());
+        }
+    }
+
+    #[test]
+    fn a_large_tensor_updated_in_parallel_matches_the_same_values_updated_serially() {
+        let n = 3 * PAR_CHUNK + 5;
+        let values: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let values: Vec<f32> = values.iter().map(|&x| dtype.round(x)).collect();
+            let cfg = config(1e-3, 0.01, 1.0);
+            // One tensor (the parallel path) against the same values as pieces small enough
+            // for the serial path.
+            let mut whole = AdamW::with_weight_dtype(cfg.clone(), dtype).unwrap();
+            let mut pieces = AdamW::with_weight_dtype(cfg, dtype).unwrap();
+            let mut w: Tensors = vec![("w".into(), values.clone())];
+            let mut p: Tensors = values
+                .chunks(PAR_CHUNK / 2)
+                .enumerate()
+                .map(|(i, c)| (format!("w{i}"), c.to_vec()))
+                .collect();
+            for s in 0..3u64 {
+                let g: Vec<f32> = (0..n)
+                    .map(|i| ((i as u64 * 7 + s) % 13) as f32 - 6.0)
+                    .collect();
+                step(&mut whole, &mut w, std::slice::from_ref(&g));
+                let gs: Vec<Vec<f32>> = g.chunks(PAR_CHUNK / 2).map(<[f32]>::to_vec).collect();
+                step(&mut pieces, &mut p, &gs);
+            }
+            let joined: Vec<u32> = p
+                .iter()
+                .flat_map(|(_, v)| v.iter().map(|x| x.to_bits()))
+                .collect();
+            let whole_bits: Vec<u32> = w[0].1.iter().map(|x| x.to_bits()).collect();
+            assert!(
+                joined == whole_bits,
+                "{dtype:?}: parallel and serial updates differ"
+            );
         }
     }
 
