@@ -17,7 +17,7 @@ use crate::error::{ModelError, Result};
 
 /// Which operand of the row-major product a cuBLAS operand is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Operand {
+pub(crate) enum Operand {
     /// The left factor.
     A,
     /// The right factor.
@@ -26,7 +26,7 @@ pub enum Operand {
 
 /// One cuBLAS `sgemmStridedBatched` call (column-major terms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ColMajorGemm {
+pub(crate) struct ColMajorGemm {
     /// The row-major operand passed as cuBLAS's A (the other one is its B).
     pub first: Operand,
     /// Whether cuBLAS transposes its A.
@@ -77,7 +77,7 @@ fn transposed_view(rows: usize, cols: usize, at: &MatLayout) -> Option<(bool, us
 
 impl ColMajorGemm {
     /// The cuBLAS call computing `g`.
-    pub fn plan(g: &Gemm) -> Result<Self> {
+    pub(crate) fn plan(g: &Gemm) -> Result<Self> {
         let unsupported = |what: &str, at: &MatLayout| {
             ModelError::Backend(format!(
                 "cuBLAS cannot read the {what} view {at:?}: one of its strides must be 1"
@@ -120,7 +120,7 @@ impl ColMajorGemm {
     }
 
     /// The cuBLAS configuration of this call (alpha, beta and the batch from `g`).
-    pub fn config(&self, g: &Gemm) -> StridedBatchedConfig<f32> {
+    pub(crate) fn config(&self, g: &Gemm) -> StridedBatchedConfig<f32> {
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -149,7 +149,8 @@ impl ColMajorGemm {
     }
 
     /// What cuBLAS computes for this call, in loops: the reference the plan is tested with.
-    pub fn emulate(&self, g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    #[cfg(test)]
+    fn emulate(&self, g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let (first, second) = match self.first {
             Operand::A => (a, b),
             Operand::B => (b, a),

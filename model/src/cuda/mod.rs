@@ -24,7 +24,7 @@ use crate::backend::{Backend, Gemm, MatLayout};
 use crate::checks::{self, check};
 use crate::error::{ModelError, Result};
 
-pub use gemm::{ColMajorGemm, Operand};
+use gemm::{ColMajorGemm, Operand};
 
 /// The CUDA C source of the kernels.
 pub const KERNELS: &str = include_str!("kernels.cu");
