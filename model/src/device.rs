@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::cuda::{CudaBackend, missing_libraries};
+use crate::cuda::{CudaBackend, missing_libraries, require_libraries};
 use crate::error::{ModelError, Result};
 
 /// A device as asked for on the command line or in a config.
@@ -73,14 +73,7 @@ impl Device {
         match self {
             Device::Cpu => Ok((Device::Cpu, "asked for".into())),
             Device::Cuda(n) => {
-                let missing = missing_libraries();
-                if !missing.is_empty() {
-                    return Err(ModelError::Backend(format!(
-                        "--device {self}: {} not found (put the CUDA 13 libraries on \
-                         LD_LIBRARY_PATH, or use --device cpu)",
-                        missing.join(", ")
-                    )));
-                }
+                require_libraries(&format!("--device {self}"))?;
                 let count = CudaBackend::device_count();
                 if n >= count {
                     return Err(ModelError::Backend(format!(

@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use flywheel_model::{
-    Backend, Checkpoint, CpuBackend, CudaBackend, Device, ModelConfig, Params, SampleConfig,
-    Sampler, hf,
+    Backend, Checkpoint, Device, DeviceBackend, ModelConfig, Params, SampleConfig, Sampler, hf,
 };
 use flywheel_trainer::AdamWConfig;
 use rand::SeedableRng;
@@ -47,8 +46,10 @@ pub struct TrainerBench {
 
 /// Runs the bench and prints its report.
 pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
-    let (device, why) = b.device.resolve()?;
-    println!("device: {device} ({why})");
+    // The device as the trainer opens it.
+    let (backend, why) = DeviceBackend::open(b.device)?;
+    println!("device: {why}");
+    let device = backend.name();
     if b.seq_len < 2 || b.batch == 0 || b.iters == 0 {
         bail!("--seq-len must be at least 2, --batch and --iters at least 1");
     }
@@ -85,17 +86,15 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
         "batch {} x {} tokens, {} timed steps, {} sampled tokens, {threads} threads",
         b.batch, b.seq_len, b.iters, b.sample_tokens
     );
-    let mut peak = None;
-    let (train, sample) = match device {
-        Device::Cuda(n) => {
-            let backend = CudaBackend::new(n)?;
-            let name = backend.device_name();
-            peak = f32_peak_flops(&name);
-            println!("gpu: {name}");
-            measure(backend, params, b)?
-        }
-        _ => measure(CpuBackend, params, b)?,
+    let peak = match &backend {
+        DeviceBackend::Cuda(gpu) => f32_peak_flops(&gpu.device_name()),
+        DeviceBackend::Cpu(_) => None,
     };
+    let torch_device = match backend {
+        DeviceBackend::Cuda(_) => "cuda",
+        DeviceBackend::Cpu(_) => "cpu",
+    };
+    let (train, sample) = measure(backend, params, b)?;
     println!("flywheel ({device}): train {train:.0} tokens/s, sample {sample:.1} tokens/s");
     let flops = train * train_flops_per_token(&config, b.seq_len);
     match peak {
@@ -137,10 +136,7 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
             .args(["--iters", &b.iters.to_string()])
             .args(["--sample-tokens", &b.sample_tokens.to_string()])
             .args(["--threads", &threads.to_string()])
-            .args([
-                "--device",
-                if device == Device::Cpu { "cpu" } else { "cuda" },
-            ])
+            .args(["--device", torch_device])
             .output()
             .with_context(|| format!("running {} {}", python.display(), script.display()))?;
         if !out.status.success() {

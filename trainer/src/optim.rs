@@ -441,7 +441,11 @@ impl AdamW {
         } else {
             out.extend_from_slice(&FORMAT_WITH_MASTERS.to_le_bytes());
             out.extend_from_slice(&self.step.to_le_bytes());
-            out.push(dtype_code(self.weight_dtype));
+            let (_, code) = DTYPE_CODES
+                .iter()
+                .find(|(dtype, _)| *dtype == self.weight_dtype)
+                .expect("every dtype has a code");
+            out.push(*code);
         }
         out.extend_from_slice(&(self.moments.len() as u64).to_le_bytes());
         for s in &self.moments {
@@ -483,9 +487,9 @@ impl AdamW {
         }
         let step = r.u64()?;
         let weight_dtype = if version == FORMAT_WITH_MASTERS {
-            match r.take(1)?[0] {
-                1 => WeightDtype::Bf16,
-                2 => WeightDtype::F16,
+            let byte = r.take(1)?[0];
+            match DTYPE_CODES.iter().find(|(_, code)| *code == byte) {
+                Some((dtype, _)) if *dtype != WeightDtype::F32 => *dtype,
                 _ => return Err(OptimError::CorruptState("unknown weight dtype")),
             }
         } else {
@@ -537,14 +541,12 @@ impl AdamW {
     }
 }
 
-/// The byte naming a narrow weight dtype in [`FORMAT_WITH_MASTERS`].
-fn dtype_code(dtype: WeightDtype) -> u8 {
-    match dtype {
-        WeightDtype::F32 => 0,
-        WeightDtype::Bf16 => 1,
-        WeightDtype::F16 => 2,
-    }
-}
+/// The byte naming each weight dtype in [`FORMAT_WITH_MASTERS`] (which holds only narrow ones).
+const DTYPE_CODES: [(WeightDtype, u8); 3] = [
+    (WeightDtype::F32, 0),
+    (WeightDtype::Bf16, 1),
+    (WeightDtype::F16, 2),
+];
 
 /// The global L2 norm of all gradients (accumulated in f64, in order: deterministic).
 fn global_norm(params: &[Param<'_>]) -> Result<f64, OptimError> {

@@ -55,6 +55,20 @@ const ROW_THREADS: u32 = 256;
 /// Blocks of a grid-stride launch at most (each thread then loops).
 const MAX_BLOCKS: usize = 4096;
 
+/// Fails (the message opening with `context`), naming each CUDA library this backend loads
+/// that is not found and what to do, unless all of them load.
+pub fn require_libraries(context: &str) -> Result<()> {
+    let missing = missing_libraries();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::Backend(format!(
+        "{context}: {} not found (put the CUDA 13 libraries on LD_LIBRARY_PATH, or use \
+         --device cpu)",
+        missing.join(", ")
+    )))
+}
+
 /// The CUDA libraries this backend loads, each with what provides it, that are not found.
 pub fn missing_libraries() -> Vec<&'static str> {
     let mut missing = Vec::new();
@@ -131,14 +145,7 @@ impl CudaBackend {
     /// A backend on GPU `ordinal`: loads the libraries, creates the context and the cuBLAS
     /// handle, and compiles the kernels for the GPU's architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let missing = missing_libraries();
-        if !missing.is_empty() {
-            return Err(ModelError::Backend(format!(
-                "CUDA is not usable: {} not found (put the CUDA 13 libraries on \
-                 LD_LIBRARY_PATH, or use --device cpu)",
-                missing.join(", ")
-            )));
-        }
+        require_libraries("CUDA is not usable")?;
         guarded("CUDA", || {
             let ctx = CudaContext::new(ordinal).map_err(cuda_err("context"))?;
             let (major, minor) = ctx
@@ -197,16 +204,6 @@ impl CudaBackend {
     /// Copies small host values (token ids, targets) to the device.
     fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
         self.stream.clone_htod(values).map_err(cuda_err("upload"))
-    }
-
-    /// Copies `out.len()` values of a device buffer of `f32` to the host.
-    fn download_f32(&self, buf: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
-        if out.is_empty() {
-            return Ok(());
-        }
-        self.stream
-            .memcpy_dtoh(&buf.slice(..out.len()), out)
-            .map_err(cuda_err("download"))
     }
 }
 
@@ -691,8 +688,8 @@ impl Backend for CudaBackend {
             &mut lp,
             &mut ent
         );
-        self.download_f32(&lp, &mut logprob[..rows])?;
-        self.download_f32(&ent, &mut entropy[..rows])
+        self.download(&lp, 0, &mut logprob[..rows])?;
+        self.download(&ent, 0, &mut entropy[..rows])
     }
 
     fn token_logprobs_backward(
