@@ -5,7 +5,8 @@
 #                                flywheel binary in release, stripped, into gpu-bin/ (ignored
 #                                by git; the device tool carries it)
 #   scripts/gpu_check.sh run     on the GPU machine, from the repository root: the parity tests
-#                                (run with --ignored: a missing GPU or library fails them), then
+#                                and the one-rank NCCL communicator (run with --ignored: a
+#                                missing GPU or library fails them), then
 #                                `bench trainer --device cuda` beside PyTorch eager on the same
 #                                GPU, for the demo model and Qwen2.5-0.5B's shape
 #
@@ -40,6 +41,12 @@ run)
     # come with PyTorch (cuBLAS, NVRTC).
     wheels="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
     export LD_LIBRARY_PATH="${wheels:+$wheels/cu13/lib:}/usr/local/cuda/lib64:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # NCCL's wheel ships libnccl.so.2 only; cudarc opens libnccl.so.
+    nccl="$(find ${wheels:+"$wheels"} /usr/lib /usr/local -name 'libnccl.so.2*' 2>/dev/null | head -n 1 || true)"
+    if [ -n "$nccl" ]; then
+        mkdir -p "$BIN/nccl" && ln -sf "$nccl" "$BIN/nccl/libnccl.so"
+        export LD_LIBRARY_PATH="$BIN/nccl:$LD_LIBRARY_PATH"
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     status=0
     echo "== parity tests (CPU against GPU)"

@@ -46,6 +46,14 @@ impl DeviceBackend {
         };
         Ok((backend, format!("cpu ({why})")))
     }
+
+    /// The GPU's number, or `None` on the CPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            DeviceBackend::Cpu(_) => None,
+            DeviceBackend::Cuda(gpu) => Some(gpu.ordinal()),
+        }
+    }
 }
 
 fn mismatch() -> ModelError {

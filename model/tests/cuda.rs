@@ -4,12 +4,14 @@
 //! wheel of it and puts it on `LD_LIBRARY_PATH`). The others need a GPU: they are ignored by
 //! default, so a machine without one counts them as skipped, and scripts/gpu_check.sh runs
 //! them with `--ignored` on the GPU machine, where a missing GPU or library fails them.
+//! `a_one_rank_nccl_communicator_gathers_and_times_out` also needs libnccl: one GPU is
+//! enough for a one-rank communicator, not for an exchange between GPUs.
 //!
 //! Tolerances (f32 on both sides; the GPU sums in another order and cuBLAS may use FMA):
 //! 1e-4 absolute on log-probs and entropies, 1e-3 relative (to the tensor's largest entry) on
 //! gradients and on every op's output.
 
-use flywheel_model::cuda::compile_kernels;
+use flywheel_model::cuda::{NcclComm, compile_kernels, nccl_unique_id};
 use flywheel_model::{
     Backend, Checkpoint, CpuBackend, CudaBackend, Gemm, MatLayout, Model, Params, Sequence,
 };
@@ -314,4 +316,26 @@ fn forward_and_backward_match_the_cpu_on_every_architecture() {
             assert_close(&format!("{name} d{}", x.name), &x.data, &y.data, 1e-3);
         }
     }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU, the CUDA 13 libraries and libnccl: scripts/gpu_check.sh runs it"]
+fn a_one_rank_nccl_communicator_gathers_and_times_out() {
+    use std::time::{Duration, Instant};
+    let soon = || Instant::now() + Duration::from_secs(30);
+    let id = nccl_unique_id().unwrap_or_else(|e| panic!("{e}"));
+    let mut comm = NcclComm::connect(0, &id, 1, 0, soon()).unwrap_or_else(|e| panic!("{e}"));
+    // Two sizes: the staging buffers grow, then are reused.
+    for n in [5usize, 1 << 20, 3] {
+        let send: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let mut recv = vec![f32::NAN; n];
+        comm.all_gather(&send, &mut recv, soon()).unwrap();
+        assert_eq!(recv, send);
+    }
+    // A two-member communicator whose other member never comes: the init is aborted at the
+    // deadline instead of waiting for ever.
+    let id = nccl_unique_id().unwrap();
+    let lonely = NcclComm::connect(0, &id, 2, 0, Instant::now() + Duration::from_secs(2));
+    let e = lonely.err().expect("a member is missing");
+    assert!(e.to_string().contains("deadline"), "{e}");
 }

@@ -9,6 +9,7 @@
 //! | step manifest            | `{run}/steps/{step:010}/manifest.json`                   |
 //! | per-rank gradient        | `{run}/steps/{step:010}/grads/rank-{r:04}`               |
 //! | entries left out of step | `{run}/steps/{step:010}/dropped/rank-{r:04}`             |
+//! | exchange rendezvous      | `{run}/steps/{step:010}/exchange/rank-{r:04}`            |
 //! | weights manifest         | `{run}/weights/v{version:010}/manifest.json`             |
 //! | weights chunk            | `{run}/chunks/{hash}`                                    |
 //! | checkpoint object        | `{run}/checkpoints/step-{step:010}/{name}`               |
@@ -39,6 +40,17 @@ pub fn step_grads_prefix(run: &str, step: StepId) -> String {
 /// `{run}/steps/{step:010}/grads/rank-{r:04}`: rank `rank`'s gradient sum for step `step`.
 pub fn step_grads(run: &str, step: StepId, rank: u32) -> String {
     format!("{run}/steps/{step:010}/grads/rank-{rank:04}")
+}
+
+/// `{run}/steps/{step:010}/exchange/`: the prefix of step `step`'s exchange rendezvous.
+pub fn step_exchange_prefix(run: &str, step: StepId) -> String {
+    format!("{run}/steps/{step:010}/exchange/")
+}
+
+/// `{run}/steps/{step:010}/exchange/rank-{r:04}`: the arrival of rank `rank`'s holder at step
+/// `step`'s collective gradient exchange (JSON).
+pub fn step_exchange(run: &str, step: StepId, rank: u32) -> String {
+    format!("{run}/steps/{step:010}/exchange/rank-{rank:04}")
 }
 
 /// `{run}/steps/{step:010}/dropped/rank-{r:04}`: the entries rank `rank` left out of step
@@ -112,6 +124,11 @@ mod tests {
         assert_eq!(segment("r", &p, 2, 3, 4), "r/segments/p7/2/00000003-e4");
         assert_eq!(step_manifest("r", 5), "r/steps/0000000005/manifest.json");
         assert_eq!(step_grads("r", 5, 1), "r/steps/0000000005/grads/rank-0001");
+        assert_eq!(
+            step_exchange("r", 5, 1),
+            "r/steps/0000000005/exchange/rank-0001"
+        );
+        assert!(step_exchange("r", 5, 1).starts_with(&step_exchange_prefix("r", 5)));
         assert_eq!(
             weights_manifest("r", 12),
             "r/weights/v0000000012/manifest.json"

@@ -29,6 +29,7 @@ use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::exchange::ExchangeKind;
 use crate::loss::{LossConfig, LossMode};
 use crate::optim::AdamWConfig;
 
@@ -72,6 +73,14 @@ pub struct TrainerConfig {
     /// older steps (trained, and covered by the checkpoint) are deleted, so storage stays
     /// bounded.
     pub keep_segment_steps: u64,
+    /// How the ranks of a step bring their gradients together: `store` (each writes its
+    /// gradient to the object store, the finisher sums them), `nccl` (the ranks' trainers
+    /// sum them among their GPUs when each holds one rank; the object store is the fallback)
+    /// or `in-process` (the same among trainers of one process).
+    pub exchange: ExchangeKind,
+    /// How long a collective exchange may take (rendezvous, forming the communicator, the
+    /// sums), in ms; past it the step falls back to the object store.
+    pub exchange_timeout_ms: u64,
     /// Lease of a claimed rank, in ms; renewed at a third of it while the rank is computed.
     pub rank_claim_ms: u64,
     /// Heartbeat lease of the trainer's membership, in ms.
@@ -101,6 +110,8 @@ impl Default for TrainerConfig {
             keep_checkpoints: 3,
             keep_versions: 4,
             keep_segment_steps: 8,
+            exchange: ExchangeKind::Store,
+            exchange_timeout_ms: 60_000,
             rank_claim_ms: 60_000,
             heartbeat_ms: 10_000,
             poll_ms: 200,
@@ -225,6 +236,7 @@ impl TrainerConfig {
         }
         for (field, ms) in [
             ("trainer.rank_claim_ms", self.rank_claim_ms),
+            ("trainer.exchange_timeout_ms", self.exchange_timeout_ms),
             ("trainer.heartbeat_ms", self.heartbeat_ms),
             ("trainer.poll_ms", self.poll_ms),
         ] {

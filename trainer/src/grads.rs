@@ -7,6 +7,8 @@
 //! (loss f64, tokens_trained u64, tokens_masked u64, tokens_clipped u64, sum_abs_log_k f64,
 //! sum_kl f64, sum_entropy f64, sequences u64), tensor count u32, then per tensor: name length
 //! u32, name (UTF-8), value count u64, values f32; finally a crc32c of everything before it.
+//! Format 2 is a rank whose gradient was summed by the step's collective exchange
+//! (`crate::exchange`): the same header and statistics, no tensors.
 //! The decoder checks lengths before allocating and never panics.
 
 use flywheel_model::{ModelConfig, Params};
@@ -19,6 +21,7 @@ use crate::step::TrainStats;
 
 const MAGIC: &[u8; 8] = b"FWGRAD\0\0";
 const FORMAT: u32 = 1;
+const FORMAT_EXCHANGED: u32 = 2;
 
 /// A gradient object that cannot be used.
 #[derive(Debug, Error)]
@@ -34,16 +37,23 @@ pub struct RankGradient {
     pub rank: u32,
     /// Loss statistics of the rank.
     pub stats: TrainStats,
-    /// Σ over the rank's micro-batches of dL/dθ.
-    pub grads: Params,
+    /// Σ over the rank's micro-batches of dL/dθ; `None` when the step's collective exchange
+    /// summed it (the finisher holds the sum, or recomputes the rank).
+    pub grads: Option<Params>,
 }
 
 impl RankGradient {
     /// Encodes the object.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + self.grads.num_elements() * 4);
+        let values = self.grads.as_ref().map_or(0, Params::num_elements);
+        let mut out = Vec::with_capacity(128 + values * 4);
+        let format = if self.grads.is_some() {
+            FORMAT
+        } else {
+            FORMAT_EXCHANGED
+        };
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT.to_le_bytes());
+        out.extend_from_slice(&format.to_le_bytes());
         out.extend_from_slice(&self.step.to_le_bytes());
         out.extend_from_slice(&self.rank.to_le_bytes());
         let s = &self.stats;
@@ -55,18 +65,23 @@ impl RankGradient {
         out.extend_from_slice(&s.loss.sum_kl.to_le_bytes());
         out.extend_from_slice(&s.sum_entropy.to_le_bytes());
         out.extend_from_slice(&s.sequences.to_le_bytes());
-        out.extend_from_slice(&(self.grads.tensors().len() as u32).to_le_bytes());
-        for t in self.grads.tensors() {
-            out.extend_from_slice(&(t.name.len() as u32).to_le_bytes());
-            out.extend_from_slice(t.name.as_bytes());
-            out.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
-            for v in &t.data {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
+        if let Some(grads) = &self.grads {
+            write_tensors(&mut out, grads);
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
+    }
+
+    /// The same rank's object without its gradient (what a rank summed by the exchange
+    /// writes).
+    pub fn exchanged(&self) -> RankGradient {
+        RankGradient {
+            step: self.step,
+            rank: self.rank,
+            stats: self.stats,
+            grads: None,
+        }
     }
 
     /// Decodes an object written by [`RankGradient::to_bytes`] for a model of `config`.
@@ -84,7 +99,8 @@ impl RankGradient {
         if r.take(8)? != MAGIC {
             return Err(bad("not a gradient object (bad magic)"));
         }
-        if r.u32()? != FORMAT {
+        let format = r.u32()?;
+        if format != FORMAT && format != FORMAT_EXCHANGED {
             return Err(bad("unsupported format version"));
         }
         let step = r.u64()?;
@@ -101,32 +117,11 @@ impl RankGradient {
             sum_entropy: r.f64()?,
             sequences: r.u64()?,
         };
-        let mut grads = Params::zeros(config).map_err(|e| GradError(e.to_string()))?;
-        let count = r.u32()? as usize;
-        if count != grads.tensors().len() {
-            return Err(GradError(format!(
-                "{count} tensors, the model has {}",
-                grads.tensors().len()
-            )));
-        }
-        for t in grads.tensors_mut() {
-            let name_len = r.u32()? as usize;
-            let name = r.take(name_len)?;
-            if name != t.name.as_bytes() {
-                return Err(GradError(format!(
-                    "tensor `{}` missing or out of order",
-                    t.name
-                )));
-            }
-            let n = r.u64()?;
-            if n != t.data.len() as u64 {
-                return Err(GradError(format!("tensor `{}` has {n} values", t.name)));
-            }
-            let data = r.take(t.data.len() * 4)?;
-            for (v, c) in t.data.iter_mut().zip(data.chunks_exact(4)) {
-                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
+        let grads = if format == FORMAT {
+            Some(read_tensors(&mut r, config)?)
+        } else {
+            None
+        };
         if r.remaining() > 0 {
             return Err(bad("trailing bytes"));
         }
@@ -136,6 +131,48 @@ impl RankGradient {
             stats,
             grads,
         })
+    }
+}
+
+fn read_tensors(r: &mut ByteReader<'_>, config: &ModelConfig) -> Result<Params, GradError> {
+    let mut grads = Params::zeros(config).map_err(|e| GradError(e.to_string()))?;
+    let count = r.u32()? as usize;
+    if count != grads.tensors().len() {
+        return Err(GradError(format!(
+            "{count} tensors, the model has {}",
+            grads.tensors().len()
+        )));
+    }
+    for t in grads.tensors_mut() {
+        let name_len = r.u32()? as usize;
+        let name = r.take(name_len)?;
+        if name != t.name.as_bytes() {
+            return Err(GradError(format!(
+                "tensor `{}` missing or out of order",
+                t.name
+            )));
+        }
+        let n = r.u64()?;
+        if n != t.data.len() as u64 {
+            return Err(GradError(format!("tensor `{}` has {n} values", t.name)));
+        }
+        let data = r.take(t.data.len() * 4)?;
+        for (v, c) in t.data.iter_mut().zip(data.chunks_exact(4)) {
+            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(grads)
+}
+
+fn write_tensors(out: &mut Vec<u8>, grads: &Params) {
+    out.extend_from_slice(&(grads.tensors().len() as u32).to_le_bytes());
+    for t in grads.tensors() {
+        out.extend_from_slice(&(t.name.len() as u32).to_le_bytes());
+        out.extend_from_slice(t.name.as_bytes());
+        out.extend_from_slice(&(t.data.len() as u64).to_le_bytes());
+        for v in &t.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
@@ -172,10 +209,20 @@ mod tests {
                 sum_entropy: 3.0,
                 sequences: 2,
             },
-            grads: Params::init(&cfg, 1).unwrap(),
+            grads: Some(Params::init(&cfg, 1).unwrap()),
         };
         let bytes = g.to_bytes();
         assert_eq!(RankGradient::from_bytes(&cfg, &bytes).unwrap(), g);
+        // A rank summed by the exchange: its statistics, no tensors.
+        let exchanged = g.exchanged().to_bytes();
+        assert!(exchanged.len() < 100);
+        assert_eq!(
+            RankGradient::from_bytes(&cfg, &exchanged).unwrap(),
+            RankGradient {
+                grads: None,
+                ..g.clone()
+            }
+        );
         for cut in [0, 3, 20, bytes.len() - 1] {
             assert!(RankGradient::from_bytes(&cfg, &bytes[..cut]).is_err());
         }

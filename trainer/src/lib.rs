@@ -22,6 +22,8 @@
 //!   (rank-ordered gradient sum, AdamW, incremental weight publication, optimizer state,
 //!   checkpoints and their retention) and `--resume` ([`service::Trainer::restore`]).
 //! - [`warm_start`]: the supervised warm start and the publication of version 0.
+//! - [`exchange`]: the collective gradient exchange of a step's ranks (NCCL between GPUs),
+//!   with the object store as its fallback.
 //! - [`config`]: the `[trainer]` section and [`ServiceConfig`]; [`grads`]: the per-rank
 //!   gradient object; [`metrics`]: the trainer's Prometheus metrics.
 //!
@@ -31,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod exchange;
 pub mod grads;
 pub mod loss;
 pub mod metrics;
@@ -40,12 +43,13 @@ pub mod step;
 pub mod warm_start;
 
 pub use config::{ServiceConfig, TrainerConfig};
+pub use exchange::ExchangeKind;
 pub use loss::{
     LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
     SupervisedTokens, supervised_loss,
 };
 pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
 pub use service::{
-    FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer, TrainerError, publish_params,
-    run_observed, run_until,
+    ExchangeCounts, Exchanged, FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer,
+    TrainerError, publish_params, run_observed, run_until,
 };

@@ -2,11 +2,14 @@
 //! server of `flywheel_service`).
 
 use flywheel_service::metrics::{
-    counter, exponential_buckets, float_gauge, gauge, histogram, histogram_vec,
+    counter, counter_vec, exponential_buckets, float_gauge, gauge, histogram, histogram_vec,
 };
-use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntGauge, Registry};
+use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use crate::service::StepOutcome;
+use crate::service::{Exchanged, StepOutcome};
+
+/// The `outcome` labels of `flywheel_trainer_rank_exchanges_total`.
+const EXCHANGE_OUTCOMES: [&str; 4] = ["store", "fell_back", "formed", "kept"];
 
 /// Every metric the trainer exports, registered in its own registry.
 #[derive(Clone)]
@@ -49,6 +52,10 @@ pub struct TrainerMetrics {
     pub step_phase_seconds: HistogramVec,
     /// Seconds to compute one rank (fetch, forward, backward).
     pub rank_seconds: Histogram,
+    /// How each computed rank's gradient went, by outcome: `store` (not exchanged),
+    /// `fell_back` (an exchange failed), `formed` or `kept` (summed by an exchange, with a new
+    /// or the kept communicator).
+    pub rank_exchanges: IntCounterVec,
 }
 
 impl TrainerMetrics {
@@ -146,6 +153,12 @@ impl TrainerMetrics {
                 "flywheel_trainer_steps_replayed_total",
                 "Steps replayed from a checkpoint to rebuild the optimizer state.",
             ),
+            rank_exchanges: counter_vec(
+                &r,
+                "flywheel_trainer_rank_exchanges_total",
+                "Computed ranks by how their gradient went: store, fell_back, formed, kept.",
+                &["outcome"],
+            ),
             registry: r,
         }
         .with_known_labels()
@@ -157,7 +170,21 @@ impl TrainerMetrics {
         for phase in crate::service::STEP_PHASES {
             self.step_phase_seconds.with_label_values(&[phase]);
         }
+        for outcome in EXCHANGE_OUTCOMES {
+            self.rank_exchanges.with_label_values(&[outcome]);
+        }
         self
+    }
+
+    /// Records how a computed rank's gradient went.
+    pub fn observe_exchange(&self, exchanged: Exchanged) {
+        let outcome = match exchanged {
+            Exchanged::Store => "store",
+            Exchanged::FellBack => "fell_back",
+            Exchanged::Summed { formed: true } => "formed",
+            Exchanged::Summed { formed: false } => "kept",
+        };
+        self.rank_exchanges.with_label_values(&[outcome]).inc();
     }
 
     /// Records a finished step.
@@ -222,7 +249,9 @@ mod tests {
             checkpointed: false,
             replayed: 2,
             phases: vec![("publish", std::time::Duration::from_millis(250))],
+            exchange: Exchanged::Summed { formed: false },
         });
+        m.observe_exchange(Exchanged::Summed { formed: true });
         let text = flywheel_service::metrics::render(&m.registry);
         for line in [
             "flywheel_trainer_loss -0.5",
@@ -236,6 +265,8 @@ mod tests {
             "flywheel_trainer_step_bytes_written_sum 130",
             "flywheel_trainer_steps_replayed_total 2",
             r#"flywheel_trainer_step_phase_seconds_sum{phase="publish"} 0.25"#,
+            r#"flywheel_trainer_rank_exchanges_total{outcome="formed"} 1"#,
+            r#"flywheel_trainer_rank_exchanges_total{outcome="fell_back"} 0"#,
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

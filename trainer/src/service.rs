@@ -14,6 +14,19 @@
 //! `checkpoint_every` steps, collects what is no longer kept, then marks the step finished on
 //! the board and deletes the step's gradient objects.
 //!
+//! # Collective exchange
+//!
+//! With `[trainer] exchange = "nccl"` (or `in-process`), a step whose ranks are each held by a
+//! different live trainer has its ranks sum their gradients among themselves (module
+//! [`exchange`]: a rendezvous in the object store, a communicator kept while its members stay
+//! the same, an all-gather summed in rank order, so the bits are the object store's). Each
+//! rank then writes only a small object without tensors ([`RankGradient::exchanged`]); the
+//! ranks other than 0 complete first, and rank 0's trainer, after a barrier, completes last
+//! and finishes the step with the sum it holds. Whatever fails (a trainer missing at the
+//! rendezvous, a deadline, an NCCL error) falls back to the object store for that rank; a
+//! finisher that does not hold the sum recomputes the ranks written without tensors, so
+//! every mix of the two paths finishes to the same bits.
+//!
 //! # Optimizer state
 //!
 //! Any trainer may finish the next step. At every `checkpoint_every`-th step the finisher
@@ -78,6 +91,9 @@ use futures::{StreamExt, TryStreamExt};
 use thiserror::Error;
 
 use crate::config::{ServiceConfig, TrainerConfig};
+use crate::exchange::{
+    self, Arrival, CHUNK_VALUES, Collective, Communicator, ExchangeError, Held, Plan,
+};
 use crate::grads::{GradError, RankGradient};
 use crate::loss::{LossConfig, PolicyLoss};
 use crate::metrics::TrainerMetrics;
@@ -221,6 +237,9 @@ pub struct StepOutcome {
     /// How the finisher's time went, by phase: `gradients` (reading and summing the ranks'),
     /// `optimizer` (replay and AdamW), `publish`, `checkpoint`, `collect`.
     pub phases: Vec<(&'static str, Duration)>,
+    /// How the finisher's own rank of the step went ([`Exchanged::Store`] if it computed
+    /// none): an exchanged step is finished by its rank 0's trainer, with the sum it holds.
+    pub exchange: Exchanged,
 }
 
 /// The key of the optimizer state after step `step`.
@@ -251,8 +270,44 @@ pub struct Trainer {
     prompts: BTreeMap<PromptId, Vec<u32>>,
     /// When this trainer started working on a step (for the step time).
     step_started: Option<(StepId, Instant)>,
+    /// Sums a step's ranks among trainers (`[trainer] exchange`); `None`: the object store
+    /// alone.
+    collective: Option<Arc<dyn Collective>>,
+    /// The communicator kept from the last exchange, reused while its members stay.
+    communicator: Option<(Held, Box<dyn Communicator>)>,
+    /// A step's gradient summed by an exchange, kept to finish the step without reading it.
+    summed: Option<(StepId, Params)>,
+    /// What the exchanges of this trainer did.
+    exchanges: ExchangeCounts,
+    /// How the last rank this trainer computed went, and its step.
+    last_exchange: Option<(StepId, Exchanged)>,
     /// Tests: fail the next finish at this point.
     fail_at: Option<FinishPoint>,
+}
+
+/// What a trainer's attempts at a collective exchange did ([`Trainer::exchange`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExchangeCounts {
+    /// Steps exchanged with a newly formed communicator.
+    pub formed: u64,
+    /// Steps exchanged with the communicator kept from the step before.
+    pub kept: u64,
+    /// Steps that could not be exchanged and fell back to the object store.
+    pub fell_back: u64,
+}
+
+/// How one rank's gradient went ([`Trainer::exchange`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exchanged {
+    /// Through the object store (no collective, or the step is not eligible).
+    Store,
+    /// Through the object store after a failed attempt (logged).
+    FellBack,
+    /// Summed among the step's trainers; `formed` when the communicator is new.
+    Summed {
+        /// Whether a new communicator was formed for it.
+        formed: bool,
+    },
 }
 
 impl Trainer {
@@ -362,7 +417,14 @@ impl Trainer {
         let (backend, device) = DeviceBackend::open(config.device)?;
         tracing::info!(%device, "trainer device");
         let model = Model::new(backend.clone(), &params)?;
+        let collective = exchange::open(config.exchange, backend.cuda_ordinal())
+            .map_err(|e| ConfigError::new("trainer.exchange", e.0))?;
         Ok(Trainer {
+            collective,
+            communicator: None,
+            summed: None,
+            exchanges: ExchangeCounts::default(),
+            last_exchange: None,
             backend,
             tokenizer: config.text_codec()?,
             stores,
@@ -404,6 +466,11 @@ impl Trainer {
     /// The optimizer's state, if this trainer holds it.
     pub fn optimizer(&self) -> Option<&AdamW> {
         self.optimizer.as_ref()
+    }
+
+    /// What this trainer's collective exchanges did.
+    pub fn exchange_counts(&self) -> ExchangeCounts {
+        self.exchanges
     }
 
     /// Brings the weights to `version`, fetching only the chunks that changed.
@@ -527,7 +594,7 @@ impl Trainer {
             step: manifest.step,
             rank,
             stats,
-            grads,
+            grads: Some(grads),
         })
     }
 
@@ -603,6 +670,209 @@ impl Trainer {
         })?;
         self.stores.blobs.put(&key, Bytes::from(body)).await?;
         Ok(())
+    }
+
+    /// Sums `gradient` with the other ranks of its step through the collective exchange
+    /// (module [`exchange`]) when the step is eligible. On [`Exchanged::Summed`] this trainer
+    /// holds the step's sum and the rank's object needs no tensors
+    /// ([`RankGradient::exchanged`]); otherwise the object store carries the gradient, and a
+    /// failed attempt is logged with its cause.
+    pub async fn exchange(
+        &mut self,
+        manifest: &BatchManifest,
+        gradient: &RankGradient,
+    ) -> Exchanged {
+        let exchanged = self.exchange_rank(manifest, gradient).await;
+        self.last_exchange = Some((manifest.step, exchanged));
+        exchanged
+    }
+
+    async fn exchange_rank(
+        &mut self,
+        manifest: &BatchManifest,
+        gradient: &RankGradient,
+    ) -> Exchanged {
+        let (Some(collective), Some(grads)) = (self.collective.clone(), &gradient.grads) else {
+            return Exchanged::Store;
+        };
+        let deadline = Instant::now() + Duration::from_millis(self.config.exchange_timeout_ms);
+        let (step, rank) = (manifest.step, gradient.rank);
+        match self.eligible(manifest).await {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                tracing::debug!(step, rank, reason, "step not exchanged");
+                return Exchanged::Store;
+            }
+            Err(e) => {
+                tracing::warn!(step, rank, error = %e, "gradient exchange skipped");
+                self.exchanges.fell_back += 1;
+                return Exchanged::FellBack;
+            }
+        }
+        match self
+            .exchange_with(collective, manifest, rank, grads.clone(), deadline)
+            .await
+        {
+            Ok(formed) => {
+                if formed {
+                    self.exchanges.formed += 1;
+                } else {
+                    self.exchanges.kept += 1;
+                }
+                tracing::debug!(step, rank, formed, "gradients summed by the exchange");
+                Exchanged::Summed { formed }
+            }
+            Err(e) => {
+                // A communicator that failed once is not trusted again.
+                self.communicator = None;
+                self.exchanges.fell_back += 1;
+                tracing::warn!(step, rank, error = %e, "gradient exchange failed; the rank goes through the object store");
+                Exchanged::FellBack
+            }
+        }
+    }
+
+    /// Why `manifest`'s step cannot be exchanged collectively, or `None` if it can be tried.
+    async fn eligible(&self, manifest: &BatchManifest) -> Result<Option<String>, TrainerError> {
+        let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
+        let written = blobs
+            .list(&keys::step_grads_prefix(run, manifest.step))
+            .await?;
+        if !written.is_empty() {
+            return Ok(Some(format!(
+                "{} rank(s) already went through the object store",
+                written.len()
+            )));
+        }
+        let live = self
+            .stores
+            .state
+            .live_members(MemberRole::Trainer)
+            .await?
+            .len();
+        if live < manifest.world_size as usize {
+            return Ok(Some(format!(
+                "{live} trainer(s) alive for {} ranks",
+                manifest.world_size
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The exchange itself: arrival, plan, communicator, sum. Returns whether a new
+    /// communicator was formed.
+    async fn exchange_with(
+        &mut self,
+        collective: Arc<dyn Collective>,
+        manifest: &BatchManifest,
+        rank: u32,
+        grads: Params,
+        deadline: Instant,
+    ) -> Result<bool, ExchangeError> {
+        let arrivals = self
+            .rendezvous(&*collective, manifest, rank, deadline)
+            .await?;
+        let plan = exchange::plan(&arrivals)?;
+        let world = arrivals.len();
+        let order = plan.order(world);
+        let ((held, mut comm), formed) = match (plan, self.communicator.take()) {
+            (Plan::Reuse { .. }, Some(kept)) => (kept, false),
+            (Plan::Reuse { .. }, None) => {
+                return Err(ExchangeError("told to keep a communicator it lacks".into()));
+            }
+            (Plan::Form { id }, _) => {
+                let bytes = exchange::from_hex(&id)?;
+                let rank = rank as usize;
+                let comm =
+                    blocking(move || collective.connect(&bytes, world, rank, deadline)).await?;
+                let held = Held {
+                    id,
+                    size: world,
+                    rank,
+                };
+                ((held, comm), true)
+            }
+        };
+        let sum = blocking(move || {
+            let sum =
+                exchange::all_gather_sum(comm.as_mut(), &grads, &order, CHUNK_VALUES, deadline);
+            sum.map(|s| (s, comm))
+        })
+        .await?;
+        let (sum, comm) = sum;
+        self.communicator = Some((held, comm));
+        self.summed = Some((manifest.step, sum));
+        Ok(formed)
+    }
+
+    /// Writes this rank's [`Arrival`] and reads every rank's, polling until all
+    /// `world_size` are there or `deadline` passes.
+    async fn rendezvous(
+        &self,
+        collective: &dyn Collective,
+        manifest: &BatchManifest,
+        rank: u32,
+        deadline: Instant,
+    ) -> Result<Vec<Arrival>, ExchangeError> {
+        let (run, blobs, step) = (&self.stores.run_id, &self.stores.blobs, manifest.step);
+        let store = |e: BlobError| ExchangeError(format!("rendezvous: {e}"));
+        let arrival = Arrival {
+            rank,
+            member: self.config.id.clone(),
+            held: self.communicator.as_ref().map(|(held, _)| held.clone()),
+            proposal: match rank {
+                0 => Some(exchange::to_hex(&collective.new_id()?)),
+                _ => None,
+            },
+        };
+        let body = serde_json::to_vec(&arrival).expect("an arrival serialises");
+        blobs
+            .put(&keys::step_exchange(run, step, rank), Bytes::from(body))
+            .await
+            .map_err(store)?;
+        let world = manifest.world_size as usize;
+        let prefix = keys::step_exchange_prefix(run, step);
+        let poll = Duration::from_millis(self.config.poll_ms.min(50));
+        loop {
+            let arrived = blobs.list(&prefix).await.map_err(store)?.len();
+            if arrived >= world {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ExchangeError(format!(
+                    "{arrived} of {world} ranks' trainers arrived before the deadline"
+                )));
+            }
+            tokio::time::sleep(poll).await;
+        }
+        let mut arrivals = Vec::with_capacity(world);
+        for r in 0..world as u32 {
+            let body = blobs
+                .get(&keys::step_exchange(run, step, r))
+                .await
+                .map_err(store)?;
+            let arrival: Arrival = serde_json::from_slice(&body)
+                .map_err(|e| ExchangeError(format!("rank {r}'s arrival is unreadable: {e}")))?;
+            arrivals.push(arrival);
+        }
+        Ok(arrivals)
+    }
+
+    /// Waits until every member of the last exchange reached this call (or the exchange
+    /// deadline passed). The ranks of an exchanged step call it around completing their
+    /// rank so that rank 0's trainer, which holds the sum, completes last and finishes the
+    /// step. A barrier that fails drops the communicator; the board decides the rest.
+    pub async fn exchange_barrier(&mut self) {
+        let Some((held, mut comm)) = self.communicator.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_millis(self.config.exchange_timeout_ms);
+        match blocking(move || exchange::barrier(comm.as_mut(), deadline).map(|()| comm)).await {
+            Ok(comm) => self.communicator = Some((held, comm)),
+            Err(e) => {
+                tracing::warn!(error = %e, "exchange barrier failed; the communicator is dropped")
+            }
+        }
     }
 
     /// Writes a rank's gradient object (deterministic content: a redone rank writes the same).
@@ -720,6 +990,10 @@ impl Trainer {
             checkpointed,
             replayed,
             phases: phases.done,
+            exchange: match self.last_exchange {
+                Some((s, exchanged)) if s == step => exchanged,
+                _ => Exchanged::Store,
+            },
         })
     }
 
@@ -787,8 +1061,11 @@ impl Trainer {
     }
 
     /// Reads the W gradient objects and sums them in rank order; also returns their size.
+    /// A rank summed by the step's exchange has no tensors: the sum this trainer holds from
+    /// that exchange is used, or, if it holds none, such ranks are recomputed here
+    /// (deterministic: the same bits).
     async fn sum_ranks(
-        &self,
+        &mut self,
         manifest: &BatchManifest,
     ) -> Result<(Params, TrainStats, u64), TrainerError> {
         let model_cfg = &self.config.model;
@@ -828,8 +1105,43 @@ impl Trainer {
             stats.merge(&g.stats);
         }
         let size = ranks.iter().map(|(_, n)| n).sum();
-        let grads: Vec<Params> = ranks.into_iter().map(|(g, _)| g.grads).collect();
-        Ok((sum_gradients(model_cfg, &grads)?, stats, size))
+        if let Some((_, sum)) = self.summed.take_if(|(s, _)| *s == step) {
+            return Ok((sum, stats, size));
+        }
+        let mut grads = Vec::with_capacity(ranks.len());
+        for (g, _) in ranks {
+            grads.push(match g.grads {
+                Some(grads) => grads,
+                None => self.recompute_rank(manifest, g.rank).await?,
+            });
+        }
+        Ok((sum_gradients(&self.config.model, &grads)?, stats, size))
+    }
+
+    /// Rank `rank`'s gradient for `manifest`, computed here: the rank was summed by an
+    /// exchange whose sum this trainer does not hold.
+    async fn recompute_rank(
+        &mut self,
+        manifest: &BatchManifest,
+        rank: u32,
+    ) -> Result<Params, TrainerError> {
+        tracing::info!(
+            step = manifest.step,
+            rank,
+            "recomputing a rank summed by an exchange this trainer did not take part in"
+        );
+        self.model_mut()?;
+        let model = self.model.take().expect("model_mut just ensured it");
+        match self.compute_rank_on(model, manifest, rank).await {
+            Ok((grads, _, model)) => {
+                self.model = Some(model);
+                Ok(grads)
+            }
+            Err(e) => {
+                self.model = Some(Model::new(self.backend.clone(), &self.params)?);
+                Err(e)
+            }
+        }
     }
 
     /// Keeps the last `keep_checkpoints` checkpoints and, until step `step` is marked
@@ -959,6 +1271,15 @@ impl Phases {
         self.done.push((name, now - self.since));
         self.since = now;
     }
+}
+
+/// Runs a blocking collective call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ExchangeError> + Send + 'static,
+) -> Result<T, ExchangeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ExchangeError(format!("the exchange's thread failed: {e}")))?
 }
 
 /// Sums rank gradients in rank order (the order fixes the bits: a redone or replayed step
@@ -1271,14 +1592,34 @@ impl Board<'_> {
         let renewal = spawn_renewal(self.state.clone(), claim, self.id.clone(), self.claim_ttl);
         let rank_started = Instant::now();
         let computed = self.trainer.train_rank(&manifest, claim.rank).await;
-        renewal.abort();
         self.metrics
             .rank_seconds
             .observe(rank_started.elapsed().as_secs_f64());
+        // The claim stays renewed while the rank waits for the others at the exchange.
+        let exchanged = match &computed {
+            Ok(gradient) => self.trainer.exchange(&manifest, gradient).await,
+            Err(_) => Exchanged::Store,
+        };
+        renewal.abort();
+        self.metrics.observe_exchange(exchanged);
         let gradient = computed?;
-        self.trainer.put_rank(&gradient).await?;
+        let summed = matches!(exchanged, Exchanged::Summed { .. });
+        if summed {
+            self.trainer.put_rank(&gradient.exchanged()).await?;
+        } else {
+            self.trainer.put_rank(&gradient).await?;
+        }
         self.metrics.ranks_computed.inc();
-        let done = match self.state.complete_rank(&claim, &self.id).await {
+        // In an exchanged step rank 0's trainer completes last (after the others, through the
+        // barrier), so the completion of the last rank goes to the trainer holding the sum.
+        if summed && claim.rank == 0 {
+            self.trainer.exchange_barrier().await;
+        }
+        let completed = self.state.complete_rank(&claim, &self.id).await;
+        if summed && claim.rank != 0 {
+            self.trainer.exchange_barrier().await;
+        }
+        let done = match completed {
             Ok(done) => done,
             Err(e @ StateError::RankFenced { .. }) => {
                 tracing::warn!(step = ann.step, rank = claim.rank, error = %e, "rank taken over; dropping it");
@@ -1306,9 +1647,13 @@ impl Board<'_> {
                 .delete(&keys::step_grads(&stores.run_id, outcome.step, rank))
                 .await?;
         }
+        let mut prefixes = vec![keys::step_exchange_prefix(&stores.run_id, outcome.step)];
         // What a finisher that died between marking its step finished and this deletion left.
         if let Some(previous) = outcome.step.checked_sub(1) {
-            let prefix = keys::step_grads_prefix(&stores.run_id, previous);
+            prefixes.push(keys::step_grads_prefix(&stores.run_id, previous));
+            prefixes.push(keys::step_exchange_prefix(&stores.run_id, previous));
+        }
+        for prefix in prefixes {
             for meta in stores.blobs.list(&prefix).await? {
                 stores.blobs.delete(&meta.key).await?;
             }
@@ -1331,6 +1676,7 @@ impl Board<'_> {
             weights_bytes_total = outcome.publish.bytes_total,
             checkpointed = outcome.checkpointed,
             replayed = outcome.replayed,
+            exchange = ?outcome.exchange,
             "step finished"
         );
         self.observer

@@ -16,7 +16,10 @@ use flywheel_storage::{
     BatchEntry, BatchManifest, FinishReason, MicroBatch, Prompt, PromptId, PromptInput, Segment,
     SegmentRef, TrajectoryId, VerifierSpec, codec, keys, weights,
 };
-use flywheel_trainer::{AdamWConfig, ServiceConfig, Trainer, TrainerConfig, run_until};
+use flywheel_trainer::{
+    AdamWConfig, ExchangeKind, Exchanged, ServiceConfig, StepObserver, StepOutcome, Trainer,
+    TrainerConfig, run_observed, run_until,
+};
 
 fn config() -> TrainerConfig {
     let tok = Tokenizer::arithmetic();
@@ -84,8 +87,13 @@ async fn services_on(state_url: &str, run: &str, blob: &BlobStore) -> RunStores 
 /// Registers the prompts of `steps` steps (2 prompts × 2 samples each), writes their segments
 /// and batch manifests (world size `world`), and records the steps in the ledger.
 async fn fixture(s: &RunStores, steps: u64, world: u32) -> Vec<BatchManifest> {
+    fixture_worlds(s, &vec![world; steps as usize]).await
+}
+
+/// [`fixture`] with step s of world size `worlds[s]`.
+async fn fixture_worlds(s: &RunStores, worlds: &[u32]) -> Vec<BatchManifest> {
     let mut manifests = Vec::new();
-    for step in 0..steps {
+    for (step, &world) in (0u64..).zip(worlds) {
         let mut entries = Vec::new();
         let mut prompts = Vec::new();
         for p in 0..2u64 {
@@ -835,4 +843,230 @@ async fn a_bf16_checkpoint_publishes_bf16_and_resumes_from_its_f32_masters() {
         train_step(&mut b, m).await;
     }
     assert!(weight_bits(&b) == trained, "resumed weights differ");
+}
+
+/// A trainer on the in-process collective (the protocol NCCL runs between GPUs).
+fn exchanging(id: &str) -> TrainerConfig {
+    TrainerConfig {
+        id: id.into(),
+        exchange: ExchangeKind::InProcess,
+        // Generous: the deadline only decides how long a failure takes to fall back.
+        exchange_timeout_ms: 60_000,
+        ..config()
+    }
+}
+
+/// Waits (bounded) until `n` trainers heartbeat.
+async fn wait_for_trainers(s: &RunStores, n: usize) {
+    let mut waited = 0;
+    while s
+        .state
+        .live_members(flywheel_storage::state::MemberRole::Trainer)
+        .await
+        .unwrap()
+        .len()
+        < n
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 15_000, "the trainers never joined");
+    }
+}
+
+/// Records how each finished step's gradients came together.
+struct Exchanges(std::sync::Arc<std::sync::Mutex<Vec<(u64, Exchanged, u64)>>>);
+
+#[async_trait::async_trait]
+impl StepObserver for Exchanges {
+    async fn step_finished(&mut self, o: &StepOutcome, _: &BatchManifest, _: &Trainer) {
+        let mut seen = self.0.lock().unwrap();
+        seen.push((o.step, o.exchange, o.bytes.gradients));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainers_summing_their_gradients_match_the_object_store_and_re_form_when_the_world_changes()
+ {
+    let blob = BlobStore::open("memory://").unwrap();
+    // The world shrinks to one rank at step 2 and grows back at step 3.
+    let worlds = [2, 2, 1, 2];
+    let reference = {
+        let s = services("solo-exchange", &blob).await;
+        let manifests = fixture_worlds(&s, &worlds).await;
+        let mut t = Trainer::start(s, config()).await.unwrap();
+        for m in &manifests {
+            train_step(&mut t, m).await;
+        }
+        weight_bits(&t)
+    };
+
+    let run = "exchange";
+    let s = services(run, &blob).await;
+    let manifests = fixture_worlds(&s, &worlds).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::new();
+    for id in ["trainer-a", "trainer-b"] {
+        let (s, mut rx, seen) = (s.clone(), stop_rx.clone(), seen.clone());
+        handles.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            run_observed(s, service(exchanging(id)), stop, &mut Exchanges(seen)).await
+        }));
+    }
+    wait_for_trainers(&s, 2).await;
+    let lease = s
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    for m in &manifests {
+        s.state
+            .announce_step(
+                &StepAnnouncement {
+                    step: m.step,
+                    manifest_key: keys::step_manifest(run, m.step),
+                    world_size: m.world_size,
+                },
+                lease.token,
+            )
+            .await
+            .unwrap();
+        let mut waited = 0;
+        while s.state.finished_step().await.unwrap() != Some(m.step) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+            assert!(waited < 15_000, "step {} never finished", m.step);
+        }
+    }
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+
+    let fetched = weights::fetch(&blob, run, worlds.len() as u64, None, &config().weights)
+        .await
+        .unwrap();
+    assert_eq!(
+        fetched.tensors, reference,
+        "exchanged weights differ from solo"
+    );
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|(step, _, _)| *step);
+    let how: Vec<(u64, Exchanged)> = seen.iter().map(|&(step, e, _)| (step, e)).collect();
+    let formed = Exchanged::Summed { formed: true };
+    let kept = Exchanged::Summed { formed: false };
+    assert_eq!(how, vec![(0, formed), (1, kept), (2, formed), (3, formed)]);
+    // Only the ranks' small objects without tensors went through the store.
+    for (step, _, bytes) in seen {
+        assert!(
+            bytes < 100 * 2,
+            "step {step} read {bytes} bytes of gradients"
+        );
+    }
+    // The rendezvous objects are collected with the step.
+    for step in 0..worlds.len() as u64 {
+        let left = blob
+            .list(&keys::step_exchange_prefix(run, step))
+            .await
+            .unwrap();
+        assert!(
+            left.is_empty(),
+            "step {step}'s rendezvous is left: {left:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_exchanged_by_trainers_that_died_is_recomputed_to_the_same_bits() {
+    let blob = BlobStore::open("memory://").unwrap();
+    let reference = {
+        let s = services("solo-exchange-ghosts", &blob).await;
+        let manifests = fixture(&s, 1, 2).await;
+        let mut t = Trainer::start(s, config()).await.unwrap();
+        train_step(&mut t, &manifests[0]).await;
+        weight_bits(&t)
+    };
+
+    let run = "exchange-ghosts";
+    let s = services(run, &blob).await;
+    let manifests = fixture(&s, 1, 2).await;
+    let lease = s
+        .state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    s.state
+        .announce_step(
+            &StepAnnouncement {
+                step: 0,
+                manifest_key: keys::step_manifest(run, 0),
+                world_size: 2,
+            },
+            lease.token,
+        )
+        .await
+        .unwrap();
+    // Two trainers claim a rank each, sum their gradients, write their rank objects without
+    // tensors, complete their ranks, and die before finishing.
+    let mut ghosts = Vec::new();
+    for id in ["ghost-a", "ghost-b"] {
+        s.state
+            .heartbeat(
+                flywheel_storage::state::MemberRole::Trainer,
+                id,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        let claim = s
+            .state
+            .claim_rank(0, id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        let trainer = Trainer::start(s.clone(), exchanging(id)).await.unwrap();
+        ghosts.push((id, claim, trainer));
+    }
+    let m = &manifests[0];
+    let exchanged = futures::future::join_all(ghosts.iter_mut().map(|(_, claim, t)| async move {
+        let g = t.train_rank(m, claim.rank).await.unwrap();
+        let how = t.exchange(m, &g).await;
+        t.put_rank(&g.exchanged()).await.unwrap();
+        how
+    }))
+    .await;
+    assert_eq!(exchanged, vec![Exchanged::Summed { formed: true }; 2]);
+    let mut all_done = false;
+    for (id, claim, _) in &ghosts {
+        all_done |= s.state.complete_rank(claim, id).await.unwrap().all_done;
+    }
+    assert!(all_done);
+    drop(ghosts);
+
+    // A trainer that took no part finds every rank written without tensors, takes the
+    // orphaned step over and recomputes both ranks.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let cfg = TrainerConfig {
+        rank_claim_ms: 50,
+        ..exchanging("rescuer")
+    };
+    let rescuer = tokio::spawn(run_until(s.clone(), service(cfg), async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    }));
+    let mut waited = 0;
+    while s.state.finished_step().await.unwrap() != Some(0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 15_000, "the orphaned step was never finished");
+    }
+    stop_tx.send(true).unwrap();
+    rescuer.await.unwrap().unwrap();
+    let fetched = weights::fetch(&blob, run, 1, None, &config().weights)
+        .await
+        .unwrap();
+    assert_eq!(fetched.tensors, reference);
 }

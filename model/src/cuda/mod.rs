@@ -9,6 +9,9 @@
 //! log-probs) are copied per call.
 
 mod gemm;
+mod nccl;
+
+pub use nccl::{NCCL_ID_BYTES, NcclComm, nccl_unique_id, require_nccl};
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -168,6 +171,11 @@ impl CudaBackend {
                 kernels,
             })
         })
+    }
+
+    /// The GPU's number.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
     /// The GPU's name, as the driver reports it.
