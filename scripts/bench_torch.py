@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch eager reference for `flywheel bench trainer`: the same model (a config.json written
-by the bench), the same batch shape and thread count, on the CPU or a GPU (f32 on both; on the
-GPU TF32 is off, as in Flywheel's f32 path). Prints one JSON line:
+by the bench), the same batch shape and thread count, on the CPU or a GPU: f32 (on the GPU TF32
+is off, as in Flywheel's f32 path), or with `--products bf16` the forward and backward under
+bf16 autocast (bf16 products, f32 weights), as Flywheel's bf16 products. Prints one JSON line:
 {"train_tokens_per_s": …, "sample_tokens_per_s": …}.
 
     .venv-torch/bin/python scripts/bench_torch.py --config DIR --batch 4 --seq-len 128 \
-        --iters 3 --sample-tokens 64 --threads 2 [--device cuda]
+        --iters 3 --sample-tokens 64 --threads 2 [--device cuda] [--products bf16]
 """
 
 import argparse
@@ -28,6 +29,7 @@ def main():
     ap.add_argument("--sample-tokens", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--products", default="f32", choices=["f32", "bf16"])
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -39,10 +41,12 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq_len)).to(device)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    autocast = torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.products == "bf16")
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits
+        with autocast:
+            logits = model(input_ids=ids).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         lp = logp.gather(2, ids[:, 1:, None])[..., 0]
         (-lp.sum() / lp.numel()).backward()
@@ -59,7 +63,7 @@ def main():
 
     model.eval()
     prompt = ids[:1, :8]
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         model.generate(prompt, max_new_tokens=4, do_sample=True, min_new_tokens=4)  # warm-up
         sync()
         start = time.perf_counter()

@@ -8,7 +8,8 @@
 #                                and the one-rank NCCL communicator (run with --ignored: a
 #                                missing GPU or library fails them), then
 #                                `bench trainer --device cuda` beside PyTorch eager on the same
-#                                GPU, for the demo model and Qwen2.5-0.5B's shape
+#                                GPU, for the demo model and Qwen2.5-0.5B's shape (f32, and
+#                                bf16 products against bf16 autocast)
 #
 # One device call does it all within about 8 minutes (the device tool's README says how a
 # command runs there and what travels):
@@ -51,9 +52,10 @@ run)
     status=0
     echo "== parity tests (CPU against GPU)"
     (cd model && timeout 180 "$BIN/cuda-tests" --include-ignored --test-threads 1) || status=1
-    for preset in demo qwen2-500m; do
-        echo "== bench trainer --preset $preset"
-        timeout 150 "$BIN/flywheel" bench trainer --device cuda --preset "$preset" \
+    for run in "demo f32" "qwen2-500m f32" "qwen2-500m bf16"; do
+        set -- $run
+        echo "== bench trainer --preset $1 --products $2"
+        timeout 110 "$BIN/flywheel" bench trainer --device cuda --preset "$1" --products "$2" \
             --batch 8 --seq-len 128 --iters 5 --sample-tokens 64 --torch python3 || status=1
     done
     exit "$status"

@@ -9,7 +9,10 @@
 //! Matrices are described by [`MatLayout`] (offset and strides into a buffer), so transposes,
 //! head slices of a fused QKV matrix and per-head batches are views, not copies.
 
-use crate::error::Result;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{ModelError, Result};
 
 /// Token target meaning "no log-prob wanted for this row" in [`Backend::token_logprobs`].
 pub const IGNORE_TARGET: u32 = u32::MAX;
@@ -84,6 +87,46 @@ impl MatLayout {
             + (rows - 1) * self.row_stride
             + (cols - 1) * self.col_stride
             + 1
+    }
+}
+
+/// The precision of the matrix products' operands (`--products`, `products` in the
+/// `[trainer]` and `[worker.engine]` sections).
+///
+/// `bf16` rounds both operands of every product to bf16 (to nearest even) and accumulates and
+/// writes the product in f32, as tensor cores compute it; everything else (the weights, which
+/// stay the f32 masters, norms, softmax, log-probs, the IcePop ratio and the loss) stays f32.
+/// The CPU backend emulates it exactly (for parity tests; it is slower than `f32` there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Products {
+    /// f32 operands.
+    #[default]
+    F32,
+    /// bf16 operands, f32 accumulation and output.
+    Bf16,
+}
+
+impl FromStr for Products {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "f32" => Ok(Products::F32),
+            "bf16" => Ok(Products::Bf16),
+            other => Err(ModelError::InvalidInput(format!(
+                "`{other}` is not a product precision: use f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Products {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Products::F32 => "f32",
+            Products::Bf16 => "bf16",
+        })
     }
 }
 

@@ -5,8 +5,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
+use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout, Products};
 use crate::checks;
+use crate::config::WeightDtype;
 use crate::error::Result;
 
 /// Runs the model on the CPU, on rayon's pool (all cores; `RAYON_NUM_THREADS` overrides): large
@@ -19,7 +20,22 @@ use crate::error::Result;
 /// its caller spins on `sched_yield` until its helper thread has run, which on a machine whose
 /// cores are all busy (a trainer beside sampling workers) burns the time in the kernel.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// The precision of the products' operands (`bf16`: emulated, operands rounded first).
+    products: Products,
+}
+
+impl CpuBackend {
+    /// A CPU backend computing its products with `products` operands.
+    pub fn new(products: Products) -> Self {
+        CpuBackend { products }
+    }
+
+    /// The precision of the products' operands.
+    pub fn products(&self) -> Products {
+        self.products
+    }
+}
 
 /// Row-wise work on fewer values than this runs on the calling thread: handing it to rayon
 /// (a wake-up of the pool's threads, tens of microseconds) costs more than it saves, and
@@ -165,62 +181,21 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         checks::gemm(g, a.len(), b.len(), c.len())?;
-        if g.m <= SMALL_M {
-            gemm_small(g, a, b, c);
-            return Ok(());
-        }
-        let ptrs = SendPtrs(a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        // Rows `rows` of batch entry `bi`.
-        let block = |bi: usize, rows: Range<usize>| {
-            let p = ptrs;
-            let (a_at, c_at) = (
-                g.a.offset + bi * g.a.batch_stride + rows.start * g.a.row_stride,
-                g.c.offset + bi * g.c.batch_stride + rows.start * g.c.row_stride,
-            );
-            // SAFETY: every element touched is within the buffers (checked above), `c` is a
-            // distinct, exclusively borrowed buffer, its strides do not alias, and blocks run
-            // concurrently only when their outputs are disjoint (batch entries: checked by
-            // `batches_disjoint`; row blocks: rows of a row-major C are disjoint ranges).
-            unsafe {
-                matrixmultiply::sgemm(
-                    rows.len(),
-                    g.k,
-                    g.n,
-                    g.alpha,
-                    p.0.add(a_at),
-                    g.a.row_stride as isize,
-                    g.a.col_stride as isize,
-                    p.1.add(g.b.offset + bi * g.b.batch_stride),
-                    g.b.row_stride as isize,
-                    g.b.col_stride as isize,
-                    g.beta,
-                    p.2.add(c_at),
-                    g.c.row_stride as isize,
-                    g.c.col_stride as isize,
+        match self.products {
+            Products::F32 => gemm_f32(g, a, b, c),
+            Products::Bf16 => {
+                let (a_bf16, a_at) = rounded_to_bf16(a, g.a, g.batch, g.m, g.k);
+                let (b_bf16, b_at) = rounded_to_bf16(b, g.b, g.batch, g.k, g.n);
+                gemm_f32(
+                    &Gemm {
+                        a: a_at,
+                        b: b_at,
+                        ..*g
+                    },
+                    &a_bf16,
+                    &b_bf16,
+                    c,
                 );
-            }
-        };
-        let work = g.m * g.k * g.n;
-        if g.batch > 1
-            && work <= PAR_GEMM_MAX
-            && g.batch * work >= PAR_GEMM_MIN
-            && batches_disjoint(&g.c, g.batch, g.m, g.n)
-        {
-            (0..g.batch)
-                .into_par_iter()
-                .for_each(|bi| block(bi, 0..g.m));
-            return Ok(());
-        }
-        let blocks = (g.m / PAR_GEMM_ROWS).min(rayon::current_num_threads());
-        let rows_disjoint = g.c.col_stride == 1 && g.c.row_stride >= g.n;
-        for bi in 0..g.batch {
-            if work >= PAR_GEMM_MIN && blocks > 1 && rows_disjoint {
-                let per = g.m.div_ceil(blocks);
-                (0..blocks)
-                    .into_par_iter()
-                    .for_each(|i| block(bi, i * per..((i + 1) * per).min(g.m)));
-            } else {
-                block(bi, 0..g.m);
             }
         }
         Ok(())
@@ -566,6 +541,85 @@ fn sigmoid(y: f32) -> f32 {
 /// costs more than the product itself for one row and would allocate per sampled token.
 const SMALL_M: usize = 4;
 
+/// The f32 product of [`Backend::gemm`] (operands checked by the caller).
+fn gemm_f32(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    if g.m <= SMALL_M {
+        gemm_small(g, a, b, c);
+        return;
+    }
+    let ptrs = SendPtrs(a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // Rows `rows` of batch entry `bi`.
+    let block = |bi: usize, rows: Range<usize>| {
+        let p = ptrs;
+        let (a_at, c_at) = (
+            g.a.offset + bi * g.a.batch_stride + rows.start * g.a.row_stride,
+            g.c.offset + bi * g.c.batch_stride + rows.start * g.c.row_stride,
+        );
+        // SAFETY: every element touched is within the buffers (checked above), `c` is a
+        // distinct, exclusively borrowed buffer, its strides do not alias, and blocks run
+        // concurrently only when their outputs are disjoint (batch entries: checked by
+        // `batches_disjoint`; row blocks: rows of a row-major C are disjoint ranges).
+        unsafe {
+            matrixmultiply::sgemm(
+                rows.len(),
+                g.k,
+                g.n,
+                g.alpha,
+                p.0.add(a_at),
+                g.a.row_stride as isize,
+                g.a.col_stride as isize,
+                p.1.add(g.b.offset + bi * g.b.batch_stride),
+                g.b.row_stride as isize,
+                g.b.col_stride as isize,
+                g.beta,
+                p.2.add(c_at),
+                g.c.row_stride as isize,
+                g.c.col_stride as isize,
+            );
+        }
+    };
+    let work = g.m * g.k * g.n;
+    if g.batch > 1
+        && work <= PAR_GEMM_MAX
+        && g.batch * work >= PAR_GEMM_MIN
+        && batches_disjoint(&g.c, g.batch, g.m, g.n)
+    {
+        (0..g.batch)
+            .into_par_iter()
+            .for_each(|bi| block(bi, 0..g.m));
+        return;
+    }
+    let blocks = (g.m / PAR_GEMM_ROWS).min(rayon::current_num_threads());
+    let rows_disjoint = g.c.col_stride == 1 && g.c.row_stride >= g.n;
+    for bi in 0..g.batch {
+        if work >= PAR_GEMM_MIN && blocks > 1 && rows_disjoint {
+            let per = g.m.div_ceil(blocks);
+            (0..blocks)
+                .into_par_iter()
+                .for_each(|i| block(bi, i * per..((i + 1) * per).min(g.m)));
+        } else {
+            block(bi, 0..g.m);
+        }
+    }
+}
+
+/// The values of `buf` that `at` reads for a `batch × rows × cols` operand, rounded to bf16,
+/// and `at` moved to read them from the copy.
+fn rounded_to_bf16(
+    buf: &[f32],
+    at: MatLayout,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+) -> (Vec<f32>, MatLayout) {
+    let end = at.end(batch, rows, cols).max(at.offset);
+    let values = buf[at.offset..end]
+        .iter()
+        .map(|&v| WeightDtype::Bf16.round(v))
+        .collect();
+    (values, MatLayout { offset: 0, ..at })
+}
+
 /// A loop implementation of [`Gemm`] for few rows; allocates nothing. Bounds were checked by
 /// the caller.
 fn gemm_small(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -696,7 +750,7 @@ mod tests {
     #[test]
     fn gemm_matches_naive_for_strided_transposed_batched_views() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         for case in 0..200 {
             let (m, k, n, batch) = (
                 rng.random_range(1..10),
@@ -742,11 +796,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bf16_products_are_the_f32_products_of_operands_rounded_to_bf16() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (f32_be, bf16_be) = (CpuBackend::default(), CpuBackend::new(Products::Bf16));
+        let round =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| WeightDtype::Bf16.round(x)).collect() };
+        let mut differs = false;
+        for case in 0..100 {
+            let (m, k, n) = (
+                rng.random_range(1..40),
+                rng.random_range(1..9),
+                rng.random_range(1..9),
+            );
+            let off = rng.random_range(0..5);
+            let a_at = if case % 2 == 0 {
+                MatLayout::at(off, k + 1)
+            } else {
+                MatLayout::at(off, m).t()
+            };
+            let g = Gemm {
+                m,
+                k,
+                n,
+                batch: 1,
+                alpha: 0.5,
+                beta: [0.0, 1.0][case % 2],
+                a: a_at,
+                b: MatLayout::at(3, n),
+                c: MatLayout::row_major(n),
+            };
+            let (a, b, c0) = operands(&g, &mut rng);
+            let mut got = c0.clone();
+            bf16_be.gemm(&g, &a, &b, &mut got).unwrap();
+            let mut want = c0.clone();
+            f32_be.gemm(&g, &round(&a), &round(&b), &mut want).unwrap();
+            assert_eq!(got, want, "case {case}: {g:?}");
+            let mut exact = c0.clone();
+            f32_be.gemm(&g, &a, &b, &mut exact).unwrap();
+            differs |= exact != got;
+        }
+        assert!(differs, "rounding to bf16 changed no product");
+    }
+
     /// Large inputs take the parallel paths; running the same op on small row blocks (the
     /// serial paths) must give bit-identical results.
     #[test]
     fn parallel_row_ops_equal_serial_ones() {
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let (rows, cols) = (2 * PAR_MIN / 64 + 3, 64);
         let n = rows * cols;
@@ -922,7 +1019,7 @@ mod tests {
     #[test]
     fn split_gemm_matches_naive() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let (m, k, n, batch) = (200, 128, 96, 2);
         assert!(m * k * n >= PAR_GEMM_MIN && m / PAR_GEMM_ROWS > 1);
         let g = Gemm {
@@ -949,7 +1046,7 @@ mod tests {
     /// Attention heads: side-by-side column blocks of one matrix, written in parallel.
     #[test]
     fn parallel_head_gemm_matches_naive() {
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         // Large enough in all for the batch entries to run in parallel.
         let (n_rows, heads, hd) = (64, 16, 32);
@@ -988,7 +1085,7 @@ mod tests {
 
     #[test]
     fn out_of_bounds_views_are_errors() {
-        let be = CpuBackend;
+        let be = CpuBackend::default();
         let g = Gemm {
             m: 2,
             k: 2,

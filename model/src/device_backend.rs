@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use crate::backend::{Backend, Gemm, MatLayout};
+use crate::backend::{Backend, Gemm, MatLayout, Products};
 use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
 use crate::device::Device;
@@ -29,22 +29,23 @@ pub enum DeviceBuf {
 }
 
 impl DeviceBackend {
-    /// Resolves `device` ([`Device::resolve`]) and opens it; also returns what was chosen and
-    /// why, for the caller's log.
-    pub fn open(device: Device) -> Result<(Self, String)> {
+    /// Resolves `device` ([`Device::resolve`]) and opens it with `products` operands; also
+    /// returns what was chosen and why, for the caller's log.
+    pub fn open(device: Device, products: Products) -> Result<(Self, String)> {
         let (chosen, why) = device.resolve()?;
-        let backend = match chosen {
+        let (backend, name, why) = match chosen {
             Device::Cuda(n) => {
-                let gpu = CudaBackend::new(n)?;
+                let gpu = CudaBackend::new(n, products)?;
                 let why = format!("{why}; {}", gpu.device_name());
-                return Ok((
-                    DeviceBackend::Cuda(Arc::new(gpu)),
-                    format!("cuda:{n} ({why})"),
-                ));
+                (DeviceBackend::Cuda(Arc::new(gpu)), format!("cuda:{n}"), why)
             }
-            _ => DeviceBackend::Cpu(CpuBackend),
+            _ => (
+                DeviceBackend::Cpu(CpuBackend::new(products)),
+                "cpu".to_owned(),
+                why,
+            ),
         };
-        Ok((backend, format!("cpu ({why})")))
+        Ok((backend, format!("{name} ({why}; {products} products)")))
     }
 
     /// The GPU's number, or `None` on the CPU.
@@ -335,7 +336,8 @@ mod tests {
 
     #[test]
     fn the_cpu_device_runs_the_cpu_backend() {
-        let (be, why) = DeviceBackend::open(Device::Cpu).unwrap();
+        let (be, why) = DeviceBackend::open(Device::Cpu, Products::Bf16).unwrap();
+        assert!(why.ends_with("bf16 products)"), "{why}");
         assert!(why.starts_with("cpu"), "{why}");
         assert_eq!(be.name(), "cpu");
         let mut buf = be.alloc(3).unwrap();

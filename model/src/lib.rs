@@ -71,7 +71,7 @@ mod sample;
 mod text;
 mod tokenizer;
 
-pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout};
+pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout, Products};
 pub use config::{Architecture, Llama3Rope, ModelConfig, WeightDtype};
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;

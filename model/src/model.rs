@@ -380,7 +380,7 @@ pub(crate) fn matmul<B: Backend>(
 impl Model<CpuBackend> {
     /// A model on the CPU with these parameters.
     pub fn cpu(params: &Params) -> Result<Self> {
-        Model::new(CpuBackend, params)
+        Model::new(CpuBackend::default(), params)
     }
 }
 

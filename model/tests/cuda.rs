@@ -9,11 +9,13 @@
 //!
 //! Tolerances (f32 on both sides; the GPU sums in another order and cuBLAS may use FMA):
 //! 1e-4 absolute on log-probs and entropies, 1e-3 relative (to the tensor's largest entry) on
-//! gradients and on every op's output.
+//! gradients and on every op's output. The bf16 products are compared with the CPU's exact
+//! emulation of them, with the tolerances stated at their test.
 
 use flywheel_model::cuda::{NcclComm, compile_kernels, nccl_unique_id};
 use flywheel_model::{
-    Backend, Checkpoint, CpuBackend, CudaBackend, Gemm, MatLayout, Model, Params, Sequence,
+    Backend, Checkpoint, CpuBackend, CudaBackend, Gemm, MatLayout, Model, Params, Products,
+    Sequence,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,7 +33,11 @@ fn the_kernels_compile_with_nvrtc() {
 }
 
 fn gpu() -> CudaBackend {
-    CudaBackend::new(0).unwrap_or_else(|e| panic!("no usable GPU: {e}"))
+    gpu_with(Products::F32)
+}
+
+fn gpu_with(products: Products) -> CudaBackend {
+    CudaBackend::new(0, products).unwrap_or_else(|e| panic!("no usable GPU: {e}"))
 }
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
@@ -69,7 +75,7 @@ macro_rules! same_on_both {
         let inputs: Vec<Vec<f32>> = vec![$($input),+];
         let mut on_cpu = inputs.clone();
         {
-            let $b = &CpuBackend;
+            let $b = &CpuBackend::default();
             let [$($buf),+] = &mut on_cpu[..] else { unreachable!() };
             $body
         }
@@ -239,7 +245,7 @@ fn every_op_matches_the_cpu() {
     let targets = [4u32, u32::MAX, 0, 49, 7];
     let logits = random(&mut rng, targets.len() * vocab);
     let (mut lp_c, mut ent_c) = (vec![0.0; 5], vec![0.0; 5]);
-    CpuBackend
+    CpuBackend::default()
         .token_logprobs(&logits, &targets, vocab, &mut lp_c, &mut ent_c)
         .unwrap();
     let (mut lp_g, mut ent_g) = (vec![0.0; 5], vec![0.0; 5]);
@@ -250,7 +256,7 @@ fn every_op_matches_the_cpu() {
     assert_close("entropy", &ent_g, &ent_c, 1e-4);
     let (d_lp, d_ent) = (random(&mut rng, 5), random(&mut rng, 5));
     let mut dz_c = vec![0.0; logits.len()];
-    CpuBackend
+    CpuBackend::default()
         .token_logprobs_backward(&logits, &targets, vocab, &d_lp, &d_ent, &mut dz_c)
         .unwrap();
     let mut dz_g = be.alloc(logits.len()).unwrap();
@@ -269,10 +275,26 @@ fn fixture(name: &str) -> std::path::PathBuf {
 #[test]
 #[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
 fn forward_and_backward_match_the_cpu_on_every_architecture() {
+    passes_match(Products::F32, 1e-4, 1e-3);
+}
+
+/// bf16 products on the GPU against the CPU's emulation of them (the same operands rounded
+/// the same way; an accumulation-order difference can flip a later operand's rounding by one
+/// bf16 step, 2⁻⁸ relative): 2e-3 absolute on log-probs and entropies, 1e-2 relative on
+/// gradients.
+#[test]
+#[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
+fn bf16_products_match_the_cpu_emulation_on_every_architecture() {
+    passes_match(Products::Bf16, 2e-3, 1e-2);
+}
+
+/// A forward and a backward pass of each architecture's fixture on the GPU and on the CPU,
+/// both with `products`, within `lp_tol` (log-probs, entropies) and `grad_rel` (gradients).
+fn passes_match(products: Products, lp_tol: f32, grad_rel: f32) {
     for name in ["qwen2", "llama", "qwen3", "qwen2-bf16"] {
         let params: Params = Checkpoint::open(&fixture(name), None).unwrap().params;
-        let cpu = Model::cpu(&params).unwrap();
-        let gpu_model = Model::new(gpu(), &params).unwrap();
+        let cpu = Model::new(CpuBackend::new(products), &params).unwrap();
+        let gpu_model = Model::new(gpu_with(products), &params).unwrap();
         let s1: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
         let s2: Vec<u32> = (0..17).map(|i| (i * 11 + 1) % 300).collect();
         let seqs = [
@@ -293,13 +315,13 @@ fn forward_and_backward_match_the_cpu_on_every_architecture() {
             &format!("{name} logprobs"),
             g.logprobs(),
             c.logprobs(),
-            1e-4,
+            lp_tol,
         );
         assert_close(
             &format!("{name} entropies"),
             g.entropies(),
             c.entropies(),
-            1e-4,
+            lp_tol,
         );
         let n = c.logprobs().len();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -313,7 +335,7 @@ fn forward_and_backward_match_the_cpu_on_every_architecture() {
             gpu_model.gradients_to_params(&gg).unwrap(),
         );
         for (x, y) in gg.tensors().iter().zip(gc.tensors()) {
-            assert_close(&format!("{name} d{}", x.name), &x.data, &y.data, 1e-3);
+            assert_close(&format!("{name} d{}", x.name), &x.data, &y.data, grad_rel);
         }
     }
 }
@@ -338,4 +360,50 @@ fn a_one_rank_nccl_communicator_gathers_and_times_out() {
     let lonely = NcclComm::connect(0, &id, 2, 0, Instant::now() + Duration::from_secs(2));
     let e = lonely.err().expect("a member is missing");
     assert!(e.to_string().contains("deadline"), "{e}");
+}
+
+/// The bf16 products on the GPU see exactly the operands the CPU's emulation rounds (offset,
+/// transposed and batched views, both output orientations): only the f32 accumulation order
+/// differs, 1e-5 relative.
+#[test]
+#[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
+fn bf16_products_round_their_operands_as_the_cpu_emulates() {
+    let (gpu, cpu) = (gpu_with(Products::Bf16), CpuBackend::new(Products::Bf16));
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (a, b) = (random(&mut rng, 200), random(&mut rng, 200));
+    let layouts = [
+        // A offset and strided, B transposed, batched.
+        (
+            2,
+            MatLayout::at(1, 10).batched(3),
+            MatLayout::row_major(3).t().batched(21),
+            MatLayout::row_major(7).batched(35),
+        ),
+        // A transposed, C written transposed (unit-stride rows).
+        (
+            1,
+            MatLayout::row_major(5).t(),
+            MatLayout::at(4, 7),
+            MatLayout::row_major(5).t(),
+        ),
+    ];
+    for (i, (batch, a_at, b_at, c_at)) in layouts.into_iter().enumerate() {
+        let g = Gemm {
+            m: 5,
+            k: 3,
+            n: 7,
+            batch,
+            alpha: 0.7,
+            beta: 0.0,
+            a: a_at,
+            b: b_at,
+            c: c_at,
+        };
+        let mut want = vec![0.0; 70];
+        cpu.gemm(&g, &a, &b, &mut want).unwrap();
+        let mut c = gpu.alloc(70).unwrap();
+        gpu.gemm(&g, &put(&gpu, &a), &put(&gpu, &b), &mut c)
+            .unwrap();
+        assert_close(&format!("bf16 gemm {i}"), &get(&gpu, &c), &want, 1e-5);
+    }
 }

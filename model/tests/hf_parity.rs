@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use flywheel_model::hf::{self, Checkpoint};
 use flywheel_model::{
-    Architecture, Model, ModelError, SampleConfig, Sampler, Sequence, WeightDtype,
+    Architecture, CpuBackend, Model, ModelError, Products, SampleConfig, Sampler, Sequence,
+    WeightDtype,
 };
 use rand::SeedableRng;
 use safetensors::SafeTensors;
@@ -22,6 +23,9 @@ const BF16_GRAD_RTOL: f32 = 2e-3;
 /// bf16 weights computed in f32 against transformers computing in bf16 (whose every matmul
 /// rounds to 8 bits of mantissa): max absolute log-prob error.
 const BF16_NATIVE_ATOL: f32 = 0.15;
+/// bf16 products against f32 products on the same weights: max absolute log-prob change
+/// (the tiny fixture moves by about 6e-4).
+const BF16_PRODUCTS_ATOL: f32 = 5e-3;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -161,6 +165,41 @@ fn bf16_weights_match_transformers() {
         .unwrap();
     let err = max_abs_diff(&lp, &native);
     assert!(err <= BF16_NATIVE_ATOL, "against bf16 arithmetic: {err}");
+}
+
+/// bf16 products (operands rounded to bf16, f32 accumulation; the CPU's exact emulation of
+/// the GPU path) move the log-probs off the f32 ones, a little, and stay near transformers
+/// computing everything in bf16.
+#[test]
+fn bf16_products_stay_near_f32_and_transformers_in_bf16() {
+    let ckpt = Checkpoint::open(&fixture("qwen2-bf16"), None).unwrap();
+    let r = Reference::load("qwen2-bf16");
+    let seq = [Sequence {
+        tokens: &r.tokens,
+        response_start: 1,
+    }];
+    let f32_model = Model::cpu(&ckpt.params).unwrap();
+    let bf16_model = Model::new(CpuBackend::new(Products::Bf16), &ckpt.params).unwrap();
+    let f32_lp = f32_model.forward(&seq).unwrap().logprobs().to_vec();
+    let bf16_lp = bf16_model.forward(&seq).unwrap().logprobs().to_vec();
+    let native = r.tensor("logprobs_bf16").unwrap();
+    let (moved, from_native, f32_from_native) = (
+        max_abs_diff(&bf16_lp, &f32_lp),
+        max_abs_diff(&bf16_lp, &native),
+        max_abs_diff(&f32_lp, &native),
+    );
+    eprintln!(
+        "bf16 products: {moved} from f32, {from_native} from transformers bf16 (f32: {f32_from_native})"
+    );
+    assert!(moved > 0.0, "bf16 products changed nothing");
+    assert!(
+        moved <= BF16_PRODUCTS_ATOL,
+        "bf16 products moved the log-probs by {moved}"
+    );
+    assert!(
+        from_native <= BF16_NATIVE_ATOL,
+        "against bf16 arithmetic: {from_native}"
+    );
 }
 
 /// The KV-cached sampler reproduces the training forward's log-probs on every architecture

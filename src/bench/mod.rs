@@ -119,7 +119,7 @@ struct TrainSteps<B: Backend = CpuBackend> {
 impl TrainSteps {
     /// [`TrainSteps::on`] the CPU.
     fn new(params: &Params, batch: usize, seq_len: usize, lr: f64) -> anyhow::Result<TrainSteps> {
-        TrainSteps::on(CpuBackend, params, batch, seq_len, lr)
+        TrainSteps::on(CpuBackend::default(), params, batch, seq_len, lr)
     }
 }
 

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use flywheel_model::{
-    Backend, Checkpoint, Device, DeviceBackend, ModelConfig, Params, SampleConfig, Sampler, hf,
+    Backend, Checkpoint, Device, DeviceBackend, ModelConfig, Params, Products, SampleConfig,
+    Sampler, hf,
 };
 use flywheel_trainer::AdamWConfig;
 use rand::SeedableRng;
@@ -26,6 +27,10 @@ pub struct TrainerBench {
     /// `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// The precision of the matrix products' operands: `f32`, or `bf16` with f32
+    /// accumulation.
+    #[arg(long, default_value = "f32")]
+    pub products: Products,
     /// Sequences per training step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -47,7 +52,7 @@ pub struct TrainerBench {
 /// Runs the bench and prints its report.
 pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
     // The device as the trainer opens it.
-    let (backend, why) = DeviceBackend::open(b.device)?;
+    let (backend, why) = DeviceBackend::open(b.device, b.products)?;
     println!("device: {why}");
     let device = backend.name();
     if b.seq_len < 2 || b.batch == 0 || b.iters == 0 {
@@ -87,7 +92,7 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
         b.batch, b.seq_len, b.iters, b.sample_tokens
     );
     let peak = match &backend {
-        DeviceBackend::Cuda(gpu) => f32_peak_flops(&gpu.device_name()),
+        DeviceBackend::Cuda(gpu) => peak_flops(&gpu.device_name(), b.products),
         DeviceBackend::Cpu(_) => None,
     };
     let torch_device = match backend {
@@ -100,10 +105,11 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
     match peak {
         Some(peak) => println!(
             "model FLOP/s (6 per matrix weight + attention, per trained token): {:.2} TFLOP/s, \
-             MFU {:.1}% of the GPU's {:.1} TFLOP/s f32 peak",
+             MFU {:.1}% of the GPU's {:.1} TFLOP/s {} peak",
             flops / 1e12,
             100.0 * flops / peak,
-            peak / 1e12
+            peak / 1e12,
+            b.products
         ),
         None => println!(
             "model FLOP/s (6 per matrix weight + attention, per trained token): {:.2} GFLOP/s",
@@ -137,6 +143,7 @@ pub fn run(b: &TrainerBench) -> anyhow::Result<()> {
             .args(["--sample-tokens", &b.sample_tokens.to_string()])
             .args(["--threads", &threads.to_string()])
             .args(["--device", torch_device])
+            .args(["--products", &b.products.to_string()])
             .output()
             .with_context(|| format!("running {} {}", python.display(), script.display()))?;
         if !out.status.success() {
@@ -181,13 +188,21 @@ fn train_flops_per_token(c: &ModelConfig, seq_len: usize) -> f64 {
     (6 * matrix_weights + 12 * c.n_layers * q * seq_len) as f64
 }
 
-/// The dense f32 (non-tensor-core) peak of the GPUs Flywheel's trainers run on, by the name
-/// the driver reports; `None` for others.
-fn f32_peak_flops(name: &str) -> Option<f64> {
-    [("H200", 67e12), ("H100", 67e12), ("A100", 19.5e12)]
-        .into_iter()
-        .find(|(model, _)| name.contains(model))
-        .map(|(_, peak)| peak)
+/// The dense peak of the GPUs Flywheel's trainers run on for products of `products`
+/// operands (f32: without tensor cores; bf16: tensor cores, without sparsity), by the name
+/// the driver reports (SXM figures); `None` for others.
+fn peak_flops(name: &str, products: Products) -> Option<f64> {
+    [
+        ("H200", 67e12, 989e12),
+        ("H100", 67e12, 989e12),
+        ("A100", 19.5e12, 312e12),
+    ]
+    .into_iter()
+    .find(|(model, _, _)| name.contains(model))
+    .map(|(_, f32_peak, bf16_peak)| match products {
+        Products::F32 => f32_peak,
+        Products::Bf16 => bf16_peak,
+    })
 }
 
 /// Training tokens/s (forward, backward, AdamW on `batch × (seq_len − 1)` scored tokens) and

@@ -23,7 +23,9 @@
 //! [trainer.weights]         # chunk_bytes, concurrency of weight publication
 //! ```
 
-use flywheel_model::{Checkpoint, Device, ModelConfig, ModelError, Params, TextCodec, Tokenizer};
+use flywheel_model::{
+    Checkpoint, Device, ModelConfig, ModelError, Params, Products, TextCodec, Tokenizer,
+};
 use flywheel_service::{ConfigError, admin};
 use flywheel_storage::config::RunConfig;
 use flywheel_storage::weights::WeightsConfig;
@@ -55,6 +57,10 @@ pub struct TrainerConfig {
     /// Where the forward and backward passes run: `auto` (the first GPU when CUDA is usable,
     /// else the CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: Device,
+    /// The precision of the matrix products' operands: `f32`, or `bf16` with f32
+    /// accumulation (the weights stay the f32 masters; log-softmax, the IcePop ratio and the
+    /// loss stay f32).
+    pub products: Products,
     /// The training objective. Its `token_budget` is replaced by each step's manifest (Φ is
     /// decided by the coordinator).
     pub loss: LossConfig,
@@ -103,6 +109,7 @@ impl Default for TrainerConfig {
             hf_model: String::new(),
             charset: Tokenizer::ARITHMETIC_CHARSET.to_owned(),
             device: Device::Auto,
+            products: Products::F32,
             loss: LossConfig::default(),
             optimizer: AdamWConfig::default(),
             weights: WeightsConfig::default(),
@@ -267,6 +274,14 @@ mod tests {
         assert_eq!(t.seed, 3);
         assert_eq!(t.optimizer.lr, 0.001);
         assert!(toml::from_str::<TrainerConfig>("sede = 3\n").is_err());
+        let t: TrainerConfig =
+            toml::from_str("products = \"bf16\"\nexchange = \"nccl\"\n").unwrap();
+        assert_eq!(
+            (t.products, t.exchange),
+            (Products::Bf16, ExchangeKind::Nccl)
+        );
+        let bad = toml::from_str::<TrainerConfig>("products = \"fp8\"\n").unwrap_err();
+        assert!(bad.to_string().contains("bf16"), "{bad}");
     }
 
     #[test]

@@ -414,7 +414,7 @@ impl Trainer {
         )
         .await?;
         let params = Params::from_bytes_map(&config.model, &fetched.tensors)?;
-        let (backend, device) = DeviceBackend::open(config.device)?;
+        let (backend, device) = DeviceBackend::open(config.device, config.products)?;
         tracing::info!(%device, "trainer device");
         let model = Model::new(backend.clone(), &params)?;
         let collective = exchange::open(config.exchange, backend.cuda_ordinal())

@@ -249,7 +249,7 @@ mod tests {
                 values(c_len, &mut rng),
             );
             let mut want = c0.clone();
-            CpuBackend.gemm(&g, &a, &b, &mut want).unwrap();
+            CpuBackend::default().gemm(&g, &a, &b, &mut want).unwrap();
             let plan = ColMajorGemm::plan(&g).unwrap();
             let mut got = c0.clone();
             plan.emulate(&g, &a, &b, &mut got);

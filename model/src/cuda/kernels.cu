@@ -66,6 +66,18 @@ extern "C" __global__ void add_assign(float* dst, const float* src, i64 len) {
     GRID_STRIDE(i, len) { dst[i] += src[i]; }
 }
 
+// f32 → bf16, rounded to nearest even (NaN stays NaN): a product's operand in bf16.
+extern "C" __global__ void to_bf16(const float* x, unsigned short* y, i64 n) {
+    GRID_STRIDE(i, n) {
+        unsigned u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            y[i] = (unsigned short)((u >> 16) | 0x40u);
+        } else {
+            y[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
 extern "C" __global__ void embed(const float* tok_emb, const unsigned* tokens, float* out,
                                  i64 rows, i64 d) {
     GRID_STRIDE(i, rows * d) { out[i] = tok_emb[(i64)tokens[i / d] * d + i % d]; }

@@ -15,15 +15,16 @@ pub use nccl::{NCCL_ID_BYTES, NcclComm, nccl_unique_id, require_nccl};
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{CudaBlas, Gemm as _};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use crate::backend::{Backend, Gemm, MatLayout};
+use crate::backend::{Backend, Gemm, MatLayout, Products};
 use crate::checks::{self, check};
 use crate::error::{ModelError, Result};
 
@@ -33,9 +34,10 @@ use gemm::{ColMajorGemm, Operand};
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// The kernels `KERNELS` defines, loaded by name.
-const KERNEL_NAMES: [&str; 16] = [
+const KERNEL_NAMES: [&str; 17] = [
     "copy_2d",
     "add_assign",
+    "to_bf16",
     "embed",
     "embed_backward_cols",
     "rms_norm_rows",
@@ -131,6 +133,12 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
+    /// The precision of the products' operands.
+    products: Products,
+    /// The bf16 copies of a product's operands (`products = bf16`), grown to the largest
+    /// product. Locked from the copy until the product is queued: work on the stream runs in
+    /// order, so the next copy cannot overwrite operands a queued product still reads.
+    bf16_operands: Mutex<Option<CudaSlice<u16>>>,
 }
 
 impl CudaBackend {
@@ -145,9 +153,10 @@ impl CudaBackend {
         .map_or(0, |n| n.max(0) as usize)
     }
 
-    /// A backend on GPU `ordinal`: loads the libraries, creates the context and the cuBLAS
-    /// handle, and compiles the kernels for the GPU's architecture.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// A backend on GPU `ordinal` computing its products with `products` operands: loads the
+    /// libraries, creates the context and the cuBLAS handle, and compiles the kernels for the
+    /// GPU's architecture.
+    pub fn new(ordinal: usize, products: Products) -> Result<Self> {
         require_libraries("CUDA is not usable")?;
         guarded("CUDA", || {
             let ctx = CudaContext::new(ordinal).map_err(cuda_err("context"))?;
@@ -169,6 +178,8 @@ impl CudaBackend {
                 stream,
                 blas,
                 kernels,
+                products,
+                bf16_operands: Mutex::new(None),
             })
         })
     }
@@ -230,6 +241,92 @@ macro_rules! launch {
         }
         .map_err(cuda_err($name))?
     };
+}
+
+impl CudaBackend {
+    /// [`Backend::gemm`] with bf16 operands and f32 accumulation and output
+    /// (`cublasGemmStridedBatchedEx`): the values each operand's view reads are rounded to
+    /// bf16 into `bf16_operands` first. Operands checked by the caller.
+    fn gemm_bf16(
+        &self,
+        g: &Gemm,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let a_range = g.a.offset..g.a.end(g.batch, g.m, g.k).max(g.a.offset);
+        let b_range = g.b.offset..g.b.end(g.batch, g.k, g.n).max(g.b.offset);
+        let (na, nb) = (a_range.len(), b_range.len());
+        // The same product on the copies, which start at 0.
+        let on_copies = Gemm {
+            a: MatLayout { offset: 0, ..g.a },
+            b: MatLayout { offset: 0, ..g.b },
+            ..*g
+        };
+        let plan = ColMajorGemm::plan(&on_copies)?;
+        let mut scratch = self.bf16_operands.lock().expect("bf16 operands lock");
+        if scratch.as_ref().is_none_or(|s| s.len() < na + nb) {
+            // Dropped first, so the old and the new buffer are not held together.
+            *scratch = None;
+            let len = (na + nb).max(1);
+            *scratch = Some(
+                self.stream
+                    .alloc_zeros::<u16>(len)
+                    .map_err(cuda_err("alloc"))?,
+            );
+        }
+        let scratch = scratch.as_mut().expect("just allocated");
+        for (src, at, n, dst_at) in [(a, a_range.start, na, 0), (b, b_range.start, nb, na)] {
+            if n == 0 {
+                continue;
+            }
+            let (src, mut dst) = (src.slice(at..at + n), scratch.slice_mut(dst_at..dst_at + n));
+            launch!(self, "to_bf16", Self::items(n), &src, &mut dst, &(n as i64));
+        }
+        let (a16, b16) = (scratch.slice(0..na), scratch.slice(na..na + nb));
+        let (first, second) = match plan.first {
+            Operand::A => (&a16, &b16),
+            Operand::B => (&b16, &a16),
+        };
+        let cfg = plan.config(g);
+        let mut out = c.slice_mut(plan.c_offset..);
+        let stream = &self.stream;
+        let (first, _first_done) = first.device_ptr(stream);
+        let (second, _second_done) = second.device_ptr(stream);
+        let (out, _out_done) = out.device_ptr_mut(stream);
+        let (alpha, beta) = (cfg.gemm.alpha, cfg.gemm.beta);
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        // Safety: `plan` describes views inside the copies and C (checked by the caller and
+        // sized above); alpha and beta are f32, as CUBLAS_COMPUTE_32F reads them.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                cfg.gemm.transa,
+                cfg.gemm.transb,
+                cfg.gemm.m,
+                cfg.gemm.n,
+                cfg.gemm.k,
+                (&alpha) as *const f32 as *const _,
+                first as *const _,
+                cudaDataType::CUDA_R_16BF,
+                cfg.gemm.lda,
+                cfg.stride_a,
+                second as *const _,
+                cudaDataType::CUDA_R_16BF,
+                cfg.gemm.ldb,
+                cfg.stride_b,
+                (&beta) as *const f32 as *const _,
+                out as *mut _,
+                cudaDataType::CUDA_R_32F,
+                cfg.gemm.ldc,
+                cfg.stride_c,
+                cfg.batch_size,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| ModelError::Backend(format!("cuBLAS bf16 gemm: {e}")))
+    }
 }
 
 impl Backend for CudaBackend {
@@ -338,17 +435,20 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         checks::gemm(g, a.len(), b.len(), c.len())?;
-        let plan = ColMajorGemm::plan(g)?;
-        let (first, second) = match plan.first {
-            Operand::A => (a, b),
-            Operand::B => (b, a),
-        };
         // cuBLAS runs in the calling thread's current context (kernel launches and copies
         // bind it themselves); the model is driven from several threads.
         self.stream
             .context()
             .bind_to_thread()
             .map_err(cuda_err("context"))?;
+        if self.products == Products::Bf16 {
+            return self.gemm_bf16(g, a, b, c);
+        }
+        let plan = ColMajorGemm::plan(g)?;
+        let (first, second) = match plan.first {
+            Operand::A => (a, b),
+            Operand::B => (b, a),
+        };
         let first = first.slice(plan.first_offset..);
         let second = second.slice(plan.second_offset..);
         let mut out = c.slice_mut(plan.c_offset..);

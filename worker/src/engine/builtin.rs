@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flywheel_model::{
-    Device, DeviceBackend, Model, Params, SampleConfig, Sampler, StopReason, TextCodec, Tokenizer,
+    Device, DeviceBackend, Model, Params, Products, SampleConfig, Sampler, StopReason, TextCodec,
+    Tokenizer,
 };
 use flywheel_storage::blob::BlobStore;
 use flywheel_storage::weights::{self, WeightsConfig, WeightsManifest};
@@ -62,6 +63,9 @@ pub struct BuiltinConfig {
     /// Where the model runs: `auto` (the first GPU when CUDA is usable, else the CPU), `cpu`,
     /// `cuda` or `cuda:N`.
     pub device: Device,
+    /// The precision of the matrix products' operands: `f32`, or `bf16` with f32
+    /// accumulation (the weights and everything else stay f32).
+    pub products: Products,
     /// Standard deviation of Gaussian noise added to every weight the engine samples with,
     /// relative to the RMS of the weight's tensor; 0 (the default) adds none. A controlled
     /// training/inference mismatch for experiments (`flywheel bench icepop`), never for a run
@@ -79,6 +83,7 @@ impl Default for BuiltinConfig {
             weights: WeightsConfig::default(),
             weights_wait_ms: 60_000,
             device: Device::Auto,
+            products: Products::F32,
             weight_noise: 0.0,
         }
     }
@@ -132,7 +137,7 @@ impl BuiltinEngine {
         }
         let tokenizer = TextCodec::open(&config.hf_model, &config.charset)
             .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
-        let (backend, device) = DeviceBackend::open(config.device)
+        let (backend, device) = DeviceBackend::open(config.device, config.products)
             .map_err(|e| EngineError::Config(format!("builtin engine: {e}")))?;
         tracing::info!(%device, "builtin engine device");
         Ok(BuiltinEngine {
