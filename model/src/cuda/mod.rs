@@ -6,7 +6,7 @@
 //!
 //! All work goes to the context's default stream, in order; copies to the host wait for it.
 //! Buffers are `CudaSlice<f32>`; the small per-row vectors of the trait (token ids, targets,
-//! log-probs) are copied per call.
+//! log-probs) go through scratch buffers the backend keeps, so a call allocates nothing.
 
 mod gemm;
 mod nccl;
@@ -139,6 +139,49 @@ pub struct CudaBackend {
     /// product. Locked from the copy until the product is queued: work on the stream runs in
     /// order, so the next copy cannot overwrite operands a queued product still reads.
     bf16_operands: Mutex<Option<CudaSlice<u16>>>,
+    /// The device side of the small per-row vectors of a call (token ids, targets, positions,
+    /// log-probs and their gradients), grown to the largest call and locked like
+    /// `bf16_operands`, so a call allocates nothing.
+    rows: Mutex<RowScratch>,
+}
+
+/// [`CudaBackend::rows`].
+#[derive(Default)]
+struct RowScratch {
+    ids: Option<CudaSlice<u32>>,
+    values: Option<CudaSlice<f32>>,
+}
+
+/// `buf`, allocated (or grown) on `stream` to hold at least `n` values. A grown buffer is
+/// zero-filled; a kept one holds what it held.
+pub(crate) fn grown<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &'a mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if buf.as_ref().is_none_or(|b| b.len() < n) {
+        // Dropped first, so the old and the new buffer are not held together.
+        *buf = None;
+        *buf = Some(
+            stream
+                .alloc_zeros::<T>(n.max(1))
+                .map_err(cuda_err("allocation"))?,
+        );
+    }
+    Ok(buf.as_mut().expect("just allocated"))
+}
+
+/// `values` copied to the start of `buf` (grown to hold them).
+fn staged<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &'a mut Option<CudaSlice<T>>,
+    values: &[T],
+) -> Result<cudarc::driver::CudaView<'a, T>> {
+    let buf = grown(stream, buf, values.len())?;
+    stream
+        .memcpy_htod(values, &mut buf.slice_mut(..values.len()))
+        .map_err(cuda_err("upload"))?;
+    Ok(buf.slice(..values.len()))
 }
 
 impl CudaBackend {
@@ -180,6 +223,7 @@ impl CudaBackend {
                 kernels,
                 products,
                 bf16_operands: Mutex::new(None),
+                rows: Mutex::new(RowScratch::default()),
             })
         })
     }
@@ -221,8 +265,8 @@ impl CudaBackend {
     }
 
     /// Copies small host values (token ids, targets) to the device.
-    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
-        self.stream.clone_htod(values).map_err(cuda_err("upload"))
+    fn row_scratch(&self) -> std::sync::MutexGuard<'_, RowScratch> {
+        self.rows.lock().expect("row scratch lock")
     }
 }
 
@@ -265,17 +309,7 @@ impl CudaBackend {
         };
         let plan = ColMajorGemm::plan(&on_copies)?;
         let mut scratch = self.bf16_operands.lock().expect("bf16 operands lock");
-        if scratch.as_ref().is_none_or(|s| s.len() < na + nb) {
-            // Dropped first, so the old and the new buffer are not held together.
-            *scratch = None;
-            let len = (na + nb).max(1);
-            *scratch = Some(
-                self.stream
-                    .alloc_zeros::<u16>(len)
-                    .map_err(cuda_err("alloc"))?,
-            );
-        }
-        let scratch = scratch.as_mut().expect("just allocated");
+        let scratch = grown(&self.stream, &mut scratch, na + nb)?;
         for (src, at, n, dst_at) in [(a, a_range.start, na, 0), (b, b_range.start, nb, na)] {
             if n == 0 {
                 continue;
@@ -471,7 +505,8 @@ impl Backend for CudaBackend {
         if tokens.is_empty() || d == 0 {
             return Ok(());
         }
-        let ids = self.upload_u32(tokens)?;
+        let mut scratch = self.row_scratch();
+        let ids = staged(&self.stream, &mut scratch.ids, tokens)?;
         let (rows, d) = (tokens.len() as i64, d as i64);
         launch!(
             self,
@@ -497,7 +532,8 @@ impl Backend for CudaBackend {
         if tokens.is_empty() || d == 0 {
             return Ok(());
         }
-        let ids = self.upload_u32(tokens)?;
+        let mut scratch = self.row_scratch();
+        let ids = staged(&self.stream, &mut scratch.ids, tokens)?;
         let (rows, cols) = (tokens.len() as i64, d as i64);
         launch!(
             self,
@@ -696,7 +732,8 @@ impl Backend for CudaBackend {
         if rows * heads * half == 0 {
             return Ok(());
         }
-        let at = self.upload_u32(positions)?;
+        let mut scratch = self.row_scratch();
+        let at = staged(&self.stream, &mut scratch.ids, positions)?;
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         let (r, h, d) = (rows as i64, heads as i64, hd as i64);
         launch!(
@@ -783,9 +820,11 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let t = self.upload_u32(targets)?;
-        let mut lp = self.alloc(rows)?;
-        let mut ent = self.alloc(rows)?;
+        let mut scratch = self.row_scratch();
+        let RowScratch { ids, values } = &mut *scratch;
+        let t = staged(&self.stream, ids, targets)?;
+        let out = grown(&self.stream, values, 2 * rows)?;
+        let (mut lp, mut ent) = out.split_at_mut(rows);
         launch!(
             self,
             "token_logprobs_rows",
@@ -796,8 +835,12 @@ impl Backend for CudaBackend {
             &mut lp,
             &mut ent
         );
-        self.download(&lp, 0, &mut logprob[..rows])?;
-        self.download(&ent, 0, &mut entropy[..rows])
+        self.stream
+            .memcpy_dtoh(&lp, &mut logprob[..rows])
+            .map_err(cuda_err("download"))?;
+        self.stream
+            .memcpy_dtoh(&ent, &mut entropy[..rows])
+            .map_err(cuda_err("download"))
     }
 
     fn token_logprobs_backward(
@@ -820,14 +863,16 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let t = self.upload_u32(targets)?;
-        let glp = self
-            .stream
-            .clone_htod(&d_logprob[..rows])
+        let mut scratch = self.row_scratch();
+        let RowScratch { ids, values } = &mut *scratch;
+        let t = staged(&self.stream, ids, targets)?;
+        let grads = grown(&self.stream, values, 2 * rows)?;
+        let (mut glp, mut gent) = grads.split_at_mut(rows);
+        self.stream
+            .memcpy_htod(&d_logprob[..rows], &mut glp)
             .map_err(cuda_err("upload"))?;
-        let gent = self
-            .stream
-            .clone_htod(&d_entropy[..rows])
+        self.stream
+            .memcpy_htod(&d_entropy[..rows], &mut gent)
             .map_err(cuda_err("upload"))?;
         launch!(
             self,
@@ -836,8 +881,8 @@ impl Backend for CudaBackend {
             logits,
             &t,
             &(vocab as i64),
-            &glp,
-            &gent,
+            &mut glp,
+            &mut gent,
             d_logits
         );
         Ok(())

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 
-use super::{cuda_err, guarded};
+use super::{cuda_err, grown, guarded};
 use crate::error::{ModelError, Result};
 
 /// Bytes of an NCCL unique id (what members exchange to form a communicator).
@@ -166,11 +166,11 @@ impl NcclComm {
         }
         guarded("NCCL", || {
             let stream = self.stream.clone();
-            let send_buf = staging(&stream, &mut self.send, n)?;
+            let send_buf = grown(&stream, &mut self.send, n)?;
             stream
                 .memcpy_htod(send, &mut send_buf.slice_mut(..n))
                 .map_err(cuda_err("copy to the GPU"))?;
-            let recv_buf = staging(&stream, &mut self.recv, n * self.size)?;
+            let recv_buf = grown(&stream, &mut self.recv, n * self.size)?;
             {
                 let (src, _src_done) = send_buf.device_ptr(&stream);
                 let (dst, _dst_done) = recv_buf.device_ptr_mut(&stream);
@@ -257,22 +257,6 @@ impl Drop for NcclComm {
             let _ = unsafe { sys::ncclCommAbort(self.comm) };
         }
     }
-}
-
-/// `buf`, allocated (or grown) to at least `n` values on `stream`.
-fn staging<'a>(
-    stream: &Arc<CudaStream>,
-    buf: &'a mut Option<CudaSlice<f32>>,
-    n: usize,
-) -> Result<&'a mut CudaSlice<f32>> {
-    if buf.as_ref().is_none_or(|b| b.len() < n) {
-        *buf = Some(
-            stream
-                .alloc_zeros::<f32>(n.max(1))
-                .map_err(cuda_err("allocation"))?,
-        );
-    }
-    Ok(buf.as_mut().expect("just allocated"))
 }
 
 /// NCCL_CONFIG_INITIALIZER with `blocking = 0`, for a library of `version`.
