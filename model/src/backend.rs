@@ -12,6 +12,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::adamw::AdamWStep;
 use crate::error::{ModelError, Result};
 
 /// Token target meaning "no log-prob wanted for this row" in [`Backend::token_logprobs`].
@@ -340,5 +341,23 @@ pub trait Backend: Send + Sync {
         d_logprob: &[f32],
         d_entropy: &[f32],
         d_logits: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Appends to `out` the f64 sums of squares of `buf[..len]` by block, in the order
+    /// [`crate::adamw::sum_squares_blocks`] defines (the optimizer's gradient norm).
+    fn sum_squares(&self, buf: &Self::Buf, len: usize, out: &mut Vec<f64>) -> Result<()>;
+    /// One AdamW step of `len` values ([`AdamWStep::apply`]): `w`, `m` and `v` move in place
+    /// with the gradient `g`. With `rounded`, `w` holds f32 master weights and `rounded`
+    /// receives them rounded to bf16 (the weights the model computes with).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        step: &AdamWStep,
+        w: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        rounded: Option<&mut Self::Buf>,
+        len: usize,
     ) -> Result<()>;
 }

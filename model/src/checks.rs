@@ -40,6 +40,14 @@ pub(crate) fn copy(
     check("copy dst", dst_at.end(1, rows, cols), dst)
 }
 
+/// The buffers of an AdamW step (weights, gradient, moments and the rounded copy if any).
+pub(crate) fn adamw(len: usize, bufs: &[usize]) -> Result<()> {
+    for &buf in bufs {
+        check("adamw", len, buf)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn add_assign(dst: usize, src: usize, len: usize) -> Result<()> {
     check("add_assign dst", len, dst)?;
     check("add_assign src", len, src)

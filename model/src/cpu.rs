@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::adamw::{AdamWStep, sum_squares_blocks};
 use crate::backend::{Backend, Gemm, IGNORE_TARGET, MatLayout, Products};
 use crate::checks;
 use crate::config::WeightDtype;
@@ -526,6 +527,43 @@ impl Backend for CpuBackend {
                 *d = (glp * (onehot - p) - gent * p * (logp + ent)) as f32;
             }
         });
+        Ok(())
+    }
+
+    fn sum_squares(&self, buf: &Vec<f32>, len: usize, out: &mut Vec<f64>) -> Result<()> {
+        checks::check("sum_squares", len, buf.len())?;
+        sum_squares_blocks(&buf[..len], out);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        step: &AdamWStep,
+        w: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        rounded: Option<&mut Vec<f32>>,
+        len: usize,
+    ) -> Result<()> {
+        let rounded_len = rounded.as_ref().map_or(len, |r| r.len());
+        checks::adamw(len, &[w.len(), g.len(), m.len(), v.len(), rounded_len])?;
+        // Element-wise: chunks in parallel give the same bits as one loop.
+        let (w, g, m, v) = (&mut w[..len], &g[..len], &mut m[..len], &mut v[..len]);
+        if len < PAR_MIN {
+            step.apply(w, g, m, v);
+        } else {
+            w.par_chunks_mut(PAR_MIN)
+                .zip(g.par_chunks(PAR_MIN))
+                .zip(m.par_chunks_mut(PAR_MIN))
+                .zip(v.par_chunks_mut(PAR_MIN))
+                .for_each(|(((w, g), m), v)| step.apply(w, g, m, v));
+        }
+        if let Some(rounded) = rounded {
+            for (r, &w) in rounded[..len].iter_mut().zip(w.iter()) {
+                *r = WeightDtype::Bf16.round(w);
+            }
+        }
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
+use crate::adamw::AdamWStep;
 use crate::backend::{Backend, Gemm, MatLayout, Products};
 use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
@@ -327,6 +328,48 @@ impl Backend for DeviceBackend {
         dispatch!(self.token_logprobs_backward(
             buf logits, val targets, val vocab, val d_logprob, val d_entropy, mut d_logits
         ))
+    }
+
+    fn sum_squares(&self, buf: &DeviceBuf, len: usize, out: &mut Vec<f64>) -> Result<()> {
+        dispatch!(self.sum_squares(buf buf, val len, val out))
+    }
+
+    fn adamw(
+        &self,
+        step: &AdamWStep,
+        w: &mut DeviceBuf,
+        g: &DeviceBuf,
+        m: &mut DeviceBuf,
+        v: &mut DeviceBuf,
+        rounded: Option<&mut DeviceBuf>,
+        len: usize,
+    ) -> Result<()> {
+        match self {
+            DeviceBackend::Cpu(be) => {
+                let rounded = rounded.map(cpu_mut).transpose()?;
+                be.adamw(
+                    step,
+                    cpu_mut(w)?,
+                    cpu(g)?,
+                    cpu_mut(m)?,
+                    cpu_mut(v)?,
+                    rounded,
+                    len,
+                )
+            }
+            DeviceBackend::Cuda(be) => {
+                let rounded = rounded.map(gpu_mut).transpose()?;
+                be.adamw(
+                    step,
+                    gpu_mut(w)?,
+                    gpu(g)?,
+                    gpu_mut(m)?,
+                    gpu_mut(v)?,
+                    rounded,
+                    len,
+                )
+            }
+        }
     }
 }
 

@@ -55,6 +55,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adamw;
 mod backend;
 mod checks;
 mod config;
@@ -71,6 +72,7 @@ mod sample;
 mod text;
 mod tokenizer;
 
+pub use adamw::AdamWStep;
 pub use backend::{Backend, Gemm, IGNORE_TARGET, MatLayout, Products};
 pub use config::{Architecture, Llama3Rope, ModelConfig, WeightDtype};
 pub use cpu::CpuBackend;

@@ -46,6 +46,13 @@ pub struct Gradients<B: Backend = CpuBackend> {
     bufs: Vec<B::Buf>,
 }
 
+impl<B: Backend> Gradients<B> {
+    /// One buffer per parameter, in the model's stable order.
+    pub fn bufs(&self) -> &[B::Buf] {
+        &self.bufs
+    }
+}
+
 /// One sequence to score: the prompt followed by the response. The model returns the
 /// log-probability (and entropy) of every response token `tokens[response_start..]`, each
 /// predicted from the tokens before it.
@@ -493,6 +500,18 @@ impl<B: Backend> Model<B> {
         &self.weights
     }
 
+    /// The tensors' names and shapes, in the stable order (the values are unused).
+    pub fn layout(&self) -> &Params {
+        &self.layout
+    }
+
+    /// The backend, the tensors' names and shapes (the layout; its values are unused) and the
+    /// weight buffers in the same order: what an optimizer needs to step the weights where
+    /// they live.
+    pub fn weights_mut(&mut self) -> (&B, &Params, &mut [B::Buf]) {
+        (&self.backend, &self.layout, &mut self.weights)
+    }
+
     pub(crate) fn index(&self) -> &ParamIndex {
         &self.index
     }
@@ -655,6 +674,21 @@ impl<B: Backend> Model<B> {
     pub fn zero_gradients(&self, grads: &mut Gradients<B>) -> Result<()> {
         for b in &mut grads.bufs {
             self.backend.fill_zero(b)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads host gradients (e.g. a step's sum over ranks) into `grads`, replacing what they
+    /// hold.
+    pub fn upload_gradients(&self, from: &Params, grads: &mut Gradients<B>) -> Result<()> {
+        self.layout.check_same_layout(from)?;
+        if grads.bufs.len() != self.weights.len() {
+            return Err(ModelError::InvalidInput(
+                "gradients belong to a model of another config".into(),
+            ));
+        }
+        for (buf, t) in grads.bufs.iter_mut().zip(from.tensors()) {
+            self.backend.upload(&t.data, buf)?;
         }
         Ok(())
     }

@@ -407,3 +407,74 @@ fn bf16_products_round_their_operands_as_the_cpu_emulates() {
         assert_close(&format!("bf16 gemm {i}"), &get(&gpu, &c), &want, 1e-5);
     }
 }
+
+/// The optimizer's ops give the CPU's bits: the gradient norm's block sums and AdamW's
+/// elements (f64 arithmetic, each operation rounded once on both), with and without bf16
+/// masters.
+#[test]
+#[ignore = "needs an NVIDIA GPU and the CUDA 13 libraries: scripts/gpu_check.sh runs it"]
+fn the_optimizer_ops_match_the_cpu_bit_for_bit() {
+    use flywheel_model::AdamWStep;
+    let (gpu, cpu) = (gpu(), CpuBackend::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(33);
+    // Several blocks of the norm and a short last one.
+    let n = 3 * flywheel_model::adamw::SQUARES_BLOCK + 1234;
+    let g = random(&mut rng, n);
+    let (mut sums_c, mut sums_g) = (Vec::new(), Vec::new());
+    cpu.sum_squares(&g, n, &mut sums_c).unwrap();
+    gpu.sum_squares(&put(&gpu, &g), n, &mut sums_g).unwrap();
+    assert_eq!(sums_g, sums_c, "block sums of squares");
+    let step = AdamWStep {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        bias1: 1.0 - 0.9f64.powf(7.0),
+        bias2: 1.0 - 0.999f64.powf(7.0),
+        decay: 1.0 - 3e-4 * 0.01,
+        clip_scale: 0.37,
+    };
+    for masters in [false, true] {
+        let (w, m) = (random(&mut rng, n), random(&mut rng, n));
+        let v: Vec<f32> = random(&mut rng, n).iter().map(|x| x.abs()).collect();
+        let (mut wc, mut mc, mut vc, mut rc) = (w.clone(), m.clone(), v.clone(), vec![0.0; n]);
+        cpu.adamw(
+            &step,
+            &mut wc,
+            &g,
+            &mut mc,
+            &mut vc,
+            masters.then_some(&mut rc),
+            n,
+        )
+        .unwrap();
+        let (mut wg, gg, mut mg, mut vg, mut rg) = (
+            put(&gpu, &w),
+            put(&gpu, &g),
+            put(&gpu, &m),
+            put(&gpu, &v),
+            gpu.alloc(n).unwrap(),
+        );
+        gpu.adamw(
+            &step,
+            &mut wg,
+            &gg,
+            &mut mg,
+            &mut vg,
+            masters.then_some(&mut rg),
+            n,
+        )
+        .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&get(&gpu, &wg)),
+            bits(&wc),
+            "weights (masters: {masters})"
+        );
+        assert_eq!(bits(&get(&gpu, &mg)), bits(&mc), "first moments");
+        assert_eq!(bits(&get(&gpu, &vg)), bits(&vc), "second moments");
+        if masters {
+            assert_eq!(bits(&get(&gpu, &rg)), bits(&rc), "bf16-rounded weights");
+        }
+    }
+}

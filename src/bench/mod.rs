@@ -19,7 +19,7 @@ mod weights;
 use flywheel_model::{
     Architecture, Backend, CpuBackend, Model, ModelConfig, Params, Sequence, Tokenizer,
 };
-use flywheel_trainer::{AdamW, AdamWConfig};
+use flywheel_trainer::{AdamW, AdamWConfig, DeviceAdamW};
 use rand::{Rng, SeedableRng};
 
 pub use dataplane::DataplaneBench;
@@ -107,12 +107,15 @@ fn preset(p: Preset, context: usize) -> ModelConfig {
     }
 }
 
-/// Real training steps (forward, backward, AdamW) on a fixed batch of random tokens: what the trainer bench times, and what changes the weights between
-/// the versions of the weights bench the way training does.
+/// Real training steps (forward, backward, AdamW where the model runs, the new weights
+/// downloaded) on a fixed batch of random tokens: what the trainer bench times, and what
+/// changes the weights between the versions of the weights bench the way training does. The
+/// gradient stays on the device, as in a one-rank step (the trainer's finisher also brings it
+/// through the host).
 struct TrainSteps<B: Backend = CpuBackend> {
     seqs: Vec<Vec<u32>>,
     model: Model<B>,
-    optimizer: AdamW,
+    optimizer: DeviceAdamW<B>,
     grads: flywheel_model::Gradients<B>,
 }
 
@@ -141,16 +144,21 @@ impl<B: Backend> TrainSteps<B> {
             .collect();
         let model = Model::new(backend, params)?;
         let grads = model.new_gradients()?;
+        let dtype = params.config().dtype;
+        if !DeviceAdamW::<B>::supports(dtype) {
+            anyhow::bail!("the benches train f32 or bf16 weights, not {dtype:?}");
+        }
+        let host = AdamW::with_weight_dtype(
+            AdamWConfig {
+                lr,
+                ..AdamWConfig::default()
+            },
+            dtype,
+        )?;
         Ok(TrainSteps {
             seqs,
+            optimizer: DeviceAdamW::new(host, &model)?,
             model,
-            optimizer: AdamW::with_weight_dtype(
-                AdamWConfig {
-                    lr,
-                    ..AdamWConfig::default()
-                },
-                params.config().dtype,
-            )?,
             grads,
         })
     }
@@ -170,8 +178,8 @@ impl<B: Backend> TrainSteps<B> {
         let n = cache.logprobs().len();
         self.model
             .backward(&cache, &vec![-1.0 / n as f32; n], None, &mut self.grads)?;
-        let g = self.model.gradients_to_params(&self.grads)?;
-        flywheel_trainer::step::apply_update(&mut self.model, params, &mut self.optimizer, &g)?;
+        self.optimizer.step(&mut self.model, &self.grads)?;
+        *params = self.model.to_params()?;
         Ok(())
     }
 }

@@ -48,7 +48,7 @@ pub use loss::{
     LossConfig, LossError, LossMode, LossOutput, LossStats, PolicyLoss, PolicyTokens,
     SupervisedTokens, supervised_loss,
 };
-pub use optim::{AdamW, AdamWConfig, OptimError, Param, StepReport};
+pub use optim::{AdamW, AdamWConfig, DeviceAdamW, OptimError, Param, StepReport};
 pub use service::{
     ExchangeCounts, Exchanged, FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer,
     TrainerError, publish_params, run_observed, run_until,

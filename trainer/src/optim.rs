@@ -15,8 +15,18 @@
 //! step updates the masters and hands back the masters rounded to the dtype, which is what
 //! the model computes with and what is published. The masters travel in
 //! [`AdamW::state_bytes`], so a restored optimizer continues bit for bit.
+//!
+//! # On the model's device
+//!
+//! [`DeviceAdamW`] runs the same steps where the model holds its weights (a GPU, or the CPU
+//! backend): the moments and the masters stay there between steps, and the gradient norm
+//! and every element are computed by the backend with the arithmetic of
+//! [`flywheel_model::adamw`], which is also what [`AdamW::step`] uses. The two give the same
+//! bits, so a checkpoint written by one continues on the other and a step replayed on the
+//! host reaches the weights the device published.
 
-use flywheel_model::WeightDtype;
+use flywheel_model::adamw::{AdamWStep, sum_squares_blocks};
+use flywheel_model::{Backend, Gradients, MatLayout, Model, ModelError, WeightDtype};
 use flywheel_storage::codec::{ByteReader, Truncated};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -169,6 +179,9 @@ pub enum OptimError {
     /// Serialised optimizer state could not be decoded.
     #[error("optimizer state is corrupt or truncated: {0}; restore from another checkpoint")]
     CorruptState(&'static str),
+    /// The device the optimizer steps on failed.
+    #[error("optimizer on the device: {0}")]
+    Device(String),
     /// Serialised optimizer state was written by an unknown format version.
     #[error(
         "optimizer state has format version {0}, this build reads versions \
@@ -201,7 +214,7 @@ pub struct StepReport {
 }
 
 /// Per-tensor AdamW moments.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 struct Moments {
     name: String,
     /// First-moment (mean) estimate.
@@ -298,15 +311,14 @@ impl AdamW {
     /// Everything is checked before anything changes: on error no weight and no state moved.
     pub fn step(&mut self, params: &mut [Param<'_>]) -> Result<StepReport, OptimError> {
         self.check_params(params)?;
-        let grad_norm = global_norm(params)?;
-        let max = self.config.max_grad_norm;
-        let clip_scale = if max > 0.0 && grad_norm > max {
-            max / grad_norm
-        } else {
-            1.0
-        };
-
-        let keeps_masters = self.weight_dtype != WeightDtype::F32;
+        let mut blocks = Vec::new();
+        let mut sum = 0.0f64;
+        for p in params.iter() {
+            blocks.clear();
+            sum_squares_blocks(p.grad, &mut blocks);
+            sum += add_block_sums(p.name, &blocks, |_| Ok(p.grad.to_vec()))?;
+        }
+        let keeps_masters = self.keeps_masters();
         if self.moments.is_empty() {
             self.moments = params
                 .iter()
@@ -322,8 +334,53 @@ impl AdamW {
                 })
                 .collect();
         }
-        self.step += 1;
+        let (step, report) = self.advance(sum.sqrt());
+        let dtype = self.weight_dtype;
+        for (param, state) in params.iter_mut().zip(&mut self.moments) {
+            let Moments { m, v, master, .. } = state;
+            // The weights stepped: the masters, or the values themselves.
+            let weights: &mut [f32] = if keeps_masters { master } else { param.value };
+            let round = |p: &mut [f32], w: &[f32]| {
+                p.iter_mut().zip(w).for_each(|(p, w)| *p = dtype.round(*w));
+            };
+            if weights.len() < 2 * PAR_CHUNK {
+                step.apply(weights, param.grad, m, v);
+                if keeps_masters {
+                    round(param.value, master);
+                }
+                continue;
+            }
+            // Element-wise: chunks in parallel give the same bits as one loop.
+            weights
+                .par_chunks_mut(PAR_CHUNK)
+                .zip(param.grad.par_chunks(PAR_CHUNK))
+                .zip(m.par_chunks_mut(PAR_CHUNK))
+                .zip(v.par_chunks_mut(PAR_CHUNK))
+                .for_each(|(((w, g), m), v)| step.apply(w, g, m, v));
+            if keeps_masters {
+                (param.value.par_chunks_mut(PAR_CHUNK))
+                    .zip(master.par_chunks(PAR_CHUNK))
+                    .for_each(|(p, w)| round(p, w));
+            }
+        }
+        Ok(report)
+    }
 
+    /// Whether the state holds f32 masters (weights stored in a narrower dtype).
+    fn keeps_masters(&self) -> bool {
+        self.weight_dtype != WeightDtype::F32
+    }
+
+    /// Counts a step taken with gradients of global norm `grad_norm`: what every element of
+    /// it applies, and its report.
+    fn advance(&mut self, grad_norm: f64) -> (AdamWStep, StepReport) {
+        let max = self.config.max_grad_norm;
+        let clip_scale = if max > 0.0 && grad_norm > max {
+            max / grad_norm
+        } else {
+            1.0
+        };
+        self.step += 1;
         let AdamWConfig {
             beta1,
             beta2,
@@ -334,53 +391,22 @@ impl AdamW {
         let lr = self.config.lr_at(self.step);
         // powf on the exact step count: deterministic, and no i32 overflow for long runs.
         let t = self.step as f64;
-        let bias1 = 1.0 - beta1.powf(t);
-        let bias2 = 1.0 - beta2.powf(t);
-        let decay = 1.0 - lr * weight_decay;
-        let dtype = self.weight_dtype;
-        // Element-wise: chunks in parallel give the same bits as one loop.
-        let update = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
-                let g = f64::from(g) * clip_scale;
-                let m_new = beta1 * f64::from(*m) + (1.0 - beta1) * g;
-                let v_new = beta2 * f64::from(*v) + (1.0 - beta2) * g * g;
-                *m = m_new as f32;
-                *v = v_new as f32;
-                let update = (m_new / bias1) / ((v_new / bias2).sqrt() + eps);
-                *w = (f64::from(*w) * decay - lr * update) as f32;
-            }
+        let step = AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            bias1: 1.0 - beta1.powf(t),
+            bias2: 1.0 - beta2.powf(t),
+            decay: 1.0 - lr * weight_decay,
+            clip_scale,
         };
-        for (param, state) in params.iter_mut().zip(&mut self.moments) {
-            let Moments { m, v, master, .. } = state;
-            // The weights stepped: the masters, or the values themselves.
-            let weights: &mut [f32] = if keeps_masters { master } else { param.value };
-            let round = |p: &mut [f32], w: &[f32]| {
-                p.iter_mut().zip(w).for_each(|(p, w)| *p = dtype.round(*w));
-            };
-            if weights.len() < 2 * PAR_CHUNK {
-                update(weights, param.grad, m, v);
-                if keeps_masters {
-                    round(param.value, master);
-                }
-                continue;
-            }
-            weights
-                .par_chunks_mut(PAR_CHUNK)
-                .zip(param.grad.par_chunks(PAR_CHUNK))
-                .zip(m.par_chunks_mut(PAR_CHUNK))
-                .zip(v.par_chunks_mut(PAR_CHUNK))
-                .for_each(|(((w, g), m), v)| update(w, g, m, v));
-            if keeps_masters {
-                (param.value.par_chunks_mut(PAR_CHUNK))
-                    .zip(master.par_chunks(PAR_CHUNK))
-                    .for_each(|(p, w)| round(p, w));
-            }
-        }
-        Ok(StepReport {
+        let report = StepReport {
             grad_norm,
             clip_scale,
             step: self.step,
-        })
+        };
+        (step, report)
     }
 
     /// Checks names, sizes and gradient lengths against the state (or, before the first step,
@@ -548,21 +574,220 @@ const DTYPE_CODES: [(WeightDtype, u8); 3] = [
     (WeightDtype::F16, 2),
 ];
 
-/// The global L2 norm of all gradients (accumulated in f64, in order: deterministic).
-fn global_norm(params: &[Param<'_>]) -> Result<f64, OptimError> {
-    let mut sum = 0.0f64;
-    for p in params {
-        for (index, &g) in p.grad.iter().enumerate() {
-            if !g.is_finite() {
-                return Err(OptimError::NonFiniteGradient {
-                    name: p.name.to_string(),
-                    index,
+/// [`AdamW`] stepping the weights where the model holds them (module docs): the moments, and
+/// the f32 masters of bf16 weights, live on the model's backend between steps. The wrapped
+/// [`AdamW`] keeps the configuration and the step count; its host moments are brought up to
+/// date by [`DeviceAdamW::to_host`] (for a checkpoint) and are stale in between.
+pub struct DeviceAdamW<B: Backend> {
+    host: AdamW,
+    /// Per tensor, in the model's order; empty before the first step.
+    state: Vec<DeviceMoments<B>>,
+}
+
+/// One tensor's state on the device.
+struct DeviceMoments<B: Backend> {
+    m: B::Buf,
+    v: B::Buf,
+    /// The f32 masters (bf16 weights only).
+    master: Option<B::Buf>,
+}
+
+fn device_err(e: ModelError) -> OptimError {
+    OptimError::Device(e.to_string())
+}
+
+impl<B: Backend> DeviceAdamW<B> {
+    /// Whether weights of `dtype` can be stepped on the device: f32, and bf16 (whose masters'
+    /// rounding the backends implement); f16 weights step on the host.
+    pub fn supports(dtype: WeightDtype) -> bool {
+        matches!(dtype, WeightDtype::F32 | WeightDtype::Bf16)
+    }
+
+    /// Moves `host`'s state onto `model`'s backend (its moments and masters, if it has taken a
+    /// step), checking that it belongs to the model.
+    pub fn new(host: AdamW, model: &Model<B>) -> Result<Self, OptimError> {
+        if !Self::supports(host.weight_dtype) {
+            return Err(OptimError::Device(format!(
+                "{:?} weights step on the host",
+                host.weight_dtype
+            )));
+        }
+        let (be, layout) = (model.backend(), model.layout());
+        let mut state = Vec::with_capacity(host.moments.len());
+        if !host.moments.is_empty() {
+            check_layout(&host.moments, layout)?;
+            let upload = |values: &[f32]| -> Result<B::Buf, OptimError> {
+                let mut buf = be.alloc(values.len()).map_err(device_err)?;
+                be.upload(values, &mut buf).map_err(device_err)?;
+                Ok(buf)
+            };
+            for s in &host.moments {
+                state.push(DeviceMoments {
+                    m: upload(&s.m)?,
+                    v: upload(&s.v)?,
+                    master: match host.keeps_masters() {
+                        true => Some(upload(&s.master)?),
+                        false => None,
+                    },
                 });
             }
-            sum += f64::from(g) * f64::from(g);
+        }
+        Ok(DeviceAdamW { host, state })
+    }
+
+    /// The number of steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.host.step
+    }
+
+    /// The host optimizer: its configuration, dtype and step count are current, its moments
+    /// as of the last [`DeviceAdamW::to_host`].
+    pub fn host(&self) -> &AdamW {
+        &self.host
+    }
+
+    /// One AdamW step of `model`'s weights with `grads` (on the same backend), the same bits
+    /// as [`AdamW::step`] on the host. On error nothing moved.
+    pub fn step(
+        &mut self,
+        model: &mut Model<B>,
+        grads: &Gradients<B>,
+    ) -> Result<StepReport, OptimError> {
+        let (be, layout, weights) = model.weights_mut();
+        let tensors = layout.tensors();
+        if grads.bufs().len() != tensors.len() {
+            return Err(OptimError::ParamCount {
+                expected: tensors.len(),
+                actual: grads.bufs().len(),
+            });
+        }
+        if !self.host.moments.is_empty() {
+            check_layout(&self.host.moments, layout)?;
+        }
+        let mut blocks = Vec::new();
+        let mut sum = 0.0f64;
+        for (t, g) in tensors.iter().zip(grads.bufs()) {
+            blocks.clear();
+            let len = t.data.len();
+            be.sum_squares(g, len, &mut blocks).map_err(device_err)?;
+            sum += add_block_sums(&t.name, &blocks, |_| {
+                let mut values = vec![0.0; len];
+                be.download(g, 0, &mut values).map_err(device_err)?;
+                Ok(values)
+            })?;
+        }
+        if self.state.is_empty() {
+            let keeps_masters = self.host.keeps_masters();
+            for (t, w) in tensors.iter().zip(weights.iter()) {
+                let len = t.data.len();
+                let master = if keeps_masters {
+                    let mut master = be.alloc(len).map_err(device_err)?;
+                    let row = MatLayout::row_major(len);
+                    be.copy(w, row, &mut master, row, 1, len)
+                        .map_err(device_err)?;
+                    Some(master)
+                } else {
+                    None
+                };
+                self.state.push(DeviceMoments {
+                    m: be.alloc(len).map_err(device_err)?,
+                    v: be.alloc(len).map_err(device_err)?,
+                    master,
+                });
+            }
+            self.host.moments = tensors
+                .iter()
+                .map(|t| Moments {
+                    name: t.name.clone(),
+                    ..Moments::default()
+                })
+                .collect();
+        }
+        let (step, report) = self.host.advance(sum.sqrt());
+        for ((t, (w, g)), s) in tensors
+            .iter()
+            .zip(weights.iter_mut().zip(grads.bufs()))
+            .zip(&mut self.state)
+        {
+            let len = t.data.len();
+            match &mut s.master {
+                None => be.adamw(&step, w, g, &mut s.m, &mut s.v, None, len),
+                Some(master) => be.adamw(&step, master, g, &mut s.m, &mut s.v, Some(w), len),
+            }
+            .map_err(device_err)?;
+        }
+        Ok(report)
+    }
+
+    /// The host optimizer with the device's moments and masters downloaded into it (what
+    /// [`AdamW::state_bytes`] then saves).
+    pub fn to_host(&mut self, model: &Model<B>) -> Result<&AdamW, OptimError> {
+        let be = model.backend();
+        for (host, dev) in self.host.moments.iter_mut().zip(&self.state) {
+            let len = be.len(&dev.m);
+            let download = |buf: &B::Buf, out: &mut Vec<f32>| {
+                out.resize(len, 0.0);
+                be.download(buf, 0, out).map_err(device_err)
+            };
+            download(&dev.m, &mut host.m)?;
+            download(&dev.v, &mut host.v)?;
+            if let Some(master) = &dev.master {
+                download(master, &mut host.master)?;
+            }
+        }
+        Ok(&self.host)
+    }
+}
+
+/// Fails unless `moments` are the state of a model of `layout` (names and sizes, in order).
+fn check_layout(moments: &[Moments], layout: &flywheel_model::Params) -> Result<(), OptimError> {
+    let tensors = layout.tensors();
+    if moments.len() != tensors.len() {
+        return Err(OptimError::ParamCount {
+            expected: moments.len(),
+            actual: tensors.len(),
+        });
+    }
+    for (index, (s, t)) in moments.iter().zip(tensors).enumerate() {
+        if s.name != t.name || s.m.len() != t.data.len() && !s.m.is_empty() {
+            return Err(OptimError::ParamMismatch {
+                index,
+                expected_name: s.name.clone(),
+                expected_len: s.m.len(),
+                actual_name: t.name.clone(),
+                actual_len: t.data.len(),
+            });
         }
     }
-    Ok(sum.sqrt())
+    Ok(())
+}
+
+/// The sum of a tensor's block sums of squares (in order: part of the global norm, which adds
+/// every tensor's, in order). A non-finite block is a [`OptimError::NonFiniteGradient`] at
+/// its first bad value, found in the gradient `values` returns.
+fn add_block_sums(
+    name: &str,
+    blocks: &[f64],
+    values: impl FnOnce(usize) -> Result<Vec<f32>, OptimError>,
+) -> Result<f64, OptimError> {
+    let mut sum = 0.0f64;
+    for (k, &b) in blocks.iter().enumerate() {
+        if !b.is_finite() {
+            let grad = values(k)?;
+            let start = k * flywheel_model::adamw::SQUARES_BLOCK;
+            let index = start
+                + grad[start..]
+                    .iter()
+                    .position(|g| !g.is_finite())
+                    .unwrap_or_default();
+            return Err(OptimError::NonFiniteGradient {
+                name: name.to_string(),
+                index,
+            });
+        }
+        sum += b;
+    }
+    Ok(sum)
 }
 
 impl From<Truncated> for OptimError {
@@ -1101,5 +1326,131 @@ mod tests {
             prop_assert_eq!(back.weight_dtype(), dtype);
             prop_assert_eq!(back.state_bytes(), bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use flywheel_model::{CpuBackend, ModelConfig, Params, Tokenizer};
+
+    fn model_config(dtype: WeightDtype) -> ModelConfig {
+        let mut cfg = ModelConfig::tiny(Tokenizer::arithmetic().vocab_size());
+        cfg.d_model = 64;
+        cfg.n_heads = 2;
+        // The MLP's matrices (64 × 2100 values) span several blocks of the norm and take the
+        // backend's parallel path.
+        cfg.d_ff = 2100;
+        cfg.n_layers = 1;
+        cfg.max_seq_len = 8;
+        cfg.dtype = dtype;
+        cfg
+    }
+
+    /// Gradients for step `t`, large enough to be clipped.
+    fn grads(params: &Params, t: u64) -> Params {
+        let mut g = params.clone();
+        for (k, tensor) in g.tensors_mut().iter_mut().enumerate() {
+            for (i, v) in tensor.data.iter_mut().enumerate() {
+                let x = (i as u64 * 2654435761 + k as u64 * 97 + t * 31) % 1000;
+                *v = (x as f32 - 500.0) * 1e-3 * (1 + t) as f32;
+            }
+        }
+        g
+    }
+
+    fn host_step(opt: &mut AdamW, params: &mut Params, grads: &Params) -> StepReport {
+        let mut list: Vec<Param<'_>> = params
+            .tensors_mut()
+            .iter_mut()
+            .zip(grads.tensors())
+            .map(|(p, g)| Param {
+                name: &p.name,
+                value: &mut p.data,
+                grad: &g.data,
+            })
+            .collect();
+        opt.step(&mut list).unwrap()
+    }
+
+    /// Steps on the backend give the host's bits: weights, reports and the saved state, for
+    /// f32 weights and for bf16 weights with masters; a state saved by either continues on
+    /// the other.
+    #[test]
+    fn device_steps_match_host_steps_bit_for_bit() {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let cfg = AdamWConfig {
+                lr: 1e-2,
+                weight_decay: 0.1,
+                max_grad_norm: 5.0,
+                ..AdamWConfig::default()
+            };
+            let mut params = Params::init(&model_config(dtype), 3).unwrap();
+            // bf16 weights hold bf16 values, as loaded from a bf16 checkpoint.
+            for t in params.tensors_mut() {
+                t.data.iter_mut().for_each(|v| *v = dtype.round(*v));
+            }
+            let mut host = AdamW::with_weight_dtype(cfg.clone(), dtype).unwrap();
+            let backend = CpuBackend::default();
+            let mut model = Model::new(backend, &params).unwrap();
+            let mut device = DeviceAdamW::new(
+                AdamW::with_weight_dtype(cfg.clone(), dtype).unwrap(),
+                &model,
+            )
+            .unwrap();
+            let mut device_grads = model.new_gradients().unwrap();
+            for t in 0..3 {
+                let g = grads(&params, t);
+                let want = host_step(&mut host, &mut params, &g);
+                model.upload_gradients(&g, &mut device_grads).unwrap();
+                let got = device.step(&mut model, &device_grads).unwrap();
+                assert_eq!(got, want, "{dtype:?} step {t}");
+                assert_eq!(
+                    model.to_params().unwrap().to_bytes_map(),
+                    params.to_bytes_map(),
+                    "{dtype:?} weights after step {t}"
+                );
+            }
+            assert!(host.step_count() == 3 && device.step_count() == 3);
+            let saved = device.to_host(&model).unwrap().state_bytes();
+            assert_eq!(saved, host.state_bytes(), "{dtype:?} saved state");
+
+            // The host's state continues on the device, and the device's on the host.
+            let mut resumed = DeviceAdamW::new(
+                AdamW::from_state_bytes(cfg.clone(), &saved).unwrap(),
+                &model,
+            )
+            .unwrap();
+            let g = grads(&params, 3);
+            let want = host_step(&mut host, &mut params, &g);
+            model.upload_gradients(&g, &mut device_grads).unwrap();
+            assert_eq!(resumed.step(&mut model, &device_grads).unwrap(), want);
+            assert_eq!(
+                model.to_params().unwrap().to_bytes_map(),
+                params.to_bytes_map()
+            );
+        }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_on_the_device_moves_nothing() {
+        let dtype = WeightDtype::F32;
+        let params = Params::init(&model_config(dtype), 3).unwrap();
+        let mut model = Model::new(CpuBackend::default(), &params).unwrap();
+        let mut device =
+            DeviceAdamW::new(AdamW::new(AdamWConfig::default()).unwrap(), &model).unwrap();
+        let mut g = grads(&params, 0);
+        let bad = g.tensors().len() - 1;
+        g.tensors_mut()[bad].data[5] = f32::INFINITY;
+        let mut device_grads = model.new_gradients().unwrap();
+        model.upload_gradients(&g, &mut device_grads).unwrap();
+        let e = device.step(&mut model, &device_grads).unwrap_err();
+        let name = params.tensors()[bad].name.clone();
+        assert_eq!(e, OptimError::NonFiniteGradient { name, index: 5 });
+        assert_eq!(device.step_count(), 0);
+        assert_eq!(
+            model.to_params().unwrap().to_bytes_map(),
+            params.to_bytes_map()
+        );
     }
 }

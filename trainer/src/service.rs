@@ -73,7 +73,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flywheel_model::{
-    DeviceBackend, Model, ModelConfig, ModelError, Params, TextCodec, WeightDtype,
+    DeviceBackend, Gradients, Model, ModelConfig, ModelError, Params, TextCodec, WeightDtype,
 };
 use flywheel_service::admin::AdminError;
 use flywheel_service::{AdminServer, ConfigError, Readiness, member_id};
@@ -97,7 +97,7 @@ use crate::exchange::{
 use crate::grads::{GradError, RankGradient};
 use crate::loss::{LossConfig, PolicyLoss};
 use crate::metrics::TrainerMetrics;
-use crate::optim::{AdamW, OptimError};
+use crate::optim::{AdamW, DeviceAdamW, OptimError, StepReport};
 use crate::step::{
     DroppedEntry, StepError, StepMetrics, Stitched, TrainStats, accumulate_policy, apply_update,
     load_rank, prompt_tokens,
@@ -247,6 +247,33 @@ fn optimizer_key(run: &str, step: StepId) -> String {
     keys::checkpoint_object(run, step, "optimizer")
 }
 
+/// A trainer's optimizer: on the host, or stepping where the model holds its weights.
+enum Optimizer {
+    Host(AdamW),
+    Device(DeviceAdamW<DeviceBackend>),
+}
+
+impl Optimizer {
+    fn host(&self) -> &AdamW {
+        match self {
+            Optimizer::Host(host) => host,
+            Optimizer::Device(device) => device.host(),
+        }
+    }
+
+    fn step_count(&self) -> u64 {
+        self.host().step_count()
+    }
+
+    /// The saved state (downloaded from the device first).
+    fn state_bytes(&mut self, model: &DeviceModel) -> Result<Vec<u8>, OptimError> {
+        Ok(match self {
+            Optimizer::Host(host) => host.state_bytes(),
+            Optimizer::Device(device) => device.to_host(model)?.state_bytes(),
+        })
+    }
+}
+
 /// One trainer process's model, weights and optimizer.
 pub struct Trainer {
     stores: RunStores,
@@ -265,7 +292,9 @@ pub struct Trainer {
     bytes: BTreeMap<String, Vec<u8>>,
     /// The optimizer after the last step this trainer finished or restored (its step count is
     /// the version it produced); `None` when it must be loaded.
-    optimizer: Option<AdamW>,
+    optimizer: Option<Optimizer>,
+    /// The step's gradient on the model's device, for the optimizer there (allocated once).
+    device_grads: Option<Gradients<DeviceBackend>>,
     /// Prompt tokens already resolved.
     prompts: BTreeMap<PromptId, Vec<u32>>,
     /// When this trainer started working on a step (for the step time).
@@ -433,7 +462,8 @@ impl Trainer {
             model: Some(model),
             manifest: fetched.manifest,
             bytes: fetched.tensors,
-            optimizer,
+            optimizer: optimizer.map(Optimizer::Host),
+            device_grads: None,
             prompts: BTreeMap::new(),
             step_started: None,
             fail_at: None,
@@ -463,9 +493,10 @@ impl Trainer {
         &self.params
     }
 
-    /// The optimizer's state, if this trainer holds it.
+    /// The optimizer's state, if this trainer holds it (its moments as of the last checkpoint
+    /// when it steps on the device).
     pub fn optimizer(&self) -> Option<&AdamW> {
-        self.optimizer.as_ref()
+        self.optimizer.as_ref().map(Optimizer::host)
     }
 
     /// What this trainer's collective exchanges did.
@@ -899,6 +930,45 @@ impl Trainer {
         result
     }
 
+    /// `host` as this trainer steps it: on the model's device when the weights' dtype allows
+    /// ([`DeviceAdamW::supports`]; the CPU backend included, with the same bits), else on the
+    /// host.
+    fn optimizer_for(&mut self, host: AdamW) -> Result<Optimizer, TrainerError> {
+        if !DeviceAdamW::<DeviceBackend>::supports(host.weight_dtype()) {
+            return Ok(Optimizer::Host(host));
+        }
+        let model = self.model_mut()?;
+        Ok(Optimizer::Device(DeviceAdamW::new(host, model)?))
+    }
+
+    /// One optimizer step with the step's summed gradient; returns its report and the new
+    /// weights (the model holds them too).
+    fn apply(
+        &mut self,
+        optimizer: &mut Optimizer,
+        grads: &Params,
+    ) -> Result<(StepReport, Params), TrainerError> {
+        match optimizer {
+            Optimizer::Host(host) => {
+                let mut params = self.params.clone();
+                let report = apply_update(self.model_mut()?, &mut params, host, grads)?;
+                Ok((report, params))
+            }
+            Optimizer::Device(device) => {
+                let mut device_grads = match self.device_grads.take() {
+                    Some(g) => g,
+                    None => self.model_mut()?.new_gradients()?,
+                };
+                let model = self.model_mut()?;
+                model.upload_gradients(grads, &mut device_grads)?;
+                let report = device.step(model, &device_grads)?;
+                let params = model.to_params()?;
+                self.device_grads = Some(device_grads);
+                Ok((report, params))
+            }
+        }
+    }
+
     async fn finish_inner(
         &mut self,
         manifest: &BatchManifest,
@@ -912,12 +982,19 @@ impl Trainer {
         let mut phases = Phases::default();
         let (grads, stats, gradient_bytes) = self.sum_ranks(manifest).await?;
         phases.end("gradients");
-        let (mut optimizer, replayed) = match self.optimizer.take() {
+        let (optimizer, replayed) = match self.optimizer.take() {
             Some(o) if o.step_count() == step => (o, 0),
-            _ => self.replay_to(step).await?,
+            _ => {
+                let (host, replayed) = self.replay_to(step).await?;
+                (Optimizer::Host(host), replayed)
+            }
         };
-        let mut params = self.params.clone();
-        let report = apply_update(self.model_mut()?, &mut params, &mut optimizer, &grads)?;
+        // A replayed or restored state moves to the device before its first step there.
+        let mut optimizer = match optimizer {
+            Optimizer::Host(host) => self.optimizer_for(host)?,
+            on_device => on_device,
+        };
+        let (report, params) = self.apply(&mut optimizer, &grads)?;
         phases.end("optimizer");
         let version = step + 1;
         let run = self.stores.run_id.clone();
@@ -936,7 +1013,7 @@ impl Trainer {
         let checkpointed = version.is_multiple_of(self.config.checkpoint_every);
         let mut optimizer_bytes = 0;
         if checkpointed {
-            let state = optimizer.state_bytes();
+            let state = optimizer.state_bytes(self.model.as_ref().expect("the model is held"))?;
             optimizer_bytes = state.len() as u64;
             self.stores
                 .blobs

@@ -66,15 +66,80 @@ extern "C" __global__ void add_assign(float* dst, const float* src, i64 len) {
     GRID_STRIDE(i, len) { dst[i] += src[i]; }
 }
 
-// f32 → bf16, rounded to nearest even (NaN stays NaN): a product's operand in bf16.
+// The bf16 bits of `x`, rounded to nearest even (NaN stays NaN), as half::bf16::from_f32.
+__device__ unsigned short bf16_bits(float x) {
+    const unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A product's operand in bf16.
 extern "C" __global__ void to_bf16(const float* x, unsigned short* y, i64 n) {
-    GRID_STRIDE(i, n) {
-        unsigned u = __float_as_uint(x[i]);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            y[i] = (unsigned short)((u >> 16) | 0x40u);
-        } else {
-            y[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    GRID_STRIDE(i, n) { y[i] = bf16_bits(x[i]); }
+}
+
+// The optimizer's arithmetic (adamw.rs), bit for bit: f64 operations each rounded once
+// (explicit _rn intrinsics, so nothing is fused into a multiply-add), sums in a fixed order.
+
+// One block of 256 lanes per 256·64 values: lane l adds the squares of values l, l + 256, …
+// in turn, then the lanes are added pairwise (l takes l + h, h = 128, 64, …, 1).
+extern "C" __global__ void sum_squares_blocks(const float* x, i64 n, double* out) {
+    __shared__ double lanes[256];
+    const i64 base = (i64)blockIdx.x * 256 * 64;
+    const int l = threadIdx.x;
+    double acc = 0.0;
+    for (int j = 0; j < 64; j++) {
+        const i64 i = base + l + (i64)j * 256;
+        if (i < n) {
+            const double v = (double)x[i];
+            acc = __dadd_rn(acc, __dmul_rn(v, v));
         }
+    }
+    lanes[l] = acc;
+    __syncthreads();
+    for (int h = 128; h > 0; h >>= 1) {
+        if (l < h) lanes[l] = __dadd_rn(lanes[l], lanes[l + h]);
+        __syncthreads();
+    }
+    if (l == 0) out[blockIdx.x] = lanes[0];
+}
+
+// AdamWStep::apply on element i; returns the new weight.
+__device__ float adamw_element(float* w, const float* g, float* m, float* v, i64 i, double lr,
+                               double beta1, double beta2, double eps, double bias1,
+                               double bias2, double decay, double clip_scale) {
+    const double gi = __dmul_rn((double)g[i], clip_scale);
+    const double m_new =
+        __dadd_rn(__dmul_rn(beta1, (double)m[i]), __dmul_rn(__dsub_rn(1.0, beta1), gi));
+    const double v_new = __dadd_rn(__dmul_rn(beta2, (double)v[i]),
+                                   __dmul_rn(__dmul_rn(__dsub_rn(1.0, beta2), gi), gi));
+    m[i] = __double2float_rn(m_new);
+    v[i] = __double2float_rn(v_new);
+    const double update = __ddiv_rn(__ddiv_rn(m_new, bias1),
+                                    __dadd_rn(__dsqrt_rn(__ddiv_rn(v_new, bias2)), eps));
+    const float w_new =
+        __double2float_rn(__dsub_rn(__dmul_rn((double)w[i], decay), __dmul_rn(lr, update)));
+    w[i] = w_new;
+    return w_new;
+}
+
+extern "C" __global__ void adamw(float* w, const float* g, float* m, float* v, i64 n, double lr,
+                                 double beta1, double beta2, double eps, double bias1,
+                                 double bias2, double decay, double clip_scale) {
+    GRID_STRIDE(i, n) {
+        adamw_element(w, g, m, v, i, lr, beta1, beta2, eps, bias1, bias2, decay, clip_scale);
+    }
+}
+
+// `w` holds the f32 masters; `rounded` gets them rounded to bf16.
+extern "C" __global__ void adamw_masters(float* w, const float* g, float* m, float* v,
+                                         float* rounded, i64 n, double lr, double beta1,
+                                         double beta2, double eps, double bias1, double bias2,
+                                         double decay, double clip_scale) {
+    GRID_STRIDE(i, n) {
+        const float w_new = adamw_element(w, g, m, v, i, lr, beta1, beta2, eps, bias1, bias2,
+                                          decay, clip_scale);
+        rounded[i] = __uint_as_float((unsigned)bf16_bits(w_new) << 16);
     }
 }
 

@@ -24,6 +24,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::adamw::{AdamWStep, SQUARES_BLOCK, SQUARES_LANES};
 use crate::backend::{Backend, Gemm, MatLayout, Products};
 use crate::checks::{self, check};
 use crate::error::{ModelError, Result};
@@ -34,10 +35,13 @@ use gemm::{ColMajorGemm, Operand};
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// The kernels `KERNELS` defines, loaded by name.
-const KERNEL_NAMES: [&str; 17] = [
+const KERNEL_NAMES: [&str; 20] = [
     "copy_2d",
     "add_assign",
     "to_bf16",
+    "sum_squares_blocks",
+    "adamw",
+    "adamw_masters",
     "embed",
     "embed_backward_cols",
     "rms_norm_rows",
@@ -150,6 +154,8 @@ pub struct CudaBackend {
 struct RowScratch {
     ids: Option<CudaSlice<u32>>,
     values: Option<CudaSlice<f32>>,
+    /// The block sums of [`Backend::sum_squares`].
+    sums: Option<CudaSlice<f64>>,
 }
 
 /// `buf`, allocated (or grown) on `stream` to hold at least `n` values. A grown buffer is
@@ -821,7 +827,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut scratch = self.row_scratch();
-        let RowScratch { ids, values } = &mut *scratch;
+        let RowScratch { ids, values, .. } = &mut *scratch;
         let t = staged(&self.stream, ids, targets)?;
         let out = grown(&self.stream, values, 2 * rows)?;
         let (mut lp, mut ent) = out.split_at_mut(rows);
@@ -864,7 +870,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut scratch = self.row_scratch();
-        let RowScratch { ids, values } = &mut *scratch;
+        let RowScratch { ids, values, .. } = &mut *scratch;
         let t = staged(&self.stream, ids, targets)?;
         let grads = grown(&self.stream, values, 2 * rows)?;
         let (mut glp, mut gent) = grads.split_at_mut(rows);
@@ -885,6 +891,102 @@ impl Backend for CudaBackend {
             &mut gent,
             d_logits
         );
+        Ok(())
+    }
+
+    fn sum_squares(&self, buf: &CudaSlice<f32>, len: usize, out: &mut Vec<f64>) -> Result<()> {
+        checks::check("sum_squares", len, buf.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let blocks = len.div_ceil(SQUARES_BLOCK);
+        let mut scratch = self.row_scratch();
+        let sums = grown(&self.stream, &mut scratch.sums, blocks)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SQUARES_LANES as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            "sum_squares_blocks",
+            cfg,
+            buf,
+            &(len as i64),
+            &mut *sums
+        );
+        let start = out.len();
+        out.resize(start + blocks, 0.0);
+        self.stream
+            .memcpy_dtoh(&sums.slice(..blocks), &mut out[start..])
+            .map_err(cuda_err("download"))
+    }
+
+    fn adamw(
+        &self,
+        step: &AdamWStep,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        rounded: Option<&mut CudaSlice<f32>>,
+        len: usize,
+    ) -> Result<()> {
+        let rounded_len = rounded.as_ref().map_or(len, |r| r.len());
+        checks::adamw(len, &[w.len(), g.len(), m.len(), v.len(), rounded_len])?;
+        if len == 0 {
+            return Ok(());
+        }
+        let AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            bias1,
+            bias2,
+            decay,
+            clip_scale,
+        } = *step;
+        let n = len as i64;
+        match rounded {
+            None => launch!(
+                self,
+                "adamw",
+                Self::items(len),
+                w,
+                g,
+                m,
+                v,
+                &n,
+                &lr,
+                &beta1,
+                &beta2,
+                &eps,
+                &bias1,
+                &bias2,
+                &decay,
+                &clip_scale
+            ),
+            Some(rounded) => launch!(
+                self,
+                "adamw_masters",
+                Self::items(len),
+                w,
+                g,
+                m,
+                v,
+                rounded,
+                &n,
+                &lr,
+                &beta1,
+                &beta2,
+                &eps,
+                &bias1,
+                &bias2,
+                &decay,
+                &clip_scale
+            ),
+        };
         Ok(())
     }
 }
