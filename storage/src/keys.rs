@@ -10,6 +10,7 @@
 //! | per-rank gradient        | `{run}/steps/{step:010}/grads/rank-{r:04}`               |
 //! | entries left out of step | `{run}/steps/{step:010}/dropped/rank-{r:04}`             |
 //! | exchange rendezvous      | `{run}/steps/{step:010}/exchange/rank-{r:04}`            |
+//! | exchange communicator id | `{run}/steps/{step:010}/exchange/id`                     |
 //! | weights manifest         | `{run}/weights/v{version:010}/manifest.json`             |
 //! | weights chunk            | `{run}/chunks/{hash}`                                    |
 //! | checkpoint object        | `{run}/checkpoints/step-{step:010}/{name}`               |
@@ -51,6 +52,12 @@ pub fn step_exchange_prefix(run: &str, step: StepId) -> String {
 /// `step`'s collective gradient exchange (JSON).
 pub fn step_exchange(run: &str, step: StepId, rank: u32) -> String {
     format!("{run}/steps/{step:010}/exchange/rank-{rank:04}")
+}
+
+/// `{run}/steps/{step:010}/exchange/id`: the id of the communicator step `step`'s exchange
+/// forms (JSON).
+pub fn step_exchange_id(run: &str, step: StepId) -> String {
+    format!("{run}/steps/{step:010}/exchange/id")
 }
 
 /// `{run}/steps/{step:010}/dropped/rank-{r:04}`: the entries rank `rank` left out of step
@@ -129,6 +136,7 @@ mod tests {
             "r/steps/0000000005/exchange/rank-0001"
         );
         assert!(step_exchange("r", 5, 1).starts_with(&step_exchange_prefix("r", 5)));
+        assert!(step_exchange_id("r", 5).starts_with(&step_exchange_prefix("r", 5)));
         assert_eq!(
             weights_manifest("r", 12),
             "r/weights/v0000000012/manifest.json"

@@ -5,14 +5,17 @@
 //! step has written a gradient object yet, at least `world_size` trainers are alive, and every
 //! rank's holder arrives at the step's rendezvous before the deadline:
 //!
-//! 1. Each holder writes an [`Arrival`] to [`flywheel_storage::keys::step_exchange`]: its member id, the
-//!    communicator it keeps from an earlier step ([`Held`]) and, for rank 0, the id of a new
-//!    one ([`Arrival::proposal`]). It reads the others' until all `world_size` are there.
+//! 1. Each holder writes an [`Arrival`] to [`flywheel_storage::keys::step_exchange`]: its
+//!    member id and the communicator it keeps from an earlier step ([`Held`]). It reads the
+//!    others' until all `world_size` are there.
 //! 2. [`plan`] decides from the arrivals alone, so every member decides the same: when every
 //!    member holds the same communicator of this size it is kept (members may hold other
 //!    ranks than last step: [`Plan::Reuse`] maps step ranks to communicator ranks), else a
-//!    new one is formed from rank 0's proposal. The communicator is therefore re-formed
-//!    exactly when the world size or the member set changes.
+//!    new one is formed ([`Plan::Form`]): rank 0's holder makes its id and writes it beside
+//!    the arrivals ([`NewCommunicator`], tagged with the attempt named in rank 0's arrival,
+//!    so a stale one is never used). The communicator is therefore re-formed exactly when the
+//!    world size or the member set changes, and an id is made only when one is used (an NCCL
+//!    id holds a listening thread until its members connect).
 //! 3. [`all_gather_sum`] gathers every rank's gradient, chunk by chunk, and adds them in step
 //!    rank order from zero: the bits [`crate::service`]'s object-store sum gives, so a step
 //!    redone or replayed either way reaches the same weights. (An NCCL all-reduce sums in an
@@ -74,7 +77,7 @@ pub trait Communicator: Send + Sync {
 
 /// Makes communicators.
 pub trait Collective: Send + Sync {
-    /// A fresh id for a new group (rank 0's proposal).
+    /// A fresh id for a new group (made by rank 0's holder).
     fn new_id(&self) -> Result<Vec<u8>, ExchangeError>;
     /// Joins group `id` as member `rank` of `size`, waiting for the others until `deadline`.
     fn connect(
@@ -118,8 +121,18 @@ pub struct Arrival {
     pub member: String,
     /// The communicator it keeps from an earlier step.
     pub held: Option<Held>,
-    /// Rank 0 only: the id (hex) of a new communicator, used if one must be formed.
-    pub proposal: Option<String>,
+    /// Rank 0 only: names this attempt at the rendezvous, so the members take the
+    /// [`NewCommunicator`] written for it and no older one.
+    pub attempt: Option<String>,
+}
+
+/// The id of a communicator being formed, written by rank 0's holder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewCommunicator {
+    /// Rank 0's [`Arrival::attempt`].
+    pub attempt: String,
+    /// The id (hex).
+    pub id: String,
 }
 
 /// A communicator a trainer keeps between steps.
@@ -142,11 +155,9 @@ pub enum Plan {
         /// Communicator rank by step rank.
         order: Vec<usize>,
     },
-    /// Form the communicator `id` (hex); communicator ranks are step ranks.
-    Form {
-        /// Rank 0's proposal.
-        id: String,
-    },
+    /// Form a new communicator (rank 0's holder makes its id); communicator ranks are step
+    /// ranks.
+    Form,
 }
 
 impl Plan {
@@ -154,7 +165,7 @@ impl Plan {
     pub fn order(&self, world: usize) -> Vec<usize> {
         match self {
             Plan::Reuse { order } => order.clone(),
-            Plan::Form { .. } => (0..world).collect(),
+            Plan::Form => (0..world).collect(),
         }
     }
 }
@@ -193,11 +204,10 @@ pub fn plan(arrivals: &[Arrival]) -> Result<Plan, ExchangeError> {
             }
         }
     }
-    let id = arrivals
-        .first()
-        .and_then(|a| a.proposal.clone())
-        .ok_or_else(|| ExchangeError("rank 0 proposed no communicator".into()))?;
-    Ok(Plan::Form { id })
+    if arrivals.first().is_none_or(|a| a.attempt.is_none()) {
+        return Err(ExchangeError("rank 0's arrival names no attempt".into()));
+    }
+    Ok(Plan::Form)
 }
 
 /// Values gathered per call: bounds the receive buffer (`size` × this) of each member.
@@ -523,7 +533,7 @@ mod tests {
                 size,
                 rank,
             }),
-            proposal: (rank == 0).then(|| "0f0f".into()),
+            attempt: (rank == 0).then(|| "a1".into()),
         }
     }
 
@@ -541,7 +551,7 @@ mod tests {
 
     #[test]
     fn the_communicator_is_re_formed_when_the_world_or_the_members_change() {
-        let form = Plan::Form { id: "0f0f".into() };
+        let form = Plan::Form;
         // A third trainer joined: the world grew from 2 to 3.
         let grown = [
             arrival(0, "a", Some(("aa", 2, 0))),
@@ -568,9 +578,9 @@ mod tests {
 
     #[test]
     fn a_plan_that_cannot_be_made_is_an_error() {
-        let mut no_proposal = arrival(0, "a", None);
-        no_proposal.proposal = None;
-        assert!(plan(&[no_proposal, arrival(1, "b", None)]).is_err());
+        let mut no_attempt = arrival(0, "a", None);
+        no_attempt.attempt = None;
+        assert!(plan(&[no_attempt, arrival(1, "b", None)]).is_err());
         let twice = plan(&[arrival(0, "a", None), arrival(1, "a", None)]).unwrap_err();
         assert!(twice.to_string().contains("holds two ranks"), "{twice}");
         // Two members claiming the same rank of a kept communicator cannot keep it.
@@ -578,7 +588,7 @@ mod tests {
             arrival(0, "a", Some(("aa", 2, 0))),
             arrival(1, "b", Some(("aa", 2, 0))),
         ];
-        assert_eq!(plan(&clash).unwrap(), Plan::Form { id: "0f0f".into() });
+        assert_eq!(plan(&clash).unwrap(), Plan::Form);
     }
 
     #[test]

@@ -50,6 +50,6 @@ pub use loss::{
 };
 pub use optim::{AdamW, AdamWConfig, DeviceAdamW, OptimError, Param, StepReport};
 pub use service::{
-    ExchangeCounts, Exchanged, FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer,
-    TrainerError, publish_params, run_observed, run_until,
+    Exchanged, FinishPoint, StepBytes, StepObserver, StepOutcome, Trainer, TrainerError,
+    publish_params, run_observed, run_until,
 };

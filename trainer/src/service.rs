@@ -92,7 +92,8 @@ use thiserror::Error;
 
 use crate::config::{ServiceConfig, TrainerConfig};
 use crate::exchange::{
-    self, Arrival, CHUNK_VALUES, Collective, Communicator, ExchangeError, Held, Plan,
+    self, Arrival, CHUNK_VALUES, Collective, Communicator, ExchangeError, Held, NewCommunicator,
+    Plan,
 };
 use crate::grads::{GradError, RankGradient};
 use crate::loss::{LossConfig, PolicyLoss};
@@ -293,7 +294,8 @@ pub struct Trainer {
     /// The optimizer after the last step this trainer finished or restored (its step count is
     /// the version it produced); `None` when it must be loaded.
     optimizer: Option<Optimizer>,
-    /// The step's gradient on the model's device, for the optimizer there (allocated once).
+    /// Gradient buffers on the model's device, allocated once: a rank's accumulators, then
+    /// the step's sum for the optimizer there. `None` while a computation holds them.
     device_grads: Option<Gradients<DeviceBackend>>,
     /// Prompt tokens already resolved.
     prompts: BTreeMap<PromptId, Vec<u32>>,
@@ -306,23 +308,10 @@ pub struct Trainer {
     communicator: Option<(Held, Box<dyn Communicator>)>,
     /// A step's gradient summed by an exchange, kept to finish the step without reading it.
     summed: Option<(StepId, Params)>,
-    /// What the exchanges of this trainer did.
-    exchanges: ExchangeCounts,
     /// How the last rank this trainer computed went, and its step.
     last_exchange: Option<(StepId, Exchanged)>,
     /// Tests: fail the next finish at this point.
     fail_at: Option<FinishPoint>,
-}
-
-/// What a trainer's attempts at a collective exchange did ([`Trainer::exchange`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExchangeCounts {
-    /// Steps exchanged with a newly formed communicator.
-    pub formed: u64,
-    /// Steps exchanged with the communicator kept from the step before.
-    pub kept: u64,
-    /// Steps that could not be exchanged and fell back to the object store.
-    pub fell_back: u64,
 }
 
 /// How one rank's gradient went ([`Trainer::exchange`]).
@@ -452,7 +441,6 @@ impl Trainer {
             collective,
             communicator: None,
             summed: None,
-            exchanges: ExchangeCounts::default(),
             last_exchange: None,
             backend,
             tokenizer: config.text_codec()?,
@@ -497,11 +485,6 @@ impl Trainer {
     /// when it steps on the device).
     pub fn optimizer(&self) -> Option<&AdamW> {
         self.optimizer.as_ref().map(Optimizer::host)
-    }
-
-    /// What this trainer's collective exchanges did.
-    pub fn exchange_counts(&self) -> ExchangeCounts {
-        self.exchanges
     }
 
     /// Brings the weights to `version`, fetching only the chunks that changed.
@@ -652,7 +635,7 @@ impl Trainer {
     /// The forward/loss/backward of a rank's micro-batches on a blocking thread; the model
     /// comes back with the result.
     async fn compute_on(
-        &self,
+        &mut self,
         model: DeviceModel,
         manifest: &BatchManifest,
         batch: Vec<Vec<Stitched>>,
@@ -662,14 +645,23 @@ impl Trainer {
             ..self.config.loss.clone()
         })
         .map_err(StepError::from)?;
+        let buffers = self.device_grads.take();
         let joined = tokio::task::spawn_blocking(move || {
-            let result = compute_rank(&model, &loss, &batch);
+            let result = (|| {
+                let mut buffers = match buffers {
+                    Some(b) => b,
+                    None => model.new_gradients()?,
+                };
+                let computed = compute_rank(&model, &loss, &batch, &mut buffers)?;
+                Ok::<_, StepError>((computed, buffers))
+            })();
             (model, result)
         })
         .await;
         let (model, result) = joined
             .map_err(|e| TrainerError::Inconsistent(format!("rank computation failed: {e}")))?;
-        let (grads, stats) = result?;
+        let ((grads, stats), buffers) = result?;
+        self.device_grads = Some(buffers);
         Ok((grads, stats, model))
     }
 
@@ -736,7 +728,6 @@ impl Trainer {
             }
             Err(e) => {
                 tracing::warn!(step, rank, error = %e, "gradient exchange skipped");
-                self.exchanges.fell_back += 1;
                 return Exchanged::FellBack;
             }
         }
@@ -745,18 +736,12 @@ impl Trainer {
             .await
         {
             Ok(formed) => {
-                if formed {
-                    self.exchanges.formed += 1;
-                } else {
-                    self.exchanges.kept += 1;
-                }
                 tracing::debug!(step, rank, formed, "gradients summed by the exchange");
                 Exchanged::Summed { formed }
             }
             Err(e) => {
                 // A communicator that failed once is not trusted again.
                 self.communicator = None;
-                self.exchanges.fell_back += 1;
                 tracing::warn!(step, rank, error = %e, "gradient exchange failed; the rank goes through the object store");
                 Exchanged::FellBack
             }
@@ -800,9 +785,7 @@ impl Trainer {
         grads: Params,
         deadline: Instant,
     ) -> Result<bool, ExchangeError> {
-        let arrivals = self
-            .rendezvous(&*collective, manifest, rank, deadline)
-            .await?;
+        let arrivals = self.rendezvous(manifest, rank, deadline).await?;
         let plan = exchange::plan(&arrivals)?;
         let world = arrivals.len();
         let order = plan.order(world);
@@ -811,7 +794,10 @@ impl Trainer {
             (Plan::Reuse { .. }, None) => {
                 return Err(ExchangeError("told to keep a communicator it lacks".into()));
             }
-            (Plan::Form { id }, _) => {
+            (Plan::Form, _) => {
+                let id = self
+                    .new_communicator(&*collective, manifest, &arrivals[0], rank, deadline)
+                    .await?;
                 let bytes = exchange::from_hex(&id)?;
                 let rank = rank as usize;
                 let comm =
@@ -824,13 +810,12 @@ impl Trainer {
                 ((held, comm), true)
             }
         };
-        let sum = blocking(move || {
+        let (sum, comm) = blocking(move || {
             let sum =
                 exchange::all_gather_sum(comm.as_mut(), &grads, &order, CHUNK_VALUES, deadline);
             sum.map(|s| (s, comm))
         })
         .await?;
-        let (sum, comm) = sum;
         self.communicator = Some((held, comm));
         self.summed = Some((manifest.step, sum));
         Ok(formed)
@@ -840,7 +825,6 @@ impl Trainer {
     /// `world_size` are there or `deadline` passes.
     async fn rendezvous(
         &self,
-        collective: &dyn Collective,
         manifest: &BatchManifest,
         rank: u32,
         deadline: Instant,
@@ -851,10 +835,7 @@ impl Trainer {
             rank,
             member: self.config.id.clone(),
             held: self.communicator.as_ref().map(|(held, _)| held.clone()),
-            proposal: match rank {
-                0 => Some(exchange::to_hex(&collective.new_id()?)),
-                _ => None,
-            },
+            attempt: (rank == 0).then(new_attempt),
         };
         let body = serde_json::to_vec(&arrival).expect("an arrival serialises");
         blobs
@@ -865,7 +846,8 @@ impl Trainer {
         let prefix = keys::step_exchange_prefix(run, step);
         let poll = Duration::from_millis(self.config.poll_ms.min(50));
         loop {
-            let arrived = blobs.list(&prefix).await.map_err(store)?.len();
+            let listed = blobs.list(&prefix).await.map_err(store)?;
+            let arrived = listed.iter().filter(|m| m.key.contains("/rank-")).count();
             if arrived >= world {
                 break;
             }
@@ -887,6 +869,51 @@ impl Trainer {
             arrivals.push(arrival);
         }
         Ok(arrivals)
+    }
+
+    /// The id (hex) of the communicator the step's members form: made and written by rank
+    /// 0's holder, read by the others once it carries the attempt of rank 0's `first` arrival.
+    async fn new_communicator(
+        &self,
+        collective: &dyn Collective,
+        manifest: &BatchManifest,
+        first: &Arrival,
+        rank: u32,
+        deadline: Instant,
+    ) -> Result<String, ExchangeError> {
+        let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
+        let key = keys::step_exchange_id(run, manifest.step);
+        let store = |e: BlobError| ExchangeError(format!("communicator id: {e}"));
+        let attempt = first.attempt.clone().unwrap_or_default();
+        if rank == 0 {
+            let new = NewCommunicator {
+                attempt,
+                id: exchange::to_hex(&collective.new_id()?),
+            };
+            let body = serde_json::to_vec(&new).expect("an id serialises");
+            blobs.put(&key, Bytes::from(body)).await.map_err(store)?;
+            return Ok(new.id);
+        }
+        let poll = Duration::from_millis(self.config.poll_ms.min(50));
+        loop {
+            match blobs.get(&key).await {
+                Ok(body) => {
+                    let new: NewCommunicator = serde_json::from_slice(&body)
+                        .map_err(|e| ExchangeError(format!("communicator id unreadable: {e}")))?;
+                    if new.attempt == attempt {
+                        return Ok(new.id);
+                    }
+                }
+                Err(BlobError::NotFound { .. }) => {}
+                Err(e) => return Err(store(e)),
+            }
+            if Instant::now() >= deadline {
+                return Err(ExchangeError(
+                    "rank 0's trainer wrote no communicator id before the deadline".into(),
+                ));
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     /// Waits until every member of the last exchange reached this call (or the exchange
@@ -1350,6 +1377,17 @@ impl Phases {
     }
 }
 
+/// A name for one arrival of rank 0 at a rendezvous, unique enough that an id written for an
+/// earlier attempt is never taken for this one's.
+fn new_attempt() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
 /// Runs a blocking collective call off the async runtime.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ExchangeError> + Send + 'static,
@@ -1371,18 +1409,20 @@ fn sum_gradients(model: &ModelConfig, ranks: &[Params]) -> Result<Params, Traine
     Ok(total)
 }
 
-/// The forward/loss/backward of every micro-batch of a rank; returns the summed gradient.
+/// The forward/loss/backward of every micro-batch of a rank, accumulated in `grads` (zeroed
+/// first); returns the summed gradient.
 fn compute_rank(
     model: &DeviceModel,
     loss: &PolicyLoss,
     batch: &[Vec<Stitched>],
+    grads: &mut Gradients<DeviceBackend>,
 ) -> Result<(Params, TrainStats), StepError> {
-    let mut grads = model.new_gradients()?;
+    model.zero_gradients(grads)?;
     let mut stats = TrainStats::default();
     for micro in batch {
-        stats.merge(&accumulate_policy(model, loss, micro, &mut grads)?);
+        stats.merge(&accumulate_policy(model, loss, micro, grads)?);
     }
-    Ok((model.gradients_to_params(&grads)?, stats))
+    Ok((model.gradients_to_params(grads)?, stats))
 }
 
 /// What travels with every version: the model's shape (a worker builds the model from it)

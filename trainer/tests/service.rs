@@ -903,6 +903,14 @@ async fn trainers_summing_their_gradients_match_the_object_store_and_re_form_whe
     let run = "exchange";
     let s = services(run, &blob).await;
     let manifests = fixture_worlds(&s, &worlds).await;
+    // A communicator id left by an earlier attempt at step 0: never to be taken.
+    let stale = serde_json::json!({"attempt": "an-earlier-attempt", "id": "00"});
+    blob.put(
+        &keys::step_exchange_id(run, 0),
+        Bytes::from(stale.to_string()),
+    )
+    .await
+    .unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::new();
