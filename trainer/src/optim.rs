@@ -26,7 +26,7 @@
 //! host reaches the weights the device published.
 
 use flywheel_model::adamw::{AdamWStep, sum_squares_blocks};
-use flywheel_model::{Backend, Gradients, MatLayout, Model, ModelError, WeightDtype};
+use flywheel_model::{Backend, Gradients, MatLayout, Model, ModelError, Params, WeightDtype};
 use flywheel_storage::codec::{ByteReader, Truncated};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -364,6 +364,26 @@ impl AdamW {
             }
         }
         Ok(report)
+    }
+
+    /// [`AdamW::step`] over a model's named tensors, `grads` holding a gradient of the same
+    /// name and size for each.
+    pub fn step_params(
+        &mut self,
+        params: &mut Params,
+        grads: &Params,
+    ) -> Result<StepReport, OptimError> {
+        let mut list: Vec<Param<'_>> = params
+            .tensors_mut()
+            .iter_mut()
+            .zip(grads.tensors())
+            .map(|(p, g)| Param {
+                name: &p.name,
+                value: &mut p.data,
+                grad: &g.data,
+            })
+            .collect();
+        self.step(&mut list)
     }
 
     /// Whether the state holds f32 masters (weights stored in a narrower dtype).
@@ -740,7 +760,7 @@ impl<B: Backend> DeviceAdamW<B> {
 }
 
 /// Fails unless `moments` are the state of a model of `layout` (names and sizes, in order).
-fn check_layout(moments: &[Moments], layout: &flywheel_model::Params) -> Result<(), OptimError> {
+fn check_layout(moments: &[Moments], layout: &Params) -> Result<(), OptimError> {
     let tensors = layout.tensors();
     if moments.len() != tensors.len() {
         return Err(OptimError::ParamCount {
@@ -1332,7 +1352,7 @@ mod tests {
 #[cfg(test)]
 mod device_tests {
     use super::*;
-    use flywheel_model::{CpuBackend, ModelConfig, Params, Tokenizer};
+    use flywheel_model::{CpuBackend, ModelConfig, Tokenizer};
 
     fn model_config(dtype: WeightDtype) -> ModelConfig {
         let mut cfg = ModelConfig::tiny(Tokenizer::arithmetic().vocab_size());
@@ -1360,17 +1380,7 @@ mod device_tests {
     }
 
     fn host_step(opt: &mut AdamW, params: &mut Params, grads: &Params) -> StepReport {
-        let mut list: Vec<Param<'_>> = params
-            .tensors_mut()
-            .iter_mut()
-            .zip(grads.tensors())
-            .map(|(p, g)| Param {
-                name: &p.name,
-                value: &mut p.data,
-                grad: &g.data,
-            })
-            .collect();
-        opt.step(&mut list).unwrap()
+        opt.step_params(params, grads).unwrap()
     }
 
     /// Steps on the backend give the host's bits: weights, reports and the saved state, for

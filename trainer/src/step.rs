@@ -42,7 +42,7 @@ use thiserror::Error;
 use crate::loss::{
     LossError, LossStats, PolicyLoss, PolicyTokens, SupervisedTokens, supervised_loss,
 };
-use crate::optim::{AdamW, OptimError, Param, StepReport};
+use crate::optim::{AdamW, OptimError, StepReport};
 
 /// What can go wrong in a training step. Data errors name the object or trajectory at fault.
 #[derive(Debug, Error)]
@@ -553,17 +553,7 @@ pub fn apply_update<B: Backend>(
     grads: &Params,
 ) -> Result<StepReport, StepError> {
     params.check_same_layout(grads)?;
-    let mut list: Vec<Param<'_>> = params
-        .tensors_mut()
-        .iter_mut()
-        .zip(grads.tensors())
-        .map(|(p, g)| Param {
-            name: &p.name,
-            value: &mut p.data,
-            grad: &g.data,
-        })
-        .collect();
-    let report = optimizer.step(&mut list)?;
+    let report = optimizer.step_params(params, grads)?;
     model.load_params(params)?;
     Ok(report)
 }

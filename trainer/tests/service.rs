@@ -200,6 +200,37 @@ async fn fixture_worlds(s: &RunStores, worlds: &[u32]) -> Vec<BatchManifest> {
     manifests
 }
 
+/// Plays the coordinator leader: takes the leader lock and returns its token.
+async fn lead(s: &RunStores) -> u64 {
+    s.state
+        .acquire_leader("test-leader", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .expect("the leader lock is free")
+        .token
+}
+
+/// Announces `m`'s step on the board as the leader of `token`.
+async fn announce(s: &RunStores, token: u64, m: &BatchManifest) {
+    let announcement = StepAnnouncement {
+        step: m.step,
+        manifest_key: keys::step_manifest(&s.run_id, m.step),
+        world_size: m.world_size,
+    };
+    s.state.announce_step(&announcement, token).await.unwrap();
+}
+
+/// Waits until `step` is finished; bounded, so a broken loop fails instead of hanging (not a
+/// timing assertion).
+async fn wait_finished(s: &RunStores, step: u64) {
+    let mut waited = 0;
+    while s.state.finished_step().await.unwrap() != Some(step) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 15_000, "step {step} never finished");
+    }
+}
+
 /// Trains one step with a single trainer doing every rank.
 async fn train_step(trainer: &mut Trainer, m: &BatchManifest) -> flywheel_trainer::StepOutcome {
     for rank in 0..m.world_size {
@@ -501,31 +532,10 @@ async fn two_trainers_on_the_board(state_url: &str, run: &str) {
     }
 
     // The test plays the coordinator leader.
-    let lease = s
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .expect("the leader lock is free");
+    let lease = lead(&s).await;
     for m in &manifests {
-        s.state
-            .announce_step(
-                &StepAnnouncement {
-                    step: m.step,
-                    manifest_key: keys::step_manifest(run, m.step),
-                    world_size: m.world_size,
-                },
-                lease.token,
-            )
-            .await
-            .unwrap();
-        // Bounded wait so a broken loop fails instead of hanging (not a timing assertion).
-        let mut waited = 0;
-        while s.state.finished_step().await.unwrap() != Some(m.step) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-            assert!(waited < 15_000, "step {} never finished", m.step);
-        }
+        announce(&s, lease, m).await;
+        wait_finished(&s, m.step).await;
         // The gradient objects of a finished step are deleted (by the finisher, right after
         // it marks the step finished: poll, bounded, rather than race it).
         let mut waited = 0;
@@ -586,23 +596,8 @@ async fn a_step_whose_finisher_died_is_finished_by_another_trainer() {
 
     let s = services("ghost", &blob).await;
     let manifests = fixture(&s, 1, 2).await;
-    let lease = s
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .unwrap();
-    s.state
-        .announce_step(
-            &StepAnnouncement {
-                step: 0,
-                manifest_key: keys::step_manifest("ghost", 0),
-                world_size: 2,
-            },
-            lease.token,
-        )
-        .await
-        .unwrap();
+    let lease = lead(&s).await;
+    announce(&s, lease, &manifests[0]).await;
     // A trainer computes and completes both ranks, is told it finishes the step, and dies.
     let mut ghost = Trainer::start(s.clone(), config()).await.unwrap();
     let mut last = None;
@@ -629,12 +624,7 @@ async fn a_step_whose_finisher_died_is_finished_by_another_trainer() {
     let rescuer = tokio::spawn(run_until(s.clone(), service(cfg), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
-    let mut waited = 0;
-    while s.state.finished_step().await.unwrap() != Some(0) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
-        assert!(waited < 15_000, "the orphaned step was never finished");
-    }
+    wait_finished(&s, 0).await;
     stop_tx.send(true).unwrap();
     rescuer.await.unwrap().unwrap();
     let fetched = weights::fetch(&blob, "ghost", 1, None, &config().weights)
@@ -924,30 +914,10 @@ async fn trainers_summing_their_gradients_match_the_object_store_and_re_form_whe
         }));
     }
     wait_for_trainers(&s, 2).await;
-    let lease = s
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = lead(&s).await;
     for m in &manifests {
-        s.state
-            .announce_step(
-                &StepAnnouncement {
-                    step: m.step,
-                    manifest_key: keys::step_manifest(run, m.step),
-                    world_size: m.world_size,
-                },
-                lease.token,
-            )
-            .await
-            .unwrap();
-        let mut waited = 0;
-        while s.state.finished_step().await.unwrap() != Some(m.step) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-            assert!(waited < 15_000, "step {} never finished", m.step);
-        }
+        announce(&s, lease, m).await;
+        wait_finished(&s, m.step).await;
     }
     stop_tx.send(true).unwrap();
     for h in handles {
@@ -1001,23 +971,8 @@ async fn a_step_exchanged_by_trainers_that_died_is_recomputed_to_the_same_bits()
     let run = "exchange-ghosts";
     let s = services(run, &blob).await;
     let manifests = fixture(&s, 1, 2).await;
-    let lease = s
-        .state
-        .acquire_leader("test-leader", Duration::from_secs(600))
-        .await
-        .unwrap()
-        .unwrap();
-    s.state
-        .announce_step(
-            &StepAnnouncement {
-                step: 0,
-                manifest_key: keys::step_manifest(run, 0),
-                world_size: 2,
-            },
-            lease.token,
-        )
-        .await
-        .unwrap();
+    let lease = lead(&s).await;
+    announce(&s, lease, &manifests[0]).await;
     // Two trainers claim a rank each, sum their gradients, write their rank objects without
     // tensors, complete their ranks, and die before finishing.
     let mut ghosts = Vec::new();
@@ -1065,12 +1020,7 @@ async fn a_step_exchanged_by_trainers_that_died_is_recomputed_to_the_same_bits()
     let rescuer = tokio::spawn(run_until(s.clone(), service(cfg), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
-    let mut waited = 0;
-    while s.state.finished_step().await.unwrap() != Some(0) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += 1;
-        assert!(waited < 15_000, "the orphaned step was never finished");
-    }
+    wait_finished(&s, 0).await;
     stop_tx.send(true).unwrap();
     rescuer.await.unwrap().unwrap();
     let fetched = weights::fetch(&blob, run, 1, None, &config().weights)
