@@ -1717,7 +1717,6 @@ impl Board<'_> {
             Ok(gradient) => self.trainer.exchange(&manifest, gradient).await,
             Err(_) => Exchanged::Store,
         };
-        renewal.abort();
         self.metrics.observe_exchange(exchanged);
         let gradient = computed?;
         let summed = matches!(exchanged, Exchanged::Summed { .. });
@@ -1733,6 +1732,7 @@ impl Board<'_> {
             self.trainer.exchange_barrier().await;
         }
         let completed = self.state.complete_rank(&claim, &self.id).await;
+        drop(renewal);
         if summed && claim.rank != 0 {
             self.trainer.exchange_barrier().await;
         }
@@ -1845,14 +1845,15 @@ impl Board<'_> {
     }
 }
 
-/// Renews `claim` every third of its lease until aborted.
+/// Renews `claim` every third of its lease until dropped (any return of the caller, error or
+/// not, stops it).
 fn spawn_renewal(
     state: Arc<dyn StateStore>,
     claim: RankClaim,
     trainer: String,
     ttl: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
         loop {
             tokio::time::sleep(ttl / 3).await;
             if let Err(e) = state.renew_rank(&claim, &trainer, ttl).await {
@@ -1860,5 +1861,14 @@ fn spawn_renewal(
                 return;
             }
         }
-    })
+    }))
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -168,7 +168,10 @@ impl NcclComm {
             let stream = self.stream.clone();
             // The calls may come from another thread than `connect`'s: NCCL works on the
             // calling thread's current device.
-            stream.context().bind_to_thread().map_err(cuda_err("bind"))?;
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(cuda_err("bind"))?;
             let send_buf = grown(&stream, &mut self.send, n)?;
             stream
                 .memcpy_htod(send, &mut send_buf.slice_mut(..n))
