@@ -4,6 +4,15 @@
 //! rounded once (the GPU kernels use the explicitly rounded intrinsics, so nothing is fused
 //! into a multiply-add), and sums run in a fixed order.
 
+use rayon::prelude::*;
+
+use crate::config::WeightDtype;
+
+/// Values one thread steps at a time in [`AdamWStep::apply_tensor`]; a tensor of fewer than
+/// two chunks is stepped on the calling thread (handing it to rayon's pool costs more than it
+/// saves).
+pub const PAR_CHUNK: usize = 1 << 16;
+
 /// Lanes of a block of [`sum_squares_blocks`] (the GPU's threads per block).
 pub const SQUARES_LANES: usize = 256;
 
@@ -79,6 +88,41 @@ impl AdamWStep {
             *v = v_new as f32;
             let update = (m_new / bias1) / ((v_new / bias2).sqrt() + eps);
             *w = (f64::from(*w) * decay - lr * update) as f32;
+        }
+    }
+
+    /// [`AdamWStep::apply`] to a whole tensor, in parallel chunks when it is large
+    /// (element-wise: the same bits as one loop); then, with `rounded`, `w` (the masters)
+    /// rounded to the weights' dtype is written to it.
+    pub fn apply_tensor(
+        &self,
+        w: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        rounded: Option<(&mut [f32], WeightDtype)>,
+    ) {
+        let round = |out: &mut [f32], w: &[f32], dtype: WeightDtype| {
+            out.iter_mut()
+                .zip(w)
+                .for_each(|(o, w)| *o = dtype.round(*w));
+        };
+        if w.len() < 2 * PAR_CHUNK {
+            self.apply(w, g, m, v);
+            if let Some((out, dtype)) = rounded {
+                round(out, w, dtype);
+            }
+            return;
+        }
+        w.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK))
+            .zip(m.par_chunks_mut(PAR_CHUNK))
+            .zip(v.par_chunks_mut(PAR_CHUNK))
+            .for_each(|(((w, g), m), v)| self.apply(w, g, m, v));
+        if let Some((out, dtype)) = rounded {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(w.par_chunks(PAR_CHUNK))
+                .for_each(|(o, w)| round(o, w, dtype));
         }
     }
 }

@@ -31,11 +31,6 @@ impl CpuBackend {
     pub fn new(products: Products) -> Self {
         CpuBackend { products }
     }
-
-    /// The precision of the products' operands.
-    pub fn products(&self) -> Products {
-        self.products
-    }
 }
 
 /// Row-wise work on fewer values than this runs on the calling thread: handing it to rayon
@@ -548,22 +543,13 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let rounded_len = rounded.as_ref().map_or(len, |r| r.len());
         checks::adamw(len, &[w.len(), g.len(), m.len(), v.len(), rounded_len])?;
-        // Element-wise: chunks in parallel give the same bits as one loop.
-        let (w, g, m, v) = (&mut w[..len], &g[..len], &mut m[..len], &mut v[..len]);
-        if len < PAR_MIN {
-            step.apply(w, g, m, v);
-        } else {
-            w.par_chunks_mut(PAR_MIN)
-                .zip(g.par_chunks(PAR_MIN))
-                .zip(m.par_chunks_mut(PAR_MIN))
-                .zip(v.par_chunks_mut(PAR_MIN))
-                .for_each(|(((w, g), m), v)| step.apply(w, g, m, v));
-        }
-        if let Some(rounded) = rounded {
-            for (r, &w) in rounded[..len].iter_mut().zip(w.iter()) {
-                *r = WeightDtype::Bf16.round(w);
-            }
-        }
+        step.apply_tensor(
+            &mut w[..len],
+            &g[..len],
+            &mut m[..len],
+            &mut v[..len],
+            rounded.map(|r| (&mut r[..len], WeightDtype::Bf16)),
+        );
         Ok(())
     }
 }

@@ -131,15 +131,15 @@ pub struct Arrival {
 pub struct NewCommunicator {
     /// Rank 0's [`Arrival::attempt`].
     pub attempt: String,
-    /// The id (hex).
-    pub id: String,
+    /// The id.
+    pub id: Vec<u8>,
 }
 
 /// A communicator a trainer keeps between steps.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
-    /// Its id (hex), the same for every member.
-    pub id: String,
+    /// Its id, the same for every member.
+    pub id: Vec<u8>,
     /// Its number of members.
     pub size: usize,
     /// This trainer's rank in it.
@@ -254,23 +254,6 @@ pub fn all_gather_sum(
 pub fn barrier(comm: &mut dyn Communicator, deadline: Instant) -> Result<(), ExchangeError> {
     let mut recv = vec![0.0; comm.size()];
     comm.all_gather(&[0.0], &mut recv, deadline)
-}
-
-/// Hex of an id (what arrivals carry).
-pub fn to_hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The id of a hex string.
-pub fn from_hex(hex: &str) -> Result<Vec<u8>, ExchangeError> {
-    let bad = || ExchangeError(format!("`{hex}` is not a hex id"));
-    if !hex.len().is_multiple_of(2) {
-        return Err(bad());
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
-        .collect()
 }
 
 /// NCCL on one GPU per trainer.
@@ -419,8 +402,7 @@ impl Collective for InProcess {
             .clone();
         if group.size != size {
             return Err(ExchangeError(format!(
-                "group {} has {} members, not {size}",
-                to_hex(id),
+                "group {id:?} has {} members, not {size}",
                 group.size
             )));
         }
@@ -589,14 +571,6 @@ mod tests {
             arrival(1, "b", Some(("aa", 2, 0))),
         ];
         assert_eq!(plan(&clash).unwrap(), Plan::Form);
-    }
-
-    #[test]
-    fn hex_ids_round_trip() {
-        let id = vec![0, 1, 0xab, 0xff];
-        assert_eq!(from_hex(&to_hex(&id)).unwrap(), id);
-        assert!(from_hex("abc").is_err());
-        assert!(from_hex("zz").is_err());
     }
 
     fn grads(seed: u64) -> Params {

@@ -28,7 +28,6 @@
 use flywheel_model::adamw::{AdamWStep, sum_squares_blocks};
 use flywheel_model::{Backend, Gradients, MatLayout, Model, ModelError, Params, WeightDtype};
 use flywheel_storage::codec::{ByteReader, Truncated};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Configuration of AdamW (a table of the trainer's config).
@@ -239,10 +238,6 @@ pub struct AdamW {
     weight_dtype: WeightDtype,
 }
 
-/// Values of a tensor one thread updates at a time; a tensor of fewer than two chunks is
-/// updated on the calling thread (handing it to rayon's pool costs more than it saves).
-const PAR_CHUNK: usize = 1 << 16;
-
 /// Magic bytes opening serialised optimizer state.
 const MAGIC: &[u8; 8] = b"FWADAMW\0";
 /// The format of states of `f32` weights (no masters).
@@ -338,29 +333,11 @@ impl AdamW {
         let dtype = self.weight_dtype;
         for (param, state) in params.iter_mut().zip(&mut self.moments) {
             let Moments { m, v, master, .. } = state;
-            // The weights stepped: the masters, or the values themselves.
-            let weights: &mut [f32] = if keeps_masters { master } else { param.value };
-            let round = |p: &mut [f32], w: &[f32]| {
-                p.iter_mut().zip(w).for_each(|(p, w)| *p = dtype.round(*w));
-            };
-            if weights.len() < 2 * PAR_CHUNK {
-                step.apply(weights, param.grad, m, v);
-                if keeps_masters {
-                    round(param.value, master);
-                }
-                continue;
-            }
-            // Element-wise: chunks in parallel give the same bits as one loop.
-            weights
-                .par_chunks_mut(PAR_CHUNK)
-                .zip(param.grad.par_chunks(PAR_CHUNK))
-                .zip(m.par_chunks_mut(PAR_CHUNK))
-                .zip(v.par_chunks_mut(PAR_CHUNK))
-                .for_each(|(((w, g), m), v)| step.apply(w, g, m, v));
+            // The weights stepped: the masters (then rounded into the values), or the values.
             if keeps_masters {
-                (param.value.par_chunks_mut(PAR_CHUNK))
-                    .zip(master.par_chunks(PAR_CHUNK))
-                    .for_each(|(p, w)| round(p, w));
+                step.apply_tensor(master, param.grad, m, v, Some((param.value, dtype)));
+            } else {
+                step.apply_tensor(param.value, param.grad, m, v, None);
             }
         }
         Ok(report)
@@ -1054,6 +1031,7 @@ mod tests {
 
     #[test]
     fn a_large_tensor_updated_in_parallel_matches_the_same_values_updated_serially() {
+        use flywheel_model::adamw::PAR_CHUNK;
         let n = 3 * PAR_CHUNK + 5;
         let values: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
         for dtype in [WeightDtype::F32, WeightDtype::Bf16] {

@@ -798,10 +798,10 @@ impl Trainer {
                 let id = self
                     .new_communicator(&*collective, manifest, &arrivals[0], rank, deadline)
                     .await?;
-                let bytes = exchange::from_hex(&id)?;
                 let rank = rank as usize;
-                let comm =
-                    blocking(move || collective.connect(&bytes, world, rank, deadline)).await?;
+                let connect_to = id.clone();
+                let comm = blocking(move || collective.connect(&connect_to, world, rank, deadline))
+                    .await?;
                 let held = Held {
                     id,
                     size: world,
@@ -871,7 +871,7 @@ impl Trainer {
         Ok(arrivals)
     }
 
-    /// The id (hex) of the communicator the step's members form: made and written by rank
+    /// The id of the communicator the step's members form: made and written by rank
     /// 0's holder, read by the others once it carries the attempt of rank 0's `first` arrival.
     async fn new_communicator(
         &self,
@@ -880,7 +880,7 @@ impl Trainer {
         first: &Arrival,
         rank: u32,
         deadline: Instant,
-    ) -> Result<String, ExchangeError> {
+    ) -> Result<Vec<u8>, ExchangeError> {
         let (run, blobs) = (&self.stores.run_id, &self.stores.blobs);
         let key = keys::step_exchange_id(run, manifest.step);
         let store = |e: BlobError| ExchangeError(format!("communicator id: {e}"));
@@ -888,7 +888,7 @@ impl Trainer {
         if rank == 0 {
             let new = NewCommunicator {
                 attempt,
-                id: exchange::to_hex(&collective.new_id()?),
+                id: collective.new_id()?,
             };
             let body = serde_json::to_vec(&new).expect("an id serialises");
             blobs.put(&key, Bytes::from(body)).await.map_err(store)?;

@@ -894,7 +894,7 @@ async fn trainers_summing_their_gradients_match_the_object_store_and_re_form_whe
     let s = services(run, &blob).await;
     let manifests = fixture_worlds(&s, &worlds).await;
     // A communicator id left by an earlier attempt at step 0: never to be taken.
-    let stale = serde_json::json!({"attempt": "an-earlier-attempt", "id": "00"});
+    let stale = serde_json::json!({"attempt": "an-earlier-attempt", "id": [0]});
     blob.put(
         &keys::step_exchange_id(run, 0),
         Bytes::from(stale.to_string()),

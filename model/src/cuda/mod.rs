@@ -270,7 +270,7 @@ impl CudaBackend {
         }
     }
 
-    /// Copies small host values (token ids, targets) to the device.
+    /// The scratch of the per-row vectors, locked for one call.
     fn row_scratch(&self) -> std::sync::MutexGuard<'_, RowScratch> {
         self.rows.lock().expect("row scratch lock")
     }
